@@ -1,0 +1,147 @@
+"""Frozen, self-validating configurations: the model's shape and the runtime's static sizes.
+
+Everything here is static (hashable) and decides compiled shapes; anything that changes per step
+is an array in the descriptor instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape of a Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style GQA)."""
+
+  name: str
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  # Llama-3 style rope scaling as a sorted tuple of (key, value) pairs (hashable), or ().
+  rope_scaling: tuple[tuple[str, Any], ...] = ()
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  max_position: int = 2048
+  bos_id: int | None = None
+  eos_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim", "max_position"):
+      if getattr(self, f) <= 0:
+        raise ValueError(f"ModelConfig.{f} must be positive, got {getattr(self, f)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+  @property
+  def q_per_kv(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any]:
+    return dict(self.rope_scaling)
+
+  def to_json(self) -> str:
+    d = dataclasses.asdict(self)
+    d["rope_scaling"] = dict(self.rope_scaling)
+    d["eos_ids"] = list(self.eos_ids)
+    return json.dumps(d, indent=1)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+    d["rope_scaling"] = tuple(sorted((d.get("rope_scaling") or {}).items()))
+    d["eos_ids"] = tuple(d.get("eos_ids") or ())
+    return cls(**d)
+
+  @classmethod
+  def from_name(cls, name: str) -> "ModelConfig":
+    if name not in PRESETS:
+      raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+        rms_norm_eps=1e-5, tie_embeddings=True, max_position=8192, bos_id=1, eos_ids=(2,)),
+    "llama3-8b": ModelConfig(
+        name="llama3-8b", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling=tuple(sorted({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}.items())),
+        rms_norm_eps=1e-5, tie_embeddings=False, max_position=8192, bos_id=128000,
+        eos_ids=(128001, 128009)),
+    # Small enough for fast CPU tests; heads divide by 2 for tensor-parallel tests.
+    "tiny": ModelConfig(
+        name="tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_embeddings=False, max_position=1024, bos_id=1, eos_ids=(2,)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+  """Static sizes of the KV-RM runtime; they fix every compiled shape.
+
+  max_slots: decode batch (sequences decoded together each step).
+  num_blocks: physical blocks in the device pool per layer, block 0 included (the null block).
+  max_blocks_per_seq: length of one block table row; bounds a sequence to that many * block_size tokens.
+  max_groups: transfer groups (coalesced runs of contiguous physical blocks) per sequence.
+  max_moves: block moves (compaction) per step.
+  prefill_buckets: chunk sizes of the prefill step, ascending; one compile each.
+  max_prefill_seqs: prompt chunks (rows) per prefill step.
+  watermark_blocks: blocks admission keeps free for the growth of running sequences.
+  """
+
+  block_size: int = 16
+  num_blocks: int = 1024
+  max_slots: int = 8
+  max_blocks_per_seq: int = 64
+  max_groups: int = 4
+  max_moves: int = 8
+  prefill_buckets: tuple[int, ...] = (16, 64, 256)
+  max_prefill_seqs: int = 4
+  enable_prefix_cache: bool = True
+  watermark_blocks: int = 0
+  dtype: str = "float32"
+  attention: str = "auto"  # "auto" | "reference" | "pallas" | "interpret" | "dense" (static baseline)
+  debug_poison_freed: bool = False
+
+  def __post_init__(self):
+    if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+      raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+    if self.num_blocks < 2:
+      raise ValueError("num_blocks must be >= 2 (block 0 is the reserved null block)")
+    for f in ("max_slots", "max_blocks_per_seq", "max_groups", "max_prefill_seqs"):
+      if getattr(self, f) <= 0:
+        raise ValueError(f"RuntimeConfig.{f} must be positive, got {getattr(self, f)}")
+    if self.max_moves < 0 or self.watermark_blocks < 0:
+      raise ValueError("max_moves and watermark_blocks must be >= 0")
+    if not self.prefill_buckets or list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
+      raise ValueError(f"prefill_buckets must be non-empty and strictly ascending, got {self.prefill_buckets}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
+    if self.attention not in ("auto", "reference", "pallas", "interpret", "dense"):
+      raise ValueError(f"unknown attention backend {self.attention!r}")
+
+  @property
+  def max_seq_len(self) -> int:
+    return self.max_blocks_per_seq * self.block_size

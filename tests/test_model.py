@@ -1,0 +1,131 @@
+"""The model and checkpoints against HF transformers (the independent reference)."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvrm_jax import checkpoint as ckpt
+from kvrm_jax import reference
+from kvrm_jax.config import ModelConfig, RuntimeConfig
+from kvrm_jax.engine import Engine
+from kvrm_jax.sequence import SamplingParams
+
+torch = pytest.importorskip("torch", reason="the reference stack (pip install -e '.[test]') is not installed")
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village,",
+    "Water boils at",
+    "List three primary colors:",
+    "The quick brown fox",
+    "import numpy as np\nx = np.arange(10)\nprint(",
+    "Translate to French: Good morning, how are you?",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_path):
+  m = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32)
+  return m.eval()
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_ckpt):
+  return ckpt.load_checkpoint(smollm2_ckpt, "float32")
+
+
+def test_bundled_config(ours):
+  cfg, _, tok = ours
+  assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 9, 3, 64)
+  assert cfg.tie_embeddings and cfg.eos_ids == (2,) and tok.vocab_size == cfg.vocab_size == 49152
+
+
+def test_prefill_logits_match_hf(ours, hf_model):
+  cfg, model, tok = ours
+  for text in PROMPTS[:3]:
+    ids = tok.encode(text)
+    with torch.no_grad():
+      ref = hf_model(torch.tensor([ids])).logits[0].numpy()
+    got = reference.forward_logits(model, ids)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < 1e-4, (text, rel)
+
+
+def test_engine_greedy_matches_hf_generate(ours, hf_model):
+  """8 varied prompts x 32 new tokens, decoded together (mixed lengths) by both engines."""
+  cfg, model, tok = ours
+  ids = [tok.encode(p) for p in PROMPTS]
+  expected = []
+  for x in ids:
+    with torch.no_grad():
+      out = hf_model.generate(torch.tensor([x]), max_new_tokens=32, do_sample=False, eos_token_id=list(cfg.eos_ids),
+                              pad_token_id=tok.pad_id)
+    gen = out[0, len(x):].tolist()
+    expected.append(gen)
+  rt = RuntimeConfig(block_size=16, num_blocks=64, max_slots=4, max_blocks_per_seq=4, prefill_buckets=(16, 32))
+  for kind in ("kvrm", "static"):
+    outs = Engine(cfg, model, rt, tokenizer=tok, kind=kind).generate(ids, SamplingParams(max_new_tokens=32))
+    for o, e, p in zip(outs, expected, PROMPTS):
+      assert o.output_ids == e, (kind, p, tok.decode(o.output_ids), tok.decode(e))
+
+
+def test_hf_folder_import_with_llama3_rope(tmp_path):
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=512, rope_theta=50000.0, tie_word_embeddings=False,
+      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64})
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  ckpt.convert(str(tmp_path / "hf"), tmp_path / "ours", progress=False)
+  cfg, model, tok = ckpt.load_checkpoint(tmp_path / "ours", "float32")
+  assert tok is None and cfg.rope_scaling_dict["rope_type"] == "llama3" and not cfg.tie_embeddings
+  ids = list(np.random.default_rng(0).integers(0, 300, 200))  # past original_max_position_embeddings
+  with torch.no_grad():
+    ref = hf(torch.tensor([ids])).logits[0].numpy()
+  got = reference.forward_logits(model, ids)
+  assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_checkpoint_roundtrip_and_dtype(tmp_path):
+  from flax import nnx
+
+  from kvrm_jax.model import Llama
+  cfg = ModelConfig.from_name("tiny")
+  m = Llama(cfg, rngs=nnx.Rngs(3))
+  weights = {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(m)).items()}
+  ckpt.save_checkpoint(tmp_path / "c", cfg, weights)
+  cfg2, m2, _ = ckpt.load_checkpoint(tmp_path / "c", "bfloat16")
+  assert cfg2 == cfg and m2.wq[...].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(m2.wq[...], np.float32), weights["wq"], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("bad", ["missing", "empty_dir", "corrupt_config", "corrupt_params"])
+def test_bad_checkpoints_raise_checkpoint_error(tmp_path, bad):
+  path = tmp_path / "c"
+  if bad != "missing":
+    path.mkdir()
+  if bad == "corrupt_config":
+    (path / ckpt.CONFIG_FILE).write_text("{not json")
+    (path / ckpt.PARAMS_DIR).mkdir()
+  if bad == "corrupt_params":
+    (path / ckpt.CONFIG_FILE).write_text(ModelConfig.from_name("tiny").to_json())
+    (path / ckpt.PARAMS_DIR).mkdir()
+    (path / ckpt.PARAMS_DIR / "garbage").write_text("x")
+  with pytest.raises(ckpt.CheckpointError):
+    ckpt.load_checkpoint(path)
+
+
+def test_bad_gguf(tmp_path):
+  f = tmp_path / "x.gguf"
+  f.write_bytes(b"not a gguf file at all")
+  with pytest.raises(ckpt.CheckpointError):
+    ckpt.convert(str(f), tmp_path / "out", progress=False)
+  with pytest.raises(ckpt.CheckpointError):
+    ckpt.convert(str(tmp_path / "nope.gguf"), tmp_path / "out", progress=False)

@@ -1,0 +1,435 @@
+"""Continuous-batching engine: schedule -> run the compiled steps -> postprocess.
+
+    engine = Engine.from_checkpoint(path, RuntimeConfig(...))
+    outs = engine.generate(["The capital of France is"], SamplingParams(max_new_tokens=16))
+
+or streaming: `engine.add_request(ids, sampling)` then `engine.step()` until `engine.has_work()`
+is False; each step returns the requests' new tokens. The compiled decode step is
+`engine.decode_step(state, k_pool, v_pool, ints, floats)` with the descriptor built by
+`engine.build_decode_descriptor(plan)` (see docs/notebook.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvrm_jax import descriptor as desc_lib
+from kvrm_jax import model as model_lib
+from kvrm_jax import step as step_lib
+from kvrm_jax.config import ModelConfig, RuntimeConfig
+from kvrm_jax.pager import BlockPager, OutOfBlocks
+from kvrm_jax.sequence import Request, RequestOutput, SamplingParams, Status
+from kvrm_jax.static import StaticReservation, static_runtime
+
+
+class RequestError(ValueError):
+  """A request that can never be served (a user error: empty, too long, ...)."""
+
+
+@dataclasses.dataclass
+class StepPlan:
+  """What one engine step runs; built on the host, touches no device arrays."""
+
+  prefill_rows: list[tuple[Request, int, int]]  # (request, start, n) chunks of prompt to compute
+  decode: list[Request]  # requests in slots that decode one token
+  moves: list[tuple[int, int]]  # block copies for the decode step (copy-on-write + compaction)
+  preempted: list[Request]
+
+
+@dataclasses.dataclass
+class EngineStats:
+  decode_steps: int = 0
+  prefill_steps: int = 0
+  preemptions: int = 0
+  prefix_hit_blocks: int = 0
+  rejected: int = 0
+  moves: int = 0
+  peak_reserved_blocks: int = 0
+  peak_live_tokens: int = 0
+  groups_per_seq: list[float] = dataclasses.field(default_factory=list)
+  host_us: list[float] = dataclasses.field(default_factory=list)
+  step_s: list[float] = dataclasses.field(default_factory=list)
+  reserved_series: list[int] = dataclasses.field(default_factory=list)
+  live_series: list[int] = dataclasses.field(default_factory=list)
+
+
+class Engine:
+  """KV-RM engine (`kind="kvrm"`) or the static-graph baseline (`kind="static"`)."""
+
+  def __init__(self, cfg: ModelConfig, model: model_lib.Llama, rt: RuntimeConfig, *, tokenizer=None,
+               kind: str = "kvrm", with_logits: bool = False, mesh=None):
+    if kind not in ("kvrm", "static"):
+      raise ValueError(f"unknown engine kind {kind!r} (kvrm | static)")
+    step_wrap, shardings = None, None
+    if mesh is not None and mesh.size > 1:
+      from kvrm_jax.sharding import ShardingError
+      raise ShardingError("tensor parallelism (--tp > 1) is not available yet")
+    if kind == "static":
+      rt = static_runtime(rt)
+    self.cfg, self.rt, self.kind, self.tokenizer = cfg, rt, kind, tokenizer
+    self.graphdef, self.state = model_lib.split(model)
+    self.k_pool, self.v_pool = step_lib.init_pools(cfg, rt, sharding=shardings)
+    self.decode_step, self._prefill_step, self.compiles = step_lib.build_steps(
+        self.graphdef, cfg, rt, with_logits=with_logits, wrap=step_wrap)
+    self.with_logits = with_logits
+    if kind == "static":
+      self.allocator = StaticReservation(rt.max_slots, rt.max_blocks_per_seq, rt.block_size)
+    else:
+      self.allocator = BlockPager(rt.num_blocks, rt.block_size, rt.max_blocks_per_seq,
+                                  watermark_blocks=rt.watermark_blocks, enable_prefix_cache=rt.enable_prefix_cache)
+    self.dlayout = desc_lib.decode_layout(rt)
+    self.waiting: deque[Request] = deque()
+    self.slots: list[Request | None] = [None] * rt.max_slots
+    self.requests: dict[int, Request] = {}
+    self.stats = EngineStats()
+    self.last_logits = None  # with_logits: {request id: [V] logits of its latest sampled token}
+    self._next_id = 0
+    self._poison = None
+    self._bt = np.zeros((rt.max_slots, rt.max_blocks_per_seq), np.int32)  # [S, MB] cached block tables
+    self._groups = np.zeros((rt.max_slots, rt.max_groups, 3), np.int32)  # [S, G, 3]
+    self._ngroups = np.zeros((rt.max_slots,), np.int32)  # [S]
+
+  @classmethod
+  def from_checkpoint(cls, path, rt: RuntimeConfig, **kw) -> "Engine":
+    from kvrm_jax.checkpoint import load_checkpoint
+    cfg, model, tok = load_checkpoint(path, rt.dtype)
+    return cls(cfg, model, rt, tokenizer=tok, **kw)
+
+  # --------------------------------------------------------------------------- requests
+
+  def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
+                  arrival: float | None = None) -> int:
+    """Queue a request; raises RequestError if it can never be served."""
+    sampling = sampling or SamplingParams()
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+      raise RequestError("empty prompt")
+    if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
+      raise RequestError(f"token ids must be in [0, {self.cfg.vocab_size})")
+    limit = min(self.rt.max_seq_len, self.cfg.max_position)
+    if len(ids) + sampling.max_new_tokens > limit:
+      raise RequestError(f"prompt of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the "
+                         f"context limit of {limit} tokens (model context {self.cfg.max_position}, runtime "
+                         f"max_blocks_per_seq*block_size {self.rt.max_seq_len})")
+    need = self.allocator.blocks_needed(len(ids) + sampling.max_new_tokens)
+    if need > self.allocator.num_total_blocks:
+      raise RequestError(f"request needs {need} KV blocks; the pool has {self.allocator.num_total_blocks}")
+    rid = self._next_id
+    self._next_id += 1
+    req = Request(rid, ids, sampling, arrival=time.perf_counter() if arrival is None else arrival)
+    self.requests[rid] = req
+    self.waiting.append(req)
+    return rid
+
+  def has_work(self) -> bool:
+    return bool(self.waiting) or any(r is not None for r in self.slots)
+
+  # --------------------------------------------------------------------------- schedule
+
+  def _free_slot(self) -> int | None:
+    for i, r in enumerate(self.slots):
+      if r is None:
+        return i
+    return None
+
+  def _admit(self) -> None:
+    while self.waiting:
+      slot = self._free_slot()
+      if slot is None:
+        return
+      req = self.waiting[0]
+      # A resumed request keeps its pending last token out of the KV it recomputes.
+      target = req.num_tokens - (1 if req.output_ids else 0)
+      ids = req.all_ids[:target]
+      if not self.allocator.can_allocate(ids):
+        return  # FCFS: wait for blocks to free up
+      self.waiting.popleft()
+      if self.kind == "static":
+        cached = self.allocator.allocate(req.id, ids, slot)
+      else:
+        cached = self.allocator.allocate(req.id, ids)
+      self.stats.prefix_hit_blocks += cached // self.rt.block_size
+      req.slot, req.status, req.num_computed, req.prefill_target = slot, Status.PREFILL, cached, target
+      req.admitted_time = req.admitted_time or time.perf_counter()
+      self.slots[slot] = req
+      self._refresh_tables(req)
+
+  def _preempt(self, victim: Request) -> None:
+    """Recompute preemption: drop the victim's KV, requeue it at the front; outputs are kept."""
+    self.allocator.free(victim.id)
+    self.slots[victim.slot] = None
+    victim.slot, victim.status, victim.num_computed = None, Status.WAITING, 0
+    victim.preemptions += 1
+    self.stats.preemptions += 1
+    self.waiting.appendleft(victim)
+
+  def _refresh_tables(self, req: Request) -> None:
+    s = req.slot
+    bt = self.allocator.block_table(req.id)
+    self._bt[s] = 0
+    self._bt[s, :len(bt)] = bt
+    self._groups[s], self._ngroups[s] = desc_lib.groups_array(self.allocator.runs(req.id), self.rt.max_groups)
+
+  def schedule(self) -> StepPlan:
+    """Admit, pick prefill chunks, reserve KV for this step's decode tokens (preempting if dry)."""
+    self._admit()
+    rows = []
+    biggest = self.rt.prefill_buckets[-1]
+    for req in self.slots:
+      if req is not None and req.status is Status.PREFILL and len(rows) < self.rt.max_prefill_seqs:
+        rows.append((req, req.num_computed, min(biggest, req.prefill_target - req.num_computed)))
+    decode, moves, preempted = [], [], []
+    # Oldest first; when blocks run out the newest request in a slot is preempted.
+    in_slots = sorted((r for r in self.slots if r is not None), key=lambda r: (r.admitted_time, r.id))
+    for req in in_slots:
+      if req.status is not Status.RUNNING or req.slot is None:
+        continue
+      while not self.allocator.can_append(req.id, 1):
+        victims = [r for r in in_slots if r.slot is not None and r is not req and r not in decode]
+        victim = victims[-1] if victims else req
+        self._preempt(victim)
+        preempted.append(victim)
+        rows = [row for row in rows if row[0] is not victim]
+        if victim is req:
+          break
+      if req.slot is None:
+        continue
+      grew = req.num_computed % self.rt.block_size == 0
+      cow = self.allocator.append(req.id, 1)
+      moves.extend(cow)
+      if grew or cow:
+        self._refresh_tables(req)
+      decode.append(req)
+    if self.rt.max_moves:
+      budget = self.rt.max_moves - len(moves)
+      if budget > 0:
+        compaction = self.allocator.plan_compaction(self.rt.max_groups, budget)
+        if compaction:
+          moves.extend(compaction)
+          for r in self.slots:
+            if r is not None:
+              self._refresh_tables(r)
+    if len(moves) > max(self.rt.max_moves, 0):
+      raise RuntimeError(f"{len(moves)} block copies exceed max_moves={self.rt.max_moves}")
+    return StepPlan(rows, decode, moves, preempted)
+
+  # --------------------------------------------------------------------------- descriptors
+
+  def _sampling_fields(self, d, i, req: Request) -> None:
+    sp = req.sampling
+    d["temperature"][i], d["top_k"][i], d["top_p"][i], d["seeds"][i] = sp.temperature, sp.top_k, sp.top_p, sp.seed
+
+  def build_prefill_descriptor(self, rows, moves=()):
+    n_max = max(n for _, _, n in rows)
+    chunk = next(b for b in self.rt.prefill_buckets if b >= n_max)
+    layout = desc_lib.prefill_layout(self.rt, chunk)
+    d = layout.new()
+    bs = self.rt.block_size
+    d["top_p"][:] = 1.0
+    for i, (req, start, n) in enumerate(rows):
+      ids = req.all_ids
+      pos = np.arange(start, start + n)
+      d["tokens"][i, :n] = ids[start:start + n]
+      d["positions"][i, :n] = pos
+      d["write_slots"][i, :n] = self._bt[req.slot][pos // bs] * bs + pos % bs
+      d["block_tables"][i] = self._bt[req.slot]
+      d["lengths"][i] = start + n
+      d["last_index"][i] = n - 1
+      self._sampling_fields(d, i, req)
+    if moves:
+      d["moves"][:len(moves)] = moves
+    return chunk, layout.pack(d)
+
+  def build_decode_descriptor(self, plan: StepPlan, moves=None):
+    d = self.dlayout.new()
+    bs = self.rt.block_size
+    d["top_p"][:] = 1.0
+    for req in plan.decode:
+      s, pos = req.slot, req.num_computed
+      d["tokens"][s] = req.output_ids[-1]
+      d["positions"][s] = pos
+      d["lengths"][s] = pos + 1
+      d["write_slots"][s] = self._bt[s, pos // bs] * bs + pos % bs
+      self._sampling_fields(d, s, req)
+    active = d["lengths"] > 0
+    d["block_tables"] = np.where(active[:, None], self._bt, 0)
+    d["groups"] = np.where(active[:, None, None], self._groups, 0)
+    d["num_groups"] = np.where(active, self._ngroups, 0)
+    moves = plan.moves if moves is None else moves
+    if moves:
+      d["moves"][:len(moves)] = moves
+    return self.dlayout.pack(d)
+
+  # --------------------------------------------------------------------------- run + postprocess
+
+  def _run(self, fn, ints, floats):
+    ints, floats = jax.device_put((ints, floats))  # the one host->device transfer of the step
+    out = fn(self.state, self.k_pool, self.v_pool, ints, floats)
+    tokens, self.k_pool, self.v_pool = out[:3]
+    return np.asarray(tokens), (np.asarray(out[3]) if self.with_logits else None)  # the one D2H sync
+
+  def _emit(self, req: Request, token: int, now: float, events: dict) -> None:
+    req.output_ids.append(int(token))
+    req.token_times.append(now)
+    if req.first_token_time is None:
+      req.first_token_time = now
+    events.setdefault(req.id, []).append(int(token))
+    sp = req.sampling
+    reason = None
+    if not sp.ignore_eos and int(token) in self.cfg.eos_ids:
+      reason = "eos"
+    elif len(req.output_ids) >= sp.max_new_tokens:
+      reason = "length"
+    elif sp.stop and self.tokenizer is not None:
+      tail = self.tokenizer.decode(req.output_ids[-32:])
+      if any(s in tail for s in sp.stop):
+        reason = "stop"
+    if reason:
+      self._finish(req, reason, now)
+
+  def _finish(self, req: Request, reason: str, now: float) -> None:
+    req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, now
+    if req.slot is not None:
+      self.allocator.free(req.id)
+      self.slots[req.slot] = None
+      req.slot = None
+
+  def step(self) -> dict[int, list[int]]:
+    """One engine step: schedule -> run -> postprocess. Returns {request id: new token ids}."""
+    t0 = time.perf_counter()
+    plan = self.schedule()
+    events: dict[int, list[int]] = {}
+    self.last_logits = {} if self.with_logits else None
+    host = time.perf_counter() - t0
+    if plan.prefill_rows:
+      t1 = time.perf_counter()
+      # Block copies run at the start of whichever step runs first, before any KV is read.
+      chunk, (ints, floats) = self.build_prefill_descriptor(plan.prefill_rows, plan.moves)
+      host += time.perf_counter() - t1
+      tokens, logits = self._run(self._prefill_step(chunk), ints, floats)
+      self.stats.prefill_steps += 1
+      now = time.perf_counter()
+      for i, (req, start, n) in enumerate(plan.prefill_rows):
+        req.num_computed = start + n
+        if req.num_computed == req.prefill_target:
+          self.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
+          req.status = Status.RUNNING
+          if len(req.output_ids) == 0:  # fresh request: its first token; a resumed one keeps its own
+            if logits is not None:
+              self.last_logits[req.id] = logits[i]
+            self._emit(req, tokens[i], now, events)
+    if plan.decode:
+      t1 = time.perf_counter()
+      self._record_memory(plan)
+      ints, floats = self.build_decode_descriptor(plan, moves=[] if plan.prefill_rows else plan.moves)
+      host += time.perf_counter() - t1
+      self.stats.host_us.append(host * 1e6)
+      td = time.perf_counter()
+      tokens, logits = self._run(self.decode_step, ints, floats)
+      now = time.perf_counter()
+      self.stats.step_s.append(now - td)
+      self.stats.decode_steps += 1
+      self.stats.moves += len(plan.moves)
+      bs = self.rt.block_size
+      for req in plan.decode:
+        req.num_computed += 1
+        if req.num_computed % bs == 0:
+          self.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
+        if logits is not None:
+          self.last_logits[req.id] = logits[req.slot]
+        self._emit(req, tokens[req.slot], now, events)
+    if self.rt.debug_poison_freed:
+      self._poison_freed()
+    return events
+
+  def _record_memory(self, plan: StepPlan) -> None:
+    reserved = self.allocator.num_used_blocks
+    live = sum(r.num_computed + (1 if r in plan.decode else 0) for r in self.slots if r is not None)
+    self.stats.reserved_series.append(reserved)
+    self.stats.live_series.append(live)
+    self.stats.peak_reserved_blocks = max(self.stats.peak_reserved_blocks, reserved)
+    self.stats.peak_live_tokens = max(self.stats.peak_live_tokens, live)
+    active = [r for r in plan.decode]
+    if active:
+      self.stats.groups_per_seq.append(float(np.mean([len(self.allocator.runs(r.id)) for r in active])))
+
+  def _poison_freed(self) -> None:
+    """Debug: fill blocks that were just freed with NaN so any read of them would show."""
+    freed = self.allocator.freed_since_last_call()
+    if not freed:
+      return
+    if self._poison is None:
+      @jax.jit
+      def poison(k, v, idx):
+        return k.at[:, :, idx].set(jnp.nan), v.at[:, :, idx].set(jnp.nan)
+      self._poison = poison
+    n = self.rt.num_blocks
+    idx = np.zeros((1 << max(0, (len(freed) - 1).bit_length()),), np.int32)  # few shapes: powers of two
+    idx[:len(freed)] = freed
+    idx[len(freed):] = freed[0]
+    assert 0 < min(freed) and max(freed) < n
+    self.k_pool, self.v_pool = self._poison(self.k_pool, self.v_pool, idx)
+
+  # --------------------------------------------------------------------------- high-level API
+
+  def output(self, rid: int, new_ids=()) -> RequestOutput:
+    r = self.requests[rid]
+    text = self.tokenizer.decode(r.output_ids) if self.tokenizer is not None else None
+    return RequestOutput(r.id, r.prompt_ids, list(r.output_ids), list(new_ids), r.done, r.finish_reason, text)
+
+  def generate(self, prompts: Iterable, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+               progress: bool = False) -> list[RequestOutput]:
+    """Decode prompts (strings, needs a tokenizer, or lists of token ids) to completion, in order."""
+    prompts = list(prompts)
+    sps = sampling if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * len(prompts)
+    if len(sps) != len(prompts):
+      raise ValueError(f"{len(sps)} sampling params for {len(prompts)} prompts")
+    ids = []
+    for p, sp in zip(prompts, sps):
+      if isinstance(p, str):
+        if self.tokenizer is None:
+          raise ValueError("string prompts need a tokenizer")
+        p = self.tokenizer.encode(p)
+      ids.append(self.add_request(p, sp))
+    bar = None
+    if progress:
+      from tqdm import tqdm
+      bar = tqdm(total=sum(sp.max_new_tokens for sp in sps), unit="tok", desc="decode", leave=False)
+    while any(not self.requests[i].done for i in ids):
+      events = self.step()
+      if bar is not None:
+        bar.update(sum(len(v) for v in events.values()))
+    if bar is not None:
+      bar.close()
+    return [self.output(i) for i in ids]
+
+  def summary(self) -> dict:
+    """The stats object of scripts/decode.py's JSON."""
+    st, rt, cfg = self.stats, self.rt, self.cfg
+    itemsize = jnp.dtype(rt.dtype).itemsize
+    block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * rt.block_size * cfg.head_dim * itemsize
+    token_bytes = block_bytes // rt.block_size
+    gen = sum(len(r.output_ids) for r in self.requests.values())
+    return {
+        "engine": self.kind,
+        "decode_compiles": self.compiles.decode,
+        "prefill_compiles": self.compiles.prefill,
+        "steps": st.decode_steps,
+        "prefill_steps": st.prefill_steps,
+        "reserved_kv_bytes": st.peak_reserved_blocks * block_bytes,
+        "live_kv_bytes": st.peak_live_tokens * token_bytes,
+        "pool_kv_bytes": (rt.num_blocks - 1) * block_bytes,
+        "preemptions": st.preemptions,
+        "prefix_hit_blocks": st.prefix_hit_blocks,
+        "mean_groups_per_seq": float(np.mean(st.groups_per_seq)) if st.groups_per_seq else 0.0,
+        "block_moves": st.moves,
+        "host_us_per_step": float(np.median(st.host_us)) if st.host_us else 0.0,
+        "generated_tokens": gen,
+    }

@@ -1,0 +1,88 @@
+"""Requests and their sampling parameters (host-side state only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-request generation settings. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+  max_new_tokens: int = 32
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+  ignore_eos: bool = False
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not 0 <= self.seed < 2**31:
+      raise ValueError(f"seed must be in [0, 2**31), got {self.seed}")
+
+
+class Status(enum.Enum):
+  WAITING = "waiting"
+  PREFILL = "prefill"
+  RUNNING = "running"
+  FINISHED = "finished"
+  REJECTED = "rejected"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """One request's host state. KV of `all_ids[:num_computed]` is in the pool."""
+
+  id: int
+  prompt_ids: list[int]
+  sampling: SamplingParams
+  arrival: float = 0.0
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  status: Status = Status.WAITING
+  finish_reason: str | None = None
+  slot: int | None = None
+  num_computed: int = 0
+  # Prefill target: tokens whose KV the prefill must compute. A fresh request computes its whole
+  # prompt and samples its first token; a resumed (preempted) one recomputes all but its pending
+  # last token and keeps the tokens it already generated.
+  prefill_target: int = 0
+  preemptions: int = 0
+  first_token_time: float | None = None
+  token_times: list[float] = dataclasses.field(default_factory=list)
+  finish_time: float | None = None
+  admitted_time: float | None = None
+
+  @property
+  def all_ids(self) -> list[int]:
+    return self.prompt_ids + self.output_ids
+
+  @property
+  def num_tokens(self) -> int:
+    return len(self.prompt_ids) + len(self.output_ids)
+
+  @property
+  def done(self) -> bool:
+    return self.status in (Status.FINISHED, Status.REJECTED)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """What the engine reports for a request: its tokens so far and, once done, why it ended."""
+
+  id: int
+  prompt_ids: list[int]
+  output_ids: list[int]
+  new_ids: list[int]
+  finished: bool
+  finish_reason: str | None
+  text: str | None = None

@@ -1,0 +1,98 @@
+"""The static-graph baseline's KV allocator: a dense reservation of `max_seq_len` tokens per slot.
+
+What a static executor does today: slot s owns blocks 1 + s*MB .. (s+1)*MB of the pool for its
+whole life (the pool holds exactly 1 + S*MB blocks), no paging, no sharing, no compaction. It
+answers the subset of the BlockPager interface the engine uses, so both run through the same
+engine and the same compiled step (with `attention="dense"`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from kvrm_jax.config import RuntimeConfig
+
+
+def static_runtime(rt: RuntimeConfig):
+  """The baseline's runtime config: a pool of exactly one max_seq_len reservation per slot."""
+  import dataclasses
+  return dataclasses.replace(rt, num_blocks=1 + rt.max_slots * rt.max_blocks_per_seq, attention="dense",
+                             max_moves=0, enable_prefix_cache=False)
+
+
+class StaticReservation:
+  """Fixed per-slot reservations; `allocate` binds a sequence to the slot the engine chose."""
+
+  def __init__(self, max_slots: int, max_blocks_per_seq: int, block_size: int):
+    self.max_slots, self.mb, self.block_size = max_slots, max_blocks_per_seq, block_size
+    self._slot: dict[object, int] = {}
+    self._tokens: dict[object, int] = {}
+
+  @property
+  def max_tokens(self) -> int:
+    return self.mb * self.block_size
+
+  @property
+  def num_total_blocks(self) -> int:
+    return self.max_slots * self.mb
+
+  @property
+  def num_used_blocks(self) -> int:
+    return len(self._slot) * self.mb  # a whole reservation per admitted sequence
+
+  @property
+  def num_free_blocks(self) -> int:
+    return self.num_total_blocks - self.num_used_blocks
+
+  def blocks_needed(self, num_tokens: int) -> int:
+    return self.mb
+
+  def can_allocate(self, token_ids: Sequence[int]) -> bool:
+    return len(self._slot) < self.max_slots and 0 < len(token_ids) <= self.max_tokens
+
+  def allocate(self, seq_id, token_ids: Sequence[int], slot: int) -> int:
+    if seq_id in self._slot:
+      raise ValueError(f"sequence {seq_id!r} is already allocated")
+    if slot in self._slot.values():
+      raise ValueError(f"slot {slot} is already reserved")
+    if not 0 < len(token_ids) <= self.max_tokens:
+      raise ValueError(f"{len(token_ids)} tokens do not fit a reservation of {self.max_tokens}")
+    self._slot[seq_id], self._tokens[seq_id] = slot, len(token_ids)
+    return 0
+
+  def can_append(self, seq_id, num_tokens: int = 1) -> bool:
+    return self._tokens[seq_id] + num_tokens <= self.max_tokens
+
+  def append(self, seq_id, num_tokens: int = 1) -> list[tuple[int, int]]:
+    if not self.can_append(seq_id, num_tokens):
+      raise ValueError(f"sequence {seq_id!r} exceeds its reservation of {self.max_tokens} tokens")
+    self._tokens[seq_id] += num_tokens
+    return []
+
+  def commit_tokens(self, seq_id, token_ids: Sequence[int]) -> None:
+    pass
+
+  def free(self, seq_id) -> None:
+    del self._slot[seq_id], self._tokens[seq_id]
+
+  def has(self, seq_id) -> bool:
+    return seq_id in self._slot
+
+  def num_tokens(self, seq_id) -> int:
+    return self._tokens[seq_id]
+
+  def block_table(self, seq_id) -> list[int]:
+    first = 1 + self._slot[seq_id] * self.mb
+    return list(range(first, first + self.mb))
+
+  def runs(self, seq_id) -> list[tuple[int, int, int]]:
+    return [(1 + self._slot[seq_id] * self.mb, 0, self.mb)]
+
+  def plan_compaction(self, max_groups: int, max_moves: int) -> list[tuple[int, int]]:
+    return []
+
+  def freed_since_last_call(self) -> list[int]:
+    return []
+
+  def stats(self) -> dict:
+    return {"free": self.num_free_blocks, "used": self.num_used_blocks, "shared": 0, "prefix_hit_blocks": 0}

@@ -67,17 +67,30 @@ class Engine:
                kind: str = "kvrm", with_logits: bool = False, mesh=None):
     if kind not in ("kvrm", "static"):
       raise ValueError(f"unknown engine kind {kind!r} (kvrm | static)")
-    step_wrap, shardings = None, None
-    if mesh is not None and mesh.size > 1:
-      from kvrm_jax.sharding import ShardingError
-      raise ShardingError("tensor parallelism (--tp > 1) is not available yet")
     if kind == "static":
       rt = static_runtime(rt)
-    self.cfg, self.rt, self.kind, self.tokenizer = cfg, rt, kind, tokenizer
+    self.rt, self.kind, self.tokenizer, self.mesh = rt, kind, tokenizer, mesh
     self.graphdef, self.state = model_lib.split(model)
-    self.k_pool, self.v_pool = step_lib.init_pools(cfg, rt, sharding=shardings)
+    specs, pool_sharding, self._desc_sharding = None, None, None
+    if mesh is not None:
+      from jax.sharding import NamedSharding
+
+      from kvrm_jax import sharding
+      padded = sharding.padded_config(cfg, mesh.size)
+      if padded != cfg:
+        from flax import nnx
+        w = sharding.pad_weights(cfg, padded, nnx.to_pure_dict(self.state))
+        self.graphdef, self.state = model_lib.split(model_lib.abstract_model(padded, w["wq"].dtype))
+        nnx.replace_by_pure_dict(self.state, w)
+        cfg = padded
+      specs = sharding.state_specs(self.state)
+      self.state = sharding.place_state(self.state, mesh)
+      pool_sharding = NamedSharding(mesh, sharding.POOL_SPEC)
+      self._desc_sharding = NamedSharding(mesh, sharding.REPLICATED)
+    self.cfg = cfg
+    self.k_pool, self.v_pool = step_lib.init_pools(cfg, rt, sharding=pool_sharding)
     self.decode_step, self._prefill_step, self.compiles = step_lib.build_steps(
-        self.graphdef, cfg, rt, with_logits=with_logits, wrap=step_wrap)
+        self.graphdef, cfg, rt, with_logits=with_logits, mesh=mesh, state_specs=specs)
     self.with_logits = with_logits
     if kind == "static":
       self.allocator = StaticReservation(rt.max_slots, rt.max_blocks_per_seq, rt.block_size)
@@ -270,7 +283,7 @@ class Engine:
   # --------------------------------------------------------------------------- run + postprocess
 
   def _run(self, fn, ints, floats):
-    ints, floats = jax.device_put((ints, floats))  # the one host->device transfer of the step
+    ints, floats = jax.device_put((ints, floats), self._desc_sharding)  # the one host->device transfer
     out = fn(self.state, self.k_pool, self.v_pool, ints, floats)
     tokens, self.k_pool, self.v_pool = out[:3]
     return np.asarray(tokens), (np.asarray(out[3]) if self.with_logits else None)  # the one D2H sync

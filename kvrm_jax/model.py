@@ -92,25 +92,32 @@ class Llama(nnx.Module):
   def layer_weights(self) -> dict[str, jax.Array]:
     return {n: getattr(self, n)[...] for n in LAYER_PARAMS}
 
-  def __call__(self, tokens, positions, cache, attend: AttendFn, *, logits_index=None):
-    """tokens, positions: [T] int32. Returns (logits [T or len(logits_index), V] f32, cache)."""
+  def __call__(self, tokens, positions, cache, attend: AttendFn, *, logits_index=None, reduce=None):
+    """tokens, positions: [T] int32. Returns (logits [T or len(logits_index), V] f32, cache).
+
+    Written for local shapes: under tensor parallelism the weights are this device's shards
+    (head counts come from their shapes) and `reduce` sums the row-parallel projections.
+    """
     cfg = self.cfg
     t = tokens.shape[0]
+    reduce = reduce or (lambda y: y)
+    e = cfg.head_dim
+    nh, nkv = self.wq.shape[-1] // e, self.wk.shape[-1] // e
     x = self.embed[...][tokens]  # [T, D]
     inv_freq = rope_inv_freq(cfg)
 
     def layer(carry, w):
       x, cache, li = carry
       h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-      q = (h @ w["wq"]).reshape(t, cfg.num_heads, cfg.head_dim)
-      k = (h @ w["wk"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
-      v = (h @ w["wv"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+      q = (h @ w["wq"]).reshape(t, nh, e)
+      k = (h @ w["wk"]).reshape(t, nkv, e)
+      v = (h @ w["wv"]).reshape(t, nkv, e)
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
       o, cache = attend(li, q, k, v, cache)  # [T, H, E]
-      x = x + o.reshape(t, -1).astype(x.dtype) @ w["wo"]
+      x = x + reduce(o.reshape(t, -1).astype(x.dtype) @ w["wo"])
       h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-      x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+      x = x + reduce((jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"])
       return (x, cache, li + 1), None
 
     (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), self.layer_weights())

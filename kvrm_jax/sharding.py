@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = "tp"
 
@@ -29,3 +30,78 @@ def make_mesh(tp="1") -> Mesh:
     raise ShardingError(f"--tp {n} needs {n} devices but only {len(devices)} {jax.default_backend()} device(s) "
                         "are present (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
   return Mesh(np.array(devices[:n]), (AXIS,))
+
+
+# Megatron-style tensor parallelism over `tp`: q/k/v and MLP gate/up column-sharded (by heads /
+# features), o-proj and down-proj row-sharded (the model psums their outputs), norms, embeddings
+# and the LM head replicated (logits are needed whole on every device for sampling).
+COL = P(None, None, AXIS)
+ROW = P(None, AXIS, None)
+PARAM_SPECS = {
+    "embed": P(), "attn_norm": P(), "mlp_norm": P(), "final_norm": P(), "lm_head": P(),
+    "wq": COL, "wk": COL, "wv": COL, "w_gate": COL, "w_up": COL, "wo": ROW, "w_down": ROW,
+}
+POOL_SPEC = P(None, AXIS)  # [L, K, N, bs, E]: sharded over KV heads
+REPLICATED = P()
+
+
+def param_spec(name: str) -> P:
+  return PARAM_SPECS[name]
+
+
+def named_shardings(mesh: Mesh) -> dict:
+  """{param name: NamedSharding}, for restoring checkpoints straight onto the mesh."""
+  return {k: NamedSharding(mesh, v) for k, v in PARAM_SPECS.items()}
+
+
+def state_specs(state):
+  """PartitionSpecs with the structure of an nnx.State of model.Llama."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: param_spec(path[0].key), state)
+
+
+def place_state(state, mesh: Mesh):
+  specs = state_specs(state)
+  return jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+
+
+def padded_config(cfg, tp: int):
+  """Head/feature padding policy for a mesh that does not divide the model.
+
+  KV heads are padded up to a multiple of tp with inert zero heads (their q heads too, keeping
+  the GQA group size), and the MLP width up to a multiple of tp with zero features. Zero k/v
+  heads and zero o-proj rows contribute exactly 0, so outputs are unchanged; the cost is the
+  padded heads' KV memory and compute (SmolLM2 at tp=2: 3 -> 4 KV heads, +33%). vLLM refuses
+  such models instead.
+  """
+  import dataclasses
+  k = -(-cfg.num_kv_heads // tp) * tp
+  f = -(-cfg.intermediate_size // tp) * tp
+  if (k, f) == (cfg.num_kv_heads, cfg.intermediate_size):
+    return cfg
+  return dataclasses.replace(cfg, num_kv_heads=k, num_heads=k * cfg.q_per_kv, intermediate_size=f)
+
+
+def pad_weights(cfg, new_cfg, w: dict):
+  """Zero-pad a {name: array} weight dict from cfg's head/feature counts to new_cfg's."""
+  import jax.numpy as jnp
+  if new_cfg == cfg:
+    return dict(w)
+  dk, df = new_cfg.num_kv_heads - cfg.num_kv_heads, new_cfg.intermediate_size - cfg.intermediate_size
+  g, e, L, d = cfg.q_per_kv, cfg.head_dim, cfg.num_layers, cfg.hidden_size
+  kh = cfg.num_kv_heads
+  out = dict(w)
+  out["wq"] = jnp.pad(w["wq"].reshape(L, d, kh, g, e), ((0, 0), (0, 0), (0, dk), (0, 0), (0, 0))).reshape(L, d, -1)
+  for n in ("wk", "wv"):
+    out[n] = jnp.pad(w[n].reshape(L, d, kh, e), ((0, 0), (0, 0), (0, dk), (0, 0))).reshape(L, d, -1)
+  out["wo"] = jnp.pad(w["wo"].reshape(L, kh, g, e, d), ((0, 0), (0, dk), (0, 0), (0, 0), (0, 0))).reshape(L, -1, d)
+  out["w_gate"] = jnp.pad(w["w_gate"], ((0, 0), (0, 0), (0, df)))
+  out["w_up"] = jnp.pad(w["w_up"], ((0, 0), (0, 0), (0, df)))
+  out["w_down"] = jnp.pad(w["w_down"], ((0, 0), (0, df), (0, 0)))
+  return out
+
+
+def shard_step(fn, mesh: Mesh, state_spec_tree, n_extra_out: int = 0):
+  """Wrap a step fn(state, k_pool, v_pool, ints, floats) -> (tokens, k_pool, v_pool[, logits])."""
+  out_specs = (REPLICATED, POOL_SPEC, POOL_SPEC) + (REPLICATED,) * n_extra_out
+  return jax.shard_map(fn, mesh=mesh, in_specs=(state_spec_tree, POOL_SPEC, POOL_SPEC, REPLICATED, REPLICATED),
+                       out_specs=out_specs, check_vma=False)

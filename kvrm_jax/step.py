@@ -134,7 +134,11 @@ def chunk_attention(backend, q, k_pool, v_pool, layer, d):
 # ----------------------------------------------------------------------------- steps
 
 
-def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_logits: bool,
+def _reduce(tp_axis):
+  return None if tp_axis is None else (lambda y: jax.lax.psum(y, tp_axis))
+
+
+def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_logits: bool, tp_axis,
             state, k_pool, v_pool, ints, floats):
   d = desc_lib.decode_layout(rt).unpack(ints, floats)
   if rt.max_moves:
@@ -147,13 +151,13 @@ def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_lo
     vp = write_kv(vp, layer, d["write_slots"], v)
     return decode_attention(backend, q, kp, vp, layer, d), (kp, vp)
 
-  logits, (k_pool, v_pool) = model(d["tokens"], d["positions"], (k_pool, v_pool), attend)
+  logits, (k_pool, v_pool) = model(d["tokens"], d["positions"], (k_pool, v_pool), attend, reduce=_reduce(tp_axis))
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["lengths"])
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
   return (tokens, k_pool, v_pool, logits) if with_logits else (tokens, k_pool, v_pool)
 
 
-def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk: int, with_logits: bool,
+def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk: int, with_logits: bool, tp_axis,
              state, k_pool, v_pool, ints, floats):
   d = desc_lib.prefill_layout(rt, chunk).unpack(ints, floats)
   if rt.max_moves:
@@ -172,7 +176,7 @@ def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk:
 
   last = jnp.arange(p) * chunk + d["last_index"]
   logits, (k_pool, v_pool) = model(d["tokens"].reshape(-1), d["positions"].reshape(-1), (k_pool, v_pool),
-                                   attend, logits_index=last)
+                                   attend, logits_index=last, reduce=_reduce(tp_axis))
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["lengths"])
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
   return (tokens, k_pool, v_pool, logits) if with_logits else (tokens, k_pool, v_pool)
@@ -187,10 +191,11 @@ class CompileCounter:
 
 
 def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: bool = False,
-                counter: CompileCounter | None = None, wrap=None):
-  """Return (decode_step, prefill_step_for(chunk)) as jitted functions with donated pools.
+                counter: CompileCounter | None = None, mesh=None, state_specs=None):
+  """Return (decode_step, prefill_step_for(chunk), counter); steps are jitted with donated pools.
 
-  `wrap(fn, kind)` may wrap the pure step (e.g. in shard_map) before jit.
+  With a `mesh`, each step is `jax.jit(jax.shard_map(step))` over the `tp` axis: params sharded
+  by `state_specs`, pools over KV heads, descriptor replicated.
   """
   backend = resolve_attention(rt)
   counter = counter or CompileCounter()
@@ -202,15 +207,20 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
       return fn(*args)
     return inner
 
-  wrap = wrap or (lambda fn, kind: fn)
-  dec = functools.partial(_decode, graphdef, cfg, rt, backend, with_logits)
+  tp_axis = None
+  wrap = lambda fn, kind: fn  # noqa: E731
+  if mesh is not None:
+    from kvrm_jax import sharding
+    tp_axis = sharding.AXIS
+    wrap = lambda fn, kind: sharding.shard_step(fn, mesh, state_specs, int(with_logits))  # noqa: E731
+  dec = functools.partial(_decode, graphdef, cfg, rt, backend, with_logits, tp_axis)
   decode_step = jax.jit(counted(wrap(dec, "decode"), "decode"), donate_argnums=(1, 2))
 
   @functools.cache
   def prefill_step(chunk: int):
     if chunk not in rt.prefill_buckets:
       raise ValueError(f"chunk {chunk} is not a prefill bucket {rt.prefill_buckets}")
-    pf = functools.partial(_prefill, graphdef, cfg, rt, backend, chunk, with_logits)
+    pf = functools.partial(_prefill, graphdef, cfg, rt, backend, chunk, with_logits, tp_axis)
     return jax.jit(counted(wrap(pf, "prefill"), "prefill"), donate_argnums=(1, 2))
 
   return decode_step, prefill_step, counter

@@ -42,7 +42,8 @@ def parse_args(argv=None):
   p.add_argument("--max-slots", type=int, default=None, help="decode batch (default: min(#prompts, 16))")
   p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks (default: fits every prompt at once)")
   p.add_argument("--attention", default="auto", help="auto | reference | pallas | interpret")
-  p.add_argument("--tp", default="1", help="tensor-parallel mesh size, or 'all' local devices")
+  p.add_argument("--tp", default="1", help="tensor-parallel mesh size, or 'all' local devices; heads that do not "
+                 "divide are padded with inert zero heads (docs/sharding.md)")
   p.add_argument("--output-json", help="write prompts, ids, texts and stats here")
   p.add_argument("--quiet", action="store_true", help="no per-prompt text on stdout")
   return p.parse_args(argv)
@@ -108,7 +109,12 @@ def run(args) -> int:
     sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     path = args.checkpoint or ckpt.ensure_bundled_checkpoint(args.cache_dir)
-    cfg, model, tok = ckpt.load_checkpoint(path, dtype)
+    from kvrm_jax import sharding
+    mesh = sharding.make_mesh(args.tp)
+    cfg = ckpt.read_config(path)
+    # Restore straight into the mesh's shardings unless the heads need padding first.
+    shardings = None if sharding.padded_config(cfg, mesh.size) != cfg else sharding.named_shardings(mesh)
+    cfg, model, tok = ckpt.load_checkpoint(path, dtype, shardings=shardings)
   except (ckpt.CheckpointError, ValueError) as e:
     raise UserError(str(e)) from None
   if tok is None:
@@ -134,10 +140,8 @@ def run(args) -> int:
   try:
     rt = RuntimeConfig(block_size=bs, num_blocks=args.num_blocks or need + 1, max_slots=slots,
                        max_blocks_per_seq=mb, dtype=dtype, attention=args.attention)
-    from kvrm_jax import sharding
-    mesh = sharding.make_mesh(args.tp)
     engine = Engine(cfg, model, rt, tokenizer=tok, kind=args.engine, mesh=mesh)
-  except (ValueError, sharding.ShardingError) as e:
+  except ValueError as e:
     raise UserError(str(e)) from None
 
   t0 = time.perf_counter()

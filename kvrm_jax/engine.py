@@ -12,6 +12,7 @@ is False; each step returns the requests' new tokens. The compiled decode step i
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import time
 from collections import deque
 from typing import Iterable, Sequence
@@ -108,6 +109,14 @@ class Engine:
     self._bt = np.zeros((rt.max_slots, rt.max_blocks_per_seq), np.int32)  # [S, MB] cached block tables
     self._groups = np.zeros((rt.max_slots, rt.max_groups, 3), np.int32)  # [S, G, 3]
     self._ngroups = np.zeros((rt.max_slots,), np.int32)  # [S]
+    self._nruns = np.zeros((rt.max_slots,), np.int32)  # [S] runs per sequence (may exceed G)
+    # Per-slot sampling parameters, set at admission: [S] each.
+    self._temp = np.zeros((rt.max_slots,), np.float32)
+    self._topp = np.ones((rt.max_slots,), np.float32)
+    self._topk = np.zeros((rt.max_slots,), np.int32)
+    self._seed = np.zeros((rt.max_slots,), np.int32)
+    self._free_slots = list(range(rt.max_slots))  # heap: lowest free slot first
+    self._order: list[Request] = []  # requests in slots, oldest admission first
 
   @classmethod
   def from_checkpoint(cls, path, rt: RuntimeConfig, **kw) -> "Engine":
@@ -142,21 +151,13 @@ class Engine:
     return rid
 
   def has_work(self) -> bool:
-    return bool(self.waiting) or any(r is not None for r in self.slots)
+    return bool(self.waiting) or bool(self._order)
 
   # --------------------------------------------------------------------------- schedule
 
-  def _free_slot(self) -> int | None:
-    for i, r in enumerate(self.slots):
-      if r is None:
-        return i
-    return None
-
   def _admit(self) -> None:
-    while self.waiting:
-      slot = self._free_slot()
-      if slot is None:
-        return
+    while self.waiting and self._free_slots:
+      slot = self._free_slots[0]
       req = self.waiting[0]
       # A resumed request keeps its pending last token out of the KV it recomputes.
       target = req.num_tokens - (1 if req.output_ids else 0)
@@ -164,6 +165,7 @@ class Engine:
       if not self.allocator.can_allocate(ids):
         return  # FCFS: wait for blocks to free up
       self.waiting.popleft()
+      heapq.heappop(self._free_slots)
       if self.kind == "static":
         cached = self.allocator.allocate(req.id, ids, slot)
       else:
@@ -172,72 +174,91 @@ class Engine:
       req.slot, req.status, req.num_computed, req.prefill_target = slot, Status.PREFILL, cached, target
       req.admitted_time = req.admitted_time or time.perf_counter()
       self.slots[slot] = req
+      self._order.append(req)
+      sp = req.sampling
+      self._temp[slot], self._topp[slot], self._topk[slot], self._seed[slot] = (
+          sp.temperature, sp.top_p, sp.top_k, sp.seed)
       self._refresh_tables(req)
+
+  def _release_slot(self, req: Request) -> None:
+    s = req.slot
+    self.allocator.free(req.id)
+    self.slots[s] = None
+    self._order.remove(req)
+    heapq.heappush(self._free_slots, s)
+    self._bt[s], self._ngroups[s], self._nruns[s] = 0, 0, 0
+    req.slot = None
 
   def _preempt(self, victim: Request) -> None:
     """Recompute preemption: drop the victim's KV, requeue it at the front; outputs are kept."""
-    self.allocator.free(victim.id)
-    self.slots[victim.slot] = None
-    victim.slot, victim.status, victim.num_computed = None, Status.WAITING, 0
+    self._release_slot(victim)
+    victim.status, victim.num_computed = Status.WAITING, 0
     victim.preemptions += 1
     self.stats.preemptions += 1
     self.waiting.appendleft(victim)
 
-  def _refresh_tables(self, req: Request) -> None:
+  def _refresh_tables(self, req: Request, grew: bool = False) -> None:
+    """Update the slot's cached block table and groups from the pager's runs.
+
+    grew: the table only gained a block at its end (set one entry instead of rewriting the row).
+    """
     s = req.slot
-    bt = self.allocator.block_table(req.id)
-    self._bt[s] = 0
-    self._bt[s, :len(bt)] = bt
-    self._groups[s], self._ngroups[s] = desc_lib.groups_array(self.allocator.runs(req.id), self.rt.max_groups)
+    runs = self.allocator.runs(req.id)
+    p, l, k = runs[-1]
+    if grew:
+      self._bt[s, l + k - 1] = p + k - 1
+    else:
+      self._bt[s] = 0
+      for p, l, k in runs:
+        self._bt[s, l:l + k] = np.arange(p, p + k)
+    req.capacity = (l + k) * self.rt.block_size
+    self._nruns[s] = len(runs)
+    g = self._groups[s]
+    if len(runs) <= self.rt.max_groups:
+      g[:len(runs)] = runs
+      g[len(runs):] = 0
+      self._ngroups[s] = len(runs)
+    else:
+      g[:] = 0
+      self._ngroups[s] = 0
 
   def schedule(self) -> StepPlan:
     """Admit, pick prefill chunks, reserve KV for this step's decode tokens (preempting if dry)."""
     self._admit()
-    rows = []
     biggest = self.rt.prefill_buckets[-1]
-    for req in self.slots:
-      if req is not None and req.status is Status.PREFILL and len(rows) < self.rt.max_prefill_seqs:
-        rows.append((req, req.num_computed, min(biggest, req.prefill_target - req.num_computed)))
-    decode, moves, preempted = [], [], []
-    # Oldest first; when blocks run out the newest request in a slot is preempted.
-    in_slots = sorted((r for r in self.slots if r is not None), key=lambda r: (r.admitted_time, r.id))
-    for req in in_slots:
-      if req.status is not Status.RUNNING or req.slot is None:
-        continue
-      while not self.allocator.can_append(req.id, 1):
-        victims = [r for r in in_slots if r.slot is not None and r is not req and r not in decode]
-        victim = victims[-1] if victims else req
-        self._preempt(victim)
-        preempted.append(victim)
-        rows = [row for row in rows if row[0] is not victim]
-        if victim is req:
-          break
-      if req.slot is None:
-        continue
-      grew = req.num_computed % self.rt.block_size == 0
-      cow = self.allocator.append(req.id, 1)
-      moves.extend(cow)
-      if grew or cow:
-        self._refresh_tables(req)
-      decode.append(req)
+    rows = [(r, r.num_computed, min(biggest, r.prefill_target - r.num_computed))
+            for r in self._order if r.status is Status.PREFILL][:self.rt.max_prefill_seqs]
+    moves, preempted = [], []
+    bs = self.rt.block_size
+    running = [r for r in self._order if r.status is Status.RUNNING]  # oldest admission first
+    # Most sequences have room in their last block; only those at a block boundary touch the pager.
+    for req in [r for r in running if r.num_computed >= r.capacity]:
+      while req.slot is not None:
+        try:  # reserve the next whole block for the coming block_size tokens
+          cow = self.allocator.append(req.id, req.capacity + bs - self.allocator.num_tokens(req.id))
+        except OutOfBlocks:
+          victim = self._order[-1]  # the newest request in a slot (or req itself)
+          self._preempt(victim)
+          preempted.append(victim)
+          rows = [row for row in rows if row[0] is not victim]
+          continue
+        moves.extend(cow)
+        self._refresh_tables(req, grew=not cow)
+        break
+    decode = [r for r in running if r.slot is not None] if preempted else running
     if self.rt.max_moves:
       budget = self.rt.max_moves - len(moves)
       if budget > 0:
         compaction = self.allocator.plan_compaction(self.rt.max_groups, budget)
         if compaction:
           moves.extend(compaction)
-          for r in self.slots:
-            if r is not None:
-              self._refresh_tables(r)
+          for r in self._order:
+            self._refresh_tables(r)
     if len(moves) > max(self.rt.max_moves, 0):
       raise RuntimeError(f"{len(moves)} block copies exceed max_moves={self.rt.max_moves}")
     return StepPlan(rows, decode, moves, preempted)
 
   # --------------------------------------------------------------------------- descriptors
-
-  def _sampling_fields(self, d, i, req: Request) -> None:
-    sp = req.sampling
-    d["temperature"][i], d["top_k"][i], d["top_p"][i], d["seeds"][i] = sp.temperature, sp.top_k, sp.top_p, sp.seed
 
   def build_prefill_descriptor(self, rows, moves=()):
     n_max = max(n for _, _, n in rows)
@@ -255,26 +276,31 @@ class Engine:
       d["block_tables"][i] = self._bt[req.slot]
       d["lengths"][i] = start + n
       d["last_index"][i] = n - 1
-      self._sampling_fields(d, i, req)
+      s = req.slot
+      d["temperature"][i], d["top_p"][i], d["top_k"][i], d["seeds"][i] = (
+          self._temp[s], self._topp[s], self._topk[s], self._seed[s])
     if moves:
       d["moves"][:len(moves)] = moves
     return chunk, layout.pack(d)
 
   def build_decode_descriptor(self, plan: StepPlan, moves=None):
+    """Pack the decode step's descriptor (vectorized over the plan's slots)."""
     d = self.dlayout.new()
-    bs = self.rt.block_size
-    d["top_p"][:] = 1.0
-    for req in plan.decode:
-      s, pos = req.slot, req.num_computed
-      d["tokens"][s] = req.output_ids[-1]
-      d["positions"][s] = pos
-      d["lengths"][s] = pos + 1
-      d["write_slots"][s] = self._bt[s, pos // bs] * bs + pos % bs
-      self._sampling_fields(d, s, req)
+    reqs, bs = plan.decode, self.rt.block_size
+    n = len(reqs)
+    if n:
+      slots = np.fromiter((r.slot for r in reqs), np.int32, n)
+      pos = np.fromiter((r.num_computed for r in reqs), np.int32, n)
+      d["tokens"][slots] = np.fromiter((r.output_ids[-1] for r in reqs), np.int32, n)
+      d["positions"][slots] = pos
+      d["lengths"][slots] = pos + 1
+      d["write_slots"][slots] = self._bt[slots, pos // bs] * bs + pos % bs
     active = d["lengths"] > 0
-    d["block_tables"] = np.where(active[:, None], self._bt, 0)
-    d["groups"] = np.where(active[:, None, None], self._groups, 0)
-    d["num_groups"] = np.where(active, self._ngroups, 0)
+    # Rows of free slots are zero; rows of prefilling slots are valid tables read with length 0.
+    d["block_tables"][:] = self._bt
+    d["groups"][:] = self._groups
+    d["num_groups"][:] = np.where(active, self._ngroups, 0)
+    d["temperature"][:], d["top_p"][:], d["top_k"][:], d["seeds"][:] = self._temp, self._topp, self._topk, self._seed
     moves = plan.moves if moves is None else moves
     if moves:
       d["moves"][:len(moves)] = moves
@@ -310,9 +336,7 @@ class Engine:
   def _finish(self, req: Request, reason: str, now: float) -> None:
     req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, now
     if req.slot is not None:
-      self.allocator.free(req.id)
-      self.slots[req.slot] = None
-      req.slot = None
+      self._release_slot(req)
 
   def step(self) -> dict[int, list[int]]:
     """One engine step: schedule -> run -> postprocess. Returns {request id: new token ids}."""
@@ -364,14 +388,13 @@ class Engine:
 
   def _record_memory(self, plan: StepPlan) -> None:
     reserved = self.allocator.num_used_blocks
-    live = sum(r.num_computed + (1 if r in plan.decode else 0) for r in self.slots if r is not None)
+    live = sum(r.num_computed for r in self._order) + len(plan.decode)
     self.stats.reserved_series.append(reserved)
     self.stats.live_series.append(live)
     self.stats.peak_reserved_blocks = max(self.stats.peak_reserved_blocks, reserved)
     self.stats.peak_live_tokens = max(self.stats.peak_live_tokens, live)
-    active = [r for r in plan.decode]
-    if active:
-      self.stats.groups_per_seq.append(float(np.mean([len(self.allocator.runs(r.id)) for r in active])))
+    if plan.decode:
+      self.stats.groups_per_seq.append(float(np.mean(self._nruns[[r.slot for r in plan.decode]])))
 
   def _poison_freed(self) -> None:
     """Debug: fill blocks that were just freed with NaN so any read of them would show."""

@@ -52,6 +52,7 @@ class Request:
   finish_reason: str | None = None
   slot: int | None = None
   num_computed: int = 0
+  capacity: int = 0  # tokens that fit in its reserved blocks
   # Prefill target: tokens whose KV the prefill must compute. A fresh request computes its whole
   # prompt and samples its first token; a resumed (preempted) one recomputes all but its pending
   # last token and keeps the tokens it already generated.

@@ -30,6 +30,11 @@ from kvrm_jax.sequence import Request, RequestOutput, SamplingParams, Status
 from kvrm_jax.static import StaticReservation, static_runtime
 
 
+def _host(x) -> np.ndarray:
+  """A replicated output to host; across processes (multi-host) each reads its local copy."""
+  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
 class RequestError(ValueError):
   """A request that can never be served (a user error: empty, too long, ...)."""
 
@@ -312,7 +317,7 @@ class Engine:
     ints, floats = jax.device_put((ints, floats), self._desc_sharding)  # the one host->device transfer
     out = fn(self.state, self.k_pool, self.v_pool, ints, floats)
     tokens, self.k_pool, self.v_pool = out[:3]
-    return np.asarray(tokens), (np.asarray(out[3]) if self.with_logits else None)  # the one D2H sync
+    return _host(tokens), (_host(out[3]) if self.with_logits else None)  # the one D2H sync
 
   def _emit(self, req: Request, token: int, now: float, events: dict) -> None:
     req.output_ids.append(int(token))

@@ -15,8 +15,9 @@ class ShardingError(ValueError):
 
 
 def make_mesh(tp="1") -> Mesh:
-  """A 1-D mesh over the first `tp` local devices ("all" = every local device)."""
-  devices = jax.local_devices()
+  """A 1-D mesh over the first `tp` devices ("all" = every device; with jax.distributed
+  initialized these span every process, each contributing its local devices)."""
+  devices = jax.devices()
   if str(tp) == "all":
     n = len(devices)
   else:

@@ -75,3 +75,28 @@ def test_decode_cli_tp2_on_smollm2(smollm2_ckpt, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     res[tp] = [r["output_ids"] for r in json.loads(out.read_text())["results"]]
   assert res["1"] == res["2"]
+
+
+def test_two_processes_multi_controller_equals_one(tmp_path):
+  """The same mesh code spanning 2 processes (jax.distributed over loopback, gloo collectives on
+  CPU, one device each) decodes what a single process does at tp=1."""
+  import socket
+  import subprocess
+  import sys
+  prompts = _prompts()[:3]
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = str(sock.getsockname()[1])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, KVRM_TEST_PROMPTS=json.dumps(prompts))
+  procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "multihost_worker.py"), str(i), port,
+                             str(tmp_path / f"p{i}.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+  res = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+  assert all(r["mesh"] == 2 and r["processes"] == 2 for r in res)
+  single = Engine(TINY, Llama(TINY, rngs=nnx.Rngs(0)), RT, mesh=sharding.make_mesh(1))
+  expected = [o.output_ids for o in single.generate(prompts, SamplingParams(max_new_tokens=10))]
+  assert res[0]["outputs"] == res[1]["outputs"] == expected

@@ -251,14 +251,12 @@ class Engine:
         self._refresh_tables(req, grew=not cow)
         break
     decode = [r for r in running if r.slot is not None] if preempted else running
-    if self.rt.max_moves:
-      budget = self.rt.max_moves - len(moves)
-      if budget > 0:
-        compaction = self.allocator.plan_compaction(self.rt.max_groups, budget)
-        if compaction:
-          moves.extend(compaction)
-          for r in self._order:
-            self._refresh_tables(r)
+    # plan_compaction ends the pager's round (copies and moves of one step); call it every step.
+    compaction = self.allocator.plan_compaction(self.rt.max_groups, max(0, self.rt.max_moves - len(moves)))
+    if compaction:
+      moves.extend(compaction)
+      for r in self._order:
+        self._refresh_tables(r)
     if len(moves) > max(self.rt.max_moves, 0):
       raise RuntimeError(f"{len(moves)} block copies exceed max_moves={self.rt.max_moves}")
     return StepPlan(rows, decode, moves, preempted)

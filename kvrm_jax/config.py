@@ -108,6 +108,9 @@ class RuntimeConfig:
   max_moves: block moves (compaction) per step.
   prefill_buckets: chunk sizes of the prefill step, ascending; one compile each.
   max_prefill_seqs: prompt chunks (rows) per prefill step.
+  max_summaries: far-history summary entries per sequence the step can read (<= block_size; used
+    only when the engine runs with summaries, but always part of the step's shapes).
+  max_folds: blocks folded into summaries per step.
   watermark_blocks: blocks admission keeps free for the growth of running sequences.
   """
 
@@ -120,6 +123,8 @@ class RuntimeConfig:
   prefill_buckets: tuple[int, ...] = (16, 64, 256)
   max_prefill_seqs: int = 4
   enable_prefix_cache: bool = True
+  max_summaries: int = 4
+  max_folds: int = 8
   watermark_blocks: int = 0
   dtype: str = "float32"
   attention: str = "auto"  # "auto" | "reference" | "pallas" | "interpret" | "dense" (static baseline)
@@ -133,8 +138,10 @@ class RuntimeConfig:
     for f in ("max_slots", "max_blocks_per_seq", "max_groups", "max_prefill_seqs"):
       if getattr(self, f) <= 0:
         raise ValueError(f"RuntimeConfig.{f} must be positive, got {getattr(self, f)}")
-    if self.max_moves < 0 or self.watermark_blocks < 0:
-      raise ValueError("max_moves and watermark_blocks must be >= 0")
+    if not 0 <= self.max_summaries <= self.block_size:
+      raise ValueError(f"max_summaries must be in [0, block_size={self.block_size}], got {self.max_summaries}")
+    if self.max_moves < 0 or self.watermark_blocks < 0 or self.max_folds < 0:
+      raise ValueError("max_moves, max_folds and watermark_blocks must be >= 0")
     if not self.prefill_buckets or list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
       raise ValueError(f"prefill_buckets must be non-empty and strictly ascending, got {self.prefill_buckets}")
     if self.dtype not in DTYPES:

@@ -76,10 +76,14 @@ def decode_layout(rt: RuntimeConfig) -> Layout:
           ("moves", (max(m, 1), 2)),  # [M, 2] block copies (src, dst) run first; (0, 0) = no-op
           ("top_k", (s,)),  # [S] 0 = off
           ("seeds", (s,)),  # [S] per-request sampling seed
+          ("folds", (max(rt.max_folds, 1), 2)),  # [F, 2] (src block, dst flat slot) summary folds, run first
+          ("summary_slots", (s, max(rt.max_summaries, 1))),  # [S, Ks] flat pool slots of summary rows
       ),
       floats=(
           ("temperature", (s,)),  # [S] 0 = greedy
           ("top_p", (s,)),  # [S] 1 = off
+          ("fold_w", (max(rt.max_folds, 1), 2)),  # [F, 2] (w_old, w_new); w_new = 0 = no-op
+          ("summary_counts", (s, max(rt.max_summaries, 1))),  # [S, Ks] tokens per summary; 0 = unused
       ))
 
 
@@ -96,10 +100,12 @@ def prefill_layout(rt: RuntimeConfig, chunk: int) -> Layout:
           ("moves", (max(rt.max_moves, 1), 2)),  # [M, 2] block copies run first; (0, 0) = no-op
           ("top_k", (p,)),  # [P]
           ("seeds", (p,)),  # [P]
+          ("folds", (max(rt.max_folds, 1), 2)),  # [F, 2] summary folds, run first
       ),
       floats=(
           ("temperature", (p,)),  # [P]
           ("top_p", (p,)),  # [P]
+          ("fold_w", (max(rt.max_folds, 1), 2)),  # [F, 2]
       ))
 
 

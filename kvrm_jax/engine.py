@@ -28,11 +28,22 @@ from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.pager import BlockPager, OutOfBlocks
 from kvrm_jax.sequence import Request, RequestOutput, SamplingParams, Status
 from kvrm_jax.static import StaticReservation, static_runtime
+from kvrm_jax.summaries import SummaryConfig, fold_targets
 
 
 def _host(x) -> np.ndarray:
   """A replicated output to host; across processes (multi-host) each reads its local copy."""
   return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
+def _put_block_ops(d, moves, folds) -> None:
+  """Write block copies and summary folds into a descriptor's padded lists."""
+  if moves:
+    d["moves"][:len(moves)] = moves
+  if folds:
+    f = np.asarray(folds, np.float64)
+    d["folds"][:len(folds)] = f[:, :2].astype(np.int32)
+    d["fold_w"][:len(folds)] = f[:, 2:]
 
 
 class RequestError(ValueError):
@@ -47,6 +58,7 @@ class StepPlan:
   decode: list[Request]  # requests in slots that decode one token
   moves: list[tuple[int, int]]  # block copies for the decode step (copy-on-write + compaction)
   preempted: list[Request]
+  folds: list[tuple[int, int, float, float]] = dataclasses.field(default_factory=list)  # (src, dst, w_old, w_new)
 
 
 @dataclasses.dataclass
@@ -57,6 +69,7 @@ class EngineStats:
   prefix_hit_blocks: int = 0
   rejected: int = 0
   moves: int = 0
+  folds: int = 0
   peak_reserved_blocks: int = 0
   peak_live_tokens: int = 0
   groups_per_seq: list[float] = dataclasses.field(default_factory=list)
@@ -70,7 +83,7 @@ class Engine:
   """KV-RM engine (`kind="kvrm"`) or the static-graph baseline (`kind="static"`)."""
 
   def __init__(self, cfg: ModelConfig, model: model_lib.Llama, rt: RuntimeConfig, *, tokenizer=None,
-               kind: str = "kvrm", with_logits: bool = False, mesh=None):
+               kind: str = "kvrm", with_logits: bool = False, mesh=None, summaries: SummaryConfig | None = None):
     if kind not in ("kvrm", "static"):
       raise ValueError(f"unknown engine kind {kind!r} (kvrm | static)")
     if kind == "static":
@@ -120,8 +133,26 @@ class Engine:
     self._topp = np.ones((rt.max_slots,), np.float32)
     self._topk = np.zeros((rt.max_slots,), np.int32)
     self._seed = np.zeros((rt.max_slots,), np.int32)
+    self._kvoff = np.zeros((rt.max_slots,), np.int32)  # [S] folded tokens per slot
+    ks = max(rt.max_summaries, 1)
+    self._sum_slots = np.zeros((rt.max_slots, ks), np.int32)  # [S, Ks] flat slots of summary rows
+    self._sum_counts = np.zeros((rt.max_slots, ks), np.float32)  # [S, Ks] tokens per row; 0 = unused
+    self.summaries = summaries  # host-side policy; may be switched on or off between steps
     self._free_slots = list(range(rt.max_slots))  # heap: lowest free slot first
     self._order: list[Request] = []  # requests in slots, oldest admission first
+
+  @property
+  def summaries(self) -> SummaryConfig | None:
+    return self._summaries
+
+  @summaries.setter
+  def summaries(self, sc: SummaryConfig | None) -> None:
+    if sc is not None:
+      if self.kind == "static":
+        raise ValueError("far-history summaries need the kvrm engine (the static baseline has no pager)")
+      if sc.max_entries > self.rt.max_summaries:
+        raise ValueError(f"summaries max={sc.max_entries} exceeds RuntimeConfig.max_summaries={self.rt.max_summaries}")
+    self._summaries = sc
 
   @classmethod
   def from_checkpoint(cls, path, rt: RuntimeConfig, **kw) -> "Engine":
@@ -188,6 +219,10 @@ class Engine:
   def _release_slot(self, req: Request) -> None:
     s = req.slot
     self.allocator.free(req.id)
+    if req.sum_base is not None:
+      self.allocator.free(("sum", req.id))
+    req.kv_offset, req.sum_base, req.sum_counts = 0, None, []
+    self._kvoff[s], self._sum_slots[s], self._sum_counts[s] = 0, 0, 0
     self.slots[s] = None
     self._order.remove(req)
     heapq.heappush(self._free_slots, s)
@@ -237,7 +272,7 @@ class Engine:
     bs = self.rt.block_size
     running = [r for r in self._order if r.status is Status.RUNNING]  # oldest admission first
     # Most sequences have room in their last block; only those at a block boundary touch the pager.
-    for req in [r for r in running if r.num_computed >= r.capacity]:
+    for req in [r for r in running if r.num_computed - r.kv_offset >= r.capacity]:
       while req.slot is not None:
         try:  # reserve the next whole block for the coming block_size tokens
           cow = self.allocator.append(req.id, req.capacity + bs - self.allocator.num_tokens(req.id))
@@ -251,6 +286,7 @@ class Engine:
         self._refresh_tables(req, grew=not cow)
         break
     decode = [r for r in running if r.slot is not None] if preempted else running
+    folds = self._plan_folds(decode) if self._summaries is not None else []
     # plan_compaction ends the pager's round (copies and moves of one step); call it every step.
     compaction = self.allocator.plan_compaction(self.rt.max_groups, max(0, self.rt.max_moves - len(moves)))
     if compaction:
@@ -259,11 +295,49 @@ class Engine:
         self._refresh_tables(r)
     if len(moves) > max(self.rt.max_moves, 0):
       raise RuntimeError(f"{len(moves)} block copies exceed max_moves={self.rt.max_moves}")
-    return StepPlan(rows, decode, moves, preempted)
+    return StepPlan(rows, decode, moves, preempted, folds)
+
+  def _plan_folds(self, decode: list[Request]) -> list[tuple[int, int, float, float]]:
+    """Fold (or drop) full blocks between the sinks and the exact window; free them."""
+    sc, bs = self._summaries, self.rt.block_size
+    budget = self.rt.max_folds
+    folds = []
+    for req in decode:
+      total = req.num_computed + 1  # tokens once this step's token is written
+      nblocks = -(-(total - req.kv_offset) // bs)
+      first_window = max(0, total - sc.window) // bs - req.kv_offset // bs  # table index
+      excess = min(first_window, nblocks - 1) - sc.sink_blocks
+      if excess <= 0:
+        continue
+      n = excess
+      if sc.max_entries:
+        n = min(n, sc.max_entries, budget)
+        if n <= 0:
+          continue
+        if req.sum_base is None:
+          try:
+            self.allocator.allocate(("sum", req.id), [0])
+          except OutOfBlocks:
+            continue  # stays exact for now; folds once blocks free up
+          req.sum_base = self.allocator.block_table(("sum", req.id))[0] * bs
+        s = req.slot
+        for i, j in enumerate(fold_targets(req.sum_counts, n, sc.max_entries)):
+          if j == len(req.sum_counts):
+            req.sum_counts.append(0)
+          c = req.sum_counts[j]
+          folds.append((int(self._bt[s, sc.sink_blocks + i]), req.sum_base + j, c / (c + bs), bs / (c + bs)))
+          req.sum_counts[j] = c + bs
+          self._sum_slots[s, j], self._sum_counts[s, j] = req.sum_base + j, c + bs
+        budget -= n
+      self.allocator.drop_blocks(req.id, sc.sink_blocks, n)
+      req.kv_offset += n * bs
+      self._kvoff[req.slot] = req.kv_offset
+      self._refresh_tables(req)
+    return folds
 
   # --------------------------------------------------------------------------- descriptors
 
-  def build_prefill_descriptor(self, rows, moves=()):
+  def build_prefill_descriptor(self, rows, moves=(), folds=()):
     n_max = max(n for _, _, n in rows)
     chunk = next(b for b in self.rt.prefill_buckets if b >= n_max)
     layout = desc_lib.prefill_layout(self.rt, chunk)
@@ -282,11 +356,10 @@ class Engine:
       s = req.slot
       d["temperature"][i], d["top_p"][i], d["top_k"][i], d["seeds"][i] = (
           self._temp[s], self._topp[s], self._topk[s], self._seed[s])
-    if moves:
-      d["moves"][:len(moves)] = moves
+    _put_block_ops(d, moves, folds)
     return chunk, layout.pack(d)
 
-  def build_decode_descriptor(self, plan: StepPlan, moves=None):
+  def build_decode_descriptor(self, plan: StepPlan, moves=None, folds=None):
     """Pack the decode step's descriptor (vectorized over the plan's slots)."""
     d = self.dlayout.new()
     reqs, bs = plan.decode, self.rt.block_size
@@ -294,19 +367,19 @@ class Engine:
     if n:
       slots = np.fromiter((r.slot for r in reqs), np.int32, n)
       pos = np.fromiter((r.num_computed for r in reqs), np.int32, n)
+      rel = pos - self._kvoff[slots]  # position within the exact (table) history
       d["tokens"][slots] = np.fromiter((r.output_ids[-1] for r in reqs), np.int32, n)
       d["positions"][slots] = pos
-      d["lengths"][slots] = pos + 1
-      d["write_slots"][slots] = self._bt[slots, pos // bs] * bs + pos % bs
+      d["lengths"][slots] = rel + 1
+      d["write_slots"][slots] = self._bt[slots, rel // bs] * bs + pos % bs
     active = d["lengths"] > 0
     # Rows of free slots are zero; rows of prefilling slots are valid tables read with length 0.
     d["block_tables"][:] = self._bt
     d["groups"][:] = self._groups
     d["num_groups"][:] = np.where(active, self._ngroups, 0)
     d["temperature"][:], d["top_p"][:], d["top_k"][:], d["seeds"][:] = self._temp, self._topp, self._topk, self._seed
-    moves = plan.moves if moves is None else moves
-    if moves:
-      d["moves"][:len(moves)] = moves
+    d["summary_slots"][:], d["summary_counts"][:] = self._sum_slots, self._sum_counts
+    _put_block_ops(d, plan.moves if moves is None else moves, plan.folds if folds is None else folds)
     return self.dlayout.pack(d)
 
   # --------------------------------------------------------------------------- run + postprocess
@@ -351,7 +424,7 @@ class Engine:
     if plan.prefill_rows:
       t1 = time.perf_counter()
       # Block copies run at the start of whichever step runs first, before any KV is read.
-      chunk, (ints, floats) = self.build_prefill_descriptor(plan.prefill_rows, plan.moves)
+      chunk, (ints, floats) = self.build_prefill_descriptor(plan.prefill_rows, plan.moves, plan.folds)
       host += time.perf_counter() - t1
       tokens, logits = self._run(self._prefill_step(chunk), ints, floats)
       self.stats.prefill_steps += 1
@@ -368,7 +441,8 @@ class Engine:
     if plan.decode:
       t1 = time.perf_counter()
       self._record_memory(plan)
-      ints, floats = self.build_decode_descriptor(plan, moves=[] if plan.prefill_rows else plan.moves)
+      first = not plan.prefill_rows
+      ints, floats = self.build_decode_descriptor(plan, plan.moves if first else [], plan.folds if first else [])
       host += time.perf_counter() - t1
       self.stats.host_us.append(host * 1e6)
       td = time.perf_counter()
@@ -377,10 +451,11 @@ class Engine:
       self.stats.step_s.append(now - td)
       self.stats.decode_steps += 1
       self.stats.moves += len(plan.moves)
+      self.stats.folds += len(plan.folds)
       bs = self.rt.block_size
       for req in plan.decode:
         req.num_computed += 1
-        if req.num_computed % bs == 0:
+        if req.num_computed % bs == 0 and not req.kv_offset:
           self.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
         if logits is not None:
           self.last_logits[req.id] = logits[req.slot]
@@ -391,7 +466,7 @@ class Engine:
 
   def _record_memory(self, plan: StepPlan) -> None:
     reserved = self.allocator.num_used_blocks
-    live = sum(r.num_computed for r in self._order) + len(plan.decode)
+    live = sum(r.num_computed - r.kv_offset for r in self._order) + len(plan.decode)
     self.stats.reserved_series.append(reserved)
     self.stats.live_series.append(live)
     self.stats.peak_reserved_blocks = max(self.stats.peak_reserved_blocks, reserved)

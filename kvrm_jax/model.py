@@ -129,11 +129,12 @@ class Llama(nnx.Module):
     return logits, cache
 
 
-def attention(q, k, v, mask, sm_scale=None):
+def attention(q, k, v, mask, sm_scale=None, return_lse=False):
   """Masked GQA attention in f32. q: [B, S, H, E]; k, v: [B, K, Tk, E]; mask: [B, S, Tk] bool.
 
   Masked keys are dropped with `where` (never multiplied by 0) so NaN/garbage in unused KV memory
-  cannot leak into outputs. Rows with no valid key return zeros.
+  cannot leak into outputs. Rows with no valid key return zeros (and lse -inf).
+  return_lse: also return the log-sum-exp of the scaled scores, [B, S, H] f32.
   """
   b, s, h, e = q.shape
   kh = k.shape[1]
@@ -148,8 +149,11 @@ def attention(q, k, v, mask, sm_scale=None):
   p = jnp.where(m, jnp.exp(scores - mx), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   vf = jnp.where(jnp.isfinite(v), v.astype(jnp.float32), 0.0)  # garbage V rows get p=0 but 0*NaN=NaN
-  o = jnp.einsum("bkgst,bkte->bskge", p / jnp.where(denom > 0, denom, 1.0), vf)
-  return o.reshape(b, s, h, e)
+  o = jnp.einsum("bkgst,bkte->bskge", p / jnp.where(denom > 0, denom, 1.0), vf).reshape(b, s, h, e)
+  if not return_lse:
+    return o
+  lse = jnp.where(denom > 0, mx + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)  # [B, K, G, S, 1]
+  return o, lse[..., 0].transpose(0, 3, 1, 2).reshape(b, s, h)
 
 
 def split(model: Llama):

@@ -339,6 +339,41 @@ class BlockPager:
         zero.append(b)
     self._release(zero)
 
+  def drop_blocks(self, seq_id: Hashable, logical_start: int, num_blocks: int) -> list[int]:
+    """Removes num_blocks full blocks at logical_start from a sequence's table (never its last block).
+
+    Their tokens leave the exact history (folded into far-history summaries, or dropped); the
+    sequence counts num_blocks * block_size fewer tokens. Returns the removed physical blocks
+    (freed unless shared). The sequence's later blocks no longer sit at their tokens' positions, so
+    it registers no more prefix-cache hashes: do not call commit_tokens for it afterwards.
+    """
+    seq = self._seqs[seq_id]
+    if num_blocks <= 0:
+      return []
+    if logical_start < 0 or logical_start + num_blocks >= len(seq.table):
+      raise ValueError(f"can drop full blocks before the last one only: [{logical_start}, "
+                       f"{logical_start + num_blocks}) of {len(seq.table)}")
+    removed = seq.table[logical_start:logical_start + num_blocks]
+    del seq.table[logical_start:logical_start + num_blocks]
+    k = num_blocks * self.block_size
+    seq.n -= k
+    seq.cap -= k
+    seq.hashed = min(seq.hashed, logical_start)
+    seq.runs = coalesce(seq.table)
+    if len(seq.runs) > 1:
+      self._multi.add(seq_id)
+    else:
+      self._multi.discard(seq_id)
+    if self._focus == seq_id:
+      self._focus = None
+    zero = []
+    for b in removed:
+      self._ref[b] -= 1
+      if not self._ref[b]:
+        zero.append(b)
+    self._release(zero)
+    return removed
+
   def num_tokens(self, seq_id: Hashable) -> int:
     """Tokens of the sequence (its KV slots)."""
     return self._seqs[seq_id].n

@@ -52,7 +52,10 @@ class Request:
   finish_reason: str | None = None
   slot: int | None = None
   num_computed: int = 0
-  capacity: int = 0  # tokens that fit in its reserved blocks
+  capacity: int = 0  # tokens that fit in its block table (which excludes folded far history)
+  kv_offset: int = 0  # leading-history tokens folded into summaries/dropped (a multiple of block_size)
+  sum_base: int | None = None  # flat pool slot of its summary row 0 (its summary block)
+  sum_counts: list[int] = dataclasses.field(default_factory=list)  # tokens folded into each summary row
   # Prefill target: tokens whose KV the prefill must compute. A fresh request computes its whole
   # prompt and samples its first token; a resumed (preempted) one recomputes all but its pending
   # last token and keeps the tokens it already generated.

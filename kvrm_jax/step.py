@@ -16,6 +16,7 @@ block 0 the null block). Attention over the pool goes through one switch (`Runti
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,31 @@ def write_kv(pool, layer, slots, x):
   return pool.at[layer, :, slots // bs, slots % bs].set(x.astype(pool.dtype))
 
 
+def fold_blocks(pool, folds, fold_w):
+  """Far-history summaries: dst row = w_old * dst row + w_new * mean(src block), all layers and heads.
+
+  pool: [L, K, N, bs, E]; folds: [F, 2] int32 (src block, dst flat slot); fold_w: [F, 2] f32.
+  Rows with w_new == 0 are no-ops (padding).
+  """
+  bs = pool.shape[3]
+  src, dst = folds[:, 0], folds[:, 1]
+  mean = pool[:, :, src].astype(jnp.float32).mean(axis=3)  # [L, K, F, E]
+  old = pool[:, :, dst // bs, dst % bs].astype(jnp.float32)  # [L, K, F, E]
+  w_old, w_new = fold_w[:, 0][:, None], fold_w[:, 1][:, None]
+  new = jnp.where(w_new > 0, w_old * old + w_new * mean, old)
+  return pool.at[:, :, dst // bs, dst % bs].set(new.astype(pool.dtype))
+
+
+def block_ops(k_pool, v_pool, d, rt: RuntimeConfig, backend: str):
+  """Start of a step, before any KV is read or written: summary folds (they read blocks the
+  pager just freed), then block copies (copy-on-write + compaction, which may reuse those)."""
+  if rt.max_folds:
+    k_pool, v_pool = fold_blocks(k_pool, d["folds"], d["fold_w"]), fold_blocks(v_pool, d["folds"], d["fold_w"])
+  if rt.max_moves:
+    k_pool, v_pool = copy_blocks(k_pool, v_pool, d["moves"], backend)
+  return k_pool, v_pool
+
+
 def copy_blocks(k_pool, v_pool, moves, backend: str):
   """Block moves [M, 2] (src, dst) for every layer, all reads before writes; (0, 0) rows are no-ops."""
   if backend in ("pallas", "interpret"):
@@ -107,18 +133,49 @@ def dense_history(pool, layer, slots: int):
 
 
 def decode_attention(backend, q, k_pool, v_pool, layer, d):
-  """q: [S, H, E] -> [S, H, E] over each slot's history of d['lengths'] tokens."""
+  """q: [S, H, E] -> (o [S, H, E] f32, lse [S, H]) over each slot's exact history (d['lengths'])."""
   if backend in ("pallas", "interpret"):
     from pallas_kernels import paged_attention
     return paged_attention.paged_decode_attention(
         q, k_pool[layer], v_pool[layer], d["lengths"], d["block_tables"], d["groups"], d["num_groups"],
-        backend="auto" if backend == "pallas" else "interpret", interpret=backend == "interpret")
+        backend="auto" if backend == "pallas" else "interpret", interpret=backend == "interpret",
+        return_lse=True)
   if backend == "dense":
     k, v = dense_history(k_pool, layer, q.shape[0]), dense_history(v_pool, layer, q.shape[0])
   else:
     k, v = gather_history(k_pool, layer, d["block_tables"]), gather_history(v_pool, layer, d["block_tables"])
   mask = jnp.arange(k.shape[2])[None, :] < d["lengths"][:, None]  # [S, Tk]
-  return model_lib.attention(q[:, None], k, v, mask[:, None, :])[:, 0]
+  o, lse = model_lib.attention(q[:, None], k, v, mask[:, None, :], return_lse=True)
+  return o[:, 0], lse[:, 0]
+
+
+def merge_summaries(o, lse, q, k_pool, v_pool, layer, d):
+  """Add each slot's far-history summary rows to its exact attention (o, lse) -> [S, H, E].
+
+  A summary row j (mean key/value of c_j folded tokens) enters the softmax with logit
+  q.k_j * scale + log(c_j), so its mass matches the c_j tokens it stands for. Slots without
+  summaries keep `o` exactly (the same executable serves summaries on and off).
+  """
+  s, h, e = q.shape
+  bs = k_pool.shape[3]
+  ss, cnt = d["summary_slots"], d["summary_counts"]  # [S, Ks]
+  ks = k_pool[layer][:, ss // bs, ss % bs].astype(jnp.float32)  # [K, S, Ks, E]
+  vs = v_pool[layer][:, ss // bs, ss % bs].astype(jnp.float32)
+  kh = ks.shape[0]
+  qg = q.reshape(s, kh, h // kh, e).astype(jnp.float32)
+  valid = (cnt > 0)[:, None, None, :]  # [S, 1, 1, Ks]
+  sc = jnp.einsum("skge,ksje->skgj", qg, ks) / math.sqrt(e) + jnp.log(jnp.maximum(cnt, 1.0))[:, None, None, :]
+  sc = jnp.where(valid, sc, -jnp.inf)
+  lse = lse.reshape(s, kh, h // kh)
+  m = jnp.maximum(lse, jnp.max(sc, axis=-1))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w_ex = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m), 0.0)
+  p = jnp.where(valid, jnp.exp(sc - m[..., None]), 0.0)
+  num = o.reshape(s, kh, h // kh, e).astype(jnp.float32) * w_ex[..., None] + \
+      jnp.einsum("skgj,ksje->skge", p, jnp.where(jnp.isfinite(vs), vs, 0.0))
+  den = w_ex + jnp.sum(p, axis=-1)
+  merged = (num / jnp.where(den > 0, den, 1.0)[..., None]).reshape(s, h, e)
+  return jnp.where(jnp.any(cnt > 0, axis=-1)[:, None, None], merged, o.astype(jnp.float32))
 
 
 def chunk_attention(backend, q, k_pool, v_pool, layer, d):
@@ -141,18 +198,20 @@ def _reduce(tp_axis):
 def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_logits: bool, tp_axis,
             state, k_pool, v_pool, ints, floats):
   d = desc_lib.decode_layout(rt).unpack(ints, floats)
-  if rt.max_moves:
-    k_pool, v_pool = copy_blocks(k_pool, v_pool, d["moves"], backend)
+  k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
   model = model_lib.merge(graphdef, state)
 
   def attend(layer, q, k, v, cache):
     kp, vp = cache
     kp = write_kv(kp, layer, d["write_slots"], k)
     vp = write_kv(vp, layer, d["write_slots"], v)
-    return decode_attention(backend, q, kp, vp, layer, d), (kp, vp)
+    o, lse = decode_attention(backend, q, kp, vp, layer, d)
+    if rt.max_summaries:
+      o = merge_summaries(o, lse, q, kp, vp, layer, d)
+    return o.astype(q.dtype), (kp, vp)
 
   logits, (k_pool, v_pool) = model(d["tokens"], d["positions"], (k_pool, v_pool), attend, reduce=_reduce(tp_axis))
-  tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["lengths"])
+  tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["positions"] + 1)
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
   return (tokens, k_pool, v_pool, logits) if with_logits else (tokens, k_pool, v_pool)
 
@@ -160,8 +219,7 @@ def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_lo
 def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk: int, with_logits: bool, tp_axis,
              state, k_pool, v_pool, ints, floats):
   d = desc_lib.prefill_layout(rt, chunk).unpack(ints, floats)
-  if rt.max_moves:
-    k_pool, v_pool = copy_blocks(k_pool, v_pool, d["moves"], backend)
+  k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
   p = rt.max_prefill_seqs
   model = model_lib.merge(graphdef, state)
   slots = d["write_slots"].reshape(-1)
@@ -177,6 +235,7 @@ def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk:
   last = jnp.arange(p) * chunk + d["last_index"]
   logits, (k_pool, v_pool) = model(d["tokens"].reshape(-1), d["positions"].reshape(-1), (k_pool, v_pool),
                                    attend, logits_index=last, reduce=_reduce(tp_axis))
+  # The sampled token's position (prefill rows hold no summaries: lengths == last position + 1).
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["lengths"])
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
   return (tokens, k_pool, v_pool, logits) if with_logits else (tokens, k_pool, v_pool)

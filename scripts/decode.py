@@ -44,6 +44,8 @@ def parse_args(argv=None):
   p.add_argument("--attention", default="auto", help="auto | reference | pallas | interpret")
   p.add_argument("--tp", default="1", help="tensor-parallel mesh size, or 'all' local devices; heads that do not "
                  "divide are padded with inert zero heads (docs/sharding.md)")
+  p.add_argument("--summaries", help="bounded far-history summaries, e.g. sink=1,window=256,max=4 (off by "
+                 "default; max=0 drops the far history, StreamingLLM-style)")
   p.add_argument("--output-json", help="write prompts, ids, texts and stats here")
   p.add_argument("--quiet", action="store_true", help="no per-prompt text on stdout")
   return p.parse_args(argv)
@@ -103,6 +105,7 @@ def run(args) -> int:
   from kvrm_jax.config import RuntimeConfig
   from kvrm_jax.engine import Engine, RequestError
   from kvrm_jax.sequence import SamplingParams
+  from kvrm_jax.summaries import SummaryConfig
 
   dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
   try:
@@ -138,9 +141,10 @@ def run(args) -> int:
   slots = args.max_slots or min(len(ids), 16)
   need = sum(math.ceil((len(x) + args.max_new_tokens) / bs) for x in ids)
   try:
-    rt = RuntimeConfig(block_size=bs, num_blocks=args.num_blocks or need + 1, max_slots=slots,
+    rt = RuntimeConfig(block_size=bs, num_blocks=args.num_blocks or need + 1 + len(ids), max_slots=slots,
                        max_blocks_per_seq=mb, dtype=dtype, attention=args.attention)
-    engine = Engine(cfg, model, rt, tokenizer=tok, kind=args.engine, mesh=mesh)
+    summaries = SummaryConfig.parse(args.summaries) if args.summaries else None
+    engine = Engine(cfg, model, rt, tokenizer=tok, kind=args.engine, mesh=mesh, summaries=summaries)
   except ValueError as e:
     raise UserError(str(e)) from None
 

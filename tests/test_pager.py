@@ -744,3 +744,22 @@ def _time_appends(num_seqs=256, block_size=16, steps=500, repeats=5):
 
 if __name__ == "__main__":
   print(f"append() of 256 sequences, one token each: {_time_appends():.1f} us per step")
+
+
+def test_drop_blocks_frees_middle_blocks_and_keeps_invariants():
+  pg = BlockPager(num_blocks=32, block_size=4, max_blocks_per_seq=16)
+  pg.allocate("a", list(range(1, 23)))  # 22 tokens: 6 blocks, the last one partial
+  table = pg.block_table("a")
+  free0 = pg.num_free_blocks
+  removed = pg.drop_blocks("a", 1, 3)
+  assert removed == table[1:4]
+  assert pg.block_table("a") == table[:1] + table[4:]
+  assert pg.num_tokens("a") == 22 - 12 and pg.num_free_blocks == free0 + 3
+  pg.check_invariants()
+  pg.append("a", 3)  # growth continues from the shortened table
+  pg.check_invariants()
+  with pytest.raises(ValueError):
+    pg.drop_blocks("a", 0, len(pg.block_table("a")))  # the last block stays
+  pg.free("a")
+  pg.check_invariants()
+  assert pg.num_free_blocks == pg.num_total_blocks

@@ -1,0 +1,111 @@
+"""Bounded far-history summaries: same executable, bounded blocks, exact when the window covers all."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from kvrm_jax import reference
+from kvrm_jax.config import ModelConfig, RuntimeConfig
+from kvrm_jax.engine import Engine
+from kvrm_jax.model import Llama
+from kvrm_jax.sequence import SamplingParams
+from kvrm_jax.summaries import SummaryConfig, fold_targets
+
+CFG = ModelConfig.from_name("tiny")
+RT = RuntimeConfig(block_size=8, num_blocks=128, max_slots=4, max_blocks_per_seq=48, prefill_buckets=(8, 32),
+                   max_summaries=4, max_folds=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Llama(CFG, rngs=nnx.Rngs(0))
+
+
+def _prompts(seed, lengths):
+  rng = np.random.default_rng(seed)
+  return [[int(t) for t in rng.integers(3, CFG.vocab_size, n)] for n in lengths]
+
+
+def test_window_covering_history_is_exact(model):
+  ps = _prompts(0, (5, 30, 12))
+  sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
+  ref = [reference.greedy_generate(model, p, 40) for p in ps]
+  eng = Engine(CFG, model, RT, summaries=SummaryConfig(sink_blocks=1, window=128, max_entries=4))
+  assert [o.output_ids for o in eng.generate(ps, sp)] == ref
+  assert eng.stats.folds == 0
+
+
+def test_bounded_blocks_and_no_recompile_when_switched_on(model):
+  eng = Engine(CFG, model, RT)
+  eng.generate(_prompts(1, (9,)), SamplingParams(max_new_tokens=4))  # summaries off: compiles the step
+  assert eng.compiles.decode == 1
+  sc = SummaryConfig(sink_blocks=1, window=24, max_entries=3)
+  eng.summaries = sc
+  bs = RT.block_size
+  bound = sc.sink_blocks + -(-sc.window // bs) + 1
+  ps = _prompts(2, (20, 3, 41))
+  rids = [eng.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(ps, (150, 200, 120))]
+  worst = 0
+  while eng.has_work():
+    eng.step()
+    for rid in rids:
+      r = eng.requests[rid]
+      if r.slot is not None and r.num_computed > 48:  # past the prompt (prompts fold as they decode)
+        worst = max(worst, len(eng.allocator.block_table(rid)))
+        assert len(r.sum_counts) <= sc.max_entries
+  assert eng.compiles.decode == 1
+  assert eng.stats.folds > 0
+  assert worst <= bound, (worst, bound)
+  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks  # summary blocks freed too
+  eng.allocator.check_invariants()
+  assert all(len(eng.requests[r].output_ids) == n for r, n in zip(rids, (150, 200, 120)))
+
+
+def test_summaries_and_drop_baseline_share_the_executable(model):
+  """Exact, summarized (short window) and StreamingLLM-style dropping (max=0) on one engine: one
+  decode compile; quality is measured in docs/summaries.md, not asserted here."""
+  ps = _prompts(3, (60,))
+  sp = SamplingParams(max_new_tokens=30, ignore_eos=True)
+  outs = {}
+  eng = Engine(CFG, model, RT, with_logits=True)
+  for name, sc in [("exact", None), ("summ", SummaryConfig(1, 16, 4)), ("drop", SummaryConfig(1, 16, 0))]:
+    eng.summaries = sc
+    outs[name] = eng.generate(ps, sp)[0].output_ids
+  assert eng.compiles.decode == 1
+  assert eng.stats.folds > 0
+  assert len(outs["summ"]) == len(outs["drop"]) == 30
+
+
+def test_folded_block_of_identical_tokens_is_exact():
+  """A block whose tokens all share one key and one value has exactly the softmax mass of its
+  summary row (mean key, log(count) bias): folding it must not change attention."""
+  import jax.numpy as jnp
+
+  from kvrm_jax import step as step_lib
+  rng = np.random.default_rng(0)
+  kh, g, e, bs, n = 2, 3, 16, 8, 10
+  k = rng.normal(size=(1, kh, n, bs, e)).astype(np.float32)
+  v = rng.normal(size=(1, kh, n, bs, e)).astype(np.float32)
+  k[:, :, 3] = rng.normal(size=(1, kh, 1, e))  # block 3: one key, one value, bs times
+  v[:, :, 3] = rng.normal(size=(1, kh, 1, e))
+  q = jnp.asarray(rng.normal(size=(1, kh * g, e)).astype(np.float32))
+  k, v = jnp.asarray(k), jnp.asarray(v)
+  full = {"block_tables": jnp.array([[1, 3, 5]]), "lengths": jnp.array([3 * bs])}
+  o_exact, _ = step_lib.decode_attention("reference", q, k, v, 0, full)
+  folds, w = jnp.array([[3, 7 * bs]]), jnp.array([[0.0, 1.0]])
+  kf, vf = step_lib.fold_blocks(k, folds, w), step_lib.fold_blocks(v, folds, w)
+  d = {"block_tables": jnp.array([[1, 5]]), "lengths": jnp.array([2 * bs]),
+       "summary_slots": jnp.array([[7 * bs, 0]]), "summary_counts": jnp.array([[float(bs), 0.0]])}
+  o, lse = step_lib.decode_attention("reference", q, kf, vf, 0, d)
+  merged = step_lib.merge_summaries(o, lse, q, kf, vf, 0, d)
+  assert float(jnp.linalg.norm(merged - o_exact) / jnp.linalg.norm(o_exact)) < 1e-5
+  assert float(jnp.linalg.norm(o - o_exact) / jnp.linalg.norm(o_exact)) > 1e-3  # the summary matters
+
+
+def test_fold_targets_distinct_and_balanced():
+  assert fold_targets([], 3, 4) == [0, 1, 2]
+  assert fold_targets([8, 8], 3, 4) == [2, 3, 1]
+  assert fold_targets([16, 8, 8, 24], 2, 4) == [2, 1]
+  with pytest.raises(ValueError):
+    SummaryConfig.parse("sink=1,windw=3")
+  assert SummaryConfig.parse("sink=2,window=64,max=3") == SummaryConfig(2, 64, 3)

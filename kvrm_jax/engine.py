@@ -163,8 +163,12 @@ class Engine:
   # --------------------------------------------------------------------------- requests
 
   def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
-                  arrival: float | None = None) -> int:
-    """Queue a request; raises RequestError if it can never be served."""
+                  arrival: float | None = None, forced_output: Sequence[int] | None = None) -> int:
+    """Queue a request; raises RequestError if it can never be served.
+
+    forced_output: teacher forcing: emit these tokens instead of sampled ones (the step still
+    computes logits for them; evaluation and trace replay use this).
+    """
     sampling = sampling or SamplingParams()
     ids = [int(t) for t in prompt_ids]
     if not ids:
@@ -182,6 +186,10 @@ class Engine:
     rid = self._next_id
     self._next_id += 1
     req = Request(rid, ids, sampling, arrival=time.perf_counter() if arrival is None else arrival)
+    if forced_output is not None:
+      if len(forced_output) < sampling.max_new_tokens:
+        raise RequestError(f"forced_output has {len(forced_output)} tokens < max_new_tokens {sampling.max_new_tokens}")
+      req.forced = [int(t) for t in forced_output]
     self.requests[rid] = req
     self.waiting.append(req)
     return rid
@@ -391,6 +399,8 @@ class Engine:
     return _host(tokens), (_host(out[3]) if self.with_logits else None)  # the one D2H sync
 
   def _emit(self, req: Request, token: int, now: float, events: dict) -> None:
+    if req.forced is not None:
+      token = req.forced[len(req.output_ids)]
     req.output_ids.append(int(token))
     req.token_times.append(now)
     if req.first_token_time is None:

@@ -127,7 +127,7 @@ class RuntimeConfig:
   max_folds: int = 8
   watermark_blocks: int = 0
   dtype: str = "float32"
-  attention: str = "auto"  # "auto" | "reference" | "pallas" | "interpret" | "dense" (static baseline)
+  attention: str = "auto"  # "auto" | "reference" | "pallas" | "interpret"
   debug_poison_freed: bool = False
 
   def __post_init__(self):
@@ -146,7 +146,7 @@ class RuntimeConfig:
       raise ValueError(f"prefill_buckets must be non-empty and strictly ascending, got {self.prefill_buckets}")
     if self.dtype not in DTYPES:
       raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
-    if self.attention not in ("auto", "reference", "pallas", "interpret", "dense"):
+    if self.attention not in ("auto", "reference", "pallas", "interpret"):
       raise ValueError(f"unknown attention backend {self.attention!r}")
 
   @property

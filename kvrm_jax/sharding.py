@@ -42,7 +42,7 @@ PARAM_SPECS = {
     "embed": P(), "attn_norm": P(), "mlp_norm": P(), "final_norm": P(), "lm_head": P(),
     "wq": COL, "wk": COL, "wv": COL, "w_gate": COL, "w_up": COL, "wo": ROW, "w_down": ROW,
 }
-POOL_SPEC = P(None, AXIS)  # [L, K, N, bs, E]: sharded over KV heads
+POOL_SPEC = P(AXIS)  # [K, L, N, bs, E]: sharded over KV heads
 REPLICATED = P()
 
 

@@ -4,13 +4,13 @@
     prefill_step(state, k_pool, v_pool, ints, floats) -> (tokens [P], k_pool, v_pool)
 
 Pure functions of pytrees; the pools are donated; `ints, floats` are the packed descriptor. The
-pool of one model is `[L, K, N, bs, E]` for keys and for values (N physical blocks of bs tokens,
-block 0 the null block). Attention over the pool goes through one switch (`RuntimeConfig.attention`):
+pool of one model is `[K, L, N, bs, E]` for keys and for values (N physical blocks of bs tokens
+per layer, block 0 the null block), KV heads outermost: for one head all layers' blocks form one
+[L * N, bs, E] array, so layer l's block b is block l * N + b there and the attention kernel reads
+any layer in place (no per-layer slice). Attention goes through one switch (`RuntimeConfig.attention`):
   reference  pure-jnp gather of each sequence's block table (CPU default)
-  pallas     the Pallas kernels of pallas_kernels/ (GPU default)
+  pallas     the Pallas kernels of pallas_kernels/ (GPU default: Mosaic GPU on Hopper)
   interpret  the same Pallas kernels in interpret mode (CPU tests)
-  dense      static-graph baseline: each slot owns a fixed contiguous reservation and attention
-             reads all of it (what a static executor does); needs N == 1 + S * MB.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def resolve_attention(rt: RuntimeConfig) -> str:
 
 
 def pool_shape(cfg: ModelConfig, rt: RuntimeConfig) -> tuple[int, ...]:
-  return (cfg.num_layers, cfg.num_kv_heads, rt.num_blocks, rt.block_size, cfg.head_dim)
+  return (cfg.num_kv_heads, cfg.num_layers, rt.num_blocks, rt.block_size, cfg.head_dim)
 
 
 def init_pools(cfg: ModelConfig, rt: RuntimeConfig, sharding=None):
@@ -78,21 +78,27 @@ def sample(logits, temperature, top_k, top_p, seeds, counters):
 
 
 def write_kv(pool, layer, slots, x):
-  """pool: [L, K, N, bs, E]; slots: [T] flat slot ids (block * bs + offset); x: [T, K, E]."""
+  """pool: [K, L, N, bs, E]; slots: [T] flat slot ids (block * bs + offset); x: [T, K, E]."""
   bs = pool.shape[3]
-  return pool.at[layer, :, slots // bs, slots % bs].set(x.astype(pool.dtype))
+  return pool.at[:, layer, slots // bs, slots % bs].set(x.transpose(1, 0, 2).astype(pool.dtype))
+
+
+def layer_view(pool, layer, block_ids):
+  """pool [K, L, N, bs, E] as [K, L * N, bs, E] and layer-local block ids shifted into it."""
+  kh, nl, n, bs, e = pool.shape
+  return pool.reshape(kh, nl * n, bs, e), block_ids + layer * n
 
 
 def fold_blocks(pool, folds, fold_w):
   """Far-history summaries: dst row = w_old * dst row + w_new * mean(src block), all layers and heads.
 
-  pool: [L, K, N, bs, E]; folds: [F, 2] int32 (src block, dst flat slot); fold_w: [F, 2] f32.
+  pool: [K, L, N, bs, E]; folds: [F, 2] int32 (src block, dst flat slot); fold_w: [F, 2] f32.
   Rows with w_new == 0 are no-ops (padding).
   """
   bs = pool.shape[3]
   src, dst = folds[:, 0], folds[:, 1]
-  mean = pool[:, :, src].astype(jnp.float32).mean(axis=3)  # [L, K, F, E]
-  old = pool[:, :, dst // bs, dst % bs].astype(jnp.float32)  # [L, K, F, E]
+  mean = pool[:, :, src].astype(jnp.float32).mean(axis=3)  # [K, L, F, E]
+  old = pool[:, :, dst // bs, dst % bs].astype(jnp.float32)  # [K, L, F, E]
   w_old, w_new = fold_w[:, 0][:, None], fold_w[:, 1][:, None]
   new = jnp.where(w_new > 0, w_old * old + w_new * mean, old)
   return pool.at[:, :, dst // bs, dst % bs].set(new.astype(pool.dtype))
@@ -109,41 +115,37 @@ def block_ops(k_pool, v_pool, d, rt: RuntimeConfig, backend: str):
 
 
 def copy_blocks(k_pool, v_pool, moves, backend: str):
-  """Block moves [M, 2] (src, dst) for every layer, all reads before writes; (0, 0) rows are no-ops."""
+  """Block moves [M, 2] (src, dst) for every layer, all reads before writes; (0, 0) rows are no-ops.
+
+  The kernel's [L, Hkv, N, bs, D] is our [K, L, N, bs, E]: it copies a block for every pair of
+  leading indices either way."""
   if backend in ("pallas", "interpret"):
     from pallas_kernels import block_copy
-    return block_copy.copy_blocks(k_pool, v_pool, moves, backend="auto" if backend == "pallas" else "interpret",
-                                  interpret=backend == "interpret")
+    return block_copy.copy_blocks(k_pool, v_pool, moves, backend="auto", interpret=backend == "interpret")
   src, dst = moves[:, 0], moves[:, 1]
   return k_pool.at[:, :, dst].set(k_pool[:, :, src]), v_pool.at[:, :, dst].set(v_pool[:, :, src])
 
 
 def gather_history(pool, layer, block_tables):
-  """pool: [L, K, N, bs, E]; block_tables: [B, MB] -> [B, K, MB * bs, E] (logical order)."""
-  k = pool[layer][:, block_tables]  # [K, B, MB, bs, E]
+  """pool: [K, L, N, bs, E]; block_tables: [B, MB] -> [B, K, MB * bs, E] (logical order)."""
+  flat, ids = layer_view(pool, layer, block_tables)
+  k = flat[:, ids]  # [K, B, MB, bs, E]
   kh, b, mb, bs, e = k.shape
   return k.reshape(kh, b, mb * bs, e).transpose(1, 0, 2, 3)
-
-
-def dense_history(pool, layer, slots: int):
-  """Static baseline: slot s owns blocks 1 + s*MB .. (s+1)*MB, read whole -> [S, K, MB * bs, E]."""
-  x = pool[layer][:, 1:]  # [K, S*MB, bs, E]
-  kh, n, bs, e = x.shape
-  return x.reshape(kh, slots, (n // slots) * bs, e).transpose(1, 0, 2, 3)
 
 
 def decode_attention(backend, q, k_pool, v_pool, layer, d):
   """q: [S, H, E] -> (o [S, H, E] f32, lse [S, H]) over each slot's exact history (d['lengths'])."""
   if backend in ("pallas", "interpret"):
     from pallas_kernels import paged_attention
+    kf, tables = layer_view(k_pool, layer, d["block_tables"])
+    vf, _ = layer_view(v_pool, layer, d["block_tables"])
+    groups = d["groups"].at[..., 0].add(layer * k_pool.shape[2])  # physical starts, shifted too
     return paged_attention.paged_decode_attention(
-        q, k_pool[layer], v_pool[layer], d["lengths"], d["block_tables"], d["groups"], d["num_groups"],
+        q, kf, vf, d["lengths"], tables, groups, d["num_groups"],
         backend="auto" if backend == "pallas" else "interpret", interpret=backend == "interpret",
         return_lse=True)
-  if backend == "dense":
-    k, v = dense_history(k_pool, layer, q.shape[0]), dense_history(v_pool, layer, q.shape[0])
-  else:
-    k, v = gather_history(k_pool, layer, d["block_tables"]), gather_history(v_pool, layer, d["block_tables"])
+  k, v = gather_history(k_pool, layer, d["block_tables"]), gather_history(v_pool, layer, d["block_tables"])
   mask = jnp.arange(k.shape[2])[None, :] < d["lengths"][:, None]  # [S, Tk]
   o, lse = model_lib.attention(q[:, None], k, v, mask[:, None, :], return_lse=True)
   return o[:, 0], lse[:, 0]
@@ -159,8 +161,8 @@ def merge_summaries(o, lse, q, k_pool, v_pool, layer, d):
   s, h, e = q.shape
   bs = k_pool.shape[3]
   ss, cnt = d["summary_slots"], d["summary_counts"]  # [S, Ks]
-  ks = k_pool[layer][:, ss // bs, ss % bs].astype(jnp.float32)  # [K, S, Ks, E]
-  vs = v_pool[layer][:, ss // bs, ss % bs].astype(jnp.float32)
+  ks = k_pool[:, layer, ss // bs, ss % bs].astype(jnp.float32)  # [K, S, Ks, E]
+  vs = v_pool[:, layer, ss // bs, ss % bs].astype(jnp.float32)
   kh = ks.shape[0]
   qg = q.reshape(s, kh, h // kh, e).astype(jnp.float32)
   valid = (cnt > 0)[:, None, None, :]  # [S, 1, 1, Ks]
@@ -178,10 +180,10 @@ def merge_summaries(o, lse, q, k_pool, v_pool, layer, d):
   return jnp.where(jnp.any(cnt > 0, axis=-1)[:, None, None], merged, o.astype(jnp.float32))
 
 
-def chunk_attention(backend, q, k_pool, v_pool, layer, d):
-  """Prefill: q [P, C, H, E] attends causally to its row's history (earlier chunks + itself)."""
-  if backend == "dense":
-    raise ValueError("the dense baseline prefills through the paged path with identity tables")
+def chunk_attention(q, k_pool, v_pool, layer, d):
+  """Prefill: q [P, C, H, E] attends causally to its row's history (earlier chunks + itself).
+
+  An XLA gather + einsum: prefill chunks are compute-bound matmuls XLA already tiles well."""
   k, v = gather_history(k_pool, layer, d["block_tables"]), gather_history(v_pool, layer, d["block_tables"])
   tk = jnp.arange(k.shape[2])[None, None, :]
   mask = (tk <= d["positions"][:, :, None]) & (tk < d["lengths"][:, None, None])  # [P, C, Tk]
@@ -228,8 +230,7 @@ def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk:
     kp, vp = cache
     kp = write_kv(kp, layer, slots, k)
     vp = write_kv(vp, layer, slots, v)
-    o = chunk_attention("reference" if backend == "dense" else backend, q.reshape(p, chunk, *q.shape[1:]),
-                        kp, vp, layer, d)
+    o = chunk_attention(q.reshape(p, chunk, *q.shape[1:]), kp, vp, layer, d)
     return o.reshape(q.shape), (kp, vp)
 
   last = jnp.arange(p) * chunk + d["last_index"]

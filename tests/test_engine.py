@@ -182,3 +182,15 @@ def test_mixed_length_reserved_kv_close_to_live(model):
   print("peak reserved / peak live:", ratios)
   assert ratios["kvrm"] <= 1.15
   assert ratios["static"] > 1.5 * ratios["kvrm"]
+
+
+def test_pallas_kernel_path_in_interpret_mode_matches(model):
+  """The engine's kernel path (layer-offset block ids into the [K, L*N] pool view, lse merge,
+  block-copy kernel) in Pallas interpret mode decodes what the reference path decodes."""
+  ps = prompts(8, (5, 19))
+  sp = SamplingParams(max_new_tokens=6)
+  rt = RuntimeConfig(block_size=8, num_blocks=24, max_slots=2, max_blocks_per_seq=4, max_groups=2, max_moves=2,
+                     prefill_buckets=(32,), attention="interpret")
+  ref = [reference.greedy_generate(model, p, 6, CFG.eos_ids) for p in ps]
+  eng = Engine(CFG, model, rt)
+  assert [o.output_ids for o in eng.generate(ps, sp)] == ref

@@ -44,7 +44,7 @@ def test_params_and_pool_are_sharded_and_step_has_collectives():
   assert eng.cfg.num_kv_heads == 4 and eng.cfg.num_heads == 12  # inert padding heads
   assert eng.k_pool.sharding.spec == sharding.POOL_SPEC
   assert len(eng.k_pool.addressable_shards) == 2
-  assert eng.k_pool.addressable_shards[0].data.shape[1] == 2  # 2 of the 4 KV heads per device
+  assert eng.k_pool.addressable_shards[0].data.shape[0] == 2  # 2 of the 4 KV heads per device
   wq = eng.state["wq"][...]
   assert wq.sharding.spec == sharding.COL and wq.addressable_shards[0].data.shape[-1] == wq.shape[-1] // 2
   assert eng.state["w_down"][...].sharding.spec == sharding.ROW

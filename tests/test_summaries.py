@@ -84,10 +84,10 @@ def test_folded_block_of_identical_tokens_is_exact():
   from kvrm_jax import step as step_lib
   rng = np.random.default_rng(0)
   kh, g, e, bs, n = 2, 3, 16, 8, 10
-  k = rng.normal(size=(1, kh, n, bs, e)).astype(np.float32)
-  v = rng.normal(size=(1, kh, n, bs, e)).astype(np.float32)
-  k[:, :, 3] = rng.normal(size=(1, kh, 1, e))  # block 3: one key, one value, bs times
-  v[:, :, 3] = rng.normal(size=(1, kh, 1, e))
+  k = rng.normal(size=(kh, 1, n, bs, e)).astype(np.float32)  # [K, L, N, bs, E]
+  v = rng.normal(size=(kh, 1, n, bs, e)).astype(np.float32)
+  k[:, :, 3] = rng.normal(size=(kh, 1, 1, e))  # block 3: one key, one value, bs times
+  v[:, :, 3] = rng.normal(size=(kh, 1, 1, e))
   q = jnp.asarray(rng.normal(size=(1, kh * g, e)).astype(np.float32))
   k, v = jnp.asarray(k), jnp.asarray(v)
   full = {"block_tables": jnp.array([[1, 3, 5]]), "lengths": jnp.array([3 * bs])}

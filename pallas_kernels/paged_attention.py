@@ -1,0 +1,275 @@
+# Paged decode attention over a block pool, flash-decoding over transfer groups.
+#
+# Three layers (STYLE.md 7): kernel on refs -> pallas_call builder -> public jit
+# wrapper. The generic kernel below runs under interpret mode on CPU and through
+# the (deprecated) Triton backend on GPU; the Mosaic GPU kernel lives in
+# paged_attention_mgpu.py. Both take the same descriptors and split arithmetic
+# from partition.py, and both return per-split (o, lse) merged by
+# partition.combine_splits.
+#
+# Einsum legend: B batch, K kv heads, G q heads per kv head, T tokens, D head dim.
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.partition import (DESC_LENGTH, DESC_SRC, KVPartition, build_descriptors,
+                                      combine_splits)
+
+BACKENDS = ("auto", "reference", "interpret", "mosaic", "triton")
+LOG2E = math.log2(math.e)
+
+
+def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of this split
+                    q_ref,     # [QP, D]
+                    k_ref,     # [N, bs, D]
+                    v_ref,     # [N, bs, D]
+                    o_ref,     # [QP, D] f32
+                    lse_ref,   # [QP] f32
+                    *, part: KVPartition, sm_scale: float, gather_only: bool):
+  cb, cps, T = part.chunk_blocks, part.chunks_per_split, part.chunk_tokens
+  QP, D = q_ref.shape
+  split = pl.program_id(2)
+  length = desc_ref[DESC_LENGTH]
+  first = split * cps
+  n = jnp.clip(lax.div(length + (T - 1), T) - first, 0, cps)
+  q = q_ref[...]
+  scale_log2 = sm_scale * LOG2E
+
+  def body(i, carry):
+    acc, m_i, l_i = carry
+    src = desc_ref[DESC_SRC + i]
+    blocks = desc_ref[pl.ds(part.desc_blocks + i * cb, cb)]  # [cb]
+
+    if gather_only:
+      # Triton: one gather; a contiguous chunk is a gather of consecutive ids.
+      ids = jnp.where(src >= 0, src + lax.broadcasted_iota(jnp.int32, (cb,), 0), blocks)
+      k, v = k_ref[ids].reshape(T, D), v_ref[ids].reshape(T, D)
+    else:
+      def contiguous():  # one run of cb physically adjacent blocks
+        start = jnp.maximum(src, 0)
+        return (k_ref[pl.ds(start, cb)].reshape(T, D), v_ref[pl.ds(start, cb)].reshape(T, D))
+
+      def per_block():
+        return k_ref[blocks].reshape(T, D), v_ref[blocks].reshape(T, D)
+
+      k, v = lax.cond(src >= 0, contiguous, per_block)
+    tok = (first + i) * T + lax.broadcasted_iota(jnp.int32, (T,), 0)
+    valid = tok < length
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)  # [QP, T]
+    # where, not a multiply: freed blocks may hold NaN.
+    s = jnp.where(valid[None, :], s * scale_log2, -jnp.inf)
+    m_new = jnp.maximum(m_i, s.max(axis=-1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + p.sum(axis=-1)
+    v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
+    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l_i
+
+  acc = jnp.zeros((QP, D), jnp.float32)
+  m_i = jnp.full((QP,), -jnp.inf, jnp.float32)
+  l_i = jnp.zeros((QP,), jnp.float32)
+  acc, m_i, l_i = lax.fori_loop(0, n, body, (acc, m_i, l_i))
+  has = l_i > 0
+  l_safe = jnp.where(has, l_i, 1.0)
+  o_ref[...] = acc / l_safe[:, None]
+  lse_ref[...] = jnp.where(has, m_i + jnp.log2(l_safe), -jnp.inf)
+
+
+def _generic_call(desc,   # [B, S, W] int32
+                  q4,     # [B, Hkv, QP, D]
+                  k_pool,  # [Hkv, N, bs, D]
+                  v_pool,  # [Hkv, N, bs, D]
+                  *, part: KVPartition, sm_scale: float, interpret: bool,
+                  num_warps: int = 4, num_stages: int = 2, gather_only: bool | None = None):
+  B, Hkv, QP, D = q4.shape
+  _, N, bs, _ = k_pool.shape
+  S, W = part.num_splits, part.desc_width
+  kernel = functools.partial(_generic_kernel, part=part, sm_scale=sm_scale,
+                             gather_only=(not interpret) if gather_only is None else gather_only)
+  params = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
+                                                        num_stages=num_stages)
+  return pl.pallas_call(
+      kernel,
+      grid=(B, Hkv, S),
+      in_specs=[
+          pl.BlockSpec((None, None, W), lambda b, h, s: (b, s, 0)),
+          pl.BlockSpec((None, None, QP, D), lambda b, h, s: (b, h, 0, 0)),
+          pl.BlockSpec((None, N, bs, D), lambda b, h, s: (h, 0, 0, 0)),
+          pl.BlockSpec((None, N, bs, D), lambda b, h, s: (h, 0, 0, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, QP, D), lambda b, h, s: (b, h, s, 0, 0)),
+          pl.BlockSpec((None, None, None, QP), lambda b, h, s: (b, h, s, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((B, Hkv, S, QP, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, S, QP), jnp.float32)],
+      interpret=interpret,
+      name=f"paged_decode_generic_c{part.chunk_tokens}_s{S}",
+      **params,
+  )(desc, q4, k_pool, v_pool)
+
+
+def _resolve_backend(backend: str) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend != "auto":
+    return backend
+  if jax.default_backend() == "gpu":
+    kind = jax.devices()[0].device_kind.lower()
+    if "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind:
+      return "mosaic"
+    return "triton"
+  return "reference"
+
+
+def _check_args(q, k_pool, v_pool, lengths, block_tables, groups, num_groups):
+  if q.ndim != 3:
+    raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
+  if k_pool.ndim != 4 or v_pool.ndim != 4:
+    raise ValueError(f"pools must be [Hkv, N, bs, D], got {k_pool.shape}, {v_pool.shape}")
+  if k_pool.shape != v_pool.shape:
+    raise ValueError(f"k_pool {k_pool.shape} and v_pool {v_pool.shape} differ")
+  B, Hq, D = q.shape
+  Hkv, _, _, Dk = k_pool.shape
+  if Dk != D:
+    raise ValueError(f"head dim of q ({D}) and pools ({Dk}) differ")
+  if Hq % Hkv:
+    raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+  if not (q.dtype == k_pool.dtype == v_pool.dtype):
+    raise ValueError(f"dtypes differ: q {q.dtype}, k {k_pool.dtype}, v {v_pool.dtype}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"q must be floating point, got {q.dtype}")
+  if lengths.shape != (B,) or lengths.dtype != jnp.int32:
+    raise ValueError(f"lengths must be int32 [B={B}], got {lengths.dtype} {lengths.shape}")
+  if block_tables.ndim != 2 or block_tables.shape[0] != B or block_tables.dtype != jnp.int32:
+    raise ValueError(f"block_tables must be int32 [B, MB], got {block_tables.dtype} "
+                     f"{block_tables.shape}")
+  if groups is not None:
+    if groups.ndim != 3 or groups.shape[0] != B or groups.shape[2] != 3:
+      raise ValueError(f"groups must be int32 [B, G, 3], got {groups.shape}")
+    if num_groups is None or num_groups.shape != (B,):
+      raise ValueError("num_groups must be int32 [B] when groups are given")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "return_lse"))
+def paged_decode_attention_reference(q,             # [B, Hq, D]
+                                     k_pool,        # [Hkv, N, bs, D]
+                                     v_pool,        # [Hkv, N, bs, D]
+                                     lengths,       # [B] int32
+                                     block_tables,  # [B, MB] int32
+                                     *, sm_scale=None, return_lse=False):
+  """Pure-jnp paged decode attention (gather + einsum, f32 math).
+
+  Tokens at positions >= lengths[b] are masked with `where`, so whatever the
+  unused blocks hold (NaN included) cannot reach the output; a sequence of
+  length 0 yields zeros. Returns [B, Hq, D] in q.dtype.
+  """
+  _check_args(q, k_pool, v_pool, lengths, block_tables, None, None)
+  B, Hq, D = q.shape
+  Hkv, _, bs, _ = k_pool.shape
+  MB = block_tables.shape[1]
+  scale = (1.0 / math.sqrt(D)) if sm_scale is None else sm_scale
+  k = k_pool[:, block_tables].reshape(Hkv, B, MB * bs, D)               # [K, B, T, D]
+  v = v_pool[:, block_tables].reshape(Hkv, B, MB * bs, D)               # [K, B, T, D]
+  valid = jnp.arange(MB * bs)[None, :] < lengths[:, None]               # [B, T]
+  q4 = q.reshape(B, Hkv, Hq // Hkv, D)
+  s = jnp.einsum("bkgd,kbtd->bkgt", q4, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  v = jnp.where(valid[None, :, :, None], v, jnp.zeros_like(v))
+  o = jnp.einsum("bkgt,kbtd->bkgd", p, v.astype(jnp.float32))
+  o = o / jnp.where(l > 0, l, 1.0)
+  if return_lse:  # natural-log log-sum-exp of the scaled scores, [B, Hq]; -inf when empty
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    return o.reshape(B, Hq, D).astype(q.dtype), lse.reshape(B, Hq)
+  return o.reshape(B, Hq, D).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens",
+                                             "num_splits", "stages", "num_warps", "return_lse"))
+def paged_decode_attention(q,             # [B, Hq, D]
+                           k_pool,        # [Hkv, N, bs, D]
+                           v_pool,        # [Hkv, N, bs, D]
+                           lengths,       # [B] int32
+                           block_tables,  # [B, MB] int32
+                           groups,        # [B, G, 3] int32 (phys_start, logical_start, blocks)
+                           num_groups,    # [B] int32
+                           *, sm_scale=None, backend="auto", interpret=False,
+                           chunk_tokens=None, num_splits=None, stages=2, num_warps=4,
+                           return_lse=False):
+  """Decode attention of one new token per sequence over a paged KV pool.
+
+  Flash-decoding: the KV axis of each (sequence, kv head) is cut into chunks
+  of `chunk_tokens` (whole blocks) spread over `num_splits` programs; a chunk
+  inside one transfer group is read as one contiguous copy, any other chunk
+  block by block through `block_tables`. Per-split partial results are merged
+  in f32. GQA: q head h reads kv head h // (Hq // Hkv).
+
+  backend: "reference" (pure jnp), "interpret" (generic Pallas kernel in
+  interpret mode), "mosaic" (Mosaic GPU, Hopper, bf16/f16, D % 64 == 0),
+  "triton" (generic Pallas kernel on the Triton backend), "auto" (mosaic on
+  Hopper, triton on other GPUs, reference on CPU). interpret=True forces the
+  generic kernel in interpret mode.
+  Tile args (static): chunk_tokens, num_splits, stages (Mosaic SMEM ring
+  depth), num_warps (Triton). Returns [B, Hq, D] in q.dtype; inactive slots
+  (length 0) get zeros. return_lse: also return the natural-log log-sum-exp of
+  each q head's scaled scores, [B, Hq] f32 (-inf when empty), to merge further
+  keys (far-history summaries) outside the kernel.
+  """
+  _check_args(q, k_pool, v_pool, lengths, block_tables, groups, num_groups)
+  backend = "interpret" if interpret else _resolve_backend(backend)
+  B, Hq, D = q.shape
+  Hkv, N, bs, _ = k_pool.shape
+  MB = block_tables.shape[1]
+  G = Hq // Hkv
+  scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
+  if backend == "mosaic":
+    from pallas_kernels import paged_attention_mgpu as mgpu
+    if not mgpu.mgpu_supported(q.dtype, D, G, bs):
+      backend = "triton" if jax.default_backend() == "gpu" else "reference"
+  if backend == "reference":
+    return paged_decode_attention_reference(q, k_pool, v_pool, lengths, block_tables,
+                                            sm_scale=scale, return_lse=return_lse)
+  if chunk_tokens is None:
+    chunk_tokens = 128 if (backend == "mosaic" and D <= 128) else 64
+  part = KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=MB,
+                            chunk_tokens=chunk_tokens, num_splits=num_splits)
+  desc = build_descriptors(lengths, block_tables, groups, num_groups, part)  # [B, S, W]
+  q4 = q.reshape(B, Hkv, G, D)
+  if backend == "mosaic":
+    qp = -(-G // 8) * 8
+    q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - G), (0, 0)))
+    o, lse = mgpu.decode_partials_mgpu(desc, q4, k_pool.reshape(Hkv, N * bs, D),
+                                       v_pool.reshape(Hkv, N * bs, D), part=part,
+                                       sm_scale=scale, stages=stages)
+  else:
+    qp = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows
+    q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - G), (0, 0)))
+    o, lse = _generic_call(desc, q4, k_pool, v_pool, part=part, sm_scale=scale,
+                           interpret=(backend == "interpret"), num_warps=num_warps)
+  if part.num_splits == 1:  # already normalised; empty rows are 0
+    out = o[:, :, 0, :G]                                                # [B, K, G, D]
+  else:  # slice first so XLA fuses the slice into the combine's reduction
+    out = combine_splits(o[..., :G, :], lse[..., :G])                    # [B, K, G, D]
+  out = out.reshape(B, Hq, D).astype(q.dtype)
+  if not return_lse:
+    return out
+  l2 = lse[..., :G]                                                     # [B, K, S, G] base 2
+  mx = jnp.max(l2, axis=2)
+  mxs = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  den = jnp.sum(jnp.exp2(l2 - mxs[:, :, None]), axis=2)
+  tot = jnp.where(den > 0, mxs + jnp.log2(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+  return out, (tot * math.log(2.0)).reshape(B, Hq)

@@ -1,0 +1,170 @@
+"""Tiling arithmetic shared by the paged decode-attention kernels.
+
+Both the generic Pallas kernel (interpret mode on CPU, Triton on GPU) and the
+Mosaic GPU kernel split the KV axis the same way:
+
+  logical blocks --(chunk_blocks)--> chunks --(chunks_per_split)--> splits
+
+A program (b, kv head, split) streams the chunks of its split. A chunk that
+lies inside one transfer group is one contiguous copy of `chunk_blocks` blocks;
+any other chunk is `chunk_blocks` per-block copies through the block table.
+The per-(sequence, split) facts a program needs are packed by
+`build_descriptors` into one int32 row, so a kernel reads them with one copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+# Row layout of a descriptor: [length, src[0:cps], blocks[0:cps*chunk_blocks], pad].
+DESC_LENGTH = 0
+DESC_SRC = 1
+DESC_COLS = 64  # the Mosaic kernel views a row as [W / DESC_COLS, DESC_COLS]
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPartition:
+  """How one sequence's KV axis is cut into chunks and splits (all static)."""
+  block_size: int        # tokens per physical block
+  max_blocks: int        # block-table width (MB)
+  chunk_blocks: int      # blocks per chunk (one pipeline stage)
+  num_splits: int        # programs per (sequence, kv head) along the KV axis
+
+  def __post_init__(self):
+    for name in ("block_size", "max_blocks", "chunk_blocks", "num_splits"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_splits > self.num_chunks:
+      raise ValueError(f"num_splits={self.num_splits} > num_chunks={self.num_chunks}")
+
+  @property
+  def chunk_tokens(self) -> int:
+    return self.chunk_blocks * self.block_size
+
+  @property
+  def num_chunks(self) -> int:
+    return _cdiv(self.max_blocks, self.chunk_blocks)
+
+  @property
+  def chunks_per_split(self) -> int:
+    return _cdiv(self.num_chunks, self.num_splits)
+
+  @property
+  def padded_chunks(self) -> int:
+    return self.num_splits * self.chunks_per_split
+
+  @property
+  def desc_width(self) -> int:
+    # Power of two >= DESC_COLS int32: whole rows of the 2-D [W / 64, 64] view the
+    # Mosaic kernel copies (a TMA box is <= 256 per dim, bytes % 128 == 0) and a
+    # legal Triton block.
+    used = 1 + self.chunks_per_split * (1 + self.chunk_blocks)
+    return max(DESC_COLS, _next_pow2(used))
+
+  @property
+  def desc_blocks(self) -> int:
+    """Offset of the block ids inside a descriptor row."""
+    return DESC_SRC + self.chunks_per_split
+
+  @classmethod
+  def choose(cls, *, batch: int, kv_heads: int, block_size: int, max_blocks: int,
+             chunk_tokens: int = 128, num_splits: int | None = None,
+             target_programs: int = 264) -> "KVPartition":
+    """Picks chunk size and split count for a static configuration.
+
+    chunk_tokens is rounded to whole blocks; num_splits (if None) is the
+    smallest count giving about `target_programs` programs (2 per H100 SM).
+    """
+    chunk_blocks = max(1, chunk_tokens // block_size)
+    num_chunks = _cdiv(max_blocks, chunk_blocks)
+    if num_splits is None:
+      num_splits = _cdiv(target_programs, max(1, batch * kv_heads))
+    num_splits = max(1, min(num_splits, num_chunks))
+    # Re-derive so that no split is empty by construction.
+    cps = _cdiv(num_chunks, num_splits)
+    num_splits = _cdiv(num_chunks, cps)
+    return cls(block_size, max_blocks, chunk_blocks, num_splits)
+
+
+def chunk_sources(groups, num_groups, part: KVPartition):
+  """Physical start block of each chunk that lies inside one transfer group.
+
+  groups: [B, G, 3] int32 (phys_start, logical_start, num_blocks);
+  num_groups: [B] int32 (0 = fragmented, use the block table).
+  Returns [B, padded_chunks] int32, -1 where the chunk needs per-block copies.
+  """
+  cb = part.chunk_blocks
+  lo = jnp.arange(part.padded_chunks, dtype=jnp.int32) * cb          # [C]
+  ps, ls, nb = groups[..., 0], groups[..., 1], groups[..., 2]         # [B, G]
+  g_ok = jnp.arange(groups.shape[1])[None, :] < num_groups[:, None]   # [B, G]
+  inside = (g_ok[:, None, :] & (ls[:, None, :] <= lo[None, :, None])
+            & ((ls + nb)[:, None, :] >= lo[None, :, None] + cb))      # [B, C, G]
+  start = ps[:, None, :] + (lo[None, :, None] - ls[:, None, :])       # [B, C, G]
+  return jnp.max(jnp.where(inside, start, -1), axis=-1).astype(jnp.int32)
+
+
+def build_descriptors(lengths, block_tables, groups, num_groups, part: KVPartition):
+  """Packs what program (b, *, split) needs into desc[b, split]: [B, S, W] int32."""
+  B, MB = block_tables.shape
+  S, cps, cb = part.num_splits, part.chunks_per_split, part.chunk_blocks
+  src = chunk_sources(groups, num_groups, part).reshape(B, S, cps)     # [B, S, cps]
+  pad = S * cps * cb - MB
+  bt = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, pad)))   # padding = null block 0
+  bt = bt.reshape(B, S, cps * cb)                                       # [B, S, cps*cb]
+  ln = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None, None], (B, S, 1))
+  desc = jnp.concatenate([ln, src, bt], axis=-1)
+  return jnp.pad(desc, ((0, 0), (0, 0), (0, part.desc_width - desc.shape[-1])))
+
+
+def combine_splits(o, lse):
+  """Merges per-split partial attention (flash-decoding's second step).
+
+  o: [B, K, S, QP, D] f32, each split normalised by its own softmax sum;
+  lse: [B, K, S, QP] f32 base-2 log-sum-exp of each split (-inf = empty split).
+  Returns [B, K, QP, D] f32; rows whose splits are all empty are 0.
+  """
+  mx = jnp.max(lse, axis=2, keepdims=True)                              # [B, K, 1, QP]
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  w = jnp.exp2(lse - mx)                                                # [B, K, S, QP]
+  den = jnp.sum(w, axis=2)                                              # [B, K, QP]
+  num = jnp.sum(w[..., None] * o, axis=2)                               # [B, K, QP, D]
+  return num / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_size: int,
+                         max_groups: int):
+  """Host-side (numpy) transfer groups from block tables, for tests and benchmarks.
+
+  Returns groups [B, G, 3] int32 and num_groups [B] int32; a sequence with more
+  than `max_groups` runs (or no blocks) gets num_groups = 0.
+  """
+  B = block_tables.shape[0]
+  groups = np.zeros((B, max_groups, 3), np.int32)
+  num_groups = np.zeros((B,), np.int32)
+  for b in range(B):
+    nblk = _cdiv(int(lengths[b]), block_size)
+    runs = []
+    for j in range(nblk):
+      p = int(block_tables[b, j])
+      if runs and runs[-1][0] + runs[-1][2] == p:
+        runs[-1][2] += 1
+      else:
+        runs.append([p, j, 1])
+    if 0 < len(runs) <= max_groups:
+      groups[b, :len(runs)] = runs
+      num_groups[b] = len(runs)
+  return groups, num_groups
+
+
+__all__ = ["KVPartition", "chunk_sources", "build_descriptors", "combine_splits",
+           "make_transfer_groups"]

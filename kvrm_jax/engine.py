@@ -194,6 +194,18 @@ class Engine:
     self.waiting.append(req)
     return rid
 
+  def abort(self, rid: int) -> bool:
+    """Stop a request now (queued or running) and free its KV; False if it had already ended."""
+    req = self.requests[rid]
+    if req.done:
+      return False
+    if req.slot is not None:
+      self._release_slot(req)
+    else:
+      self.waiting.remove(req)
+    req.status, req.finish_reason, req.finish_time = Status.FINISHED, "aborted", time.perf_counter()
+    return True
+
   def has_work(self) -> bool:
     return bool(self.waiting) or bool(self._order)
 

@@ -194,3 +194,16 @@ def test_pallas_kernel_path_in_interpret_mode_matches(model):
   ref = [reference.greedy_generate(model, p, 6, CFG.eos_ids) for p in ps]
   eng = Engine(CFG, model, rt)
   assert [o.output_ids for o in eng.generate(ps, sp)] == ref
+
+
+def test_abort_frees_everything(model):
+  eng = Engine(CFG, model, RT)
+  rids = [eng.add_request(p, SamplingParams(max_new_tokens=50, ignore_eos=True)) for p in prompts(9, (30, 5, 12, 7, 9, 40))]
+  for _ in range(3):
+    eng.step()
+  assert any(eng.requests[r].slot is not None for r in rids) and eng.waiting
+  assert all(eng.abort(r) for r in rids)
+  assert not eng.has_work() and not eng.abort(rids[0])
+  assert all(eng.requests[r].finish_reason == "aborted" for r in rids)
+  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
+  eng.allocator.check_invariants()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU work of one session, batched into two device-tool calls (the device keeps nothing and
+# the working tree that travels is capped at 64 MiB, so the 98 MB bundled GGUF goes in two parts,
+# .gpu/p1 then .gpu/p2, made with `split -b 50000000 -d MODEL.gguf smolpart`).
+#   phase 1 (carry .whl .gpu/p1 .cache/traces): GPU tests, decode step vs roofline (Llama-3-8B
+#            shape), offline decode benchmark kvrm vs static (Llama-3-8B shape, mixed family)
+#   phase 2 (carry .whl .gpu/p2 .cache/traces): real SmolLM2 decode on the GPU, summaries quality
+#            and speed, production-trace replays
+# Outputs land in $OUT (logs, raw JSON, a tarball of the regenerated docs).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 JAX_COMPILATION_CACHE_DIR=/root/kvrm/jaxcache
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+mkdir -p /root/kvrm $OUT/raw /tmp/docs && cp docs/results.md /tmp/docs/
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+B8="--model llama3-8b --dtype bfloat16 --kv-budget-gb 20 --max-len 4096 --quiet"
+case "${1:-}" in
+  1)
+    cp .gpu/p1/smolpart00 /root/kvrm/
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee $OUT/gpu_tests.log | tail -15
+    timeout 150 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --warmup 5 --iters 20 --out-json $OUT/raw/step_h100_llama3-8b.json 2>&1 | tee $OUT/step.log | tail -8
+    timeout 200 python3 scripts/bench_decode.py $B8 --families mixed --num-requests 256 --max-wall 75 \
+      --out-json $OUT/raw/decode_h100_llama3-8b.json --report /tmp/docs/results.md 2>&1 | tee $OUT/decode.log | tail -25
+    ;;
+  2)
+    cp .gpu/p2/smolpart01 /root/kvrm/ && cat /root/kvrm/smolpart00 /root/kvrm/smolpart01 > /root/kvrm/smol.gguf \
+      && sha256sum /root/kvrm/smol.gguf | cut -c1-16
+    python3 scripts/convert.py /root/kvrm/smol.gguf /root/kvrm/ckpt
+    timeout 80 python3 scripts/decode.py --checkpoint /root/kvrm/ckpt --max-new-tokens 64 --output-json $OUT/decode_gpu.json \
+      --prompt "The capital of France is" --prompt "def fibonacci(n):" --prompt "Three things to pack for a beach holiday:" 2>&1 | tail -12
+    timeout 90 python3 scripts/decode.py --checkpoint /root/kvrm/ckpt --max-new-tokens 256 --ignore-eos --quiet \
+      --max-slots 64 --prompts-file tests/data/prompts64.txt --output-json $OUT/decode_gpu_64.json 2>&1 | tail -2
+    timeout 150 python3 scripts/eval_summaries.py --checkpoint /root/kvrm/ckpt --tokens 2048 --texts 2 --windows 256 512 \
+      --entries 4 16 --out /tmp/docs/summaries.md --raw $OUT/raw/summaries.json 2>&1 | tail -14
+    timeout 80 python3 scripts/bench_step.py --model smollm2-135m --dtype bfloat16 --batches 64 --context 8192 \
+      --summaries sink=1,window=256,max=4 --warmup 5 --iters 20 --out-json $OUT/raw/step_h100_smollm2_summaries.json 2>&1 | tail -5
+    timeout 170 python3 scripts/replay_trace.py $B8 --trace conv --start 1850 --trace code --start 845 --duration 30 \
+      --time-scale 1 --max-prompt 3072 --max-output 1024 --max-wall 35 --out-json $OUT/raw/replay_h100_llama3-8b.json \
+      --report /tmp/docs/results.md 2>&1 | tee $OUT/replay.log | tail -20
+    ;;
+esac
+tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null
+ls $OUT $OUT/raw

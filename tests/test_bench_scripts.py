@@ -1,0 +1,171 @@
+"""scripts/bench_decode.py and scripts/replay_trace.py end to end on the tiny model (CPU, small):
+every request accounted for, the raw JSON carries the metrics, the report regenerates from it."""
+
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+bench_decode = load("bench_decode")
+replay_trace = load("replay_trace")
+
+# max_len 128 in blocks of 8: 16 blocks per static slot; a 40-block budget gives the static
+# baseline 2 slots and KV-RM 8 slots on the same blocks.
+SMALL = ["--model", "tiny", "--block-size", "8", "--max-len", "128", "--kv-budget-blocks", "40",
+         "--prefill-buckets", "16,64", "--quiet"]
+METRICS = ("tokens_per_s", "ttft_ms", "itl_ms", "itl_cdf_ms", "queue_ms", "step_ms", "spikes", "kv",
+           "mean_groups_per_seq", "moves", "preemptions", "host_us", "compiles_during_run", "series")
+
+
+def section(text, label):
+  m = re.search(f"<!-- BEGIN {label} -->\n(.*?)<!-- END {label} -->", text, flags=re.S)
+  assert m, label
+  return m.group(1)
+
+
+def check_engines(obj):
+  b = obj["budget"]
+  assert b["static_slots"] == b["budget_blocks"] // b["max_blocks_per_seq"] == 2
+  assert b["kvrm_slots"] == 8
+  rts = {k: e["runtime"] for k, e in obj["engines"].items()}
+  assert rts["kvrm"]["num_blocks"] == b["budget_blocks"] + 1  # + the null block
+  assert rts["static"]["num_blocks"] == 1 + b["static_slots"] * b["max_blocks_per_seq"] <= b["budget_blocks"] + 1
+  for e in obj["engines"].values():
+    assert e["decode_compiles"] == 1
+    assert e["compiles_during_runs"] == {"decode": 0, "prefill": 0}  # the warm-up compiled everything
+
+
+def check_run(m, n_requests, output_tokens):
+  for key in METRICS:
+    assert key in m, key
+  assert m["requests"] == n_requests
+  assert m["completed"] + m["rejected"] + m["unfinished"] == n_requests
+  assert m["completed"] == n_requests and m["rejected"] == 0 and m["unfinished"] == 0
+  assert m["generated_tokens"] == output_tokens  # forced lengths: both engines do the same work
+  assert m["tokens_per_s"] > 0 and m["steps"] > 0
+  for k in ("p50", "p90", "p99", "max"):
+    assert m["itl_ms"][k] is not None and m["itl_ms"][k] >= 0
+  assert m["kv"]["peak_reserved_bytes"] >= m["kv"]["peak_live_bytes"] > 0
+  assert m["series"]["steps"] and m["series"]["kv"]
+
+
+def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
+  out, md = tmp_path / "raw" / "decode.json", tmp_path / "docs" / "results.md"
+  argv = SMALL + ["--families", "uniform,mixed,longtail,shared-prefix", "--num-requests", "6",
+                  "--out-json", str(out), "--report", str(md), "--label", "decode-test"]
+  assert bench_decode.main(argv) == 0, capsys.readouterr().err
+  obj = json.loads(out.read_text())
+  assert obj["kind"] == "bench_decode" and obj["command"].startswith("python scripts/bench_decode.py")
+  for key in ("date", "device", "backend", "jax"):
+    assert key in obj["env"]
+  check_engines(obj)
+  assert set(obj["results"]) == {"uniform", "mixed", "longtail", "shared-prefix"}
+  for fam, per in obj["results"].items():
+    assert set(per) == {"kvrm", "static"}
+    w = obj["workloads"][fam]
+    assert w["num_requests"] == 6 and w["prompt_tokens"]["max"] + w["output_tokens"]["max"] <= 2 * 128
+    for m in per.values():
+      check_run(m, 6, w["output_tokens"]["total"])
+  assert obj["results"]["shared-prefix"]["static"]["prefix_hit_blocks"] == 0  # no sharing in the baseline
+  text = md.read_text()
+  assert "## Offline decode: CPU, tiny model, smoke scale" in text and "<!-- BEGIN decode-test -->" in text
+  for what in ("throughput", "itl_cdf", "kv"):
+    assert (md.parent / f"results_decode-test_{what}.png").stat().st_size > 0
+  # Regenerate from the raw JSON alone: the same page, and other sections are kept.
+  md2 = tmp_path / "again" / "results.md"
+  md2.parent.mkdir()
+  md2.write_text("<!-- BEGIN other -->\nkeep me\n<!-- END other -->\n")
+  assert bench_decode.main(["--from-json", str(out), "--report", str(md2)]) == 0
+  again = md2.read_text()
+  assert "keep me" in again and section(again, "decode-test") == section(text, "decode-test")
+  assert section(again, "header") == section(text, "header")
+  assert (md2.parent / "results_decode-test_kv.png").is_file()
+
+
+def write_traces(tmp_path):
+  csv_path = tmp_path / "AzureLLMInferenceTrace_test.csv"
+  rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+  # 12 requests over ~3 trace seconds with a burst of 6 inside 0.3 s; one prompt longer than the context.
+  times = [0.0, 0.5, 1.0, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 2.0, 2.5, 2.9]
+  for i, t in enumerate(times):
+    ctx = 1000 if i == 3 else 10 + 7 * i
+    rows.append(f"2023-11-16 18:15:{46 + int(t):02d}.{int(round((t % 1) * 1e7)):07d},{ctx},{3 + i % 5}")
+  csv_path.write_text("\n".join(rows) + "\n")
+  jsonl_path = tmp_path / "burst.jsonl"
+  lines = [json.dumps({"timestamp": 1000 * t, "input_length": 20 + i, "output_length": 4 + i % 3,
+                       "hash_ids": [1, 2]}) for i, t in enumerate([0.0, 0.1, 0.12, 0.14, 0.9, 1.4])]
+  jsonl_path.write_text("\n".join(lines) + "\n")
+  return csv_path, jsonl_path
+
+
+def test_trace_parsing(tmp_path):
+  a = replay_trace.parse_timestamp("2023-11-16 18:15:46.6805900")
+  b = replay_trace.parse_timestamp("2023-11-16 18:15:46")
+  assert a - b == pytest.approx(0.68059)
+  csv_path, jsonl_path = write_traces(tmp_path)
+  ts, ctx, gen = replay_trace.load_trace(str(csv_path))
+  assert len(ts) == 12 and ts[0] == 0 and ts[-1] == pytest.approx(2.9) and ctx[3] == 1000
+  ts, ctx, gen = replay_trace.load_trace(str(jsonl_path))
+  assert list(ctx) == [20, 21, 22, 23, 24, 25] and ts[3] == pytest.approx(0.14)
+  assert replay_trace.trace_name(str(csv_path)) == "test"
+
+
+def test_replay_trace_end_to_end_and_report_from_json(tmp_path, capsys):
+  csv_path, jsonl_path = write_traces(tmp_path)
+  out, md = tmp_path / "raw" / "replay.json", tmp_path / "results.md"
+  argv = SMALL + ["--trace", str(csv_path), "--start", "0.4", "--duration", "10", "--max-requests", "10",
+                  "--trace", str(jsonl_path), "--start", "0", "--time-scale", "2", "--max-prompt", "96",
+                  "--max-output", "16", "--out-json", str(out), "--report", str(md), "--label", "replay-test"]
+  assert replay_trace.main(argv) == 0, capsys.readouterr().err
+  obj = json.loads(out.read_text())
+  assert obj["kind"] == "replay_trace"
+  check_engines(obj)
+  csv_t, jsonl_t = obj["traces"]
+  assert csv_t["selected"] == 10 and csv_t["clipped"]["prompt"] == 1  # window [0.4, 10.4) s, first 10
+  assert jsonl_t["selected"] == 6 and jsonl_t["clipped"] == {"prompt": 0, "output": 0, "context": 0}
+  assert csv_t["arrivals"]["burst_bins"]  # the 6 arrivals in 0.3 s are marked as a burst
+  for t in obj["traces"]:
+    for m in t["results"].values():
+      check_run(m, t["selected"], t["tokens"]["output_total"])
+      assert m["queue_ms"]["p50"] is not None and m["queue_ms"]["p50"] >= 0
+  text = md.read_text()
+  for name in ("test", "burst"):
+    assert f"<!-- BEGIN replay-test-{name} -->" in text
+    for what in ("steps", "itl_kv"):
+      assert (tmp_path / f"results_replay-test-{name}_{what}.png").stat().st_size > 0
+  md2 = tmp_path / "again.md"
+  assert replay_trace.main(["--from-json", str(out), "--report", str(md2)]) == 0
+  assert md2.read_text() == text
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("decode", ["--families", "nope"]),
+    ("decode", ["--engines", "kvrm,vllm"]),
+    ("decode", ["--kv-budget-blocks", "4", "--max-len", "128"]),
+    ("replay", []),
+    ("replay", ["--trace", "/nonexistent/trace.csv"]),
+])
+def test_bad_input_is_one_clear_line(script, argv, tmp_path, capsys):
+  mod = bench_decode if script == "decode" else replay_trace
+  assert mod.main(argv + ["--quiet"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_from_json_of_the_wrong_kind(tmp_path, capsys):
+  p = tmp_path / "x.json"
+  p.write_text(json.dumps({"kind": "bench_decode"}))
+  assert replay_trace.main(["--from-json", str(p), "--report", str(tmp_path / "r.md")]) == 2
+  assert "not 'replay_trace'" in capsys.readouterr().err

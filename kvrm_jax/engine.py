@@ -59,6 +59,7 @@ class StepPlan:
   moves: list[tuple[int, int]]  # block copies for the decode step (copy-on-write + compaction)
   preempted: list[Request]
   folds: list[tuple[int, int, float, float]] = dataclasses.field(default_factory=list)  # (src, dst, w_old, w_new)
+  decode_slots: np.ndarray | None = None  # [len(decode)] int32 slots of `decode`, same order
 
 
 @dataclasses.dataclass
@@ -134,6 +135,12 @@ class Engine:
     self._topk = np.zeros((rt.max_slots,), np.int32)
     self._seed = np.zeros((rt.max_slots,), np.int32)
     self._kvoff = np.zeros((rt.max_slots,), np.int32)  # [S] folded tokens per slot
+    # Mirrors of the running requests' host state, so a step's bookkeeping is vectorized: [S] each.
+    self._running = np.zeros((rt.max_slots,), bool)  # slot holds a RUNNING request
+    self._pos = np.zeros((rt.max_slots,), np.int32)  # its num_computed (= position of its next input)
+    self._tok = np.zeros((rt.max_slots,), np.int32)  # its next input token (last output)
+    self._cap = np.zeros((rt.max_slots,), np.int32)  # its capacity (tokens its table holds)
+    self._prefilling: list[Request] = []  # PREFILL requests, oldest admission first
     ks = max(rt.max_summaries, 1)
     self._sum_slots = np.zeros((rt.max_slots, ks), np.int32)  # [S, Ks] flat slots of summary rows
     self._sum_counts = np.zeros((rt.max_slots, ks), np.float32)  # [S, Ks] tokens per row; 0 = unused
@@ -231,10 +238,20 @@ class Engine:
       req.admitted_time = req.admitted_time or time.perf_counter()
       self.slots[slot] = req
       self._order.append(req)
+      self._prefilling.append(req)
       sp = req.sampling
       self._temp[slot], self._topp[slot], self._topk[slot], self._seed[slot] = (
           sp.temperature, sp.top_p, sp.top_k, sp.seed)
       self._refresh_tables(req)
+
+  def mark_running(self, req: Request) -> None:
+    """A request in a slot whose prompt KV is computed decodes from now on (its last output token
+    is the next input)."""
+    s = req.slot
+    if req.status is Status.PREFILL:
+      self._prefilling.remove(req)
+    req.status = Status.RUNNING
+    self._running[s], self._pos[s], self._tok[s], self._cap[s] = True, req.num_computed, req.output_ids[-1], req.capacity
 
   def _release_slot(self, req: Request) -> None:
     s = req.slot
@@ -242,7 +259,9 @@ class Engine:
     if req.sum_base is not None:
       self.allocator.free(("sum", req.id))
     req.kv_offset, req.sum_base, req.sum_counts = 0, None, []
-    self._kvoff[s], self._sum_slots[s], self._sum_counts[s] = 0, 0, 0
+    self._kvoff[s], self._sum_slots[s], self._sum_counts[s], self._running[s] = 0, 0, 0, False
+    if req.status is Status.PREFILL:
+      self._prefilling.remove(req)
     self.slots[s] = None
     self._order.remove(req)
     heapq.heappush(self._free_slots, s)
@@ -272,6 +291,7 @@ class Engine:
       for p, l, k in runs:
         self._bt[s, l:l + k] = np.arange(p, p + k)
     req.capacity = (l + k) * self.rt.block_size
+    self._cap[s] = req.capacity
     self._nruns[s] = len(runs)
     g = self._groups[s]
     if len(runs) <= self.rt.max_groups:
@@ -287,12 +307,14 @@ class Engine:
     self._admit()
     biggest = self.rt.prefill_buckets[-1]
     rows = [(r, r.num_computed, min(biggest, r.prefill_target - r.num_computed))
-            for r in self._order if r.status is Status.PREFILL][:self.rt.max_prefill_seqs]
+            for r in self._prefilling[:self.rt.max_prefill_seqs]]
     moves, preempted = [], []
     bs = self.rt.block_size
-    running = [r for r in self._order if r.status is Status.RUNNING]  # oldest admission first
-    # Most sequences have room in their last block; only those at a block boundary touch the pager.
-    for req in [r for r in running if r.num_computed - r.kv_offset >= r.capacity]:
+    run = np.flatnonzero(self._running)
+    # Most sequences have room in their last block; only those at a block boundary touch the pager,
+    # oldest admission first (when blocks run out the newest request in a slot is preempted).
+    need = run[self._pos[run] - self._kvoff[run] >= self._cap[run]]
+    for req in sorted((self.slots[i] for i in need), key=lambda r: (r.admitted_time, r.id)):
       while req.slot is not None:
         try:  # reserve the next whole block for the coming block_size tokens
           cow = self.allocator.append(req.id, req.capacity + bs - self.allocator.num_tokens(req.id))
@@ -305,7 +327,9 @@ class Engine:
         moves.extend(cow)
         self._refresh_tables(req, grew=not cow)
         break
-    decode = [r for r in running if r.slot is not None] if preempted else running
+    if preempted:
+      run = np.flatnonzero(self._running)
+    decode = [self.slots[i] for i in run]
     folds = self._plan_folds(decode) if self._summaries is not None else []
     # plan_compaction ends the pager's round (copies and moves of one step); call it every step.
     compaction = self.allocator.plan_compaction(self.rt.max_groups, max(0, self.rt.max_moves - len(moves)))
@@ -315,7 +339,7 @@ class Engine:
         self._refresh_tables(r)
     if len(moves) > max(self.rt.max_moves, 0):
       raise RuntimeError(f"{len(moves)} block copies exceed max_moves={self.rt.max_moves}")
-    return StepPlan(rows, decode, moves, preempted, folds)
+    return StepPlan(rows, decode, moves, preempted, folds, run.astype(np.int32))
 
   def _plan_folds(self, decode: list[Request]) -> list[tuple[int, int, float, float]]:
     """Fold (or drop) full blocks between the sinks and the exact window; free them."""
@@ -382,13 +406,14 @@ class Engine:
   def build_decode_descriptor(self, plan: StepPlan, moves=None, folds=None):
     """Pack the decode step's descriptor (vectorized over the plan's slots)."""
     d = self.dlayout.new()
-    reqs, bs = plan.decode, self.rt.block_size
-    n = len(reqs)
-    if n:
-      slots = np.fromiter((r.slot for r in reqs), np.int32, n)
-      pos = np.fromiter((r.num_computed for r in reqs), np.int32, n)
+    bs = self.rt.block_size
+    slots = plan.decode_slots
+    if slots is None:
+      slots = np.fromiter((r.slot for r in plan.decode), np.int32, len(plan.decode))
+    if len(slots):
+      pos = self._pos[slots]
       rel = pos - self._kvoff[slots]  # position within the exact (table) history
-      d["tokens"][slots] = np.fromiter((r.output_ids[-1] for r in reqs), np.int32, n)
+      d["tokens"][slots] = self._tok[slots]
       d["positions"][slots] = pos
       d["lengths"][slots] = rel + 1
       d["write_slots"][slots] = self._bt[slots, rel // bs] * bs + pos % bs
@@ -413,6 +438,8 @@ class Engine:
   def _emit(self, req: Request, token: int, now: float, events: dict) -> None:
     if req.forced is not None:
       token = req.forced[len(req.output_ids)]
+      if req.slot is not None:
+        self._tok[req.slot] = token
     req.output_ids.append(int(token))
     req.token_times.append(now)
     if req.first_token_time is None:
@@ -455,11 +482,14 @@ class Engine:
         req.num_computed = start + n
         if req.num_computed == req.prefill_target:
           self.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
+          self._prefilling.remove(req)
           req.status = Status.RUNNING
           if len(req.output_ids) == 0:  # fresh request: its first token; a resumed one keeps its own
             if logits is not None:
               self.last_logits[req.id] = logits[i]
             self._emit(req, tokens[i], now, events)
+          if req.slot is not None:  # not finished by its first token
+            self.mark_running(req)
     if plan.decode:
       t1 = time.perf_counter()
       self._record_memory(plan)
@@ -474,17 +504,24 @@ class Engine:
       self.stats.decode_steps += 1
       self.stats.moves += len(plan.moves)
       self.stats.folds += len(plan.folds)
-      bs = self.rt.block_size
-      for req in plan.decode:
-        req.num_computed += 1
-        if req.num_computed % bs == 0 and not req.kv_offset:
-          self.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
-        if logits is not None:
-          self.last_logits[req.id] = logits[req.slot]
-        self._emit(req, tokens[req.slot], now, events)
+      self.postprocess_decode(plan, tokens, now, events, logits)
     if self.rt.debug_poison_freed:
       self._poison_freed()
     return events
+
+  def postprocess_decode(self, plan: StepPlan, tokens: np.ndarray, now: float, events: dict, logits=None) -> None:
+    """Account a decode step's sampled tokens ([S] by slot): positions advance, tokens are emitted."""
+    bs = self.rt.block_size
+    slots = plan.decode_slots
+    self._pos[slots] += 1
+    self._tok[slots] = tokens[slots]  # forced tokens (teacher forcing) are set again in _emit
+    for req in plan.decode:
+      req.num_computed += 1
+      if req.num_computed % bs == 0 and not req.kv_offset:
+        self.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
+      if logits is not None:
+        self.last_logits[req.id] = logits[req.slot]
+      self._emit(req, tokens[req.slot], now, events)
 
   def _record_memory(self, plan: StepPlan) -> None:
     reserved = self.allocator.num_used_blocks

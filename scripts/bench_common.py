@@ -32,10 +32,7 @@ MODELS = ("tiny", "smollm2-135m", "llama3-8b", "bundled")
 ENGINES = ("kvrm", "static")
 SPIKE_FACTOR = 3.0  # a step-time spike: a step longer than 3x the median step
 
-
-class UserError(Exception):
-  """Bad arguments or inputs: reported as one `error: ...` line, exit code 2."""
-
+from kvrm_jax.cli import UserError, run_main  # noqa: E402,F401  (re-exported for the scripts)
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -439,18 +436,6 @@ def read_json(path: str, kind: str) -> dict:
   return obj
 
 
-def run_main(fn, argv) -> int:
-  """Call fn(argv); UserError becomes one `error:` line and exit code 2."""
-  try:
-    return fn(argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
-
-
 # ----------------------------------------------------------------------------- report
 
 TARGETS = {"mixed_speedup": 1.5, "reserved_over_live": 1.15, "itl_p99_over_p50": 1.5, "spike": SPIKE_FACTOR}
@@ -664,3 +649,12 @@ def savefig(fig, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt().close(fig)
+
+
+def regenerate(args, kind: str, render, print_summary) -> int:
+  """--from-json: rebuild a report section from saved raw results, without rerunning."""
+  obj = read_json(args.from_json, kind)
+  obj.update({k: v for k, v in (("label", args.label), ("note", args.note)) if v is not None})
+  render(obj, args.report or os.path.join(ROOT, "docs", "results.md"))
+  print_summary(obj)
+  return 0

@@ -131,11 +131,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
   args = parse_args(argv)
   if args.from_json:
-    obj = bc.read_json(args.from_json, KIND)
-    obj.update({k: v for k, v in (("label", args.label), ("note", args.note)) if v is not None})
-    render(obj, args.report or os.path.join(bc.ROOT, "docs", "results.md"))
-    print_summary(obj)
-    return 0
+    return bc.regenerate(args, KIND, render, print_summary)
   families = [f.strip() for f in args.families.split(",") if f.strip()]
   bad = [f for f in families if f not in FAMILIES]
   if bad or not families:

@@ -28,7 +28,7 @@ def measure(slots: int, steps: int, block_size: int, prompt_len: int, max_groups
   from kvrm_jax.config import ModelConfig, RuntimeConfig
   from kvrm_jax.engine import Engine
   from kvrm_jax.model import Llama
-  from kvrm_jax.sequence import SamplingParams, Status
+  from kvrm_jax.sequence import SamplingParams
 
   import dataclasses
   cfg = dataclasses.replace(ModelConfig.from_name("tiny"), max_position=1 << 20)  # host-only: no context limit
@@ -41,11 +41,13 @@ def measure(slots: int, steps: int, block_size: int, prompt_len: int, max_groups
     n = int(rng.integers(prompt_len // 2, prompt_len + 1))
     eng.add_request(rng.integers(3, cfg.vocab_size, n).tolist(), SamplingParams(max_new_tokens=steps + 1))
   eng._admit()
-  for req in eng.slots:  # stand in for the prefill: the prompts' KV is "computed"
-    req.num_computed, req.status = req.prefill_target, Status.RUNNING
+  for req in list(eng.slots):  # stand in for the prefill: the prompts' KV is "computed"
+    req.num_computed = req.prefill_target
     req.output_ids.append(int(rng.integers(3, cfg.vocab_size)))
+    eng.mark_running(req)
     eng.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
   sched_us, build_us = [], []
+  tokens = np.full((slots,), 7, np.int32)  # stand-in sampled tokens
   for _ in range(steps):
     t0 = time.perf_counter()
     plan = eng.schedule()
@@ -54,11 +56,7 @@ def measure(slots: int, steps: int, block_size: int, prompt_len: int, max_groups
     t2 = time.perf_counter()
     sched_us.append((t1 - t0) * 1e6)
     build_us.append((t2 - t1) * 1e6)
-    for req in plan.decode:  # postprocess stand-in: one new token each, no device
-      req.num_computed += 1
-      if req.num_computed % block_size == 0:
-        eng.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
-      req.output_ids.append(7)
+    eng.postprocess_decode(plan, tokens, 0.0, {})  # the engine's own postprocess, no device
     assert len(plan.decode) == slots
   tot = np.add(sched_us, build_us)
   return {"slots": slots, "steps": steps, "block_size": block_size, "prompt_len": prompt_len,

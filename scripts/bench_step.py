@@ -53,7 +53,7 @@ def copy_bandwidth() -> float | None:
 def run_one(cfg, model, batch, context, args, summaries=None) -> dict:
   from kvrm_jax.config import RuntimeConfig
   from kvrm_jax.engine import Engine
-  from kvrm_jax.sequence import SamplingParams, Status
+  from kvrm_jax.sequence import SamplingParams
 
   bs = 16
   # With summaries, time only the steady state: once the prompt's far history has been folded.
@@ -69,9 +69,10 @@ def run_one(cfg, model, batch, context, args, summaries=None) -> dict:
     eng.add_request(rng.integers(3, cfg.vocab_size, context).tolist(),
                     SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
   eng._admit()
-  for req in eng.slots:  # stand in for the prefill: the prompts' KV is "computed"
-    req.num_computed, req.status = req.prefill_target, Status.RUNNING
+  for req in list(eng.slots):  # stand in for the prefill: the prompts' KV is "computed"
+    req.num_computed = req.prefill_target
     req.output_ids.append(int(rng.integers(3, cfg.vocab_size)))
+    eng.mark_running(req)
   times, host = [], []
   folds_done_at = None
   for i in range(steps):
@@ -82,9 +83,7 @@ def run_one(cfg, model, batch, context, args, summaries=None) -> dict:
     tokens, eng.k_pool, eng.v_pool = eng.decode_step(eng.state, eng.k_pool, eng.v_pool, ints, floats)
     tok = np.asarray(tokens)
     t2 = time.perf_counter()
-    for req in plan.decode:
-      req.num_computed += 1
-      req.output_ids.append(int(tok[req.slot]))
+    eng.postprocess_decode(plan, tok, t2, {})
     if summaries is not None and not plan.folds and folds_done_at is None and i > 0:
       folds_done_at = i
     if i >= args.warmup and (summaries is None or folds_done_at is not None) and len(times) < args.iters:

@@ -17,9 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-class UserError(Exception):
-  pass
+from kvrm_jax.cli import UserError, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -81,15 +79,7 @@ def read_prompts(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    return run(args)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
+  return run_main(lambda a: run(parse_args(a)), argv)
 
 
 def run(args) -> int:

@@ -252,11 +252,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
   args = parse_args(argv)
   if args.from_json:
-    obj = bc.read_json(args.from_json, KIND)
-    obj.update({k: v for k, v in (("label", args.label), ("note", args.note)) if v is not None})
-    render(obj, args.report or os.path.join(bc.ROOT, "docs", "results.md"))
-    print_summary(obj)
-    return 0
+    return bc.regenerate(args, KIND, render, print_summary)
   if not args.trace:
     raise bc.UserError("give --trace FILE (or --from-json FILE to regenerate a report)")
   if args.time_scale <= 0 or args.token_scale <= 0:

@@ -107,13 +107,3 @@ def prefill_layout(rt: RuntimeConfig, chunk: int) -> Layout:
           ("top_p", (p,)),  # [P]
           ("fold_w", (max(rt.max_folds, 1), 2)),  # [F, 2]
       ))
-
-
-def groups_array(runs, max_groups: int) -> tuple[np.ndarray, int]:
-  """Pad a sequence's runs to [G, 3]; more than G runs -> (zeros, 0): the kernel uses the table."""
-  out = np.zeros((max_groups, 3), np.int32)
-  if len(runs) > max_groups:
-    return out, 0
-  if runs:
-    out[:len(runs)] = np.asarray(runs, np.int32)
-  return out, len(runs)

@@ -154,12 +154,15 @@ class Engine:
 
   @summaries.setter
   def summaries(self, sc: SummaryConfig | None) -> None:
+    self._check_summaries(sc)
+    self._summaries = sc
+
+  def _check_summaries(self, sc: SummaryConfig | None) -> None:
     if sc is not None:
       if self.kind == "static":
         raise ValueError("far-history summaries need the kvrm engine (the static baseline has no pager)")
       if sc.max_entries > self.rt.max_summaries:
         raise ValueError(f"summaries max={sc.max_entries} exceeds RuntimeConfig.max_summaries={self.rt.max_summaries}")
-    self._summaries = sc
 
   @classmethod
   def from_checkpoint(cls, path, rt: RuntimeConfig, **kw) -> "Engine":
@@ -170,11 +173,13 @@ class Engine:
   # --------------------------------------------------------------------------- requests
 
   def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
-                  arrival: float | None = None, forced_output: Sequence[int] | None = None) -> int:
+                  arrival: float | None = None, forced_output: Sequence[int] | None = None,
+                  summaries: SummaryConfig | None = None) -> int:
     """Queue a request; raises RequestError if it can never be served.
 
     forced_output: teacher forcing: emit these tokens instead of sampled ones (the step still
     computes logits for them; evaluation and trace replay use this).
+    summaries: this request's far-history summary policy (default: the engine's `summaries`).
     """
     sampling = sampling or SamplingParams()
     ids = [int(t) for t in prompt_ids]
@@ -192,7 +197,8 @@ class Engine:
       raise RequestError(f"request needs {need} KV blocks; the pool has {self.allocator.num_total_blocks}")
     rid = self._next_id
     self._next_id += 1
-    req = Request(rid, ids, sampling, arrival=time.perf_counter() if arrival is None else arrival)
+    self._check_summaries(summaries)
+    req = Request(rid, ids, sampling, arrival=time.perf_counter() if arrival is None else arrival, summaries=summaries)
     if forced_output is not None:
       if len(forced_output) < sampling.max_new_tokens:
         raise RequestError(f"forced_output has {len(forced_output)} tokens < max_new_tokens {sampling.max_new_tokens}")
@@ -330,7 +336,7 @@ class Engine:
     if preempted:
       run = np.flatnonzero(self._running)
     decode = [self.slots[i] for i in run]
-    folds = self._plan_folds(decode) if self._summaries is not None else []
+    folds = self._plan_folds(decode)
     # plan_compaction ends the pager's round (copies and moves of one step); call it every step.
     compaction = self.allocator.plan_compaction(self.rt.max_groups, max(0, self.rt.max_moves - len(moves)))
     if compaction:
@@ -343,10 +349,13 @@ class Engine:
 
   def _plan_folds(self, decode: list[Request]) -> list[tuple[int, int, float, float]]:
     """Fold (or drop) full blocks between the sinks and the exact window; free them."""
-    sc, bs = self._summaries, self.rt.block_size
+    bs = self.rt.block_size
     budget = self.rt.max_folds
     folds = []
     for req in decode:
+      sc = req.summaries or self._summaries
+      if sc is None:
+        continue
       total = req.num_computed + 1  # tokens once this step's token is written
       nblocks = -(-(total - req.kv_offset) // bs)
       first_window = max(0, total - sc.window) // bs - req.kv_offset // bs  # table index

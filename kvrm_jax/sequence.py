@@ -57,6 +57,7 @@ class Request:
   sum_base: int | None = None  # flat pool slot of its summary row 0 (its summary block)
   sum_counts: list[int] = dataclasses.field(default_factory=list)  # tokens folded into each summary row
   forced: list[int] | None = None  # teacher-forced output tokens
+  summaries: object = None  # SummaryConfig of this request (None: the engine's)
   # Prefill target: tokens whose KV the prefill must compute. A fresh request computes its whole
   # prompt and samples its first token; a resumed (preempted) one recomputes all but its pending
   # last token and keeps the tokens it already generated.

@@ -109,3 +109,17 @@ def test_fold_targets_distinct_and_balanced():
   with pytest.raises(ValueError):
     SummaryConfig.parse("sink=1,windw=3")
   assert SummaryConfig.parse("sink=2,window=64,max=3") == SummaryConfig(2, 64, 3)
+
+
+def test_per_request_policies_share_one_batch(model):
+  """Exact and summarized requests decode side by side; the exact one matches the reference."""
+  p = _prompts(4, (50,))[0]
+  sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
+  eng = Engine(CFG, model, RT)
+  exact = eng.add_request(p, sp)
+  summ = eng.add_request(p, sp, summaries=SummaryConfig(1, 16, 2))
+  while eng.has_work():
+    eng.step()
+  assert eng.requests[exact].output_ids == reference.greedy_generate(model, p, 40)
+  assert eng.stats.folds > 0 and eng.compiles.decode == 1
+

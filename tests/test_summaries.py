@@ -117,7 +117,7 @@ def test_per_request_policies_share_one_batch(model):
   sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
   eng = Engine(CFG, model, RT)
   exact = eng.add_request(p, sp)
-  summ = eng.add_request(p, sp, summaries=SummaryConfig(1, 16, 2))
+  eng.add_request(p, sp, summaries=SummaryConfig(1, 16, 2))
   while eng.has_work():
     eng.step()
   assert eng.requests[exact].output_ids == reference.greedy_generate(model, p, 40)

@@ -15,6 +15,7 @@ dropped: K=0). Writes JSON, a markdown table and a plot into docs/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -59,12 +60,13 @@ def run(args) -> dict:
   rt = RuntimeConfig(block_size=bs, num_blocks=n_runs * (mb + 2) + 1, max_slots=n_runs,
                      max_blocks_per_seq=mb, prefill_buckets=(64,), max_summaries=max(args.entries),
                      max_folds=n_runs * max(args.entries), dtype=args.dtype)
-  eng = Engine(cfg, model, rt, tokenizer=tok, with_logits=True)
+  gen_rt = dataclasses.replace(rt, max_slots=len(prompts), num_blocks=len(prompts) * (mb + 2) + 1)
   t0 = time.perf_counter()
-  gen = eng.generate(prompts, SamplingParams(max_new_tokens=args.tokens, temperature=0.8, top_p=0.95, seed=7,
+  gen = Engine(cfg, model, gen_rt, tokenizer=tok).generate(prompts, SamplingParams(max_new_tokens=args.tokens, temperature=0.8, top_p=0.95, seed=7,
                                              ignore_eos=True), progress=True)
   texts = [o.output_ids for o in gen]
   print(f"generated {len(texts)} x {args.tokens} tokens in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+  eng = Engine(cfg, model, rt, tokenizer=tok, with_logits=True)
 
   # Every setting decodes side by side in one batch (per-request summary policies): one pass.
   sets = settings(args.windows, args.entries)

@@ -68,7 +68,6 @@ class EngineStats:
   prefill_steps: int = 0
   preemptions: int = 0
   prefix_hit_blocks: int = 0
-  rejected: int = 0
   moves: int = 0
   folds: int = 0
   peak_reserved_blocks: int = 0

@@ -291,6 +291,25 @@ class Runner:
     return Mark(len(self.steps), len(st.host_us), len(st.step_s), len(st.reserved_series), len(st.groups_per_seq),
                 st.moves, st.preemptions, st.prefix_hit_blocks, st.decode_steps, st.prefill_steps, c.decode, c.prefill)
 
+  def add(self, prompt, max_new_tokens: int, arrival: float, rids: list[int]) -> bool:
+    """Queue one forced-length request (appended to rids); False if the engine rejects it."""
+    from kvrm_jax.engine import RequestError
+    from kvrm_jax.sequence import SamplingParams
+    try:
+      rids.append(self.engine.add_request(prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+                                          arrival=arrival))
+      return True
+    except RequestError:
+      return False
+
+  def finish(self, rids: list[int], rejected: int, mark: Mark, t_start: float, t_end: float, **kw) -> dict:
+    """metrics() of a run, then abort what it left unfinished (a run cut off by --max-wall must not
+    leave work behind for the next run)."""
+    m = self.metrics(rids, rejected, mark, t_start, t_end, **kw)
+    for rid in rids:
+      self.engine.abort(rid)
+    return m
+
   def metrics(self, rids: list[int], rejected: int, mark: Mark, t_start: float, t_end: float, *,
               not_added: int = 0, series_points: int = 2000) -> dict:
     """Every metric of one run (the requests `rids` since `mark`), times relative to t_start.

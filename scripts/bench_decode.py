@@ -94,19 +94,13 @@ def describe(work) -> dict:
 
 def run_offline(runner: bc.Runner, work, desc: str, quiet: bool, max_wall: float | None) -> dict:
   """Add every request at t=0, step until all are done; metrics of this run."""
-  from kvrm_jax.engine import RequestError
-  from kvrm_jax.sequence import SamplingParams
-
   eng = runner.engine
   mark = runner.mark()
   rids, rejected = [], 0
   bar = bc.progress_bar(sum(n for _, n in work), desc, quiet)
   t0 = time.perf_counter()
   for prompt, n in work:
-    try:
-      rids.append(eng.add_request(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True), arrival=t0))
-    except RequestError:
-      rejected += 1
+    rejected += not runner.add(prompt, n, t0, rids)
   idle = 0
   while eng.has_work():
     events = runner.step()
@@ -118,10 +112,7 @@ def run_offline(runner: bc.Runner, work, desc: str, quiet: bool, max_wall: float
   t_end = time.perf_counter()
   if bar is not None:
     bar.close()
-  m = runner.metrics(rids, rejected, mark, t0, t_end)
-  for rid in rids:  # a run cut off by --max-wall must not leave work behind for the next run
-    eng.abort(rid)
-  return m
+  return runner.finish(rids, rejected, mark, t0, t_end)
 
 
 def main(argv=None) -> int:

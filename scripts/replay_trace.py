@@ -190,9 +190,6 @@ def select(path: str, start: float, duration: float | None, args, max_len: int, 
 
 def replay(runner: bc.Runner, reqs, desc: str, quiet: bool, max_wall: float | None) -> dict:
   """Add each request when its arrival time has passed; step while there is work; idle otherwise."""
-  from kvrm_jax.engine import RequestError
-  from kvrm_jax.sequence import SamplingParams
-
   eng = runner.engine
   mark = runner.mark()
   bar = bc.progress_bar(sum(r[2] for r in reqs), desc, quiet)
@@ -204,10 +201,7 @@ def replay(runner: bc.Runner, reqs, desc: str, quiet: bool, max_wall: float | No
       break
     while i < n and t0 + reqs[i][0] <= now:
       arrival, prompt, out = reqs[i]
-      try:
-        rids.append(eng.add_request(prompt, SamplingParams(max_new_tokens=out, ignore_eos=True), arrival=t0 + arrival))
-      except RequestError:
-        rejected += 1
+      rejected += not runner.add(prompt, out, t0 + arrival, rids)
       i += 1
     if eng.has_work():
       events = runner.step()
@@ -220,10 +214,7 @@ def replay(runner: bc.Runner, reqs, desc: str, quiet: bool, max_wall: float | No
   t_end = time.perf_counter()
   if bar is not None:
     bar.close()
-  m = runner.metrics(rids, rejected, mark, t0, t_end, not_added=n - i, series_points=4000)
-  for rid in rids:  # a run cut off by --max-wall must not leave work behind for the next run
-    eng.abort(rid)
-  return m
+  return runner.finish(rids, rejected, mark, t0, t_end, not_added=n - i, series_points=4000)
 
 
 def burst_bins(counts) -> list[int]:

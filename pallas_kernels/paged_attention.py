@@ -248,14 +248,12 @@ def paged_decode_attention(q,             # [B, Hq, D]
   part = KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=MB,
                             chunk_tokens=chunk_tokens, num_splits=num_splits)
   desc = build_descriptors(lengths, block_tables, groups, num_groups, part)  # [B, S, W]
-  q4 = q.reshape(B, Hkv, G, D)
   if backend == "mosaic":
-    qp = -(-G // 8) * 8
-    q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - G), (0, 0)))
-    o, lse = mgpu.decode_partials_mgpu(desc, q4, k_pool.reshape(Hkv, N * bs, D),
+    o, lse = mgpu.decode_partials_mgpu(desc, q, k_pool.reshape(Hkv, N * bs, D),
                                        v_pool.reshape(Hkv, N * bs, D), part=part,
                                        sm_scale=scale, stages=stages)
   else:
+    q4 = q.reshape(B, Hkv, G, D)
     qp = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - G), (0, 0)))
     o, lse = _generic_call(desc, q4, k_pool, v_pool, part=part, sm_scale=scale,

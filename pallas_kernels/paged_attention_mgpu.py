@@ -6,7 +6,10 @@
 # one TMA of chunk_blocks*bs rows; any other chunk is chunk_blocks per-block
 # TMAs. Both kinds are always issued, predicated on the chunk source, so every
 # chunk arrives on its barrier exactly chunk_blocks + 1 times.
-# The q heads of kv head h (padded to QP rows) sit in a 64-row wgmma tile:
+# The q heads of kv head h sit in a 64-row wgmma tile: one TMA of QP (G rounded
+# up to 8) rows straight from the flat [B*Hq, D] q, so rows past G hold the next
+# heads' q (or TMA's zero fill past the end) and give outputs nobody reads;
+# no padded copy of q is made.
 # S = Q K^T and O += P V run on the tensor cores, online softmax in registers.
 # Output per program: o normalised by its own sum (f32) and base-2 lse;
 # partition.combine_splits merges the splits.
@@ -43,12 +46,12 @@ _LOAD_NO_IDX = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
 def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
-                   q_ref,      # [B, Hkv, QP, D] (GMEM)
+                   q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
                    k_ref,      # [Hkv, N*bs, D] (GMEM)
                    v_ref,      # [Hkv, N*bs, D] (GMEM)
                    o_ref,      # [B, Hkv, S, QP, D] f32 (GMEM)
                    lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
-                   *, part: KVPartition, qp: int, head_dim: int, dtype, sm_scale: float,
+                   *, part: KVPartition, qp: int, g: int, head_dim: int, dtype, sm_scale: float,
                    stages: int):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
@@ -60,13 +63,15 @@ def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
   scale_log2 = sm_scale * math.log2(math.e)
 
   def main(desc_smem,  # [W / 64, 64] int32
-           q_smem,     # [64, D]
+           q_smem,     # [64, D] tiled + swizzled (the wgmma operand)
+           q_stage,    # [64, D] plain (untiled): TMA target at any row offset of q
            bars):      # [2] barriers: desc, q
     plgpu.copy_gmem_to_smem(desc_ref.at[b, s], desc_smem, bars.at[0])
     zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), dtype), plgpu.Layout.WGMMA)
-    q_smem[...] = zeros
+    q_stage[...] = zeros
     plgpu.commit_smem()  # generic-proxy zeros before the TMA writes rows [0, QP)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, qp)], bars.at[1])
+    q_row0 = (b * k_ref.shape[0] + h) * g
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, qp)], q_stage.at[pl.ds(0, qp)], bars.at[1])
     plgpu.barrier_wait(bars.at[0])
 
     def rd(idx):  # word idx of the descriptor row
@@ -104,6 +109,8 @@ def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
           issue(jnp.int32(i), i)
 
       plgpu.barrier_wait(bars.at[1])
+      q_smem[...] = _load(q_stage, plgpu.Layout.WGMMA)  # into the tiled, swizzled wgmma operand
+      plgpu.commit_smem()
 
       def body(i, carry):
         acc, m_i, l_i = carry
@@ -176,19 +183,27 @@ def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
       main,
       plgpu.SMEM((part.desc_width // DESC_COLS, DESC_COLS), jnp.int32),
       plgpu.SMEM((WG_ROWS, D), dtype, transforms=(tiling, swizzle)),
+      plgpu.SMEM((WG_ROWS, D), dtype),
       plgpu.Barrier(num_arrivals=1, num_barriers=2),
   )
 
 
 def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64])
-                         q4,     # [B, Hkv, QP, D]
+                         q,      # [B, Hq, D]
                          k_flat,  # [Hkv, N*bs, D]
                          v_flat,  # [Hkv, N*bs, D]
                          *, part: KVPartition, sm_scale: float, stages: int = 2):
-  """Runs the Mosaic GPU kernel; returns (o [B, Hkv, S, QP, D] f32, lse [B, Hkv, S, QP] f32)."""
-  B, Hkv, qp, D = q4.shape
+  """Runs the Mosaic GPU kernel; returns (o [B, Hkv, S, QP, D] f32, lse [B, Hkv, S, QP] f32),
+  QP = q heads per kv head rounded up to 8 (rows past that count are not meaningful)."""
+  B, Hq, D = q.shape
+  Hkv = k_flat.shape[0]
+  g = Hq // Hkv
+  qp = -(-g // 8) * 8
   S = part.num_splits
-  kernel = functools.partial(_decode_kernel, part=part, qp=qp, head_dim=D, dtype=q4.dtype,
+  rows = q.reshape(B * Hq, D)
+  if B * Hq < qp:  # the one TMA box must fit inside the array
+    rows = jnp.pad(rows, ((0, qp - B * Hq), (0, 0)))
+  kernel = functools.partial(_decode_kernel, part=part, qp=qp, g=g, head_dim=D, dtype=q.dtype,
                              sm_scale=sm_scale, stages=stages)
   call = plgpu.kernel(
       kernel,
@@ -200,7 +215,7 @@ def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64]
       kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}",
   )
   desc = desc.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS)
-  return call(desc, q4, k_flat, v_flat)
+  return call(desc, rows, k_flat, v_flat)
 
 
 def mgpu_supported(q_dtype, head_dim: int, q_per_kv: int, block_size: int) -> bool:

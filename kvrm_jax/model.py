@@ -2,7 +2,8 @@
 
 The model knows nothing about how KV is stored: each layer hands its new q/k/v to an `attend`
 callback (paged KV-RM pool, or the static baseline's dense cache) that writes the new KV and
-returns the attention output. Layers run under `lax.scan` over stacked weights.
+returns the attention output. Layers run under `lax.scan` over stacked weights, or (unroll=True)
+as a Python loop over static per-layer slices of them.
 
 Legend for shape comments: T tokens, D model width, H q heads, K kv heads, G q heads per kv head,
 E head dim, F MLP width, V vocab, L layers.
@@ -92,11 +93,14 @@ class Llama(nnx.Module):
   def layer_weights(self) -> dict[str, jax.Array]:
     return {n: getattr(self, n)[...] for n in LAYER_PARAMS}
 
-  def __call__(self, tokens, positions, cache, attend: AttendFn, *, logits_index=None, reduce=None):
+  def __call__(self, tokens, positions, cache, attend: AttendFn, *, logits_index=None, reduce=None,
+               unroll: bool = False):
     """tokens, positions: [T] int32. Returns (logits [T or len(logits_index), V] f32, cache).
 
     Written for local shapes: under tensor parallelism the weights are this device's shards
     (head counts come from their shapes) and `reduce` sums the row-parallel projections.
+    unroll: a Python loop over layers with static weight slices `w[i]` and a static layer index
+    passed to `attend`, instead of `lax.scan` (same math; the compiled graph is L layers long).
     """
     cfg = self.cfg
     t = tokens.shape[0]
@@ -120,7 +124,12 @@ class Llama(nnx.Module):
       x = x + reduce((jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"])
       return (x, cache, li + 1), None
 
-    (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), self.layer_weights())
+    ws = self.layer_weights()  # {name: [L, ...]}
+    if unroll:
+      for i in range(ws["wq"].shape[0]):
+        (x, cache, _), _ = layer((x, cache, i), {n: w[i] for n, w in ws.items()})
+    else:
+      (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), ws)
     if logits_index is not None:
       x = x[logits_index]
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)

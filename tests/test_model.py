@@ -106,6 +106,40 @@ def test_checkpoint_roundtrip_and_dtype(tmp_path):
   np.testing.assert_allclose(np.asarray(m2.wq[...], np.float32), weights["wq"], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("with_summaries", [False, True])
+def test_layer_loop_unroll_matches_scan(with_summaries):
+  """RuntimeConfig.layer_loop="unroll" (static per-layer weight slices) gives the scan's logits, bit
+  for bit, through the engine's prefill and decode steps (float32, tiny model, reference attention)."""
+  import dataclasses
+
+  from flax import nnx
+
+  from kvrm_jax.model import Llama
+  from kvrm_jax.summaries import SummaryConfig
+  cfg = ModelConfig.from_name("tiny")
+  model = Llama(cfg, rngs=nnx.Rngs(5))
+  rng = np.random.default_rng(5)
+  ps = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 19, 40)]
+  sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+  sc = SummaryConfig.parse("sink=1,window=16,max=2") if with_summaries else None
+  rt = RuntimeConfig(block_size=8, num_blocks=64, max_slots=4, max_blocks_per_seq=16, max_groups=2,
+                     prefill_buckets=(8, 32), attention="reference")
+  logits, toks = {}, {}
+  for loop in ("scan", "unroll"):
+    eng = Engine(cfg, model, dataclasses.replace(rt, layer_loop=loop), with_logits=True, summaries=sc)
+    rids = [eng.add_request(p, sp) for p in ps]
+    rows = []
+    while eng.has_work():
+      eng.step()
+      rows.append(np.stack([eng.last_logits.get(r, np.zeros(cfg.vocab_size, np.float32)) for r in rids]))
+    logits[loop], toks[loop] = np.stack(rows), [eng.requests[r].output_ids for r in rids]
+    assert eng.compiles.decode == 1 and (eng.stats.folds > 0) == with_summaries
+  assert toks["unroll"] == toks["scan"]
+  np.testing.assert_array_equal(logits["unroll"], logits["scan"])
+  with pytest.raises(ValueError, match="layer_loop"):
+    RuntimeConfig(layer_loop="while")
+
+
 @pytest.mark.parametrize("bad", ["missing", "empty_dir", "corrupt_config", "corrupt_params"])
 def test_bad_checkpoints_raise_checkpoint_error(tmp_path, bad):
   path = tmp_path / "c"

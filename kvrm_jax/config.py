@@ -112,6 +112,16 @@ class RuntimeConfig:
     only when the engine runs with summaries, but always part of the step's shapes).
   max_folds: blocks folded into summaries per step.
   watermark_blocks: blocks admission keeps free for the growth of running sequences.
+  layer_loop: "scan" runs the layers under `lax.scan` over the stacked weights; "unroll" runs a
+    Python loop with static per-layer weight slices (same math, one compile L times larger);
+    "auto": unroll on GPU, scan elsewhere (kvrm_jax/step.py `unrolled`).
+  host_blocks: blocks of the pinned-host KV tier (kvrm_jax/tier.py), the null extent included;
+    0 = no host tier. Host blocks are handed out in extents of host_extent blocks: one extent is
+    one host<->device transfer (a coalesced group).
+  max_swap_extents: extents swapped out and in per step (each direction).
+  max_host_reads: host extents the decode step stages per layer (cold blocks of running
+    sequences kept on the host); 0 = every block a step reads is on the device.
+  max_host_blocks_per_seq: host-resident blocks one running sequence may have.
   """
 
   block_size: int = 16
@@ -128,7 +138,13 @@ class RuntimeConfig:
   watermark_blocks: int = 0
   dtype: str = "float32"
   attention: str = "auto"  # "auto" | "reference" | "pallas" | "interpret"
+  layer_loop: str = "auto"  # "auto" | "scan" | "unroll"
   debug_poison_freed: bool = False
+  host_blocks: int = 0
+  host_extent: int = 8
+  max_swap_extents: int = 0
+  max_host_reads: int = 0
+  max_host_blocks_per_seq: int = 0
 
   def __post_init__(self):
     if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -148,6 +164,28 @@ class RuntimeConfig:
       raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
     if self.attention not in ("auto", "reference", "pallas", "interpret"):
       raise ValueError(f"unknown attention backend {self.attention!r}")
+    if self.layer_loop not in ("auto", "scan", "unroll"):
+      raise ValueError(f"unknown layer_loop {self.layer_loop!r} (auto | scan | unroll)")
+    for f in ("host_blocks", "max_swap_extents", "max_host_reads", "max_host_blocks_per_seq"):
+      if getattr(self, f) < 0:
+        raise ValueError(f"RuntimeConfig.{f} must be >= 0, got {getattr(self, f)}")
+    if self.host_blocks:
+      if self.host_extent <= 0:
+        raise ValueError(f"host_extent must be positive, got {self.host_extent}")
+      if self.host_blocks < 2 * self.host_extent:
+        raise ValueError(f"host_blocks={self.host_blocks} must hold at least two extents of "
+                         f"host_extent={self.host_extent} (extent 0 is the null extent)")
+    elif self.max_swap_extents or self.max_host_reads:
+      raise ValueError("max_swap_extents / max_host_reads need a host tier (host_blocks > 0)")
+    if self.max_host_reads and not self.max_swap_extents:
+      raise ValueError("max_host_reads needs max_swap_extents > 0 (blocks reach the host through swap-out copies)")
+    if bool(self.max_host_reads) != bool(self.max_host_blocks_per_seq):
+      raise ValueError("max_host_reads and max_host_blocks_per_seq are set together (both 0 or both > 0)")
+
+  @property
+  def host_extents(self) -> int:
+    """Extents of the host tier, the null extent 0 included."""
+    return self.host_blocks // self.host_extent if self.host_blocks else 0
 
   @property
   def max_seq_len(self) -> int:

@@ -78,13 +78,25 @@ def decode_layout(rt: RuntimeConfig) -> Layout:
           ("seeds", (s,)),  # [S] per-request sampling seed
           ("folds", (max(rt.max_folds, 1), 2)),  # [F, 2] (src block, dst flat slot) summary folds, run first
           ("summary_slots", (s, max(rt.max_summaries, 1))),  # [S, Ks] flat pool slots of summary rows
-      ),
+      ) + _host_read_fields(rt),
       floats=(
           ("temperature", (s,)),  # [S] 0 = greedy
           ("top_p", (s,)),  # [S] 1 = off
           ("fold_w", (max(rt.max_folds, 1), 2)),  # [F, 2] (w_old, w_new); w_new = 0 = no-op
           ("summary_counts", (s, max(rt.max_summaries, 1))),  # [S, Ks] tokens per summary; 0 = unused
       ))
+
+
+def _host_read_fields(rt: RuntimeConfig) -> Fields:
+  """Host tier placement (kvrm_jax/tier.py): host extents the step stages per layer."""
+  if not rt.max_host_reads:
+    return ()
+  return (
+      ("host_reads", (rt.max_host_reads,)),  # [X] host extents to stage, in staging order
+      ("host_n", (1,)),  # extents used
+      ("host_table", (rt.max_slots, rt.max_host_blocks_per_seq)),  # [S, Hm] staged row per host block
+      ("host_count", (rt.max_slots,)),  # [S] host-resident blocks per slot
+  )
 
 
 def prefill_layout(rt: RuntimeConfig, chunk: int) -> Layout:

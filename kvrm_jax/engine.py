@@ -24,6 +24,7 @@ import numpy as np
 from kvrm_jax import descriptor as desc_lib
 from kvrm_jax import model as model_lib
 from kvrm_jax import step as step_lib
+from kvrm_jax import tier as tier_lib
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.pager import BlockPager, OutOfBlocks
 from kvrm_jax.sequence import Request, RequestOutput, SamplingParams, Status
@@ -60,6 +61,7 @@ class StepPlan:
   preempted: list[Request]
   folds: list[tuple[int, int, float, float]] = dataclasses.field(default_factory=list)  # (src, dst, w_old, w_new)
   decode_slots: np.ndarray | None = None  # [len(decode)] int32 slots of `decode`, same order
+  swaps: tuple[int, int] = (0, 0)  # host tier extents swapped out / in before this step
 
 
 @dataclasses.dataclass
@@ -77,15 +79,27 @@ class EngineStats:
   step_s: list[float] = dataclasses.field(default_factory=list)
   reserved_series: list[int] = dataclasses.field(default_factory=list)
   live_series: list[int] = dataclasses.field(default_factory=list)
+  # Host tier: blocks placed on the host, swap preemptions, extents copied out / in, and per decode
+  # step (extents swapped out, in, staged by the step per layer; host blocks in use).
+  placed_blocks: int = 0
+  swap_preemptions: int = 0
+  swap_out_extents: int = 0
+  swap_in_extents: int = 0
+  tier_series: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
 
 
 class Engine:
   """KV-RM engine (`kind="kvrm"`) or the static-graph baseline (`kind="static"`)."""
 
   def __init__(self, cfg: ModelConfig, model: model_lib.Llama, rt: RuntimeConfig, *, tokenizer=None,
-               kind: str = "kvrm", with_logits: bool = False, mesh=None, summaries: SummaryConfig | None = None):
+               kind: str = "kvrm", with_logits: bool = False, mesh=None, summaries: SummaryConfig | None = None,
+               tier_policy: str = "recency", swap_min_tokens: int = 0):
     if kind not in ("kvrm", "static"):
       raise ValueError(f"unknown engine kind {kind!r} (kvrm | static)")
+    if rt.host_blocks and kind == "static":
+      raise ValueError("the host tier (RuntimeConfig.host_blocks) needs the kvrm engine")
+    if tier_policy not in tier_lib.POLICIES:
+      raise ValueError(f"unknown tier policy {tier_policy!r}; choose one of {tier_lib.POLICIES}")
     if kind == "static":
       rt = static_runtime(rt)
     self.rt, self.kind, self.tokenizer, self.mesh = rt, kind, tokenizer, mesh
@@ -108,8 +122,20 @@ class Engine:
       self._desc_sharding = NamedSharding(mesh, sharding.REPLICATED)
     self.cfg = cfg
     self.k_pool, self.v_pool = step_lib.init_pools(cfg, rt, sharding=pool_sharding)
+    # Host tier: placement policy, and swap preemption for requests of >= swap_min_tokens tokens.
+    self.tier_policy, self.swap_min_tokens = tier_policy, swap_min_tokens
+    self.with_mass = bool(rt.max_host_reads) and tier_policy == "attention"
     self.decode_step, self._prefill_step, self.compiles = step_lib.build_steps(
-        self.graphdef, cfg, rt, with_logits=with_logits, mesh=mesh, state_specs=specs)
+        self.graphdef, cfg, rt, with_logits=with_logits, mesh=mesh, state_specs=specs, with_mass=self.with_mass)
+    self.tier = None
+    # This round's host tier copies: (extent, device blocks, request id).
+    self._swap_out: list[tuple[int, list[int], int]] = []
+    self._swap_in: list[tuple[int, list[int], int]] = []
+    if rt.host_blocks:
+      self.tier = tier_lib.HostTier(rt)
+      self.k_host, self.v_host = tier_lib.init_host_pools(cfg, rt, mesh)
+      self.swap_step = step_lib.build_swap(rt, mesh)
+      self._swap_layout = tier_lib.swap_layout(rt)
     self.with_logits = with_logits
     if kind == "static":
       self.allocator = StaticReservation(rt.max_slots, rt.max_blocks_per_seq, rt.block_size)
@@ -158,6 +184,8 @@ class Engine:
 
   def _check_summaries(self, sc: SummaryConfig | None) -> None:
     if sc is not None:
+      if self.rt.host_blocks:
+        raise ValueError("far-history summaries and the host tier cannot be combined")
       if self.kind == "static":
         raise ValueError("far-history summaries need the kvrm engine (the static baseline has no pager)")
       if sc.max_entries > self.rt.max_summaries:
@@ -192,7 +220,8 @@ class Engine:
                          f"context limit of {limit} tokens (model context {self.cfg.max_position}, runtime "
                          f"max_blocks_per_seq*block_size {self.rt.max_seq_len})")
     need = self.allocator.blocks_needed(len(ids) + sampling.max_new_tokens)
-    if need > self.allocator.num_total_blocks:
+    if self.allocator.blocks_needed(len(ids)) > self.allocator.num_total_blocks or \
+        need - self.rt.max_host_blocks_per_seq > self.allocator.num_total_blocks:
       raise RequestError(f"request needs {need} KV blocks; the pool has {self.allocator.num_total_blocks}")
     rid = self._next_id
     self._next_id += 1
@@ -215,6 +244,8 @@ class Engine:
       self._release_slot(req)
     else:
       self.waiting.remove(req)
+      if self.tier is not None:
+        self.tier.free(req.id)  # a swapped-out request's host blocks
     req.status, req.finish_reason, req.finish_time = Status.FINISHED, "aborted", time.perf_counter()
     return True
 
@@ -227,6 +258,10 @@ class Engine:
     while self.waiting and self._free_slots:
       slot = self._free_slots[0]
       req = self.waiting[0]
+      if req.swapped:
+        if not self._swap_in_request(req, slot):
+          return
+        continue
       # A resumed request keeps its pending last token out of the KV it recomputes.
       target = req.num_tokens - (1 if req.output_ids else 0)
       ids = req.all_ids[:target]
@@ -249,6 +284,44 @@ class Engine:
           sp.temperature, sp.top_p, sp.top_k, sp.seed)
       self._refresh_tables(req)
 
+  def _growth_need(self) -> int:
+    """Blocks the running requests at a block boundary take in this step."""
+    run = np.flatnonzero(self._running)
+    return int(np.sum(self._pos[run] - self._kvoff[run] >= self._cap[run]))
+
+  def _swap_in_request(self, req: Request, slot: int) -> bool:
+    """Resume a swapped-out request: fresh device blocks, its swapped extents copied back this
+    step. Blocks it had placed on the host stay there (the step keeps staging them)."""
+    bs = self.rt.block_size
+    placed_ext, placed = self.tier.placed(req.id)
+    host_tokens = len(placed) * bs
+    n = self.allocator.blocks_needed(req.num_computed - host_tokens)
+    reads = sum(len(self.tier.placed(r.id)[0]) for r in self._order if r.host_tokens)
+    if (self.allocator.num_free_blocks - n - self._growth_need() < self.rt.watermark_blocks
+        or len(self._swap_in) + self.tier.swapped_extents(req.id) > self.rt.max_swap_extents
+        or (placed_ext and reads + len(placed_ext) > self.rt.max_host_reads)):
+      return False  # FCFS: wait for blocks (or for the next step's swap / read budget)
+    self.waiting.popleft()
+    heapq.heappop(self._free_slots)
+    table = self.allocator.allocate_blank(req.id, req.num_computed - host_tokens)
+    extents, blocks = self.tier.take(req.id)
+    r = self.tier.extent
+    dst = {e: [0] * r for e in extents}
+    for hb, b in zip(blocks, table):
+      dst[hb // r][hb % r] = b
+    self._swap_in.extend((e, dst[e], req.id) for e in extents)
+    req.swapped, req.host_tokens, req.mass = False, host_tokens, None
+    self._kvoff[slot] = req.kv_offset + host_tokens
+    req.slot, req.prefill_target = slot, req.num_computed
+    self.slots[slot] = req
+    self._order.append(req)
+    sp = req.sampling
+    self._temp[slot], self._topp[slot], self._topk[slot], self._seed[slot] = (
+        sp.temperature, sp.top_p, sp.top_k, sp.seed)
+    self._refresh_tables(req)
+    self.mark_running(req)
+    return True
+
   def mark_running(self, req: Request) -> None:
     """A request in a slot whose prompt KV is computed decodes from now on (its last output token
     is the next input)."""
@@ -258,9 +331,12 @@ class Engine:
     req.status = Status.RUNNING
     self._running[s], self._pos[s], self._tok[s], self._cap[s] = True, req.num_computed, req.output_ids[-1], req.capacity
 
-  def _release_slot(self, req: Request) -> None:
+  def _release_slot(self, req: Request, keep_host: bool = False) -> None:
     s = req.slot
     self.allocator.free(req.id)
+    if self.tier is not None and not keep_host:
+      self.tier.free(req.id)
+    req.host_tokens, req.mass = 0, None
     if req.sum_base is not None:
       self.allocator.free(("sum", req.id))
     req.kv_offset, req.sum_base, req.sum_counts = 0, None, []
@@ -274,12 +350,73 @@ class Engine:
     req.slot = None
 
   def _preempt(self, victim: Request) -> None:
-    """Recompute preemption: drop the victim's KV, requeue it at the front; outputs are kept."""
-    self._release_slot(victim)
-    victim.status, victim.num_computed = Status.WAITING, 0
+    """Preempt the victim and requeue it at the front; outputs are kept. With the host tier a
+    running victim is swapped out (its KV copied to host extents) when there is room and budget;
+    otherwise its KV is dropped and recomputed when it resumes."""
     victim.preemptions += 1
     self.stats.preemptions += 1
+    if self.tier is not None and self.tier.untake(victim.id):
+      # Swapped in this very round: cancel that copy; its KV is still in its host extents.
+      self._swap_in = [e for e in self._swap_in if e[2] != victim.id]
+      self._release_slot(victim, keep_host=True)
+      victim.status, victim.swapped = Status.WAITING, True
+      self.stats.swap_preemptions += 1
+    elif self._can_swap(victim):
+      self._swap_out.extend((e, b, victim.id) for e, b in
+                            self.tier.store(victim.id, self.allocator.block_table(victim.id), placed=False))
+      self._release_slot(victim, keep_host=True)
+      victim.status, victim.swapped, victim.tiered = Status.WAITING, True, True
+      self.stats.swap_preemptions += 1
+    else:
+      self._release_slot(victim)
+      victim.status, victim.num_computed = Status.WAITING, 0
     self.waiting.appendleft(victim)
+
+  def _can_swap(self, req: Request) -> bool:
+    if self.tier is None or req.status is not Status.RUNNING or req.num_computed < max(1, self.swap_min_tokens):
+      return False
+    n = self.tier.extents_for(len(self.allocator.block_table(req.id)))
+    return n <= self.tier.num_free_extents and len(self._swap_out) + n <= self.rt.max_swap_extents
+
+  def _place_cold(self) -> None:
+    """Placement: when this step's growth and the next admission need more blocks than are free,
+    move cold full blocks of running requests to host extents (the policy picks which), at most
+    max_swap_extents extents per step and within the step's host read budget."""
+    rt, bs, r = self.rt, self.rt.block_size, self.tier.extent
+    run = np.flatnonzero(self._running)
+    need = self._growth_need()
+    if self.waiting and self._free_slots and not self.waiting[0].swapped:
+      need += self.allocator.blocks_needed(self.waiting[0].num_tokens)
+    deficit = need + rt.watermark_blocks - self.allocator.num_free_blocks
+    reads = sum(len(self.tier.placed(self.slots[i].id)[0]) for i in run)
+    while deficit > 0 and len(self._swap_out) < rt.max_swap_extents and reads < rt.max_host_reads \
+        and self.tier.num_free_extents:
+      best, cands = None, None
+      for i in run:  # the running request with the most device blocks and room on the host
+        req = self.slots[i]
+        if req is None or req.status is not Status.RUNNING:
+          continue
+        nt = len(self.allocator.block_table(req.id))
+        room = rt.max_host_blocks_per_seq - req.host_tokens // bs
+        if nt > 1 and room > 0 and (best is None or nt > len(cands) + 1):
+          best, cands = req, np.arange(nt - 1)
+      if best is None:
+        return
+      room = rt.max_host_blocks_per_seq - best.host_tokens // bs
+      idx = tier_lib.pick_blocks(self.tier_policy, cands, best.mass, min(r, room, len(cands)))
+      table = self.allocator.block_table(best.id)
+      self._swap_out.extend((e, b, best.id) for e, b in self.tier.store(best.id, [table[i] for i in idx], placed=True))
+      for i in idx[::-1]:
+        self.allocator.drop_blocks(best.id, int(i), 1)
+      if best.mass is not None:
+        best.mass = np.delete(best.mass, idx)
+      best.host_tokens += len(idx) * bs
+      best.tiered = True
+      self._kvoff[best.slot] = best.kv_offset + best.host_tokens
+      self._refresh_tables(best)
+      deficit -= len(idx)
+      reads += 1
+      self.stats.placed_blocks += len(idx)
 
   def _refresh_tables(self, req: Request, grew: bool = False) -> None:
     """Update the slot's cached block table and groups from the pager's runs.
@@ -309,6 +446,8 @@ class Engine:
 
   def schedule(self) -> StepPlan:
     """Admit, pick prefill chunks, reserve KV for this step's decode tokens (preempting if dry)."""
+    if self.rt.max_host_reads:
+      self._place_cold()
     self._admit()
     biggest = self.rt.prefill_buckets[-1]
     rows = [(r, r.num_computed, min(biggest, r.prefill_target - r.num_computed))
@@ -432,16 +571,58 @@ class Engine:
     d["num_groups"][:] = np.where(active, self._ngroups, 0)
     d["temperature"][:], d["top_p"][:], d["top_k"][:], d["seeds"][:] = self._temp, self._topp, self._topk, self._seed
     d["summary_slots"][:], d["summary_counts"][:] = self._sum_slots, self._sum_counts
+    if self.rt.max_host_reads:
+      self._put_host_reads(d, plan)
     _put_block_ops(d, plan.moves if moves is None else moves, plan.folds if folds is None else folds)
     return self.dlayout.pack(d)
 
+  def _put_host_reads(self, d, plan: StepPlan) -> None:
+    """The extents the decode step stages per layer, and each slot's staged rows."""
+    r, n = self.tier.extent, 0
+    for req in plan.decode:
+      if not req.host_tokens:
+        continue
+      extents, blocks = self.tier.placed(req.id)
+      row = {}
+      for e in extents:
+        d["host_reads"][n] = e
+        row[e] = n * r
+        n += 1
+      d["host_table"][req.slot, :len(blocks)] = [row[b // r] + b % r for b in blocks]
+      d["host_count"][req.slot] = len(blocks)
+    d["host_n"][0] = n
+
   # --------------------------------------------------------------------------- run + postprocess
 
-  def _run(self, fn, ints, floats):
+  def _run(self, fn, ints, floats, host=()):
     ints, floats = jax.device_put((ints, floats), self._desc_sharding)  # the one host->device transfer
-    out = fn(self.state, self.k_pool, self.v_pool, ints, floats)
+    out = fn(self.state, self.k_pool, self.v_pool, ints, floats, *host)
     tokens, self.k_pool, self.v_pool = out[:3]
+    if host and self.with_mass:
+      self._mass = out[-1]
     return _host(tokens), (_host(out[3]) if self.with_logits else None)  # the one D2H sync
+
+  def _run_swaps(self) -> tuple[int, int]:
+    """The round's host tier copies (swap-outs, then swap-ins), one op before the step."""
+    outs, ins = self._swap_out, self._swap_in
+    d = self._swap_layout.new()
+    for key, lst in (("out", outs), ("in", ins)):
+      for i, (e, blocks, _) in enumerate(lst):
+        d[f"{key}_ext"][i] = e
+        d[f"{key}_blocks"][i, :len(blocks)] = blocks
+    d["counts"][:] = len(outs), len(ins)
+    ints, _ = self._swap_layout.pack(d)
+    ints = jax.device_put(ints, self._desc_sharding)
+    self.k_pool, self.v_pool, self.k_host, self.v_host = self.swap_step(
+        self.k_pool, self.v_pool, self.k_host, self.v_host, ints)
+    self.stats.swap_out_extents += len(outs)
+    self.stats.swap_in_extents += len(ins)
+    self._swap_out, self._swap_in = [], []
+    return len(outs), len(ins)
+
+  def decode_host_args(self) -> tuple:
+    """Extra arguments of the decode step: the host pools when it reads the host tier."""
+    return (self.k_host, self.v_host) if self.rt.max_host_reads else ()
 
   def _emit(self, req: Request, token: int, now: float, events: dict) -> None:
     if req.forced is not None:
@@ -478,6 +659,10 @@ class Engine:
     events: dict[int, list[int]] = {}
     self.last_logits = {} if self.with_logits else None
     host = time.perf_counter() - t0
+    if self.tier is not None:
+      if self._swap_out or self._swap_in:
+        plan.swaps = self._run_swaps()  # before any step reads or writes those blocks
+      self.tier.end_round()
     if plan.prefill_rows:
       t1 = time.perf_counter()
       # Block copies run at the start of whichever step runs first, before any KV is read.
@@ -506,7 +691,7 @@ class Engine:
       host += time.perf_counter() - t1
       self.stats.host_us.append(host * 1e6)
       td = time.perf_counter()
-      tokens, logits = self._run(self.decode_step, ints, floats)
+      tokens, logits = self._run(self.decode_step, ints, floats, self.decode_host_args())
       now = time.perf_counter()
       self.stats.step_s.append(now - td)
       self.stats.decode_steps += 1
@@ -521,19 +706,38 @@ class Engine:
     """Account a decode step's sampled tokens ([S] by slot): positions advance, tokens are emitted."""
     bs = self.rt.block_size
     slots = plan.decode_slots
+    if self.with_mass:
+      self._update_mass(plan)
     self._pos[slots] += 1
     self._tok[slots] = tokens[slots]  # forced tokens (teacher forcing) are set again in _emit
     for req in plan.decode:
       req.num_computed += 1
-      if req.num_computed % bs == 0 and not req.kv_offset:
+      if req.num_computed % bs == 0 and not req.kv_offset and not req.tiered:
         self.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
       if logits is not None:
         self.last_logits[req.id] = logits[req.slot]
       self._emit(req, tokens[req.slot], now, events)
 
+  def _update_mass(self, plan: StepPlan) -> None:
+    """Attention policy: exponential moving average of each table block's attention mass."""
+    mass = _host(self._mass)  # [S, MB]
+    bs = self.rt.block_size
+    for req in plan.decode:
+      n = (int(self._pos[req.slot]) - int(self._kvoff[req.slot])) // bs + 1  # table blocks read
+      m = mass[req.slot, :n]
+      if req.mass is None or len(req.mass) > n:
+        req.mass = m.copy()
+      else:
+        old = req.mass
+        req.mass = m.copy()
+        req.mass[:len(old)] = 0.8 * old + 0.2 * m[:len(old)]
+
   def _record_memory(self, plan: StepPlan) -> None:
     reserved = self.allocator.num_used_blocks
-    live = sum(r.num_computed - r.kv_offset for r in self._order) + len(plan.decode)
+    if self.tier is not None:
+      host_reads = sum(len(self.tier.placed(r.id)[0]) for r in plan.decode if r.host_tokens)
+      self.stats.tier_series.append((*plan.swaps, host_reads, self.tier.num_used_blocks))
+    live = sum(r.num_computed - r.kv_offset - r.host_tokens for r in self._order) + len(plan.decode)
     self.stats.reserved_series.append(reserved)
     self.stats.live_series.append(live)
     self.stats.peak_reserved_blocks = max(self.stats.peak_reserved_blocks, reserved)
@@ -613,4 +817,9 @@ class Engine:
         "block_moves": st.moves,
         "host_us_per_step": float(np.median(st.host_us)) if st.host_us else 0.0,
         "generated_tokens": gen,
+        **({} if self.tier is None else {
+            "tier_policy": self.tier_policy, "host_pool_kv_bytes": (rt.host_extents - 1) * rt.host_extent * block_bytes,
+            "placed_blocks": st.placed_blocks, "swap_preemptions": st.swap_preemptions,
+            "swap_out_extents": st.swap_out_extents, "swap_in_extents": st.swap_in_extents,
+            "peak_host_blocks": max((t[3] for t in st.tier_series), default=0)}),
     }

@@ -249,6 +249,26 @@ class BlockPager:
     self._prefix_hit_blocks += len(hits)
     return len(hits) * self.block_size
 
+  def allocate_blank(self, seq_id: Hashable, num_tokens: int) -> list[int]:
+    """Maps a sequence whose KV is copied in rather than computed (a swap-in): fresh blocks for
+    num_tokens tokens, no prefix-cache lookup. Returns its block table. Its blocks need not hold
+    their tokens in logical order, so do not call commit_tokens for it.
+    """
+    if seq_id in self._seqs:
+      raise ValueError(f"sequence {seq_id!r} already exists")
+    if not 0 < num_tokens <= self.max_tokens:
+      raise ValueError(f"num_tokens must be in [1, {self.max_tokens}], got {num_tokens}")
+    nb = self.blocks_needed(num_tokens)
+    if nb > self._free.count:
+      raise OutOfBlocks(f"{nb} blocks needed, {self._free.count} free")
+    table = self._place(None, nb)
+    self._tail[table[-1]] += 1
+    seq = _Seq(table, num_tokens, nb * self.block_size, coalesce(table), 0, None)
+    self._seqs[seq_id] = seq
+    if len(seq.runs) > 1:
+      self._multi.add(seq_id)
+    return list(table)
+
   def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
     """Whether append(seq_id, num_tokens) would succeed."""
     seq = self._seqs[seq_id]

@@ -67,6 +67,12 @@ class Request:
   token_times: list[float] = dataclasses.field(default_factory=list)
   finish_time: float | None = None
   admitted_time: float | None = None
+  # Host tier (kvrm_jax/tier.py): tokens of its blocks placed on the host (out of its block table),
+  # whether its KV is swapped out, whether its table ever left logical order (no prefix hashes).
+  host_tokens: int = 0
+  swapped: bool = False
+  tiered: bool = False
+  mass: object = None  # [blocks] accumulated attention mass per table block (attention policy)
 
   @property
   def all_ids(self) -> list[int]:

@@ -43,6 +43,7 @@ PARAM_SPECS = {
     "wq": COL, "wk": COL, "wv": COL, "w_gate": COL, "w_up": COL, "wo": ROW, "w_down": ROW,
 }
 POOL_SPEC = P(AXIS)  # [K, L, N, bs, E]: sharded over KV heads
+HOST_POOL_SPEC = P(None, None, AXIS)  # host tier [L, NH, K, bs, E]: sharded over KV heads
 REPLICATED = P()
 
 
@@ -101,8 +102,14 @@ def pad_weights(cfg, new_cfg, w: dict):
   return out
 
 
-def shard_step(fn, mesh: Mesh, state_spec_tree, n_extra_out: int = 0):
-  """Wrap a step fn(state, k_pool, v_pool, ints, floats) -> (tokens, k_pool, v_pool[, logits])."""
+def shard_step(fn, mesh: Mesh, state_spec_tree, n_extra_out: int = 0, n_host: int = 0):
+  """Wrap a step fn(state, k_pool, v_pool, ints, floats, *host_pools) -> (tokens, k_pool, v_pool, *extra)."""
   out_specs = (REPLICATED, POOL_SPEC, POOL_SPEC) + (REPLICATED,) * n_extra_out
-  return jax.shard_map(fn, mesh=mesh, in_specs=(state_spec_tree, POOL_SPEC, POOL_SPEC, REPLICATED, REPLICATED),
-                       out_specs=out_specs, check_vma=False)
+  in_specs = (state_spec_tree, POOL_SPEC, POOL_SPEC, REPLICATED, REPLICATED) + (HOST_POOL_SPEC,) * n_host
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def shard_swap(fn, mesh: Mesh):
+  """Wrap the host tier's swap op fn(k_pool, v_pool, k_host, v_host, ints) -> the four pools."""
+  pools = (POOL_SPEC, POOL_SPEC, HOST_POOL_SPEC, HOST_POOL_SPEC)
+  return jax.shard_map(fn, mesh=mesh, in_specs=pools + (REPLICATED,), out_specs=pools, check_vma=False)

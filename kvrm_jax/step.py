@@ -32,6 +32,15 @@ def resolve_attention(rt: RuntimeConfig) -> str:
   return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
+def unrolled(rt: RuntimeConfig) -> bool:
+  """Layer loop: unrolled on GPU (auto), where XLA's GEMMs then read each layer's weights in place;
+  under `lax.scan` each layer's weight slice is first copied (measured on an H100: 9.5 of 25.6 ms
+  of a Llama-3-8B step, docs/step.md). scan compiles faster (CPU default)."""
+  if rt.layer_loop == "auto":
+    return jax.default_backend() == "gpu"
+  return rt.layer_loop == "unroll"
+
+
 def pool_shape(cfg: ModelConfig, rt: RuntimeConfig) -> tuple[int, ...]:
   return (cfg.num_kv_heads, cfg.num_layers, rt.num_blocks, rt.block_size, cfg.head_dim)
 
@@ -197,25 +206,56 @@ def _reduce(tp_axis):
   return None if tp_axis is None else (lambda y: jax.lax.psum(y, tp_axis))
 
 
+def block_mass(q, k_pool, layer, d):
+  """Softmax mass of each table block, mean over this shard's heads: [S, MB] f32 (one layer)."""
+  k = gather_history(k_pool, layer, d["block_tables"]).astype(jnp.float32)  # [S, K, MB*bs, E]
+  s, kh, t, e = k.shape
+  qg = q.reshape(s, kh, -1, e).astype(jnp.float32)
+  sc = jnp.einsum("skge,skte->skgt", qg, k) / math.sqrt(e)
+  sc = jnp.where((jnp.arange(t)[None, :] < d["lengths"][:, None])[:, None, None, :], sc, -jnp.inf)
+  p = jax.nn.softmax(sc, axis=-1)
+  p = jnp.where(jnp.isfinite(p), p, 0.0)
+  mb = d["block_tables"].shape[1]
+  return p.reshape(s, kh * p.shape[2], mb, t // mb).sum(-1).mean(1)
+
+
 def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_logits: bool, tp_axis,
-            state, k_pool, v_pool, ints, floats):
+            with_mass: bool, state, k_pool, v_pool, ints, floats, *host):
   d = desc_lib.decode_layout(rt).unpack(ints, floats)
   k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
   model = model_lib.merge(graphdef, state)
+  mass_layer = cfg.num_layers - 1
 
   def attend(layer, q, k, v, cache):
-    kp, vp = cache
+    kp, vp, mass = cache
     kp = write_kv(kp, layer, d["write_slots"], k)
     vp = write_kv(vp, layer, d["write_slots"], v)
     o, lse = decode_attention(backend, q, kp, vp, layer, d)
+    if rt.max_host_reads:  # cold blocks on the host tier: stage this layer's extents, merge exactly
+      from kvrm_jax import tier
+      kh, vh = host
+      sk = tier.stage(kh, layer, d["host_reads"], d["host_n"][0], rt.host_extent)
+      sv = tier.stage(vh, layer, d["host_reads"], d["host_n"][0], rt.host_extent)
+      oh, lseh = tier.host_attention(q, sk, sv, d["host_table"], d["host_count"], rt.block_size)
+      o, lse = tier.combine(o, lse, oh, lseh)
     if rt.max_summaries:
       o = merge_summaries(o, lse, q, kp, vp, layer, d)
-    return o.astype(q.dtype), (kp, vp)
+    if with_mass:  # statistics for the attention-mass placement policy, from one layer
+      if isinstance(layer, int):  # unrolled layers
+        mass = block_mass(q, kp, layer, d) if layer == mass_layer else mass
+      else:
+        mass = jax.lax.cond(layer == mass_layer, lambda: block_mass(q, kp, layer, d), lambda: mass)
+    return o.astype(q.dtype), (kp, vp, mass)
 
-  logits, (k_pool, v_pool) = model(d["tokens"], d["positions"], (k_pool, v_pool), attend, reduce=_reduce(tp_axis))
+  mass0 = jnp.zeros(d["block_tables"].shape, jnp.float32)
+  logits, (k_pool, v_pool, mass) = model(d["tokens"], d["positions"], (k_pool, v_pool, mass0), attend,
+                                         reduce=_reduce(tp_axis), unroll=unrolled(rt))
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["positions"] + 1)
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
-  return (tokens, k_pool, v_pool, logits) if with_logits else (tokens, k_pool, v_pool)
+  out = (tokens, k_pool, v_pool) + ((logits,) if with_logits else ())
+  if with_mass:
+    out += (mass if tp_axis is None else jax.lax.pmean(mass, tp_axis),)
+  return out
 
 
 def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk: int, with_logits: bool, tp_axis,
@@ -235,7 +275,8 @@ def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk:
 
   last = jnp.arange(p) * chunk + d["last_index"]
   logits, (k_pool, v_pool) = model(d["tokens"].reshape(-1), d["positions"].reshape(-1), (k_pool, v_pool),
-                                   attend, logits_index=last, reduce=_reduce(tp_axis))
+                                   attend, logits_index=last, reduce=_reduce(tp_axis),
+                                   unroll=unrolled(rt))
   # The sampled token's position (prefill rows hold no summaries: lengths == last position + 1).
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["lengths"])
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
@@ -251,11 +292,14 @@ class CompileCounter:
 
 
 def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: bool = False,
-                counter: CompileCounter | None = None, mesh=None, state_specs=None):
+                counter: CompileCounter | None = None, mesh=None, state_specs=None, with_mass: bool = False):
   """Return (decode_step, prefill_step_for(chunk), counter); steps are jitted with donated pools.
 
   With a `mesh`, each step is `jax.jit(jax.shard_map(step))` over the `tp` axis: params sharded
   by `state_specs`, pools over KV heads, descriptor replicated.
+  With a host tier that the step reads (rt.max_host_reads), the decode step takes the host K and
+  V pools as two more (read-only) arguments. with_mass: the decode step also returns each table
+  block's attention mass [S, MB] (the attention placement policy's statistics).
   """
   backend = resolve_attention(rt)
   counter = counter or CompileCounter()
@@ -272,8 +316,11 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
   if mesh is not None:
     from kvrm_jax import sharding
     tp_axis = sharding.AXIS
-    wrap = lambda fn, kind: sharding.shard_step(fn, mesh, state_specs, int(with_logits))  # noqa: E731
-  dec = functools.partial(_decode, graphdef, cfg, rt, backend, with_logits, tp_axis)
+    n_host = 2 if rt.max_host_reads else 0
+    wrap = lambda fn, kind: sharding.shard_step(  # noqa: E731
+        fn, mesh, state_specs, int(with_logits) + int(with_mass and kind == "decode"),
+        n_host if kind == "decode" else 0)
+  dec = functools.partial(_decode, graphdef, cfg, rt, backend, with_logits, tp_axis, with_mass)
   decode_step = jax.jit(counted(wrap(dec, "decode"), "decode"), donate_argnums=(1, 2))
 
   @functools.cache
@@ -284,3 +331,13 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     return jax.jit(counted(wrap(pf, "prefill"), "prefill"), donate_argnums=(1, 2))
 
   return decode_step, prefill_step, counter
+
+
+def build_swap(rt: RuntimeConfig, mesh=None):
+  """The host tier's swap op: (k_pool, v_pool, k_host, v_host, ints) -> the four pools, donated."""
+  from kvrm_jax import tier
+  fn = functools.partial(tier.swap_blocks, rt=rt)
+  if mesh is not None:
+    from kvrm_jax import sharding
+    fn = sharding.shard_swap(fn, mesh)
+  return jax.jit(fn, donate_argnums=(0, 1, 2, 3))

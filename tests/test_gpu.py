@@ -61,3 +61,23 @@ def test_bfloat16_mosaic_logits_close_to_reference():
   rel = np.linalg.norm(logits["pallas"] - logits["reference"]) / np.linalg.norm(logits["reference"])
   assert rel < 2e-2, rel
   assert np.mean(logits["pallas"].argmax(-1) == logits["reference"].argmax(-1)) >= 0.9
+
+
+def test_host_tier_on_gpu_same_tokens():
+  """The host tier on the GPU (pinned_host pools, placement staging inside the step, swaps):
+  greedy float32 tokens equal the tier-off engine's on a pool large enough to need no tier."""
+  from kvrm_jax import tier
+  cfg = ModelConfig.from_name("tiny")
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  ps = _prompts(cfg.vocab_size, (5, 17, 40, 3, 70, 16, 9))
+  sp = SamplingParams(max_new_tokens=20, ignore_eos=True)
+  base = dict(block_size=8, max_slots=4, max_blocks_per_seq=16, max_groups=2, prefill_buckets=(8, 32),
+              attention="reference")
+  want = [o.output_ids for o in Engine(cfg, model, RuntimeConfig(num_blocks=96, **base)).generate(ps, sp)]
+  assert tier.host_memory_kind() == "pinned_host"
+  for kw in (dict(max_host_reads=8, max_host_blocks_per_seq=8), {}):  # placement + swap, swap only
+    eng = Engine(cfg, model, RuntimeConfig(num_blocks=15, host_blocks=64, host_extent=2, max_swap_extents=8,
+                                           **kw, **base))
+    assert eng.k_host.sharding.memory_kind == "pinned_host"
+    assert [o.output_ids for o in eng.generate(ps, sp)] == want
+    assert eng.stats.placed_blocks + eng.stats.swap_preemptions > 0

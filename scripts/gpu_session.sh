@@ -40,6 +40,20 @@ case "${1:-}" in
       --time-scale 1 --max-prompt 3072 --max-output 1024 --max-wall 35 --out-json $OUT/raw/replay_h100_llama3-8b.json \
       --report /tmp/docs/results.md 2>&1 | tee $OUT/replay.log | tail -20
     ;;
+  3)  # session 3: GPU tests (kernels, engine, host tier), decode step profile, small kernel configs
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" 2>&1 \
+      | tee $OUT/gpu_tests.log | tail -15
+    for flags in default dsf; do
+      x=""; [ $flags = dsf ] && x="--xla_gpu_enable_dynamic_slice_fusion=true"
+      XLA_FLAGS="$x" timeout 165 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 \
+        --context 2048 --warmup 5 --iters 20 --layer-loop scan unroll --profile 5 --dump-hlo $OUT/hlo_$flags \
+        --out-json $OUT/raw/step_profile_$flags.json > $OUT/step_$flags.log 2>&1; tail -60 $OUT/step_$flags.log
+    done
+    gzip $OUT/hlo_*/*.txt 2>/dev/null
+    timeout 100 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v2.json --batches 8 \
+      --lengths 512,2048 --heads 32/8/128,9/3/64 --variants 128:2:auto,64:3:auto --iters 20 --skip-xla \
+      --md /tmp/docs/kernels_small.md --png /tmp/docs/kernels_small.png 2>&1 | tail -25
+    ;;
 esac
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null
 ls $OUT $OUT/raw

@@ -1,11 +1,14 @@
-"""scripts/bench_decode.py and scripts/replay_trace.py end to end on the tiny model (CPU, small):
-every request accounted for, the raw JSON carries the metrics, the report regenerates from it."""
+"""scripts/bench_decode.py, scripts/replay_trace.py and scripts/bench_hf_peer.py end to end on the
+tiny model (CPU, small): every request accounted for, the raw JSON carries the metrics, the report
+regenerates from it."""
 
 import importlib.util
 import json
 import os
 import re
+import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,12 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load(name):
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
+  sys.modules[name] = mod  # dataclasses look their module up there
   spec.loader.exec_module(mod)
   return mod
 
 
 bench_decode = load("bench_decode")
 replay_trace = load("replay_trace")
+bench_hf_peer = load("bench_hf_peer")
 
 # max_len 128 in blocks of 8: 16 blocks per static slot; a 40-block budget gives the static
 # baseline 2 slots and KV-RM 8 slots on the same blocks.
@@ -169,3 +174,132 @@ def test_from_json_of_the_wrong_kind(tmp_path, capsys):
   p.write_text(json.dumps({"kind": "bench_decode"}))
   assert replay_trace.main(["--from-json", str(p), "--report", str(tmp_path / "r.md")]) == 2
   assert "not 'replay_trace'" in capsys.readouterr().err
+
+
+def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
+  """scripts/bench_step.py on the tiny model: scan and unroll rows, the CUPTI breakdown (a fake
+  extension stands in for the jax CUDA plugin's on CPU), the weight-copy count of the dumped HLO."""
+  import jax
+  bench_step = load("bench_step")
+  import cupti_timings  # scripts/ is on sys.path once bench_step is loaded
+
+  launches = [("nvjet_tst_64x8_64x16_TNT", 0.30), ("paged_decode_mgpu_c128_st2", 0.05),
+              ("loop_dynamic_slice_fusion_3", 0.02), ("loop_dynamic_slice_fusion_4", 0.02),
+              ("copy_blocks_h8", 0.01), ("input_reduce_fusion", 0.01)]
+
+  class FakeExt:
+    def _cupti_init(self):
+      pass
+
+    def _cupti_get_timings(self, finalize):
+      return launches * 2  # the 2 profiled steps
+
+  monkeypatch.setattr(cupti_timings, "cupti_ext", FakeExt)
+  out = tmp_path / "step.json"
+  argv = ["--model", "tiny", "--dtype", "float32", "--batches", "4", "--context", "64", "--warmup", "1",
+          "--iters", "2", "--layer-loop", "scan", "unroll", "--profile", "2", "--dump-hlo", str(tmp_path / "hlo"),
+          "--out-json", str(out)]
+  assert bench_step.main(argv) == 0
+  text = capsys.readouterr().out
+  obj = json.loads(out.read_text())
+  assert "xla_flags" in obj["meta"]
+  rows = obj["rows"]
+  assert [r["layer_loop"] for r in rows] == ["scan", "unroll"]
+  for r in rows:
+    assert "error" not in r and r["steps_timed"] == 2 and r["decode_compiles"] == 1
+    prof = r["profile"]
+    assert prof["device_ms_per_step"] == pytest.approx(0.41)
+    assert prof["buckets_ms_per_step"] == pytest.approx({"matmul": 0.30, "attention": 0.05, "copies": 0.04,
+                                                         "other": 0.02})
+    assert prof["kernels"][0] == {"name": "nvjet_tst_64x8_64x16_TNT", "ms_per_step": 0.30, "calls_per_step": 1.0}
+    assert {"name": "loop_dynamic_slice_fusion", "ms_per_step": pytest.approx(0.04), "calls_per_step": 2.0} \
+        in prof["kernel_families"]
+    assert prof["matmul_tb_s"] > 0
+  if jax.default_backend() == "cpu":  # XLA:CPU materializes every weight slice; the GPU may fuse them
+    n_layers, n_proj = 2, 7
+    assert rows[0]["hlo"]["dynamic-slice"] == rows[0]["hlo"]["in_loop_bodies"] == n_proj  # one scan body
+    assert rows[1]["hlo"]["slice"] == n_layers * n_proj and rows[1]["hlo"]["in_loop_bodies"] == 0
+  assert (tmp_path / "hlo" / "decode_unroll_b4_c64.hlo.txt").stat().st_size > 0
+  assert "### profile unroll b4 c64" in text and "| matmul | 0.300 |" in text
+
+  monkeypatch.setattr(cupti_timings, "cupti_ext", lambda: None)
+  with pytest.raises(RuntimeError, match="no CUPTI"):
+    cupti_timings.kernel_timings(lambda: None)
+
+
+# ----------------------------------------------------------------------------- the HF transformers peer
+
+HF_SMALL = ["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--block-size", "8", "--max-len", "128",
+            "--kv-budget-blocks", "40", "--quiet"]
+HF_METRICS = ("tokens_per_s", "ttft_ms", "itl_ms", "itl_cdf_ms", "queue_ms", "e2e_ms", "steps", "length_mismatches",
+              "gpu_memory", "step_ms", "spikes", "kv", "preemptions")
+
+
+def test_hf_peer_end_to_end_and_report_from_json(tmp_path, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  out, md = tmp_path / "raw" / "hf.json", tmp_path / "docs" / "results.md"
+  fams = ["uniform", "mixed"]
+  argv = HF_SMALL + ["--families", ",".join(fams), "--num-requests", "5", "--out-json", str(out), "--report", str(md),
+                     "--label", "hf-test"]
+  assert bench_hf_peer.main(argv) == 0, capsys.readouterr().err
+  obj = json.loads(out.read_text())
+  assert obj["kind"] == "bench_hf_peer" and obj["meta"]["command"].startswith("python scripts/bench_hf_peer.py")
+  for key in ("date", "device", "backend", "torch", "transformers"):
+    assert obj["meta"][key]
+  assert obj["budget"]["budget_blocks"] == 40 and obj["budget"]["max_len"] == 128
+  for i, fam in enumerate(fams):
+    # bench_decode's requests for the same flags: family i of --families seeded with [seed, i]
+    expected = bench_decode.make_workload(fam, 5, 128, 256, np.random.default_rng([0, i]))
+    w = obj["workloads"][fam]
+    assert {k: v for k, v in w.items() if k != "description"} == bench_decode.describe(expected)
+    m = obj["results"][fam]["hf"]
+    for key in HF_METRICS:
+      assert key in m, key
+    assert m["requests"] == m["completed"] == 5 and m["rejected"] == m["unfinished"] == 0
+    assert m["generated_tokens"] == w["output_tokens"]["total"] and m["length_mismatches"] == 0  # forced lengths
+    assert m["tokens_per_s"] > 0 and m["steps"] > 0 and not m["cut_by_max_wall"] and not m["errors"]
+    for k in ("p50", "p90", "p99", "max"):
+      assert m["itl_ms"][k] is not None and m["itl_ms"][k] >= 0
+    assert 0 < m["ttft_ms"]["p50"] <= m["e2e_ms"]["p99"]
+    assert m["step_ms"] is None and m["kv"]["peak_reserved_bytes"] is None  # not exposed by HF: null, not estimated
+    assert m["gpu_memory"]["peak_allocated_bytes"] is None  # CPU
+    e = obj["engines"][fam]
+    assert e["num_blocks"] == 40 and e["block_size"] == 8
+    assert e["kv_cache_bytes"] >= obj["budget"]["budget_bytes"] == 40 * obj["budget"]["block_bytes"]
+  text = md.read_text()
+  assert "## HF transformers peer (continuous batching): CPU, tiny model, smoke scale" in text
+  assert (md.parent / "results_hf-test_itl_cdf.png").stat().st_size > 0
+  md2 = tmp_path / "again.md"
+  assert bench_hf_peer.main(["--from-json", str(out), "--report", str(md2)]) == 0
+  assert section(md2.read_text(), "hf-test") == section(text, "hf-test")
+  # bench_decode rows beside HF's, checked for the same model, budget and requests.
+  dec = {"kind": "bench_decode", "label": "d", "command": "python scripts/bench_decode.py", "model": obj["model"],
+         "env": {"date": "today", "device": "cpu"}, "budget": obj["budget"], "workloads": obj["workloads"],
+         "results": {f: {"kvrm": obj["results"][f]["hf"]} for f in fams}}
+  obj["compare"] = bench_hf_peer.compare_excerpt(dec, "decode.json", obj)
+  md3 = tmp_path / "cmp.md"
+  bench_hf_peer.render(obj, str(md3))
+  body = section(md3.read_text(), "hf-test")
+  assert "| mixed | kvrm (bench_decode) |" in body and "same model, KV budget and requests" in body
+
+
+@pytest.mark.parametrize("argv", [
+    ["--families", "nope"],
+    ["--num-requests", "0"],
+    ["--kv-budget-blocks", "4", "--max-len", "128"],
+    ["--device", "tpu"],
+])
+def test_hf_peer_bad_input_is_one_clear_line(argv, capsys):
+  pytest.importorskip("transformers")
+  assert bench_hf_peer.main(argv + ["--quiet"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_hf_peer_without_continuous_batching(monkeypatch, capsys):
+  pytest.importorskip("transformers")
+  monkeypatch.setitem(sys.modules, "transformers.generation.continuous_batching", None)  # import fails
+  assert bench_hf_peer.main(["--quiet"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: transformers ") and "no continuous batching" in err[0]

@@ -1,0 +1,642 @@
+#!/usr/bin/env python3
+"""HF transformers peer: bench_decode's requests through transformers' continuous batching (paged KV).
+
+  python scripts/bench_hf_peer.py --model tiny --families mixed --num-requests 8
+  python scripts/bench_hf_peer.py --model llama3-8b --dtype bfloat16 --kv-budget-gb 20 --max-len 4096 \\
+      --families mixed --num-requests 256 --max-wall 75 --out-json out.json --report docs/results.md \\
+      --compare-json docs/raw/decode_h100_llama3-8b.json
+  python scripts/bench_hf_peer.py --from-json out.json --report docs/results.md
+
+The model is a `transformers.LlamaForCausalLM` with random weights in the shape of one of our presets.
+The requests are bench_decode's (its `make_workload`, seeded the same way: the same --seed and the same
+--families order give the same prompts and forced output lengths), all added at t=0 to one
+`ContinuousBatchingManager` (`model.init_continuous_batching`), each with its own `max_new_tokens` and EOS
+off, so HF generates exactly the tokens our engines do. HF's paged cache gets the KV budget our scripts
+give each engine: `num_blocks` = budget blocks of `--block-size` tokens.
+
+Metrics come from HF's per-request records (`record_timestamps=True`): a host timestamp per generated
+token, the admission and finish times. Per-step times, reserved/live KV over time, preemptions and host
+overhead are not exposed by HF and are written as null. `--compare-json` puts the rows of a bench_decode
+raw JSON (same model, budget and requests, checked) beside HF's in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+import bench_decode as bd  # noqa: E402
+
+KIND = "bench_hf_peer"
+MODELS = ("tiny", "smollm2-135m", "llama3-8b")
+ATTNS = ("sdpa", "eager", "auto", "flash_attention_2", "flash_attention_3")
+ENGINE = "hf"
+COMPARED = ("kvrm", "static")  # bench_decode engines shown beside HF's with --compare-json
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  w = p.add_argument_group("workload (bench_decode's)")
+  w.add_argument("--families", "--family", default="mixed", help=f"comma list of {', '.join(bd.FAMILIES)}")
+  w.add_argument("--num-requests", type=int, default=48, help="requests per family")
+  w.add_argument("--max-wall", type=float, default=None,
+                 help="stop a run after this many seconds (its unfinished requests are counted as such)")
+  g = p.add_argument_group("model and KV budget")
+  g.add_argument("--model", default="tiny", choices=MODELS, help="preset shape, random weights")
+  g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="default: bfloat16 on CUDA, float32 on CPU")
+  g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cuda | cuda:N | cpu")
+  g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (HF's block / page size)")
+  g.add_argument("--max-len", type=int, default=None,
+                 help="per-sequence context limit the workload is shaped by (default as bench_decode: "
+                      "min(model context, 512) for tiny/smollm2, 4096 for llama3-8b)")
+  b = g.add_mutually_exclusive_group()
+  b.add_argument("--kv-budget-blocks", type=int, help="HF's num_blocks (KV pool size in blocks)")
+  b.add_argument("--kv-budget-gb", type=float, help="KV pool size in GB (1e9 bytes), K and V of all layers")
+  h = p.add_argument_group("HF continuous batching")
+  h.add_argument("--attn", default="sdpa", choices=ATTNS,
+                 help="sdpa: HF's paged SDPA path, kept even where flash-attn is installed; eager: paged|eager; "
+                      "auto: HF's own choice (flash attention if available, else SDPA); flash_attention_N: that one")
+  h.add_argument("--max-batch-tokens", type=int, default=8192,
+                 help="tokens per forward pass, prefill chunks and decode rows together (HF's default, 8192)")
+  h.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
+                 help="HF's use_cuda_graph (auto: HF decides; off with a masked attention like sdpa)")
+  h.add_argument("--no-prefix-sharing", action="store_true", help="allow_block_sharing=False (default: HF's True)")
+  o = p.add_argument_group("output")
+  o.add_argument("--seed", type=int, default=0, help="workload seed (as bench_decode's) and weight init seed")
+  o.add_argument("--out-json", help="write the raw results here")
+  o.add_argument("--report", help="markdown report to create or update (its PNG goes next to it)")
+  o.add_argument("--compare-json", help="a bench_decode raw JSON whose engines to show beside HF in the report")
+  o.add_argument("--from-json", help="regenerate --report from this raw JSON without running anything")
+  o.add_argument("--label", help="section key in the report and PNG name stem (default: hfpeer-<device>-<model>)")
+  o.add_argument("--note", help="scale note shown in the section title (default on CPU: 'smoke scale')")
+  o.add_argument("--quiet", action="store_true", help="no progress bar")
+  return p.parse_args(argv)
+
+
+def parse_families(text: str) -> list[str]:
+  fams = [f.strip() for f in text.split(",") if f.strip()]
+  bad = [f for f in fams if f not in bd.FAMILIES]
+  if bad or not fams or len(set(fams)) != len(fams):
+    raise bc.UserError(f"--families must be a comma list of {', '.join(bd.FAMILIES)}, got {text!r}")
+  return fams
+
+
+def plan_budget(cfg, args, dtype: str) -> bc.Budget:
+  """bench_decode's plan (same max_len rounding, same budget in blocks); only its blocks matter here."""
+  ns = argparse.Namespace(block_size=args.block_size, max_len=args.max_len, kv_budget_blocks=args.kv_budget_blocks,
+                          kv_budget_gb=args.kv_budget_gb, slot_factor=1.0, kvrm_slots=None)
+  return bc.plan_budget(cfg, ns, dtype)
+
+
+def workloads(families: list[str], n: int, max_len: int, vocab: int, seed: int) -> dict:
+  """bench_decode's requests: family i of --families draws from default_rng([seed, i])."""
+  return {f: bd.make_workload(f, n, max_len, vocab, np.random.default_rng([seed, i])) for i, f in enumerate(families)}
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+@dataclasses.dataclass
+class HF:
+  """The transformers pieces this script needs, found by feature detection (5.17 and later 5.x)."""
+
+  torch: object
+  transformers: object
+  cb_config_cls: type
+  cb_fields: frozenset
+  size_field: str  # "block_size" (5.17) or "page_size" (later)
+  hints_cls: object  # WorkloadHints, or None
+  hard_stop: bool  # manager.stop(hard_stop=...) exists
+
+
+def load_hf() -> HF:
+  """Import torch and transformers; UserError if this transformers has no usable continuous batching."""
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    raise bc.UserError(f"needs torch and transformers: {e}") from None
+  v = transformers.__version__
+  try:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+  except ImportError:
+    raise bc.UserError(f"transformers {v} has no continuous batching (ContinuousBatchingConfig / "
+                       "ContinuousBatchingManager); this script is written against 5.17+") from None
+  fields = frozenset(f.name for f in dataclasses.fields(ContinuousBatchingConfig))
+  add = set(inspect.signature(ContinuousBatchingManager.add_request).parameters)
+  missing = [n for n in ("max_new_tokens", "record_timestamps", "eos_token_id", "request_id") if n not in add]
+  missing += [n for n in ("num_blocks", "max_batch_tokens") if n not in fields]
+  missing += [n for n in ("init_continuous_batching",) if not hasattr(transformers.LlamaForCausalLM, n)]
+  size = "block_size" if "block_size" in fields and "page_size" not in fields else "page_size"
+  if size not in fields:
+    missing.append("page_size/block_size")
+  if missing:
+    raise bc.UserError(f"transformers {v}: the continuous batching API lacks {', '.join(missing)}")
+  try:
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+  except ImportError:
+    WorkloadHints = None
+  hard = "hard_stop" in inspect.signature(ContinuousBatchingManager.stop).parameters
+  return HF(torch, transformers, ContinuousBatchingConfig, fields, size, WorkloadHints, hard)
+
+
+def pick_device(hf: HF, text: str):
+  torch = hf.torch
+  if text == "auto":
+    text = "cuda" if torch.cuda.is_available() else "cpu"
+  try:
+    dev = torch.device(text)
+  except RuntimeError as e:
+    raise bc.UserError(f"--device: {e}") from None
+  if dev.type == "cuda" and not torch.cuda.is_available():
+    raise bc.UserError("--device cuda, but torch sees no CUDA device")
+  if dev.type not in ("cuda", "cpu"):
+    raise bc.UserError(f"--device must be auto, cuda[:N] or cpu, got {text!r}")
+  return dev
+
+
+def attn_request(hf: HF, choice: str) -> tuple[str, dict]:
+  """(attn_implementation for the model, extra ContinuousBatchingConfig fields) of --attn."""
+  if choice == "sdpa":
+    if "auto_switch_to_flash" in hf.cb_fields:  # later 5.x: plain sdpa is paged; keep HF from switching to flash
+      return "sdpa", {"auto_switch_to_flash": False}
+    return "paged|sdpa", {}  # 5.17: the paged| prefix is what keeps HF from switching to flash
+  if choice == "eager":
+    return "paged|eager", {}
+  if choice == "auto":
+    return "sdpa", {}
+  return choice, {}
+
+
+def hf_config(hf: HF, cfg):
+  """A LlamaConfig of the preset's shape; EOS off (output lengths are forced)."""
+  rope = dict(cfg.rope_scaling_dict) if cfg.rope_scaling else {"rope_type": "default"}
+  rope["rope_theta"] = cfg.rope_theta
+  return hf.transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.rms_norm_eps,
+      tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, hidden_act="silu", attention_bias=False,
+      mlp_bias=False, bos_token_id=cfg.bos_id, eos_token_id=None, pad_token_id=None)
+
+
+def build_model(hf: HF, cfg, dtype: str, device, attn: str, seed: int):
+  """LlamaForCausalLM built on `device` directly, then re-initialised: N(0, 0.02) matrices, unit norms."""
+  torch = hf.torch
+  with torch.device(device):
+    try:
+      model = hf.transformers.AutoModelForCausalLM.from_config(
+          hf_config(hf, cfg), dtype=getattr(torch, dtype), attn_implementation=attn)
+    except (ImportError, ValueError) as e:  # an attention implementation this install lacks
+      raise bc.UserError(f"cannot build the model with attn_implementation={attn!r}: {one_line(e)}") from None
+  model.to(device)  # a no-op where the device context was honoured
+  gen = torch.Generator(device=device).manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim == 1:
+        p.fill_(1.0)
+      else:
+        p.normal_(0.0, 0.02, generator=gen)
+  return model.eval()
+
+
+def one_line(e: Exception) -> str:
+  return " ".join(str(e).split())
+
+
+def model_info(cfg, model, dtype: str) -> dict:
+  n = sum(p.numel() for p in model.parameters())
+  return {"name": cfg.name, "source": "random weights (transformers LlamaForCausalLM)", "dtype": dtype, "params": n,
+          "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+          "layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+          "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "context": cfg.max_position}
+
+
+def environment(hf: HF, device) -> dict:
+  torch = hf.torch
+  if device.type == "cuda":
+    name, count = torch.cuda.get_device_name(device), torch.cuda.device_count()
+  else:
+    name, count = platform.processor() or platform.machine(), 1
+  return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "backend": device.type, "device": name, "device_count": count, "torch": torch.__version__,
+          "transformers": hf.transformers.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+          "host": platform.machine(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- the manager
+
+
+def make_manager(hf: HF, model, work, budget: bc.Budget, args, cb_extra: dict):
+  """A ContinuousBatchingManager sized to the KV budget, warmed up (its cache allocated), not started."""
+  gen_cfg = hf.transformers.GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in work), eos_token_id=-1)
+  kw = {hf.size_field: budget.block_size, "num_blocks": budget.budget_blocks, "max_batch_tokens": args.max_batch_tokens,
+        **cb_extra}
+  if args.cuda_graph != "auto":
+    kw["use_cuda_graph"] = args.cuda_graph == "on"
+  if args.no_prefix_sharing:
+    kw["allow_block_sharing"] = False
+  if args.attn not in ("sdpa", "eager") and budget.block_size % 256:
+    kw["max_blocks_per_request"] = 0  # flash_attn_with_kvcache (the decode path) wants 256-token pages: varlen only
+  init_kw = {"generation_config": gen_cfg, "continuous_batching_config": hf.cb_config_cls(**kw)}
+  if hf.hints_cls is not None and "workload_hints" in inspect.signature(model.init_continuous_batching).parameters:
+    init_kw["workload_hints"] = hf.hints_cls(max_prompt_length=max(len(p) for p, _ in work),
+                                             max_generated_length=max(n for _, n in work), num_requests=len(work))
+  try:
+    mgr = model.init_continuous_batching(**init_kw)
+    mgr.warmup()  # allocates the paged cache (and captures CUDA graphs where HF uses them)
+  except (MemoryError, ValueError) as e:
+    raise bc.UserError(f"HF continuous batching rejected this configuration: {one_line(e)}") from None
+  return mgr
+
+
+def manager_record(hf: HF, mgr, model, budget: bc.Budget, attn: str, warmup_s: float) -> dict:
+  """What HF resolved: attention, cache size (measured from its tensors), batching options."""
+  cache = getattr(getattr(mgr, "batch_processor", None), "cache", None)
+  cb = getattr(mgr, "continuous_batching_config", None)
+  simple = (bool, int, float, str, type(None))
+  resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(cb).items())
+              if isinstance(v, simple) or (isinstance(v, tuple) and all(isinstance(x, simple) for x in v))} if cb else {}
+  return {"transformers": hf.transformers.__version__, "attn_requested": attn,
+          "attn_resolved": model.config._attn_implementation, "num_blocks": getattr(cache, "num_blocks", None),
+          "block_size": budget.block_size, "max_batch_tokens": getattr(cache, "max_batch_tokens", None),
+          "kv_cache_bytes": kv_cache_bytes(hf, cache), "kv_budget_bytes": budget.budget_bytes,
+          "continuous_batching_config": resolved, "warmup_s": warmup_s}
+
+
+def kv_cache_bytes(hf: HF, cache) -> int | None:
+  """Bytes of the paged cache tensors HF allocated (trash blocks included), or None if not found."""
+  if cache is None:
+    return None
+  t = getattr(cache, "cache_tensor", None)  # later 5.x: one byte pool
+  if isinstance(t, hf.torch.Tensor):
+    return t.numel() * t.element_size()
+  ts = list(getattr(cache, "key_cache", None) or []) + list(getattr(cache, "value_cache", None) or [])
+  return sum(x.numel() * x.element_size() for x in ts) or None  # 5.17: one K and one V tensor per layer
+
+
+def add(mgr, prompt, n: int, rid: str) -> str | None:
+  return mgr.add_request(prompt, request_id=rid, max_new_tokens=n, record_timestamps=True, eos_token_id=-1)
+
+
+def collect(mgr, pending: set, outs: dict, deadline: float, bar=None) -> bool:
+  """Take results until `pending` is empty (True), the deadline passes or the loop dies (False)."""
+  while pending:
+    left = deadline - time.perf_counter()
+    if left <= 0:
+      return False
+    r = mgr.get_result(timeout=min(0.2, left))
+    if r is None:
+      if not mgr.is_running():
+        return False
+      continue
+    if r.request_id in pending and r.is_finished():
+      outs[r.request_id] = r
+      pending.discard(r.request_id)
+      if bar is not None:
+        bar.update(len(r.generated_tokens))
+  return True
+
+
+def warm_up(mgr, max_len: int, max_batch_tokens: int, vocab: int) -> float:
+  """A few short requests with prompts of 16..1024 tokens, untimed (kernel selection, allocator, first batches)."""
+  t0 = time.perf_counter()
+  rng = np.random.default_rng(12345)
+  lens = sorted({min(k, max_len - 2, max_batch_tokens) for k in (16, 64, 256, 1024)} - {0})
+  pending = {add(mgr, rng.integers(3, vocab, k).tolist(), 2, f"warmup-{i}") for i, k in enumerate(lens)}
+  outs = {}
+  if not collect(mgr, pending - {None}, outs, time.perf_counter() + 600):
+    raise RuntimeError("HF continuous batching did not finish its warm-up requests")
+  bad = [o.error for o in outs.values() if o.error]
+  if bad:
+    raise RuntimeError(f"HF continuous batching failed its warm-up: {bad[0]}")
+  return time.perf_counter() - t0
+
+
+def shutdown(hf: HF, mgr, hard: bool) -> None:
+  """Stop the generation thread (hard: fail what is left now, else let it finish)."""
+  if hard and hf.hard_stop:
+    mgr.stop(block=True, timeout=60, hard_stop=True)
+  else:
+    mgr.stop(block=True, timeout=60)
+
+
+def run_family(hf: HF, mgr, work, desc: str, args, device) -> dict:
+  """Add every request at t=0, take results until all are done or --max-wall; metrics of this run."""
+  torch = hf.torch
+  cuda = device.type == "cuda"
+  bar = bc.progress_bar(sum(n for _, n in work), desc, args.quiet)
+  if cuda:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+  steps0 = getattr(mgr, "current_batch", None)
+  t0 = time.perf_counter()
+  forced, rejected = {}, 0
+  for i, (prompt, n) in enumerate(work):
+    rid = add(mgr, prompt, n, f"req-{i}")
+    if rid is None:
+      rejected += 1
+    else:
+      forced[rid] = n
+  outs = {}
+  deadline = t0 + args.max_wall if args.max_wall else math.inf
+  all_done = collect(mgr, set(forced), outs, deadline, bar)
+  t_end = time.perf_counter()
+  steps1 = getattr(mgr, "current_batch", None)
+  if bar is not None:
+    bar.close()
+  if not all_done and not hf.hard_stop:
+    for rid in set(forced) - set(outs):
+      mgr.cancel_request(rid)
+  shutdown(hf, mgr, hard=not all_done)
+  while (r := mgr.get_result(timeout=0.05)) is not None:  # what the stop failed or cut short
+    if r.request_id in forced and r.request_id not in outs and r.is_finished():
+      outs[r.request_id] = r
+  m = metrics(outs, forced, rejected, t0, t_end)
+  m["steps"] = steps1 - steps0 if isinstance(steps0, int) and isinstance(steps1, int) else None
+  m["cut_by_max_wall"] = not all_done and t_end >= deadline
+  m["gpu_memory"] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+                     "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
+  return m
+
+
+def metrics(outs: dict, forced: dict, rejected: int, t0: float, t_end: float) -> dict:
+  """bench_decode's run metrics from HF's records (times relative to t0 = every request's arrival).
+
+  A request counts as completed if HF finished it by t_end; tokens, TTFT and ITL count only the
+  tokens stamped by t_end (a --max-wall cut leaves partial outputs). What HF does not expose is null.
+  """
+  done, ttft, queue, e2e, itl, gen, mismatch, errors = [], [], [], [], [], 0, 0, []
+  for rid, n in forced.items():
+    o = outs.get(rid)
+    if o is None:
+      continue
+    ts = np.array([t for t in (o.timestamps or []) if t <= t_end])
+    gen += len(ts)
+    if len(ts):
+      ttft.append((ts[0] - t0) * 1e3)
+      itl.append(np.diff(ts) * 1e3)
+    if 0 < o.lifespan[0] <= t_end:
+      queue.append((o.lifespan[0] - t0) * 1e3)
+    ok = o.error is None and o.status.name == "FINISHED" and 0 < o.lifespan[1] <= t_end
+    if ok:
+      done.append(rid)
+      e2e.append((o.lifespan[1] - t0) * 1e3)
+      mismatch += len(o.generated_tokens) != n
+    elif o.error and o.error not in errors:
+      errors.append(o.error)
+  itl = np.concatenate(itl) if itl else np.zeros(0)
+  wall = max(t_end - t0, 1e-9)
+  n_req = len(forced) + rejected
+  return {
+      "requests": n_req, "completed": len(done), "rejected": rejected, "unfinished": len(forced) - len(done),
+      "not_added": 0, "generated_tokens": gen, "wall_s": wall, "tokens_per_s": gen / wall,
+      "ttft_ms": bc.pct(ttft, (50, 90, 99)), "queue_ms": bc.pct(queue, (50, 99, 100)), "e2e_ms": bc.pct(e2e, (50, 99)),
+      "itl_ms": bc.pct(itl, (50, 90, 99, 100)), "itl_p99_over_p50": bc.ratio_of(bc.pct(itl, (99,)), bc.pct(itl, (50,))),
+      "itl_cdf_ms": bc.cdf(itl), "length_mismatches": mismatch, "errors": errors[:3],
+      # Not exposed by HF's continuous batching API: null, never estimated.
+      "step_ms": None, "spikes": None, "mean_decode_batch": None, "preemptions": None, "prefix_hit_blocks": None,
+      "host_us": None,
+      "kv": {"peak_reserved_bytes": None, "peak_live_bytes": None, "peak_ratio": None, "mean_ratio": None},
+  }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+  return bc.run_main(_main, argv)
+
+
+def _main(argv) -> int:
+  args = parse_args(argv)
+  if args.from_json:
+    return bc.regenerate(args, KIND, render, print_summary)
+  families = parse_families(args.families)
+  if args.num_requests < 1:
+    raise bc.UserError("--num-requests must be >= 1")
+  if args.max_batch_tokens < 1:
+    raise bc.UserError("--max-batch-tokens must be >= 1")
+  if args.max_wall is not None and args.max_wall <= 0:
+    raise bc.UserError("--max-wall must be positive")
+  compare = read_compare(args.compare_json) if args.compare_json else None
+  from kvrm_jax.config import ModelConfig
+  cfg = ModelConfig.from_name(args.model)
+  hf = load_hf()
+  device = pick_device(hf, args.device)
+  dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+  budget = plan_budget(cfg, args, dtype)
+  work = workloads(families, args.num_requests, budget.max_len, cfg.vocab_size, args.seed)
+  attn, cb_extra = attn_request(hf, args.attn)
+  env = environment(hf, device)
+
+  t_init = time.perf_counter()
+  model = build_model(hf, cfg, dtype, device, attn, args.seed)
+  t_init = time.perf_counter() - t_init
+  print(f"[bench_hf_peer] {env['device']} | {args.model} {dtype} | transformers {env['transformers']}, torch "
+        f"{env['torch']} | HF num_blocks {budget.budget_blocks} x {budget.block_size} tokens "
+        f"({budget.budget_bytes / 1e9:.3g} GB), max_len {budget.max_len}, max_batch_tokens {args.max_batch_tokens} | "
+        f"model init {t_init:.1f} s", flush=True)
+  results, engines = {}, {}
+  for fam in families:
+    mgr = make_manager(hf, model, work[fam], budget, args, cb_extra)
+    try:
+      mgr.start()
+      warm = warm_up(mgr, budget.max_len, args.max_batch_tokens, cfg.vocab_size)
+      rec = manager_record(hf, mgr, model, budget, attn, warm)
+      m = run_family(hf, mgr, work[fam], f"{ENGINE}/{fam}", args, device)
+    finally:
+      if mgr.is_running():
+        shutdown(hf, mgr, hard=True)
+      if hasattr(mgr, "destroy"):
+        mgr.destroy()
+      del mgr
+      free_memory(hf, device)
+    results[fam] = {ENGINE: m}
+    engines[fam] = rec
+    print(f"[{ENGINE}/{fam}] attention {rec['attn_resolved']}, KV cache {fmt_bytes(rec['kv_cache_bytes'])}, warm-up "
+          f"{warm:.1f} s | {m['completed']}/{m['requests']} done, {m['tokens_per_s']:.1f} tok/s, TTFT p50 "
+          f"{bc.fmt(m['ttft_ms']['p50'])} ms, ITL p50 {bc.fmt(m['itl_ms']['p50'])} ms p99 "
+          f"{bc.fmt(m['itl_ms']['p99'])} ms, {m['steps']} forward passes"
+          + (", cut by --max-wall" if m["cut_by_max_wall"] else ""), flush=True)
+    for e in [] if m["cut_by_max_wall"] else m["errors"]:
+      print(f"[{ENGINE}/{fam}] request error: {e}", file=sys.stderr)
+
+  obj = {"kind": KIND, "label": args.label or bc.default_label("hfpeer", env, args.model),
+         "note": bc.default_note(env) if args.note is None else args.note, "model_init_s": t_init,
+         "meta": dict(env, command=bc.command_line("bench_hf_peer.py", argv)),
+         "model": model_info(cfg, model, dtype),
+         "budget": {k: v for k, v in budget.to_dict().items() if k not in ("static_slots", "kvrm_slots")},
+         "engines": engines, "max_wall_s": args.max_wall,
+         "workloads": {f: dict(bd.describe(work[f]), description=bd.DESCRIPTIONS[f]) for f in families},
+         "results": results}
+  if compare is not None:
+    obj["compare"] = compare_excerpt(compare, args.compare_json, obj)
+  if args.out_json:
+    bc.write_json(args.out_json, obj)
+  if args.report:
+    render(obj, args.report)
+  print_summary(obj)
+  return 0
+
+
+def free_memory(hf: HF, device) -> None:
+  import gc
+  gc.collect()
+  if device.type == "cuda":
+    hf.torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- bench_decode beside HF
+
+RUN_KEYS = ("requests", "completed", "rejected", "unfinished", "generated_tokens", "wall_s", "tokens_per_s", "ttft_ms",
+            "queue_ms", "e2e_ms", "itl_ms", "itl_cdf_ms", "steps")
+
+
+def read_compare(path: str) -> dict:
+  return bc.read_json(path, "bench_decode")
+
+
+def compare_excerpt(dec: dict, path: str, obj: dict) -> dict:
+  """The bench_decode rows of our families, and whether they ran the same model, budget and requests."""
+  fams = [f for f in obj["results"] if f in dec.get("results", {})]
+  same_requests = {f: {k: v for k, v in dec["workloads"][f].items() if k != "description"} ==
+                   {k: v for k, v in obj["workloads"][f].items() if k != "description"} for f in fams}
+  return {"path": path, "label": dec.get("label"),
+          "command": dec.get("command"), "date": dec["env"].get("date"), "device": dec["env"].get("device"),
+          "model": dec["model"]["name"], "dtype": dec["model"]["dtype"], "budget_bytes": dec["budget"]["budget_bytes"],
+          "same_model": (dec["model"]["name"], dec["model"]["dtype"]) == (obj["model"]["name"], obj["model"]["dtype"]),
+          "same_budget": dec["budget"]["budget_bytes"] == obj["budget"]["budget_bytes"],
+          "same_requests": same_requests,
+          "results": {f: {k: {key: m.get(key) for key in RUN_KEYS} for k, m in dec["results"][f].items()
+                          if k in COMPARED} for f in fams}}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt_bytes(x) -> str:
+  return "-" if x is None else bc.nbytes(x)
+
+
+def title(obj: dict) -> str:
+  env, note = obj["meta"], obj.get("note")
+  dev = "CPU" if env["backend"] == "cpu" else env["device"]
+  return f"## HF transformers peer (continuous batching): {dev}, {obj['model']['name']} model" + (
+      f", {note}" if note else "")
+
+
+def meta_lines(obj: dict) -> str:
+  env, m, b = obj["meta"], obj["model"], obj["budget"]
+  e = next(iter(obj["engines"].values()))
+  cb = e["continuous_batching_config"]
+  lines = [
+      f"- device: {env['device']} ({env['backend']}, {env['device_count']} device(s)); date {env['date']}; "
+      f"torch {env['torch']}, transformers {env['transformers']}, python {env['python']}",
+      f"- model: {m['name']} ({m['source']}), {m['dtype']}, {m['params'] / 1e6:.1f} M params "
+      f"({fmt_bytes(m['weights_bytes'])}), {m['layers']} layers, {m['heads']}/{m['kv_heads']} heads, head_dim "
+      f"{m['head_dim']}, vocab {m['vocab']}",
+      f"- KV budget: HF `num_blocks` {b['budget_blocks']} of {b['block_size']} tokens = {bc.nbytes(b['budget_bytes'])} "
+      f"(bench_decode's per-engine budget); HF allocated {fmt_bytes(e['kv_cache_bytes'])} of cache tensors (its 2 "
+      f"padding blocks included); max_len {b['max_len']} shapes the workload only (HF has no per-slot reservation)",
+      f"- HF: attention `{e['attn_resolved']}` (asked `{e['attn_requested']}`), max_batch_tokens "
+      f"{e['max_batch_tokens']}, max_requests_per_batch {cb.get('max_requests_per_batch')}, CUDA graphs "
+      f"{cb.get('use_cuda_graph')}, async batching {cb.get('use_async_batching')}, prefix sharing "
+      f"{cb.get('allow_block_sharing')}; greedy, EOS off, per-request max_new_tokens; warm-up "
+      + ", ".join(f"{x['warmup_s']:.1f} s" for x in obj["engines"].values()) + " (untimed)",
+      f"- command: `{env['command']}`",
+      "- measured from HF's per-request records (`record_timestamps`): a host timestamp per token (so TTFT, ITL), "
+      "admission (queue) and finish (e2e) times; forward passes = HF's batch counter. Not exposed by HF, so not "
+      "reported: step times and spikes, reserved/live KV over time, decode batch, preemptions, host overhead",
+  ]
+  if env["backend"] == "cpu":
+    lines.append("- CPU caveat: smoke numbers that check the pipeline, not performance claims")
+  return "\n".join(lines) + "\n"
+
+
+HEAD = ["family", "engine", "done / rejected / unfinished", "out tok/s", "vs HF", "TTFT p50 / p99 ms",
+        "ITL p50 / p90 / p99 / max ms", "queue p50 / p99 ms", "e2e p50 / p99 ms", "forward passes / steps",
+        "peak GPU memory"]
+
+
+def row(fam: str, name: str, m: dict, base: dict) -> str:
+  sp = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base["tokens_per_s"] else "-"
+  mem = (m.get("gpu_memory") or {}).get("peak_allocated_bytes")
+  cells = [fam, name, f"{m['completed']}/{m['rejected']}/{m['unfinished']}", bc.fmt(m["tokens_per_s"]), sp,
+           f"{bc.fmt(m['ttft_ms']['p50'])} / {bc.fmt(m['ttft_ms']['p99'])}",
+           " / ".join(bc.fmt(m["itl_ms"][k]) for k in ("p50", "p90", "p99", "max")),
+           f"{bc.fmt(m['queue_ms']['p50'])} / {bc.fmt(m['queue_ms']['p99'])}",
+           f"{bc.fmt(m['e2e_ms']['p50'])} / {bc.fmt(m['e2e_ms']['p99'])}", bc.fmt(m["steps"]), fmt_bytes(mem)]
+  return "| " + " | ".join(cells) + " |"
+
+
+def render(obj: dict, md_path: str) -> None:
+  """Write this run's section of the report (table + ITL CDF PNG) from its raw JSON."""
+  obj = json.loads(json.dumps(obj))  # a live run renders exactly what --from-json will read back
+  res, cmp = obj["results"], obj.get("compare")
+  body = [title(obj), "", meta_lines(obj), "",
+          f"Workloads (bench_decode's, L = max_len = {obj['budget']['max_len']}; all requests arrive at t=0; outputs "
+          "forced):", "",
+          "| family | requests | prompt tokens mean / p50 / max | output tokens mean / p50 / max | shape |",
+          "| --- | --- | --- | --- | --- |"]
+  for f, w in obj["workloads"].items():
+    p, o = w["prompt_tokens"], w["output_tokens"]
+    body.append(f"| {f} | {w['num_requests']} | {p['mean']:.0f} / {p['p50']:.0f} / {p['max']} | "
+                f"{o['mean']:.0f} / {o['p50']:.0f} / {o['max']} | {w['description']} |")
+  rows = []
+  for f, per in res.items():
+    hfm = per[ENGINE]
+    rows.append(row(f, "HF transformers", hfm, hfm))
+    for k, m in ((cmp or {}).get("results", {}).get(f) or {}).items():
+      rows.append(row(f, f"{k} (bench_decode)", m, hfm))
+  body += ["", "| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD), *rows, ""]
+  cut = [f for f, per in res.items() if per[ENGINE]["cut_by_max_wall"]]
+  if cut:
+    body.append(f"HF runs cut by --max-wall {obj['max_wall_s']:g} s: {', '.join(cut)} (tokens/s counts the tokens "
+                "generated by the cut; the rest is unfinished).\n")
+  if cmp:
+    same = all(cmp["same_requests"].values()) and cmp["same_model"] and cmp["same_budget"]
+    body.append(f"bench_decode rows from `{cmp['path']}` ({cmp['device']}, {cmp['date']}; `{cmp['command']}`): "
+                + ("same model, KV budget and requests (token counts match)." if same else
+                   f"NOT the same setup (model {cmp['model']} {cmp['dtype']}, budget {bc.nbytes(cmp['budget_bytes'])}, "
+                   f"same requests {cmp['same_requests']}): the rows are not comparable.") + "\n")
+  body.append(plot(obj, md_path))
+  bc.update_report(md_path, obj["label"], "\n".join(body))
+
+
+def plot(obj: dict, md_path: str) -> str:
+  plt = bc.plt()
+  res, cmp = obj["results"], obj.get("compare") or {}
+  path, link = bc.png_path(md_path, obj["label"], "itl_cdf")
+  fig, axs = plt.subplots(1, len(res), figsize=(3.6 * len(res), 3.2), squeeze=False)
+  for ax, (f, per) in zip(axs[0], res.items()):
+    runs = {"hf": per[ENGINE], **(cmp.get("results", {}).get(f) or {})}
+    bc.plot_itl_cdf(ax, runs, f"ITL CDF: {f}")
+  bc.savefig(fig, path)
+  return f"![inter-token latency CDF]({link})\n"
+
+
+def print_summary(obj: dict) -> None:
+  for f, per in obj["results"].items():
+    m = per[ENGINE]
+    print(f"{f:>13} {ENGINE:>6}: {m['tokens_per_s']:9.1f} tok/s, TTFT p50 {bc.fmt(m['ttft_ms']['p50'])} ms, "
+          f"ITL p50/p99/max {'/'.join(bc.fmt(m['itl_ms'][q]) for q in ('p50', 'p99', 'max'))} ms, "
+          f"done {m['completed']}/{m['requests']}" + (" (cut by --max-wall)" if m["cut_by_max_wall"] else ""))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

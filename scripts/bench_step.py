@@ -326,6 +326,18 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
          "weight_bytes": weight_bytes, "kv_bytes_read": kv_read,
          "kv_bytes_per_seq": float(np.mean(blocks)) * bs * tok_bytes, "blocks_per_seq": float(np.mean(blocks)),
          "decode_compiles": eng.compiles.decode}
+  if args.back_to_back:
+    # The same descriptor dispatched N times with no host sync in between: the step time when the
+    # host neither waits for tokens nor builds descriptors (what a pipelined loop would reach).
+    import jax
+    ints, floats = jax.device_put((last["ints"], last["floats"]))
+    tokens, eng.k_pool, eng.v_pool = eng.decode_step(eng.state, eng.k_pool, eng.v_pool, ints, floats)
+    jax.block_until_ready(tokens)
+    t = time.perf_counter()
+    for _ in range(args.back_to_back):
+      tokens, eng.k_pool, eng.v_pool = eng.decode_step(eng.state, eng.k_pool, eng.v_pool, ints, floats)
+    jax.block_until_ready(tokens)
+    row["back_to_back_ms"] = 1e3 * (time.perf_counter() - t) / args.back_to_back
   if args.profile:
     from cupti_timings import kernel_timings
 
@@ -366,6 +378,8 @@ def main(argv=None) -> int:
   p.add_argument("--attention", default="auto")
   p.add_argument("--layer-loop", nargs="+", default=["auto"], choices=["auto", "scan", "unroll"],
                  help="RuntimeConfig.layer_loop variants, each run in this process")
+  p.add_argument("--back-to-back", type=int, default=0, metavar="N",
+                 help="also time N decode steps dispatched with no host sync between them")
   p.add_argument("--profile", type=int, default=0, metavar="N",
                  help="after timing, N more decode steps under CUPTI: device time per kernel")
   p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "

@@ -54,6 +54,17 @@ case "${1:-}" in
       --lengths 512,2048 --heads 32/8/128,9/3/64 --variants 128:2:auto,64:3:auto --iters 20 --skip-xla \
       --md /tmp/docs/kernels_small.md --png /tmp/docs/kernels_small.png 2>&1 | tail -25
     ;;
+  4)  # session 3: kernel + engine + tier GPU tests, decode step unrolled (host sync vs back-to-back, graphs off)
+    timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" 2>&1 \
+      | tee $OUT/gpu_tests.log | tail -15
+    timeout 170 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --warmup 5 --iters 20 --layer-loop unroll --back-to-back 10 --profile 3 \
+      --out-json $OUT/raw/step_h100_llama3-8b.json > $OUT/step.log 2>&1; grep -v '^| `' $OUT/step.log | tail -30
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout 110 python3 scripts/bench_step.py --model llama3-8b \
+      --dtype bfloat16 --batches 64 --context 2048 --warmup 5 --iters 20 --layer-loop unroll --back-to-back 10 \
+      --out-json $OUT/raw/step_nographs.json > $OUT/step_nographs.log 2>&1; tail -4 $OUT/step_nographs.log
+    ;;
 esac
+tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null
-ls $OUT $OUT/raw
+ls $OUT

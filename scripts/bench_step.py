@@ -281,7 +281,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   rng = np.random.default_rng(0)
   for _ in range(batch):
     eng.add_request(rng.integers(3, cfg.vocab_size, context).tolist(),
-                    SamplingParams(max_new_tokens=steps + args.profile + 1, ignore_eos=True))
+                    SamplingParams(max_new_tokens=steps + args.profile + 2, ignore_eos=True))
   eng._admit()
   for req in list(eng.slots):  # stand in for the prefill: the prompts' KV is "computed"
     req.num_computed = req.prefill_target

@@ -64,6 +64,15 @@ case "${1:-}" in
       --dtype bfloat16 --batches 64 --context 2048 --warmup 5 --iters 20 --layer-loop unroll --back-to-back 10 \
       --out-json $OUT/raw/step_nographs.json > $OUT/step_nographs.log 2>&1; tail -4 $OUT/step_nographs.log
     ;;
+  5)  # session 3: HF transformers peer (Llama-3-8B shape, mixed family); host tier benchmark (SmolLM2 shape)
+    cp docs/tiering.md /tmp/docs/ 2>/dev/null
+    timeout 250 python3 scripts/bench_hf_peer.py $B8 --families mixed --num-requests 256 --max-wall 75 \
+      --out-json $OUT/raw/hfpeer_h100_llama3-8b.json --report /tmp/docs/results.md \
+      --compare-json docs/raw/decode_h100_llama3-8b.json > $OUT/hfpeer.log 2>&1; tail -25 $OUT/hfpeer.log
+    timeout 290 python3 scripts/bench_tier.py --model smollm2-135m --dtype bfloat16 --requests 32 --prompt 1024 \
+      --output 256 --hbm-gb 0.3 --host-gb 2 --configs off swap place-R32 place-R8 place-R1 --max-wall 30 --quiet \
+      --out-json $OUT/raw/tier_h100_smollm2.json --report /tmp/docs/tiering.md > $OUT/tier.log 2>&1; tail -12 $OUT/tier.log
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -79,6 +79,12 @@ case "${1:-}" in
       --out-json $OUT/raw/tier_h100_smollm2.json --report /tmp/docs/tiering.md > $OUT/tier.log 2>&1
     grep -v '^{' $OUT/tier.log | tail -12
     ;;
+  7)  # session 3: which host<->device copy patterns XLA runs as DMAs (pinned_host pool)
+    timeout 150 python3 scripts/bench_host_copies.py --pool-gb 2 --extent-blocks 8 --extents 4 \
+      --out-json $OUT/raw/host_copies_smollm2.json 2>&1 | grep -v Warn
+    timeout 150 python3 scripts/bench_host_copies.py --pool-gb 8 --layers 32 --kv-heads 8 --head-dim 128 \
+      --extent-blocks 8 --extents 8 --out-json $OUT/raw/host_copies_llama3.json 2>&1 | grep -v Warn
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -134,7 +134,8 @@ class Engine:
     if rt.host_blocks:
       self.tier = tier_lib.HostTier(rt)
       self.k_host, self.v_host = tier_lib.init_host_pools(cfg, rt, mesh)
-      self.swap_step = step_lib.build_swap(rt, mesh)
+      self.swap_step = step_lib.build_swap(rt, mesh, tuple(x.sharding for x in (
+          self.k_pool, self.v_pool, self.k_host, self.v_host)))
       self._swap_layout = tier_lib.swap_layout(rt)
     self.with_logits = with_logits
     if kind == "static":

@@ -333,11 +333,13 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
   return decode_step, prefill_step, counter
 
 
-def build_swap(rt: RuntimeConfig, mesh=None):
-  """The host tier's swap op: (k_pool, v_pool, k_host, v_host, ints) -> the four pools, donated."""
+def build_swap(rt: RuntimeConfig, mesh=None, out_shardings=None):
+  """The host tier's swap op: (k_pool, v_pool, k_host, v_host, ints) -> the four pools, donated.
+
+  out_shardings: the four pools' shardings; pass them so the host pools stay in host memory."""
   from kvrm_jax import tier
   fn = functools.partial(tier.swap_blocks, rt=rt)
   if mesh is not None:
     from kvrm_jax import sharding
     fn = sharding.shard_swap(fn, mesh)
-  return jax.jit(fn, donate_argnums=(0, 1, 2, 3))
+  return jax.jit(fn, donate_argnums=(0, 1, 2, 3), out_shardings=out_shardings)

@@ -76,7 +76,7 @@ case "${1:-}" in
   6)  # session 3: host tier benchmark alone (SmolLM2 shape; each configuration compiles its own decode step)
     timeout 540 python3 scripts/bench_tier.py --model smollm2-135m --dtype bfloat16 --requests 32 --prompt 1024 \
       --output 256 --hbm-gb 0.3 --host-gb 2 --configs off swap place-R32 place-R8 place-R1 --max-wall 30 --quiet \
-      --out-json $OUT/raw/tier_h100_smollm2.json --report /tmp/docs/tiering.md > $OUT/tier.log 2>&1
+      --warmup-limit 45 --out-json $OUT/raw/tier_h100_smollm2.json --report /tmp/docs/tiering.md > $OUT/tier.log 2>&1
     grep -v '^{' $OUT/tier.log | tail -12
     ;;
   7)  # session 3: which host<->device copy patterns XLA runs as DMAs (pinned_host pool)

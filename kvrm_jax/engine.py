@@ -148,6 +148,8 @@ class Engine:
     self.slots: list[Request | None] = [None] * rt.max_slots
     self.requests: dict[int, Request] = {}
     self.stats = EngineStats()
+    if self.tier is not None:
+      self._run_swaps()  # compile the swap op now (it copies nothing), not at the first preemption
     self.last_logits = None  # with_logits: {request id: [V] logits of its latest sampled token}
     self._next_id = 0
     self._poison = None

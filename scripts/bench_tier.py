@@ -117,7 +117,7 @@ def run_config(name, cfg, model, rt, prompts, args, token_bytes, weight_bytes, c
   # A short run of the same workload, so that swaps, placement and whatever executables their first
   # use brings (a GPU recompile of a step for new buffer layouts was seen) happen before the clock.
   wids = [eng.add_request(p, SamplingParams(
-      max_new_tokens=min(args.output, 24), ignore_eos=True)) for p in prompts]
+      max_new_tokens=args.output, ignore_eos=True)) for p in prompts]
   while any(not eng.requests[r].done for r in wids) and time.perf_counter() - t0 < args.warmup_limit:
     eng.step()
   for r in wids:

@@ -109,15 +109,15 @@ def runtime(cfg_name: str, base: dict, work_blocks: int, args):
 def run_config(name, cfg, model, rt, prompts, args, token_bytes, weight_bytes, copy_bw, link) -> dict:
   from kvrm_jax import tier as tier_lib
   from kvrm_jax.engine import Engine
-  from kvrm_jax.sequence import SamplingParams
   eng = Engine(cfg, model, rt, tier_policy=args.policy)
   runner = bc.Runner(eng, name, token_bytes * rt.block_size)
   t0 = time.perf_counter()
   runner.warmup(rt.max_seq_len, cfg.vocab_size)  # every prefill bucket compiled before the clock starts
   # A short run of the same workload, so that swaps, placement and whatever executables their first
   # use brings (a GPU recompile of a step for new buffer layouts was seen) happen before the clock.
-  wids = [eng.add_request(p, SamplingParams(
-      max_new_tokens=args.output, ignore_eos=True)) for p in prompts]
+  wids = []
+  for p in prompts:
+    runner.add(p, args.output, time.perf_counter(), wids)  # (a request the engine rejects is skipped)
   while any(not eng.requests[r].done for r in wids) and time.perf_counter() - t0 < args.warmup_limit:
     eng.step()
   for r in wids:
@@ -197,8 +197,8 @@ def _main(argv) -> int:
   work_gb = work_blocks * bs * token_bytes / 1e9
   hbm_blocks = int(args.hbm_gb * 1e9 / (bs * token_bytes)) if args.hbm_gb else max(work_blocks // 3, per_seq + 2)
   args.host_blocks = int(args.host_gb * 1e9 / (bs * token_bytes)) if args.host_gb else work_blocks + 64
-  if hbm_blocks < per_seq:
-    raise UserError(f"--hbm-gb holds {hbm_blocks} blocks, one request needs {per_seq}")
+  if hbm_blocks < -(-args.prompt // bs) + 1:  # a prompt's KV is computed on the device
+    raise UserError(f"--hbm-gb holds {hbm_blocks} blocks, one prompt needs {-(-args.prompt // bs) + 1}")
   base = dict(block_size=bs, num_blocks=hbm_blocks + 1, max_slots=args.requests, max_blocks_per_seq=per_seq,
               max_groups=8, max_moves=16, prefill_buckets=(256,) if args.prompt > 64 else (16, 64),
               max_prefill_seqs=2, dtype=dtype, attention=args.attention, max_summaries=0, max_folds=0,

@@ -85,12 +85,12 @@ case "${1:-}" in
     timeout 150 python3 scripts/bench_host_copies.py --pool-gb 8 --layers 32 --kv-heads 8 --head-dim 128 \
       --extent-blocks 8 --extents 8 --out-json $OUT/raw/host_copies_llama3.json 2>&1 | grep -v Warn
     ;;
-  8)  # session 3: one request longer than the HBM budget (tier off rejects it); small kernel configs
+  8|9)  # session 3: one request longer than the HBM budget (tier off rejects it); (8) small kernel configs
     timeout 200 python3 scripts/bench_tier.py --model smollm2-135m --dtype bfloat16 --requests 1 --prompt 2048 \
       --output 1024 --hbm-gb 0.05 --host-gb 1 --configs off place-R32 --max-wall 60 --quiet --warmup-limit 20 \
       --out-json $OUT/raw/tier_h100_long.json --report /tmp/docs/tiering_long.md > $OUT/tier_long.log 2>&1
     grep -v '^{' $OUT/tier_long.log | tail -6
-    timeout 200 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v2.json --batches 8,64 \
+    [ "$1" = 8 ] && timeout 200 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v2.json --batches 8,64 \
       --lengths 512,2048 --heads 32/8/128,9/3/64 --variants 128:2:auto,64:3:auto --iters 20 --skip-xla \
       --md /tmp/docs/kernels_small.md --png /tmp/docs/kernels_small.png 2>&1 | grep -v "^ " | tail -8
     ;;

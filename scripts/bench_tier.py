@@ -245,7 +245,8 @@ def rows(obj):
       continue
     t, b = r.get("tier") or {}, r.get("bound")
     out.append(
-        f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['completed']}/{r['requests']} | {r['step_ms']['p50']:.2f} | "
+        f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['completed']}/{r['requests']} ({r['rejected']} rejected) | "
+        f"{r['step_ms']['p50'] or float('nan'):.2f} | "
         f"{r['preemptions'] - t.get('swap_preemptions', 0)} / {t.get('swap_preemptions', 0)} | "
         f"{t.get('placed_blocks', 0)} | {t.get('copies_per_step', 0):.0f} x {t.get('bytes_per_copy', 0) / 1e3:.0f} KB | "
         f"{t.get('peak_host_blocks', 0)} | "

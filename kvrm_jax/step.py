@@ -234,10 +234,16 @@ def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_lo
     if rt.max_host_reads:  # cold blocks on the host tier: stage this layer's extents, merge exactly
       from kvrm_jax import tier
       kh, vh = host
-      sk = tier.stage(kh, layer, d["host_reads"], d["host_n"][0], rt.host_extent)
-      sv = tier.stage(vh, layer, d["host_reads"], d["host_n"][0], rt.host_extent)
-      oh, lseh = tier.host_attention(q, sk, sv, d["host_table"], d["host_count"], rt.block_size)
-      o, lse = tier.combine(o, lse, oh, lseh)
+
+      def with_host(o, lse):
+        sk = tier.stage(kh, layer, d["host_reads"], d["host_n"][0], rt.host_extent)
+        sv = tier.stage(vh, layer, d["host_reads"], d["host_n"][0], rt.host_extent)
+        oh, lseh = tier.host_attention(q, sk, sv, d["host_table"], d["host_count"], rt.block_size)
+        om, lsem = tier.combine(o, lse, oh, lseh)
+        return om.astype(o.dtype), lsem.astype(lse.dtype)
+
+      # Steps without host-resident blocks skip the staging and the extra attention entirely.
+      o, lse = jax.lax.cond(d["host_n"][0] > 0, with_host, lambda o, lse: (o, lse), o, lse)
     if rt.max_summaries:
       o = merge_summaries(o, lse, q, kp, vp, layer, d)
     if with_mass:  # statistics for the attention-mass placement policy, from one layer

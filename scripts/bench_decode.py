@@ -115,6 +115,15 @@ def run_offline(runner: bc.Runner, work, desc: str, quiet: bool, max_wall: float
   return runner.finish(rids, rejected, mark, t0, t_end)
 
 
+def parse_families(text: str) -> list[str]:
+  """--families: a comma list of distinct FAMILIES names (UserError otherwise)."""
+  fams = [f.strip() for f in text.split(",") if f.strip()]
+  bad = [f for f in fams if f not in FAMILIES]
+  if bad or not fams or len(set(fams)) != len(fams):
+    raise bc.UserError(f"--families must be a comma list of {', '.join(FAMILIES)}, got {text!r}")
+  return fams
+
+
 def main(argv=None) -> int:
   return bc.run_main(_main, argv)
 
@@ -123,10 +132,7 @@ def _main(argv) -> int:
   args = parse_args(argv)
   if args.from_json:
     return bc.regenerate(args, KIND, render, print_summary)
-  families = [f.strip() for f in args.families.split(",") if f.strip()]
-  bad = [f for f in families if f not in FAMILIES]
-  if bad or not families:
-    raise bc.UserError(f"--families must be a comma list of {', '.join(FAMILIES)}, got {args.families!r}")
+  families = parse_families(args.families)
   if args.num_requests < 1:
     raise bc.UserError("--num-requests must be >= 1")
   kinds = bc.parse_engines(args.engines)

@@ -86,14 +86,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def parse_families(text: str) -> list[str]:
-  fams = [f.strip() for f in text.split(",") if f.strip()]
-  bad = [f for f in fams if f not in bd.FAMILIES]
-  if bad or not fams or len(set(fams)) != len(fams):
-    raise bc.UserError(f"--families must be a comma list of {', '.join(bd.FAMILIES)}, got {text!r}")
-  return fams
-
-
 def plan_budget(cfg, args, dtype: str) -> bc.Budget:
   """bench_decode's plan (same max_len rounding, same budget in blocks); only its blocks matter here."""
   ns = argparse.Namespace(block_size=args.block_size, max_len=args.max_len, kv_budget_blocks=args.kv_budget_blocks,
@@ -426,7 +418,7 @@ def _main(argv) -> int:
   args = parse_args(argv)
   if args.from_json:
     return bc.regenerate(args, KIND, render, print_summary)
-  families = parse_families(args.families)
+  families = bd.parse_families(args.families)
   if args.num_requests < 1:
     raise bc.UserError("--num-requests must be >= 1")
   if args.max_batch_tokens < 1:

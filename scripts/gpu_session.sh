@@ -94,6 +94,14 @@ case "${1:-}" in
       --lengths 512,2048 --heads 32/8/128,9/3/64 --variants 128:2:auto,64:3:auto --iters 20 --skip-xla \
       --md /tmp/docs/kernels_small.md --png /tmp/docs/kernels_small.png 2>&1 | grep -v "^ " | tail -8
     ;;
+  10)  # session 3: the unrolled decode step with XLA's command buffers (CUDA graphs) off, then on
+    for mode in off on; do
+      x=""; [ $mode = off ] && x="--xla_gpu_enable_command_buffer="
+      XLA_FLAGS="$x" timeout 130 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 \
+        --context 2048 --warmup 5 --iters 20 --layer-loop unroll --back-to-back 10 \
+        --out-json $OUT/raw/step_graphs_$mode.json 2>&1 | grep -v Warn | tail -3
+    done
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

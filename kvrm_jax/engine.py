@@ -287,6 +287,10 @@ class Engine:
           sp.temperature, sp.top_p, sp.top_k, sp.seed)
       self._refresh_tables(req)
 
+  def _staged_extents(self, reqs) -> int:
+    """Host extents the decode step stages for these requests: their placed extents."""
+    return sum(len(self.tier.placed(r.id)[0]) for r in reqs if r.host_tokens)
+
   def _growth_need(self) -> int:
     """Blocks the running requests at a block boundary take in this step."""
     run = np.flatnonzero(self._running)
@@ -299,7 +303,7 @@ class Engine:
     placed_ext, placed = self.tier.placed(req.id)
     host_tokens = len(placed) * bs
     n = self.allocator.blocks_needed(req.num_computed - host_tokens)
-    reads = sum(len(self.tier.placed(r.id)[0]) for r in self._order if r.host_tokens)
+    reads = self._staged_extents(self._order)
     if (self.allocator.num_free_blocks - n - self._growth_need() < self.rt.watermark_blocks
         or len(self._swap_in) + self.tier.swapped_extents(req.id) > self.rt.max_swap_extents
         or (placed_ext and reads + len(placed_ext) > self.rt.max_host_reads)):
@@ -391,7 +395,7 @@ class Engine:
     if self.waiting and self._free_slots and not self.waiting[0].swapped:
       need += self.allocator.blocks_needed(self.waiting[0].num_tokens)
     deficit = need + rt.watermark_blocks - self.allocator.num_free_blocks
-    reads = sum(len(self.tier.placed(self.slots[i].id)[0]) for i in run)
+    reads = self._staged_extents(self.slots[i] for i in run)
     while deficit > 0 and len(self._swap_out) < rt.max_swap_extents and reads < rt.max_host_reads \
         and self.tier.num_free_extents:
       best, cands = None, None
@@ -738,7 +742,7 @@ class Engine:
   def _record_memory(self, plan: StepPlan) -> None:
     reserved = self.allocator.num_used_blocks
     if self.tier is not None:
-      host_reads = sum(len(self.tier.placed(r.id)[0]) for r in plan.decode if r.host_tokens)
+      host_reads = self._staged_extents(plan.decode)
       self.stats.tier_series.append((*plan.swaps, host_reads, self.tier.num_used_blocks))
     live = sum(r.num_computed - r.kv_offset - r.host_tokens for r in self._order) + len(plan.decode)
     self.stats.reserved_series.append(reserved)

@@ -117,6 +117,17 @@ def run(eng, ps, sps, max_steps=2000):
   return [eng.requests[r].output_ids for r in rids], eng.stats
 
 
+def step_until(eng, rids, pred, max_steps=200):
+  """Step (invariants checked) until some request of rids satisfies pred; returns its id or None."""
+  for _ in range(max_steps):
+    eng.step()
+    check(eng)
+    found = next((r for r in rids if pred(eng.requests[r])), None)
+    if found is not None:
+      return found
+  return None
+
+
 def assert_whole(eng):
   """The device pool and the host tier are free again, every extent accounted."""
   assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
@@ -251,13 +262,7 @@ def test_abort_swapped_out_request_frees_its_extents(engine, mixed):
   eng = engine(RT_SWAP)
   eng.stats = EngineStats()
   rids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
-  victim = None
-  for _ in range(200):
-    eng.step()
-    check(eng)
-    victim = next((r for r in rids if eng.requests[r].swapped), None)
-    if victim is not None:
-      break
+  victim = step_until(eng, rids, lambda r: r.swapped)
   assert victim is not None, "no request was swapped out"
   free = eng.tier.num_free_extents
   held = len(eng.tier.records[victim].extents)
@@ -280,13 +285,7 @@ def test_abort_running_request_with_placed_blocks(engine, mixed):
   eng = engine(RT_PLACE)
   eng.stats = EngineStats()
   rids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
-  victim = None
-  for _ in range(200):
-    eng.step()
-    check(eng)
-    victim = next((r for r in rids if eng.requests[r].host_tokens and not eng.requests[r].done), None)
-    if victim is not None:
-      break
+  victim = step_until(eng, rids, lambda r: r.host_tokens and not r.done)
   assert victim is not None, "no block was placed"
   req = eng.requests[victim]
   assert req.slot is not None and victim in eng.tier.records

@@ -4,7 +4,8 @@ An orbax checkpoint folder (what `scripts/convert.py` writes and `scripts/decode
 reads) holds:
   kvrm_config.json   the ModelConfig
   tokenizer.json     our Tokenizer.to_json_str()
-  params/            orbax StandardCheckpointer tree {name: float32 array}, names as in model.Llama
+  params/            orbax StandardCheckpointer tree {name: float32 array}, the separate matrices
+                     of model.CHECKPOINT_LAYER_PARAMS (the model fuses q/k/v and gate/up on load)
 Loading never unpickles anything.
 """
 
@@ -234,7 +235,6 @@ def load_checkpoint(path, dtype="float32", shardings=None):
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
-  from flax import nnx
 
   from kvrm_jax import model as model_lib
   from kvrm_jax.tokenizer import Tokenizer
@@ -242,19 +242,16 @@ def load_checkpoint(path, dtype="float32", shardings=None):
   p = Path(path).absolute()
   cfg = read_config(p)
   jdt = jnp.dtype(dtype)
-  abstract = model_lib.abstract_model(cfg, jdt)
-  graphdef, abs_state = nnx.split(abstract)
-  pure = nnx.to_pure_dict(abs_state)
   shardings = shardings or {}
-  target = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=shardings.get(k)) for k, v in pure.items()}
+  target = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=shardings.get(k))
+            for k, shape in model_lib.checkpoint_shapes(cfg).items()}
   try:
     restored = ocp.StandardCheckpointer().restore(p / PARAMS_DIR, target)
   except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged folders
     raise CheckpointError(f"cannot restore parameters from {p / PARAMS_DIR}: {type(e).__name__}: {e}") from None
-  restored = {k: v.astype(jdt) for k, v in restored.items()}
-  nnx.replace_by_pure_dict(abs_state, restored)
+  model = model_lib.from_weights(cfg, restored, jdt)
   tok = Tokenizer.from_json_str((p / TOKENIZER_FILE).read_text()) if (p / TOKENIZER_FILE).is_file() else None
-  return cfg, nnx.merge(graphdef, abs_state), tok
+  return cfg, model, tok
 
 
 def convert(src: str, dst, progress: bool = True) -> Path:

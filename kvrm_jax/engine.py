@@ -113,7 +113,7 @@ class Engine:
       if padded != cfg:
         from flax import nnx
         w = sharding.pad_weights(cfg, padded, nnx.to_pure_dict(self.state))
-        self.graphdef, self.state = model_lib.split(model_lib.abstract_model(padded, w["wq"].dtype))
+        self.graphdef, self.state = model_lib.split(model_lib.abstract_model(padded, w["wqkv"].dtype))
         nnx.replace_by_pure_dict(self.state, w)
         cfg = padded
       specs = sharding.state_specs(self.state)

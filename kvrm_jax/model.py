@@ -7,6 +7,14 @@ as a Python loop over static per-layer slices of them.
 
 Legend for shape comments: T tokens, D model width, H q heads, K kv heads, G q heads per kv head,
 E head dim, F MLP width, V vocab, L layers.
+
+Projections that read the same input are stored fused, so a decode step runs one GEMM for q/k/v
+and one for gate/up per layer (fewer, larger kernels: docs/step.md). Checkpoints keep the usual
+separate matrices (CHECKPOINT_PARAMS); `fuse_weights` / `unfuse_weights` convert between the two.
+  wqkv       [L, D, K * (G + 2) * E]  per kv head j: its G q heads, then k_j, then v_j
+  w_gate_up  [L, D, F * 2]            per feature f: gate_f, up_f (interleaved)
+Both layouts keep whole kv groups / features together, so sharding the last axis over `tp`
+(column parallelism) gives each device whole heads and features of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kvrm_jax.config import ModelConfig
@@ -23,7 +32,55 @@ from kvrm_jax.config import ModelConfig
 # attend(layer, q [T, H, E], k [T, K, E], v [T, K, E], cache) -> (out [T, H, E], cache)
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, object], tuple[jax.Array, object]]
 
-LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+LAYER_PARAMS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
+# The separate matrices of checkpoints (orbax folders, GGUF, Hugging Face), [in, out] each.
+CHECKPOINT_LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+def _xp(x):
+  return jnp if isinstance(x, jax.Array) else np
+
+
+def fuse_weights(cfg: ModelConfig, w: dict) -> dict:
+  """{checkpoint name: array} -> {model name: array}: q/k/v into `wqkv`, gate/up into `w_gate_up`.
+
+  numpy in, numpy out; jax arrays in, jax arrays out. Other entries pass through."""
+  xp = _xp(w["wq"])
+  L, d = w["wq"].shape[:2]
+  k, g, e = w["wk"].shape[-1] // cfg.head_dim, cfg.q_per_kv, cfg.head_dim
+  out = {n: a for n, a in w.items() if n not in ("wq", "wk", "wv", "w_gate", "w_up")}
+  q = w["wq"].reshape(L, d, k, g, e)
+  kv = [w[n].reshape(L, d, k, 1, e) for n in ("wk", "wv")]
+  out["wqkv"] = xp.concatenate([q] + kv, axis=3).reshape(L, d, k * (g + 2) * e)
+  out["w_gate_up"] = xp.stack([w["w_gate"], w["w_up"]], axis=-1).reshape(L, d, -1)
+  return out
+
+
+def unfuse_weights(cfg: ModelConfig, w: dict) -> dict:
+  """Inverse of `fuse_weights` (for saving a model as a checkpoint)."""
+  L, d, n = w["wqkv"].shape
+  g, e = cfg.q_per_kv, cfg.head_dim
+  k = n // ((g + 2) * e)
+  out = {n_: a for n_, a in w.items() if n_ not in ("wqkv", "w_gate_up")}
+  qkv = w["wqkv"].reshape(L, d, k, g + 2, e)
+  out["wq"] = qkv[:, :, :, :g].reshape(L, d, k * g * e)
+  out["wk"] = qkv[:, :, :, g].reshape(L, d, k * e)
+  out["wv"] = qkv[:, :, :, g + 1].reshape(L, d, k * e)
+  gu = w["w_gate_up"].reshape(L, d, -1, 2)
+  out["w_gate"], out["w_up"] = gu[..., 0], gu[..., 1]
+  return out
+
+
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Shapes of a checkpoint's separate matrices for this config."""
+  d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  qd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  shapes = {"embed": (cfg.vocab_size, d), "attn_norm": (L, d), "wq": (L, d, qd), "wk": (L, d, kd),
+            "wv": (L, d, kd), "wo": (L, qd, d), "mlp_norm": (L, d), "w_gate": (L, d, f), "w_up": (L, d, f),
+            "w_down": (L, f, d), "final_norm": (d,)}
+  if not cfg.tie_embeddings:
+    shapes["lm_head"] = (d, cfg.vocab_size)
+  return shapes
 
 
 def rms_norm(x, w, eps):
@@ -79,13 +136,10 @@ class Llama(nnx.Module):
 
     self.embed = init((cfg.vocab_size, d), 1.0)  # [V, D]
     self.attn_norm = nnx.Param(jnp.ones((L, d), dtype))  # [L, D]
-    self.wq = init((L, d, qd), d)  # [L, D, H*E]
-    self.wk = init((L, d, kd), d)  # [L, D, K*E]
-    self.wv = init((L, d, kd), d)  # [L, D, K*E]
+    self.wqkv = init((L, d, qd + 2 * kd), d)  # [L, D, K*(G+2)*E]
     self.wo = init((L, qd, d), qd)  # [L, H*E, D]
     self.mlp_norm = nnx.Param(jnp.ones((L, d), dtype))  # [L, D]
-    self.w_gate = init((L, d, f), d)  # [L, D, F]
-    self.w_up = init((L, d, f), d)  # [L, D, F]
+    self.w_gate_up = init((L, d, 2 * f), d)  # [L, D, F*2]
     self.w_down = init((L, f, d), f)  # [L, F, D]
     self.final_norm = nnx.Param(jnp.ones((d,), dtype))  # [D]
     self.lm_head = None if cfg.tie_embeddings else init((d, cfg.vocab_size), d)  # [D, V]
@@ -106,27 +160,29 @@ class Llama(nnx.Module):
     t = tokens.shape[0]
     reduce = reduce or (lambda y: y)
     e = cfg.head_dim
-    nh, nkv = self.wq.shape[-1] // e, self.wk.shape[-1] // e
+    g = cfg.q_per_kv
+    nkv = self.wqkv.shape[-1] // ((g + 2) * e)
     x = self.embed[...][tokens]  # [T, D]
     inv_freq = rope_inv_freq(cfg)
 
     def layer(carry, w):
       x, cache, li = carry
       h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-      q = (h @ w["wq"]).reshape(t, nh, e)
-      k = (h @ w["wk"]).reshape(t, nkv, e)
-      v = (h @ w["wv"]).reshape(t, nkv, e)
+      qkv = (h @ w["wqkv"]).reshape(t, nkv, g + 2, e)
+      q = qkv[:, :, :g].reshape(t, nkv * g, e)  # q head j*G + i reads kv head j
+      k, v = qkv[:, :, g], qkv[:, :, g + 1]
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
       o, cache = attend(li, q, k, v, cache)  # [T, H, E]
       x = x + reduce(o.reshape(t, -1).astype(x.dtype) @ w["wo"])
       h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-      x = x + reduce((jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"])
+      gu = (h @ w["w_gate_up"]).reshape(t, -1, 2)
+      x = x + reduce((jax.nn.silu(gu[..., 0]) * gu[..., 1]) @ w["w_down"])
       return (x, cache, li + 1), None
 
     ws = self.layer_weights()  # {name: [L, ...]}
     if unroll:
-      for i in range(ws["wq"].shape[0]):
+      for i in range(ws["wqkv"].shape[0]):
         (x, cache, _), _ = layer((x, cache, i), {n: w[i] for n, w in ws.items()})
     else:
       (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), ws)
@@ -177,3 +233,16 @@ def merge(graphdef, state) -> Llama:
 def abstract_model(cfg: ModelConfig, dtype) -> Llama:
   """Shape-only model (no weights allocated) for restoring checkpoints."""
   return nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def from_weights(cfg: ModelConfig, weights: dict, dtype=jnp.float32) -> Llama:
+  """A model from {checkpoint name: array} (separate q/k/v and gate/up matrices), cast to dtype."""
+  graphdef, state = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))
+  fused = fuse_weights(cfg, {k: jnp.asarray(v).astype(dtype) for k, v in weights.items()})
+  nnx.replace_by_pure_dict(state, fused)
+  return nnx.merge(graphdef, state)
+
+
+def checkpoint_weights(model: Llama) -> dict:
+  """{checkpoint name: array} of a model (the inverse of `from_weights`)."""
+  return unfuse_weights(model.cfg, nnx.to_pure_dict(nnx.state(model)))

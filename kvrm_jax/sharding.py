@@ -35,13 +35,17 @@ def make_mesh(tp="1") -> Mesh:
 
 # Megatron-style tensor parallelism over `tp`: q/k/v and MLP gate/up column-sharded (by heads /
 # features), o-proj and down-proj row-sharded (the model psums their outputs), norms, embeddings
-# and the LM head replicated (logits are needed whole on every device for sampling).
+# and the LM head replicated (logits are needed whole on every device for sampling). The model's
+# fused wqkv / w_gate_up keep whole kv groups / features together, so they column-shard too; the
+# checkpoint's separate matrices (restored straight onto the mesh) have specs of their own.
 COL = P(None, None, AXIS)
 ROW = P(None, AXIS, None)
 PARAM_SPECS = {
     "embed": P(), "attn_norm": P(), "mlp_norm": P(), "final_norm": P(), "lm_head": P(),
-    "wq": COL, "wk": COL, "wv": COL, "w_gate": COL, "w_up": COL, "wo": ROW, "w_down": ROW,
+    "wqkv": COL, "w_gate_up": COL, "wo": ROW, "w_down": ROW,
 }
+CHECKPOINT_SPECS = {**{k: v for k, v in PARAM_SPECS.items() if k not in ("wqkv", "w_gate_up")},
+                    "wq": COL, "wk": COL, "wv": COL, "w_gate": COL, "w_up": COL}
 POOL_SPEC = P(AXIS)  # [K, L, N, bs, E]: sharded over KV heads
 HOST_POOL_SPEC = P(None, None, AXIS)  # host tier [L, NH, K, bs, E]: sharded over KV heads
 REPLICATED = P()
@@ -52,8 +56,8 @@ def param_spec(name: str) -> P:
 
 
 def named_shardings(mesh: Mesh) -> dict:
-  """{param name: NamedSharding}, for restoring checkpoints straight onto the mesh."""
-  return {k: NamedSharding(mesh, v) for k, v in PARAM_SPECS.items()}
+  """{checkpoint name: NamedSharding}, for restoring checkpoints straight onto the mesh."""
+  return {k: NamedSharding(mesh, v) for k, v in CHECKPOINT_SPECS.items()}
 
 
 def state_specs(state):
@@ -84,7 +88,7 @@ def padded_config(cfg, tp: int):
 
 
 def pad_weights(cfg, new_cfg, w: dict):
-  """Zero-pad a {name: array} weight dict from cfg's head/feature counts to new_cfg's."""
+  """Zero-pad the model's {name: array} weights (fused layout) from cfg's head/feature counts to new_cfg's."""
   import jax.numpy as jnp
   if new_cfg == cfg:
     return dict(w)
@@ -92,12 +96,10 @@ def pad_weights(cfg, new_cfg, w: dict):
   g, e, L, d = cfg.q_per_kv, cfg.head_dim, cfg.num_layers, cfg.hidden_size
   kh = cfg.num_kv_heads
   out = dict(w)
-  out["wq"] = jnp.pad(w["wq"].reshape(L, d, kh, g, e), ((0, 0), (0, 0), (0, dk), (0, 0), (0, 0))).reshape(L, d, -1)
-  for n in ("wk", "wv"):
-    out[n] = jnp.pad(w[n].reshape(L, d, kh, e), ((0, 0), (0, 0), (0, dk), (0, 0))).reshape(L, d, -1)
+  out["wqkv"] = jnp.pad(w["wqkv"].reshape(L, d, kh, g + 2, e),
+                        ((0, 0), (0, 0), (0, dk), (0, 0), (0, 0))).reshape(L, d, -1)
   out["wo"] = jnp.pad(w["wo"].reshape(L, kh, g, e, d), ((0, 0), (0, dk), (0, 0), (0, 0), (0, 0))).reshape(L, -1, d)
-  out["w_gate"] = jnp.pad(w["w_gate"], ((0, 0), (0, 0), (0, df)))
-  out["w_up"] = jnp.pad(w["w_up"], ((0, 0), (0, 0), (0, df)))
+  out["w_gate_up"] = jnp.pad(w["w_gate_up"].reshape(L, d, -1, 2), ((0, 0), (0, 0), (0, df), (0, 0))).reshape(L, d, -1)
   out["w_down"] = jnp.pad(w["w_down"], ((0, 0), (0, df), (0, 0)))
   return out
 

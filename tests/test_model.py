@@ -10,6 +10,7 @@ from kvrm_jax import checkpoint as ckpt
 from kvrm_jax import reference
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
+from kvrm_jax.model import checkpoint_shapes, checkpoint_weights, fuse_weights, unfuse_weights
 from kvrm_jax.sequence import SamplingParams
 
 torch = pytest.importorskip("torch", reason="the reference stack (pip install -e '.[test]') is not installed")
@@ -99,11 +100,43 @@ def test_checkpoint_roundtrip_and_dtype(tmp_path):
   from kvrm_jax.model import Llama
   cfg = ModelConfig.from_name("tiny")
   m = Llama(cfg, rngs=nnx.Rngs(3))
-  weights = {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(m)).items()}
+  weights = {k: np.asarray(v) for k, v in checkpoint_weights(m).items()}
+  assert set(weights) == set(checkpoint_shapes(cfg))  # the checkpoint holds the separate matrices
   ckpt.save_checkpoint(tmp_path / "c", cfg, weights)
   cfg2, m2, _ = ckpt.load_checkpoint(tmp_path / "c", "bfloat16")
-  assert cfg2 == cfg and m2.wq[...].dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(m2.wq[...], np.float32), weights["wq"], rtol=1e-2, atol=1e-2)
+  assert cfg2 == cfg and m2.wqkv[...].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(m2.wqkv[...], np.float32), np.asarray(m.wqkv[...]), rtol=1e-2, atol=1e-2)
+  back = checkpoint_weights(m2)
+  for k in ("wq", "wk", "wv", "w_gate", "w_up"):
+    np.testing.assert_allclose(np.asarray(back[k], np.float32), weights[k], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("tp_kv", [(1, 3), (2, 4)])
+def test_fused_projections_match_separate(tp_kv):
+  """The fused wqkv / w_gate_up layer gives the separate-matrix layer's q, k, v and MLP output, and
+  column-sharding the fused matrices gives each of tp shards exactly its own heads and features."""
+  import dataclasses
+  tp, kh = tp_kv
+  cfg = dataclasses.replace(ModelConfig.from_name("tiny"), num_kv_heads=kh, num_heads=3 * kh)
+  rng = np.random.default_rng(0)
+  w = {k: rng.standard_normal(s).astype(np.float32) for k, s in checkpoint_shapes(cfg).items()}
+  fused = fuse_weights(cfg, w)
+  back = unfuse_weights(cfg, fused)
+  for k in w:
+    np.testing.assert_array_equal(back[k], w[k])
+  L, d, e, g, f = cfg.num_layers, cfg.hidden_size, cfg.head_dim, cfg.q_per_kv, cfg.intermediate_size
+  x = rng.standard_normal((5, d)).astype(np.float32)
+  for s in range(tp):  # shard s of the fused columns == the fused form of shard s's own heads
+    cols = lambda a, n: np.split(a, tp, axis=-1)[s]  # noqa: E731
+    qkv = (x @ cols(fused["wqkv"][0], tp)).reshape(5, kh // tp, g + 2, e)
+    q_ref = (x @ cols(w["wq"][0], tp)).reshape(5, kh // tp, g, e)
+    np.testing.assert_allclose(qkv[:, :, :g], q_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qkv[:, :, g], (x @ cols(w["wk"][0], tp)).reshape(5, kh // tp, e), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qkv[:, :, g + 1], (x @ cols(w["wv"][0], tp)).reshape(5, kh // tp, e),
+                               rtol=1e-5, atol=1e-5)
+    gu = (x @ cols(fused["w_gate_up"][0], tp)).reshape(5, f // tp, 2)
+    np.testing.assert_allclose(gu[..., 0], x @ cols(w["w_gate"][0], tp), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gu[..., 1], x @ cols(w["w_up"][0], tp), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("with_summaries", [False, True])

@@ -45,8 +45,8 @@ def test_params_and_pool_are_sharded_and_step_has_collectives():
   assert eng.k_pool.sharding.spec == sharding.POOL_SPEC
   assert len(eng.k_pool.addressable_shards) == 2
   assert eng.k_pool.addressable_shards[0].data.shape[0] == 2  # 2 of the 4 KV heads per device
-  wq = eng.state["wq"][...]
-  assert wq.sharding.spec == sharding.COL and wq.addressable_shards[0].data.shape[-1] == wq.shape[-1] // 2
+  wqkv = eng.state["wqkv"][...]
+  assert wqkv.sharding.spec == sharding.COL and wqkv.addressable_shards[0].data.shape[-1] == wqkv.shape[-1] // 2
   assert eng.state["w_down"][...].sharding.spec == sharding.ROW
   ints, floats = eng.dlayout.pack(eng.dlayout.new())
   hlo = eng.decode_step.lower(eng.state, eng.k_pool, eng.v_pool, ints, floats).compile().as_text()

@@ -97,6 +97,20 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def parse_xla_options(text: str) -> tuple[tuple[str, bool | int | float | str], ...]:
+  """"name=value,name=value" -> RuntimeConfig.xla_options (true/false -> bool, digits -> int)."""
+  out = []
+  for item in filter(None, (x.strip() for x in text.split(","))):
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+      raise ValueError(f"XLA option {item!r} is not name=value")
+    v = value.strip()
+    low = v.lower()
+    parsed = True if low == "true" else False if low == "false" else int(v) if v.lstrip("-").isdigit() else v
+    out.append((name.strip(), parsed))
+  return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
   """Static sizes of the KV-RM runtime; they fix every compiled shape.
@@ -122,6 +136,9 @@ class RuntimeConfig:
   max_host_reads: host extents the decode step stages per layer (cold blocks of running
     sequences kept on the host); 0 = every block a step reads is on the device.
   max_host_blocks_per_seq: host-resident blocks one running sequence may have.
+  xla_options: extra XLA compile options of the decode and prefill steps, ((name, value), ...),
+    e.g. (("xla_gpu_enable_triton_gemm", False),); on top of step.DEFAULT_XLA_OPTIONS (GPU).
+    `parse_xla_options("name=value,...")` reads them from a command line.
   """
 
   block_size: int = 16
@@ -145,8 +162,13 @@ class RuntimeConfig:
   max_swap_extents: int = 0
   max_host_reads: int = 0
   max_host_blocks_per_seq: int = 0
+  xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
 
   def __post_init__(self):
+    for opt in self.xla_options:
+      if not (isinstance(opt, tuple) and len(opt) == 2 and isinstance(opt[0], str)
+              and isinstance(opt[1], (bool, int, float, str))):
+        raise ValueError(f"xla_options must be (name, value) pairs, got {opt!r}")
     if self.block_size <= 0 or self.block_size & (self.block_size - 1):
       raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
     if self.num_blocks < 2:

@@ -41,6 +41,17 @@ def unrolled(rt: RuntimeConfig) -> bool:
   return rt.layer_loop == "unroll"
 
 
+# XLA compile options of the steps on GPU (RuntimeConfig.xla_options adds to / overrides them).
+DEFAULT_XLA_OPTIONS: dict[str, bool | int | float | str] = {}
+
+
+def compiler_options(rt: RuntimeConfig) -> dict | None:
+  """The steps' XLA compile options on this backend (None: XLA's defaults)."""
+  opts = dict(DEFAULT_XLA_OPTIONS) if jax.default_backend() == "gpu" else {}
+  opts.update(dict(rt.xla_options))
+  return opts or None
+
+
 def pool_shape(cfg: ModelConfig, rt: RuntimeConfig) -> tuple[int, ...]:
   return (cfg.num_kv_heads, cfg.num_layers, rt.num_blocks, rt.block_size, cfg.head_dim)
 
@@ -143,17 +154,34 @@ def gather_history(pool, layer, block_tables):
   return k.reshape(kh, b, mb * bs, e).transpose(1, 0, 2, 3)
 
 
-def decode_attention(backend, q, k_pool, v_pool, layer, d):
-  """q: [S, H, E] -> (o [S, H, E] f32, lse [S, H]) over each slot's exact history (d['lengths'])."""
+def _attention_backend(backend):
+  return dict(backend="auto" if backend == "pallas" else "interpret", interpret=backend == "interpret")
+
+
+def decode_descriptors(backend, k_pool, num_heads, d):
+  """The attention kernels' descriptor rows for this step, built once for all layers (None on the
+  reference path). k_pool: [K, L, N, bs, E] (this shard's); num_heads: this shard's q heads."""
+  if backend not in ("pallas", "interpret"):
+    return None
+  from pallas_kernels import paged_attention
+  kh, nl, n, bs, e = k_pool.shape
+  q = jax.ShapeDtypeStruct((d["lengths"].shape[0], num_heads, e), k_pool.dtype)
+  flat = jax.ShapeDtypeStruct((kh, nl * n, bs, e), k_pool.dtype)
+  return paged_attention.decode_descriptors(q, flat, d["lengths"], d["block_tables"], d["groups"],
+                                            d["num_groups"], **_attention_backend(backend))
+
+
+def decode_attention(backend, q, k_pool, v_pool, layer, d, desc=None):
+  """q: [S, H, E] -> (o [S, H, E] f32, lse [S, H]) over each slot's exact history (d['lengths']).
+
+  desc: this step's `decode_descriptors` (the kernels read layer `layer` through a block offset)."""
   if backend in ("pallas", "interpret"):
     from pallas_kernels import paged_attention
-    kf, tables = layer_view(k_pool, layer, d["block_tables"])
-    vf, _ = layer_view(v_pool, layer, d["block_tables"])
-    groups = d["groups"].at[..., 0].add(layer * k_pool.shape[2])  # physical starts, shifted too
+    kh, nl, n, bs, e = k_pool.shape
+    kf, vf = k_pool.reshape(kh, nl * n, bs, e), v_pool.reshape(kh, nl * n, bs, e)
     return paged_attention.paged_decode_attention(
-        q, kf, vf, d["lengths"], tables, groups, d["num_groups"],
-        backend="auto" if backend == "pallas" else "interpret", interpret=backend == "interpret",
-        return_lse=True)
+        q, kf, vf, d["lengths"], d["block_tables"], d["groups"], d["num_groups"],
+        block_offset=layer * n, desc=desc, return_lse=True, **_attention_backend(backend))
   k, v = gather_history(k_pool, layer, d["block_tables"]), gather_history(v_pool, layer, d["block_tables"])
   mask = jnp.arange(k.shape[2])[None, :] < d["lengths"][:, None]  # [S, Tk]
   o, lse = model_lib.attention(q[:, None], k, v, mask[:, None, :], return_lse=True)
@@ -225,12 +253,14 @@ def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_lo
   k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
   model = model_lib.merge(graphdef, state)
   mass_layer = cfg.num_layers - 1
+  # One descriptor for all layers: the kernels add each layer's block offset themselves.
+  desc = decode_descriptors(backend, k_pool, k_pool.shape[0] * cfg.q_per_kv, d)
 
   def attend(layer, q, k, v, cache):
     kp, vp, mass = cache
     kp = write_kv(kp, layer, d["write_slots"], k)
     vp = write_kv(vp, layer, d["write_slots"], v)
-    o, lse = decode_attention(backend, q, kp, vp, layer, d)
+    o, lse = decode_attention(backend, q, kp, vp, layer, d, desc)
     if rt.max_host_reads:  # cold blocks on the host tier: stage this layer's extents, merge exactly
       from kvrm_jax import tier
       kh, vh = host
@@ -327,14 +357,15 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
         fn, mesh, state_specs, int(with_logits) + int(with_mass and kind == "decode"),
         n_host if kind == "decode" else 0)
   dec = functools.partial(_decode, graphdef, cfg, rt, backend, with_logits, tp_axis, with_mass)
-  decode_step = jax.jit(counted(wrap(dec, "decode"), "decode"), donate_argnums=(1, 2))
+  opts = compiler_options(rt)
+  decode_step = jax.jit(counted(wrap(dec, "decode"), "decode"), donate_argnums=(1, 2), compiler_options=opts)
 
   @functools.cache
   def prefill_step(chunk: int):
     if chunk not in rt.prefill_buckets:
       raise ValueError(f"chunk {chunk} is not a prefill bucket {rt.prefill_buckets}")
     pf = functools.partial(_prefill, graphdef, cfg, rt, backend, chunk, with_logits, tp_axis)
-    return jax.jit(counted(wrap(pf, "prefill"), "prefill"), donate_argnums=(1, 2))
+    return jax.jit(counted(wrap(pf, "prefill"), "prefill"), donate_argnums=(1, 2), compiler_options=opts)
 
   return decode_step, prefill_step, counter
 

@@ -18,14 +18,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.partition import (DESC_LENGTH, DESC_SRC, KVPartition, build_descriptors,
-                                      combine_splits)
+from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartition,
+                                      build_descriptors, combine_splits)
 
 BACKENDS = ("auto", "reference", "interpret", "mosaic", "triton")
 LOG2E = math.log2(math.e)
 
 
 def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of this split
+                    base_ref,  # [DESC_COLS] int32: block offset added to every block id (word 0)
                     q_ref,     # [QP, D]
                     k_ref,     # [N, bs, D]
                     v_ref,     # [N, bs, D]
@@ -40,11 +41,13 @@ def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of 
   n = jnp.clip(lax.div(length + (T - 1), T) - first, 0, cps)
   q = q_ref[...]
   scale_log2 = sm_scale * LOG2E
+  base = base_ref[0]
 
   def body(i, carry):
     acc, m_i, l_i = carry
-    src = desc_ref[DESC_SRC + i]
-    blocks = desc_ref[pl.ds(part.desc_blocks + i * cb, cb)]  # [cb]
+    raw = desc_ref[DESC_SRC + i]
+    src = jnp.where(raw >= 0, raw + base, raw)
+    blocks = desc_ref[pl.ds(part.desc_blocks + i * cb, cb)] + base  # [cb]
 
     if gather_only:
       # Triton: one gather; a contiguous chunk is a gather of consecutive ids.
@@ -83,6 +86,7 @@ def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of 
 
 
 def _generic_call(desc,   # [B, S, W] int32
+                  base,   # [DESC_COLS] int32: block offset (word 0)
                   q4,     # [B, Hkv, QP, D]
                   k_pool,  # [Hkv, N, bs, D]
                   v_pool,  # [Hkv, N, bs, D]
@@ -103,6 +107,7 @@ def _generic_call(desc,   # [B, S, W] int32
       grid=(B, Hkv, S),
       in_specs=[
           pl.BlockSpec((None, None, W), lambda b, h, s: (b, s, 0)),
+          pl.BlockSpec((DESC_COLS,), lambda b, h, s: (0,)),
           pl.BlockSpec((None, None, QP, D), lambda b, h, s: (b, h, 0, 0)),
           pl.BlockSpec((None, N, bs, D), lambda b, h, s: (h, 0, 0, 0)),
           pl.BlockSpec((None, N, bs, D), lambda b, h, s: (h, 0, 0, 0)),
@@ -116,7 +121,7 @@ def _generic_call(desc,   # [B, S, W] int32
       interpret=interpret,
       name=f"paged_decode_generic_c{part.chunk_tokens}_s{S}",
       **params,
-  )(desc, q4, k_pool, v_pool)
+  )(desc, base, q4, k_pool, v_pool)
 
 
 def _resolve_backend(backend: str) -> str:
@@ -198,6 +203,44 @@ def paged_decode_attention_reference(q,             # [B, Hq, D]
   return o.reshape(B, Hq, D).astype(q.dtype)
 
 
+def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits):
+  """(backend, KVPartition) of a static configuration; the partition is None for the reference
+  path. Reads shapes and dtypes only."""
+  backend = "interpret" if interpret else _resolve_backend(backend)
+  B, Hq, D = q.shape
+  Hkv, _, bs, _ = k_pool.shape
+  if backend == "mosaic":
+    from pallas_kernels import paged_attention_mgpu as mgpu
+    if not mgpu.mgpu_supported(q.dtype, D, Hq // Hkv, bs):
+      backend = "triton" if jax.default_backend() == "gpu" else "reference"
+  if backend == "reference":
+    return backend, None
+  if chunk_tokens is None:
+    chunk_tokens = 128 if (backend == "mosaic" and D <= 128) else 64
+  return backend, KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=block_tables.shape[1],
+                                     chunk_tokens=chunk_tokens, num_splits=num_splits)
+
+
+def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
+                       k_pool,        # [Hkv, N, bs, D] (shape only)
+                       lengths,       # [B] int32
+                       block_tables,  # [B, MB] int32
+                       groups,        # [B, G, 3] int32
+                       num_groups,    # [B] int32
+                       *, backend="auto", interpret=False, chunk_tokens=None, num_splits=None):
+  """The kernels' descriptor rows [B, S, W] int32 for these inputs (None on the reference path).
+
+  Build them once and pass them as `desc=` to every `paged_decode_attention` call over the same
+  block tables with the same static args (the layers of one decode step), each call with its own
+  `block_offset`: one small XLA kernel per step instead of one per layer. q and k_pool may be
+  jax.ShapeDtypeStructs.
+  """
+  _, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits)
+  if part is None:
+    return None
+  return build_descriptors(lengths, block_tables, groups, num_groups, part)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens",
                                              "num_splits", "stages", "num_warps", "return_lse"))
 def paged_decode_attention(q,             # [B, Hq, D]
@@ -207,9 +250,9 @@ def paged_decode_attention(q,             # [B, Hq, D]
                            block_tables,  # [B, MB] int32
                            groups,        # [B, G, 3] int32 (phys_start, logical_start, blocks)
                            num_groups,    # [B] int32
-                           *, sm_scale=None, backend="auto", interpret=False,
-                           chunk_tokens=None, num_splits=None, stages=2, num_warps=4,
-                           return_lse=False):
+                           *, block_offset=0, desc=None, sm_scale=None, backend="auto",
+                           interpret=False, chunk_tokens=None, num_splits=None, stages=2,
+                           num_warps=4, return_lse=False):
   """Decode attention of one new token per sequence over a paged KV pool.
 
   Flash-decoding: the KV axis of each (sequence, kv head) is cut into chunks
@@ -218,6 +261,11 @@ def paged_decode_attention(q,             # [B, Hq, D]
   block by block through `block_tables`. Per-split partial results are merged
   in f32. GQA: q head h reads kv head h // (Hq // Hkv).
 
+  block_offset: int32 scalar added to every physical block id (block tables
+  and group starts) inside the kernel, e.g. layer * N to read one layer of
+  a pool flattened to [Hkv, L * N, bs, D] without a per-layer id array.
+  desc: descriptor rows from `decode_descriptors` (same inputs and static
+  args); built here when None.
   backend: "reference" (pure jnp), "interpret" (generic Pallas kernel in
   interpret mode), "mosaic" (Mosaic GPU, Hopper, bf16/f16, D % 64 == 0),
   "triton" (generic Pallas kernel on the Triton backend), "auto" (mosaic on
@@ -230,44 +278,36 @@ def paged_decode_attention(q,             # [B, Hq, D]
   keys (far-history summaries) outside the kernel.
   """
   _check_args(q, k_pool, v_pool, lengths, block_tables, groups, num_groups)
-  backend = "interpret" if interpret else _resolve_backend(backend)
+  backend, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits)
   B, Hq, D = q.shape
   Hkv, N, bs, _ = k_pool.shape
-  MB = block_tables.shape[1]
   G = Hq // Hkv
   scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
+  if part is None:
+    return paged_decode_attention_reference(q, k_pool, v_pool, lengths, block_tables + block_offset,
+                                            sm_scale=scale, return_lse=return_lse)
+  if desc is None:
+    desc = build_descriptors(lengths, block_tables, groups, num_groups, part)  # [B, S, W]
+  elif desc.shape != (B, part.num_splits, part.desc_width) or desc.dtype != jnp.int32:
+    raise ValueError(f"desc {desc.dtype}{list(desc.shape)} was not built for this configuration "
+                     f"(expected int32[{B}, {part.num_splits}, {part.desc_width}]): build it with "
+                     "decode_descriptors() and the same static args")
+  base = jnp.full((DESC_COLS,), block_offset, jnp.int32)
   if backend == "mosaic":
     from pallas_kernels import paged_attention_mgpu as mgpu
-    if not mgpu.mgpu_supported(q.dtype, D, G, bs):
-      backend = "triton" if jax.default_backend() == "gpu" else "reference"
-  if backend == "reference":
-    return paged_decode_attention_reference(q, k_pool, v_pool, lengths, block_tables,
-                                            sm_scale=scale, return_lse=return_lse)
-  if chunk_tokens is None:
-    chunk_tokens = 128 if (backend == "mosaic" and D <= 128) else 64
-  part = KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=MB,
-                            chunk_tokens=chunk_tokens, num_splits=num_splits)
-  desc = build_descriptors(lengths, block_tables, groups, num_groups, part)  # [B, S, W]
-  if backend == "mosaic":
-    o, lse = mgpu.decode_partials_mgpu(desc, q, k_pool.reshape(Hkv, N * bs, D),
+    o, lse = mgpu.decode_partials_mgpu(desc, base, q, k_pool.reshape(Hkv, N * bs, D),
                                        v_pool.reshape(Hkv, N * bs, D), part=part,
                                        sm_scale=scale, stages=stages)
   else:
     q4 = q.reshape(B, Hkv, G, D)
     qp = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - G), (0, 0)))
-    o, lse = _generic_call(desc, q4, k_pool, v_pool, part=part, sm_scale=scale,
+    o, lse = _generic_call(desc, base, q4, k_pool, v_pool, part=part, sm_scale=scale,
                            interpret=(backend == "interpret"), num_warps=num_warps)
-  if part.num_splits == 1:  # already normalised; empty rows are 0
-    out = o[:, :, 0, :G]                                                # [B, K, G, D]
-  else:  # slice first so XLA fuses the slice into the combine's reduction
-    out = combine_splits(o[..., :G, :], lse[..., :G])                    # [B, K, G, D]
+  # Slice first so XLA fuses the slice into the combine's reduction; the output and its
+  # log-sum-exp come out of one reduction over the splits.
+  out, lse2 = combine_splits(o[..., :G, :], lse[..., :G])               # [B, K, G, D], [B, K, G]
   out = out.reshape(B, Hq, D).astype(q.dtype)
   if not return_lse:
     return out
-  l2 = lse[..., :G]                                                     # [B, K, S, G] base 2
-  mx = jnp.max(l2, axis=2)
-  mxs = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  den = jnp.sum(jnp.exp2(l2 - mxs[:, :, None]), axis=2)
-  tot = jnp.where(den > 0, mxs + jnp.log2(jnp.where(den > 0, den, 1.0)), -jnp.inf)
-  return out, (tot * math.log(2.0)).reshape(B, Hq)
+  return out, (lse2 * math.log(2.0)).reshape(B, Hq)

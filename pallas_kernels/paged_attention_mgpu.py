@@ -1,7 +1,8 @@
 # Mosaic GPU (Hopper) paged decode attention: flash-decoding over transfer groups.
 #
 # Grid (B, Hkv, S). Program (b, h, s) copies its descriptor row (length, chunk
-# sources, block ids) into SMEM with one TMA, then streams its chunks through a
+# sources, block ids) into SMEM with one TMA (and the block offset, e.g. the
+# layer's first block in a pool of all layers, with another), then streams its chunks through a
 # `stages`-deep ring of SMEM K/V buffers. A chunk inside one transfer group is
 # one TMA of chunk_blocks*bs rows; any other chunk is chunk_blocks per-block
 # TMAs. Both kinds are always issued, predicated on the chunk source, so every
@@ -46,6 +47,7 @@ _LOAD_NO_IDX = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
 def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
+                   base_ref,   # [64] int32 (GMEM): word 0 is added to every block id
                    q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
                    k_ref,      # [Hkv, N*bs, D] (GMEM)
                    v_ref,      # [Hkv, N*bs, D] (GMEM)
@@ -63,19 +65,24 @@ def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
   scale_log2 = sm_scale * math.log2(math.e)
 
   def main(desc_smem,  # [W / 64, 64] int32
+           base_smem,  # [64] int32
            q_smem,     # [64, D] tiled + swizzled (the wgmma operand)
            q_stage,    # [64, D] plain (untiled): TMA target at any row offset of q
-           bars):      # [2] barriers: desc, q
+           bars):      # [3] barriers: desc, q, base
     plgpu.copy_gmem_to_smem(desc_ref.at[b, s], desc_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(base_ref, base_smem, bars.at[2])
     zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), dtype), plgpu.Layout.WGMMA)
     q_stage[...] = zeros
     plgpu.commit_smem()  # generic-proxy zeros before the TMA writes rows [0, QP)
     q_row0 = (b * k_ref.shape[0] + h) * g
     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, qp)], q_stage.at[pl.ds(0, qp)], bars.at[1])
     plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[2])
 
     def rd(idx):  # word idx of the descriptor row
       return desc_smem[idx // DESC_COLS, idx % DESC_COLS]
+
+    base = base_smem[0]
 
     length = rd(DESC_LENGTH)
     total = lax.div(length + (T - 1), jnp.int32(T))
@@ -89,14 +96,14 @@ def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
       def issue(i, slot):
         src = rd(DESC_SRC + i)
         contig = src >= 0
-        row0 = jnp.maximum(src, 0) * bs
+        row0 = (jnp.maximum(src, 0) + base) * bs
         plgpu.copy_gmem_to_smem(k_ref.at[h, pl.ds(row0, T)], k_smem.at[slot],
                                 k_bars.at[slot], predicate=contig)
         plgpu.copy_gmem_to_smem(v_ref.at[h, pl.ds(row0, T)], v_smem.at[slot],
                                 v_bars.at[slot], predicate=contig)
         frag = jnp.logical_not(contig)
         for j in range(cb):
-          blk = rd(part.desc_blocks + i * cb + j)
+          blk = rd(part.desc_blocks + i * cb + j) + base
           rows = pl.ds(blk * bs, bs)
           plgpu.copy_gmem_to_smem(k_ref.at[h, rows], k_smem.at[slot, pl.ds(j * bs, bs)],
                                   k_bars.at[slot], predicate=frag)
@@ -182,13 +189,15 @@ def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
   pl.run_scoped(
       main,
       plgpu.SMEM((part.desc_width // DESC_COLS, DESC_COLS), jnp.int32),
+      plgpu.SMEM((DESC_COLS,), jnp.int32),
       plgpu.SMEM((WG_ROWS, D), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((WG_ROWS, D), dtype),
-      plgpu.Barrier(num_arrivals=1, num_barriers=2),
+      plgpu.Barrier(num_arrivals=1, num_barriers=3),
   )
 
 
 def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64])
+                         base,   # [64] int32: word 0 is added to every block id
                          q,      # [B, Hq, D]
                          k_flat,  # [Hkv, N*bs, D]
                          v_flat,  # [Hkv, N*bs, D]
@@ -215,7 +224,7 @@ def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64]
       kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}",
   )
   desc = desc.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS)
-  return call(desc, rows, k_flat, v_flat)
+  return call(desc, base, rows, k_flat, v_flat)
 
 
 def mgpu_supported(q_dtype, head_dim: int, q_per_kv: int, block_size: int) -> bool:

@@ -131,14 +131,19 @@ def combine_splits(o, lse):
 
   o: [B, K, S, QP, D] f32, each split normalised by its own softmax sum;
   lse: [B, K, S, QP] f32 base-2 log-sum-exp of each split (-inf = empty split).
-  Returns [B, K, QP, D] f32; rows whose splits are all empty are 0.
+  Returns (o [B, K, QP, D] f32, lse [B, K, QP] f32 base 2): rows whose splits
+  are all empty get o = 0 and lse = -inf. One split passes through unchanged.
   """
+  if o.shape[2] == 1:
+    return o[:, :, 0], lse[:, :, 0]
   mx = jnp.max(lse, axis=2, keepdims=True)                              # [B, K, 1, QP]
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
   w = jnp.exp2(lse - mx)                                                # [B, K, S, QP]
   den = jnp.sum(w, axis=2)                                              # [B, K, QP]
   num = jnp.sum(w[..., None] * o, axis=2)                               # [B, K, QP, D]
-  return num / jnp.where(den > 0, den, 1.0)[..., None]
+  has = den > 0
+  safe = jnp.where(has, den, 1.0)
+  return num / safe[..., None], jnp.where(has, mx[:, :, 0] + jnp.log2(safe), -jnp.inf)
 
 
 def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_size: int,

@@ -10,7 +10,9 @@ compiled decode step loop runs and each step is timed (dispatch to tokens on the
   python scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
       --layer-loop scan unroll --profile 5 --dump-hlo /tmp/hlo
 
---layer-loop runs each variant of RuntimeConfig.layer_loop in the same process (rows labelled).
+--layer-loop runs each variant of RuntimeConfig.layer_loop in the same process (rows labelled);
+--xla-options does the same for RuntimeConfig.xla_options ("" = the defaults), e.g.
+  --xla-options "" "xla_gpu_enable_triton_gemm=false" compares XLA's Triton GEMMs with cuBLAS.
 --profile N runs N more decode steps under CUPTI (as scripts/bench_kernels.py does) and prints the
 device time per kernel per step (top 20), coarse buckets (matmul / attention / copies / other), the
 weight bandwidth the matmul time implies, and device vs wall time per step.
@@ -92,7 +94,7 @@ def matmul_weight_bytes(state, cfg) -> int:
   total = 0
   for path, x in jax.tree_util.tree_leaves_with_path(state):
     key = jax.tree_util.keystr(path)
-    if any(f"'{n}'" in key for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")) or \
+    if any(f"'{n}'" in key for n in ("wqkv", "wo", "w_gate_up", "w_down", "lm_head")) or \
         (cfg.tie_embeddings and "'embed'" in key):
       total += x.size * x.dtype.itemsize
   return total
@@ -264,8 +266,9 @@ def dump_hlo(eng, ints, floats, path: str) -> dict:
 # ----------------------------------------------------------------------------- one configuration
 
 
-def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan", copy_tb_s=None) -> dict:
-  from kvrm_jax.config import RuntimeConfig
+def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan", copy_tb_s=None,
+            xla_options="") -> dict:
+  from kvrm_jax.config import RuntimeConfig, parse_xla_options
   from kvrm_jax.engine import Engine
   from kvrm_jax.sequence import SamplingParams
 
@@ -276,7 +279,8 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   mb = -(-(context + steps + args.profile + 2) // bs)
   rt = RuntimeConfig(block_size=bs, num_blocks=batch * (mb + 2) + 1, max_slots=batch, max_blocks_per_seq=mb,
                      prefill_buckets=(64,), dtype=args.dtype, attention=args.attention,
-                     max_folds=4 * batch if summaries else 8, layer_loop=layer_loop)
+                     max_folds=4 * batch if summaries else 8, layer_loop=layer_loop,
+                     xla_options=parse_xla_options(xla_options))
   eng = Engine(cfg, model, rt, summaries=summaries)
   rng = np.random.default_rng(0)
   for _ in range(batch):
@@ -319,7 +323,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   n_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(eng.state))
   weight_bytes = n_params * itemsize
   kv_read = sum(exact_tokens) * tok_bytes
-  row = {"layer_loop": layer_loop, "batch": batch, "context": context,
+  row = {"layer_loop": layer_loop, "xla_options": xla_options, "batch": batch, "context": context,
          "summaries": None if summaries is None else str(summaries),
          "step_ms_median": 1e3 * float(np.median(times)) if times else None, "steps_timed": len(times),
          "host_ms_median": 1e3 * float(np.median(host)) if host else None, "first_step_s": first_step_s,
@@ -359,7 +363,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
       prof = {"error": str(e)[:300]}
     row["profile"] = prof
   if args.dump_hlo:
-    sfx = "" if summaries is None else "_summaries"
+    sfx = ("" if summaries is None else "_summaries") + ("_" + re.sub(r"\W+", "_", xla_options) if xla_options else "")
     path = os.path.join(args.dump_hlo, f"decode_{layer_loop}_b{batch}_c{context}{sfx}.hlo.txt")
     row["hlo"] = dump_hlo(eng, last["ints"], last["floats"], path)
   row["decode_compiles"] = eng.compiles.decode
@@ -378,6 +382,8 @@ def main(argv=None) -> int:
   p.add_argument("--attention", default="auto")
   p.add_argument("--layer-loop", nargs="+", default=["auto"], choices=["auto", "scan", "unroll"],
                  help="RuntimeConfig.layer_loop variants, each run in this process")
+  p.add_argument("--xla-options", nargs="+", default=[""], metavar="NAME=VALUE,...",
+                 help="RuntimeConfig.xla_options variants, each run in this process (\"\" = defaults)")
   p.add_argument("--back-to-back", type=int, default=0, metavar="N",
                  help="also time N decode steps dispatched with no host sync between them")
   p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -405,12 +411,12 @@ def main(argv=None) -> int:
   for ctx in args.context:
     for b in args.batches:
       for sc in [None] + [SummaryConfig.parse(s) for s in args.summaries]:
-        for loop in args.layer_loop:
+        for loop, xo in [(lo, xo) for lo in args.layer_loop for xo in args.xla_options]:
           try:
-            r = run_one(cfg, model, b, ctx, args, sc, loop, bw)
+            r = run_one(cfg, model, b, ctx, args, sc, loop, bw, xo)
           except Exception as e:  # noqa: BLE001  (e.g. out of memory: keep the other variants' rows)
-            r = {"layer_loop": loop, "batch": b, "context": ctx, "summaries": None if sc is None else str(sc),
-                 "error": f"{type(e).__name__}: {str(e)[:500]}"}
+            r = {"layer_loop": loop, "xla_options": xo, "batch": b, "context": ctx,
+                 "summaries": None if sc is None else str(sc), "error": f"{type(e).__name__}: {str(e)[:500]}"}
           gc.collect()  # the previous engine's pools
           if bw and r.get("step_ms_median"):
             r["roofline_ms"] = 1e3 * (r["weight_bytes"] + r["kv_bytes_read"]) / (bw * 1e12)
@@ -430,22 +436,24 @@ def main(argv=None) -> int:
               json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(f"{meta['date']}, {meta['device']}, jax {meta['jax']}, {args.model} {args.dtype}, copy ceiling "
         f"{bw and round(bw, 2)} TB/s, XLA_FLAGS={meta['xla_flags'] or '(unset)'}\n`{meta['command']}`\n")
-  print("| layer loop | batch | context | summaries | step ms (median) | host ms | roofline ms | step / roofline | "
-        "KV bytes / seq | first step s | decode compiles |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  print("| layer loop | XLA options | batch | context | summaries | step ms (median) | host ms | roofline ms | "
+        "step / roofline | KV bytes / seq | first step s | decode compiles |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
+    xo = r.get("xla_options") or "defaults"
     if "error" in r:
-      print(f"| {r['layer_loop']} | {r['batch']} | {r['context']} | {r['summaries'] or 'off'} | "
+      print(f"| {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | {r['summaries'] or 'off'} | "
             f"error: {r['error'][:200]} | | | | | | |")
       continue
-    print(f"| {r['layer_loop']} | {r['batch']} | {r['context']} | {r['summaries'] or 'off'} | "
+    print(f"| {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | {r['summaries'] or 'off'} | "
           f"{r['step_ms_median'] or float('nan'):.3f} | "
           f"{r['host_ms_median'] or float('nan'):.3f} | {r.get('roofline_ms', float('nan')):.3f} | "
           f"{r.get('vs_roofline', float('nan')):.2f} | "
           f"{r['kv_bytes_per_seq'] / 2**20:.1f} MiB | {r['first_step_s']:.1f} | {r['decode_compiles']} |")
   for r in rows:
     if "profile" in r:
-      label = f"{r['layer_loop']} b{r['batch']} c{r['context']}" + (f" {r['summaries']}" if r["summaries"] else "")
+      label = f"{r['layer_loop']} b{r['batch']} c{r['context']}" + (f" {r['summaries']}" if r["summaries"] else "") \
+          + (f" [{r['xla_options']}]" if r.get("xla_options") else "")
       print_profile(label, r["profile"], r["step_ms_median"])
   return 0
 

@@ -198,13 +198,14 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   out = tmp_path / "step.json"
   argv = ["--model", "tiny", "--dtype", "float32", "--batches", "4", "--context", "64", "--warmup", "1",
           "--iters", "2", "--layer-loop", "scan", "unroll", "--profile", "2", "--dump-hlo", str(tmp_path / "hlo"),
-          "--out-json", str(out)]
+          "--xla-options", "xla_gpu_enable_triton_gemm=false", "--out-json", str(out)]
   assert bench_step.main(argv) == 0
   text = capsys.readouterr().out
   obj = json.loads(out.read_text())
   assert "xla_flags" in obj["meta"]
   rows = obj["rows"]
   assert [r["layer_loop"] for r in rows] == ["scan", "unroll"]
+  assert all(r["xla_options"] == "xla_gpu_enable_triton_gemm=false" for r in rows)
   for r in rows:
     assert "error" not in r and r["steps_timed"] == 2 and r["decode_compiles"] == 1
     prof = r["profile"]
@@ -216,11 +217,11 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
         in prof["kernel_families"]
     assert prof["matmul_tb_s"] > 0
   if jax.default_backend() == "cpu":  # XLA:CPU materializes every weight slice; the GPU may fuse them
-    n_layers, n_proj = 2, 7
+    n_layers, n_proj = 2, 4  # wqkv, wo, w_gate_up, w_down
     assert rows[0]["hlo"]["dynamic-slice"] == rows[0]["hlo"]["in_loop_bodies"] == n_proj  # one scan body
     assert rows[1]["hlo"]["slice"] == n_layers * n_proj and rows[1]["hlo"]["in_loop_bodies"] == 0
-  assert (tmp_path / "hlo" / "decode_unroll_b4_c64.hlo.txt").stat().st_size > 0
-  assert "### profile unroll b4 c64" in text and "| matmul | 0.300 |" in text
+  assert (tmp_path / "hlo" / "decode_unroll_b4_c64_xla_gpu_enable_triton_gemm_false.hlo.txt").stat().st_size > 0
+  assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false]" in text and "| matmul | 0.300 |" in text
 
   monkeypatch.setattr(cupti_timings, "cupti_ext", lambda: None)
   with pytest.raises(RuntimeError, match="no CUPTI"):

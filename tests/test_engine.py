@@ -207,3 +207,26 @@ def test_abort_frees_everything(model):
   assert all(eng.requests[r].finish_reason == "aborted" for r in rids)
   assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
   eng.allocator.check_invariants()
+
+
+def test_xla_options_reach_the_compiled_steps():
+  """RuntimeConfig.xla_options: parsed from a command line, validated, and passed to XLA (a misspelt
+  option fails at the first step's compile, so it cannot be silently ignored)."""
+  import dataclasses
+
+  from kvrm_jax import step as step_lib
+  from kvrm_jax.config import parse_xla_options
+  assert parse_xla_options("xla_gpu_enable_triton_gemm=false, xla_foo=3,xla_bar=x") == (
+      ("xla_gpu_enable_triton_gemm", False), ("xla_foo", 3), ("xla_bar", "x"))
+  assert parse_xla_options("") == ()
+  with pytest.raises(ValueError, match="name=value"):
+    parse_xla_options("xla_gpu_enable_triton_gemm")
+  with pytest.raises(ValueError, match="pairs"):
+    RuntimeConfig(xla_options=("xla_gpu_enable_triton_gemm",))
+  rt = dataclasses.replace(RT, xla_options=(("xla_gpu_enable_triton_gemm", False),))
+  assert step_lib.compiler_options(rt)["xla_gpu_enable_triton_gemm"] is False
+  bad = dataclasses.replace(RT, xla_options=(("xla_no_such_option", True),), prefill_buckets=(8,))
+  eng = Engine(CFG, Llama(CFG, rngs=nnx.Rngs(0)), bad)
+  eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2))
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    eng.step()

@@ -210,10 +210,50 @@ def test_gather_only_variant_matches_oracle():
   desc = partition.build_descriptors(c["lengths"], c["block_tables"], c["groups"],
                                      c["num_groups"], part)
   q4 = jnp.pad(c["q"].reshape(5, 2, 4, 64), ((0, 0), (0, 0), (0, 12), (0, 0)))
-  o, lse = pa._generic_call(desc, q4, c["k_pool"], c["v_pool"], part=part, sm_scale=1 / 8,
+  base = jnp.zeros((partition.DESC_COLS,), jnp.int32)
+  o, lse = pa._generic_call(desc, base, q4, c["k_pool"], c["v_pool"], part=part, sm_scale=1 / 8,
                             interpret=True, gather_only=True)
-  out = partition.combine_splits(o, lse)[:, :, :4].reshape(5, 8, 64)
+  out = partition.combine_splits(o, lse)[0][:, :, :4].reshape(5, 8, 64)
   check(out, c, np.float32)
+
+
+def stack_layers(c, layer, num_layers=3):
+  """The case's pool as layer `layer` of a [Hkv, num_layers * N, bs, D] pool (other layers NaN)."""
+  k, v = c["k_pool"], c["v_pool"]
+  n = k.shape[1]
+  nan = jnp.full_like(k, jnp.nan)
+  kl = jnp.concatenate([k if i == layer else nan for i in range(num_layers)], axis=1)
+  vl = jnp.concatenate([v if i == layer else nan for i in range(num_layers)], axis=1)
+  return kl, vl, layer * n
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"] + (["mosaic"] if ON_GPU else []))
+@pytest.mark.parametrize("layout", ["runs", "fragmented"])
+def test_block_offset_and_shared_descriptors(backend, layout):
+  """One descriptor built by decode_descriptors() serves calls on every layer of a pool of all layers;
+  block_offset picks the layer inside the kernel (the other layers hold NaN)."""
+  from pallas_kernels.paged_attention import decode_descriptors
+  dtype = jnp.bfloat16 if backend == "mosaic" else np.float32
+  c = make_case(11, bs=8, ratio=3, head_dim=64, layout=layout, dtype=dtype)
+  tile = dict(backend=backend, chunk_tokens=16, num_splits=2)
+  args = (c["lengths"], c["block_tables"], c["groups"], c["num_groups"])
+  kl, _, _ = stack_layers(c, 0)
+  desc = decode_descriptors(jax.ShapeDtypeStruct(c["q"].shape, c["q"].dtype), kl, *args, **tile)
+  assert (desc is None) == (backend == "reference")
+  for layer in (0, 2):
+    kl, vl, off = stack_layers(c, layer)
+    out = paged_decode_attention(c["q"], kl, vl, *args, block_offset=off, desc=desc, **tile)
+    check(out, c, dtype)
+
+
+def test_descriptor_of_another_configuration_is_refused():
+  from pallas_kernels.paged_attention import decode_descriptors
+  c = make_case(12, bs=8, ratio=2, head_dim=64, layout="runs", dtype=np.float32)
+  args = (c["lengths"], c["block_tables"], c["groups"], c["num_groups"])
+  desc = decode_descriptors(c["q"], c["k_pool"], *args, backend="interpret", chunk_tokens=16, num_splits=1)
+  with pytest.raises(ValueError, match="not built for this configuration"):
+    paged_decode_attention(c["q"], c["k_pool"], c["v_pool"], *args, desc=desc, backend="interpret",
+                           chunk_tokens=16, num_splits=2)
 
 
 def test_layouts_exercise_both_copy_paths():

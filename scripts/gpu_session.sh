@@ -102,17 +102,16 @@ case "${1:-}" in
         --out-json $OUT/raw/step_graphs_$mode.json 2>&1 | grep -v Warn | tail -3
     done
     ;;
-  11)  # session 4: GPU tests (kernels with one descriptor per step + block offsets, engine, tier); kernel tiles
-    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" 2>&1 \
+  11)  # session 4, one call: GPU tests (kernels with one descriptor per step + block offsets, engine,
+       # tier); decode step with fused q/k/v and gate/up GEMMs, XLA's Triton GEMMs vs cuBLAS; kernel tiles
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" 2>&1 \
       | tee $OUT/gpu_tests.log | tail -15
-    timeout 200 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_v3.json --batches 8,64 \
-      --lengths 512,2048 --heads 9/3/64,32/8/128 --variants 128:2:auto,64:3:auto,128:3:auto,64:4:auto,64:3:4 \
-      --iters 20 --skip-xla --md /tmp/docs/kernels_v3.md --png /tmp/docs/kernels_v3.png 2>&1 | grep -v "^ " | tail -30
-    ;;
-  12)  # session 4: decode step with fused q/k/v and gate/up GEMMs: XLA's Triton GEMMs vs cuBLAS
     timeout 290 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 --context 2048 \
       --warmup 5 --iters 20 --xla-options "" "xla_gpu_enable_triton_gemm=false" --back-to-back 10 --profile 3 \
-      --out-json $OUT/raw/step_h100_fused.json > $OUT/step.log 2>&1; grep -v Warn $OUT/step.log | tail -70
+      --out-json $OUT/raw/step_h100_fused.json > $OUT/step.log 2>&1; grep -v Warn $OUT/step.log | tail -60
+    timeout 130 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_v3.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64 --variants 128:2:auto,64:3:auto,128:3:auto,64:3:4 \
+      --iters 20 --skip-xla --md /tmp/docs/kernels_v3.md --png /tmp/docs/kernels_v3.png 2>&1 | grep -v "^ " | tail -25
     ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz

@@ -122,8 +122,9 @@ class RuntimeConfig:
   max_moves: block moves (compaction) per step.
   prefill_buckets: chunk sizes of the prefill step, ascending; one compile each.
   max_prefill_seqs: prompt chunks (rows) per prefill step.
-  max_summaries: far-history summary entries per sequence the step can read (<= block_size; used
-    only when the engine runs with summaries, but always part of the step's shapes).
+  max_summaries: far-history summary entries per sequence the step can read (<= block_size);
+    0 (the default) compiles the decode step without the summary merge (two small GEMMs and a few
+    kernels per layer saved); set it to serve summaries (SummaryConfig.max_entries <= it).
   max_folds: blocks folded into summaries per step.
   watermark_blocks: blocks admission keeps free for the growth of running sequences.
   layer_loop: "scan" runs the layers under `lax.scan` over the stacked weights; "unroll" runs a
@@ -150,7 +151,7 @@ class RuntimeConfig:
   prefill_buckets: tuple[int, ...] = (16, 64, 256)
   max_prefill_seqs: int = 4
   enable_prefix_cache: bool = True
-  max_summaries: int = 4
+  max_summaries: int = 0
   max_folds: int = 8
   watermark_blocks: int = 0
   dtype: str = "float32"

@@ -192,7 +192,8 @@ class Engine:
       if self.kind == "static":
         raise ValueError("far-history summaries need the kvrm engine (the static baseline has no pager)")
       if sc.max_entries > self.rt.max_summaries:
-        raise ValueError(f"summaries max={sc.max_entries} exceeds RuntimeConfig.max_summaries={self.rt.max_summaries}")
+        raise ValueError(f"summaries max={sc.max_entries} exceeds RuntimeConfig.max_summaries={self.rt.max_summaries}"
+                         " (the decode step reads that many summary rows per sequence; 0 = built without them)")
 
   @classmethod
   def from_checkpoint(cls, path, rt: RuntimeConfig, **kw) -> "Engine":

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -241,18 +242,28 @@ def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
   return build_descriptors(lengths, block_tables, groups, num_groups, part)
 
 
+def paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups, *,
+                           block_offset=0, **kw):
+  # A Python int offset becomes a numpy constant row here, outside the jit, so that no broadcast
+  # kernel runs per call (XLA keeps broadcasts of constants as kernels; a literal row is free).
+  if isinstance(block_offset, (int, np.integer)):
+    block_offset = np.full((DESC_COLS,), block_offset, np.int32)
+  return _paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups,
+                                 block_offset=block_offset, **kw)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens",
                                              "num_splits", "stages", "num_warps", "return_lse"))
-def paged_decode_attention(q,             # [B, Hq, D]
-                           k_pool,        # [Hkv, N, bs, D]
-                           v_pool,        # [Hkv, N, bs, D]
-                           lengths,       # [B] int32
-                           block_tables,  # [B, MB] int32
-                           groups,        # [B, G, 3] int32 (phys_start, logical_start, blocks)
-                           num_groups,    # [B] int32
-                           *, block_offset=0, desc=None, sm_scale=None, backend="auto",
-                           interpret=False, chunk_tokens=None, num_splits=None, stages=2,
-                           num_warps=4, return_lse=False):
+def _paged_decode_attention(q,             # [B, Hq, D]
+                            k_pool,        # [Hkv, N, bs, D]
+                            v_pool,        # [Hkv, N, bs, D]
+                            lengths,       # [B] int32
+                            block_tables,  # [B, MB] int32
+                            groups,        # [B, G, 3] int32 (phys_start, logical_start, blocks)
+                            num_groups,    # [B] int32
+                            *, block_offset=0, desc=None, sm_scale=None, backend="auto",
+                            interpret=False, chunk_tokens=None, num_splits=None, stages=2,
+                            num_warps=4, return_lse=False):
   """Decode attention of one new token per sequence over a paged KV pool.
 
   Flash-decoding: the KV axis of each (sequence, kv head) is cut into chunks
@@ -261,9 +272,10 @@ def paged_decode_attention(q,             # [B, Hq, D]
   block by block through `block_tables`. Per-split partial results are merged
   in f32. GQA: q head h reads kv head h // (Hq // Hkv).
 
-  block_offset: int32 scalar added to every physical block id (block tables
-  and group starts) inside the kernel, e.g. layer * N to read one layer of
-  a pool flattened to [Hkv, L * N, bs, D] without a per-layer id array.
+  block_offset: int or int32 scalar (or its [DESC_COLS] broadcast row) added
+  to every physical block id (block tables and group starts) inside the
+  kernel, e.g. layer * N to read one layer of a pool flattened to
+  [Hkv, L * N, bs, D] without a per-layer id array.
   desc: descriptor rows from `decode_descriptors` (same inputs and static
   args); built here when None.
   backend: "reference" (pure jnp), "interpret" (generic Pallas kernel in
@@ -283,8 +295,10 @@ def paged_decode_attention(q,             # [B, Hq, D]
   Hkv, N, bs, _ = k_pool.shape
   G = Hq // Hkv
   scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
+  block_offset = jnp.asarray(block_offset, jnp.int32)
+  base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset
   if part is None:
-    return paged_decode_attention_reference(q, k_pool, v_pool, lengths, block_tables + block_offset,
+    return paged_decode_attention_reference(q, k_pool, v_pool, lengths, block_tables + base[0],
                                             sm_scale=scale, return_lse=return_lse)
   if desc is None:
     desc = build_descriptors(lengths, block_tables, groups, num_groups, part)  # [B, S, W]
@@ -292,7 +306,6 @@ def paged_decode_attention(q,             # [B, Hq, D]
     raise ValueError(f"desc {desc.dtype}{list(desc.shape)} was not built for this configuration "
                      f"(expected int32[{B}, {part.num_splits}, {part.desc_width}]): build it with "
                      "decode_descriptors() and the same static args")
-  base = jnp.full((DESC_COLS,), block_offset, jnp.int32)
   if backend == "mosaic":
     from pallas_kernels import paged_attention_mgpu as mgpu
     o, lse = mgpu.decode_partials_mgpu(desc, base, q, k_pool.reshape(Hkv, N * bs, D),
@@ -311,3 +324,6 @@ def paged_decode_attention(q,             # [B, Hq, D]
   if not return_lse:
     return out
   return out, (lse2 * math.log(2.0)).reshape(B, Hq)
+
+
+paged_decode_attention.__doc__ = _paged_decode_attention.__doc__

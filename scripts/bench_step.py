@@ -280,6 +280,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   rt = RuntimeConfig(block_size=bs, num_blocks=batch * (mb + 2) + 1, max_slots=batch, max_blocks_per_seq=mb,
                      prefill_buckets=(64,), dtype=args.dtype, attention=args.attention,
                      max_folds=4 * batch if summaries else 8, layer_loop=layer_loop,
+                     max_summaries=summaries.max_entries if summaries else 0,
                      xla_options=parse_xla_options(xla_options))
   eng = Engine(cfg, model, rt, summaries=summaries)
   rng = np.random.default_rng(0)

@@ -131,9 +131,10 @@ def run(args) -> int:
   slots = args.max_slots or min(len(ids), 16)
   need = sum(math.ceil((len(x) + args.max_new_tokens) / bs) for x in ids)
   try:
-    rt = RuntimeConfig(block_size=bs, num_blocks=args.num_blocks or need + 1 + len(ids), max_slots=slots,
-                       max_blocks_per_seq=mb, dtype=dtype, attention=args.attention)
     summaries = SummaryConfig.parse(args.summaries) if args.summaries else None
+    rt = RuntimeConfig(block_size=bs, num_blocks=args.num_blocks or need + 1 + len(ids), max_slots=slots,
+                       max_blocks_per_seq=mb, dtype=dtype, attention=args.attention,
+                       max_summaries=summaries.max_entries if summaries else 0)
     engine = Engine(cfg, model, rt, tokenizer=tok, kind=args.engine, mesh=mesh, summaries=summaries)
   except ValueError as e:
     raise UserError(str(e)) from None

@@ -113,6 +113,18 @@ case "${1:-}" in
       --lengths 512,2048 --heads 9/3/64 --variants 128:2:auto,64:3:auto,128:3:auto,64:3:4 \
       --iters 20 --skip-xla --md /tmp/docs/kernels_v3.md --png /tmp/docs/kernels_v3.png 2>&1 | grep -v "^ " | tail -25
     ;;
+  12)  # session 4, second call: decode step (fused GEMMs, one descriptor per step, no summary merge),
+       # small kernel configs (no per-call offset broadcast), then the GPU tests
+    timeout 330 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --warmup 5 --iters 20 --back-to-back 10 --profile 3 --dump-hlo $OUT/hlo \
+      --out-json $OUT/raw/step_h100_llama3-8b_fused.json > $OUT/step.log 2>&1; grep -v Warn $OUT/step.log | grep -v "^| .gemm_fusion_dot_" | tail -70
+    gzip $OUT/hlo/*.txt 2>/dev/null
+    timeout 90 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_v4.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64 --variants 128:2:auto,64:3:auto --iters 20 --skip-xla \
+      --md /tmp/docs/kernels_v4.md --png /tmp/docs/kernels_v4.png 2>&1 | grep -E "ours|jax|heads" | tail -40
+    timeout 160 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" 2>&1 \
+      | tee $OUT/gpu_tests.log | tail -15
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -227,7 +227,7 @@ def stack_layers(c, layer, num_layers=3):
   return kl, vl, layer * n
 
 
-@pytest.mark.parametrize("backend", ["interpret", "reference"] + (["mosaic"] if ON_GPU else []))
+@pytest.mark.parametrize("backend", ["interpret", "reference", pytest.param("mosaic", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("layout", ["runs", "fragmented"])
 def test_block_offset_and_shared_descriptors(backend, layout):
   """One descriptor built by decode_descriptors() serves calls on every layer of a pool of all layers;
@@ -244,6 +244,10 @@ def test_block_offset_and_shared_descriptors(backend, layout):
     kl, vl, off = stack_layers(c, layer)
     out = paged_decode_attention(c["q"], kl, vl, *args, block_offset=off, desc=desc, **tile)
     check(out, c, dtype)
+    # a traced offset (the layer index of a lax.scan) reads the same layer
+    traced = jax.jit(lambda o, kl=kl, vl=vl: paged_decode_attention(c["q"], kl, vl, *args, block_offset=o,
+                                                                     desc=desc, **tile))
+    check(traced(jnp.int32(off)), c, dtype)
 
 
 def test_descriptor_of_another_configuration_is_refused():

@@ -156,7 +156,7 @@ def test_layer_loop_unroll_matches_scan(with_summaries):
   sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
   sc = SummaryConfig.parse("sink=1,window=16,max=2") if with_summaries else None
   rt = RuntimeConfig(block_size=8, num_blocks=64, max_slots=4, max_blocks_per_seq=16, max_groups=2,
-                     prefill_buckets=(8, 32), attention="reference")
+                     prefill_buckets=(8, 32), attention="reference", max_summaries=2 if with_summaries else 0)
   logits, toks = {}, {}
   for loop in ("scan", "unroll"):
     eng = Engine(cfg, model, dataclasses.replace(rt, layer_loop=loop), with_logits=True, summaries=sc)

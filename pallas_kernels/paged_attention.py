@@ -244,10 +244,13 @@ def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
 
 def paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups, *,
                            block_offset=0, **kw):
-  # A Python int offset becomes a numpy constant row here, outside the jit, so that no broadcast
-  # kernel runs per call (XLA keeps broadcasts of constants as kernels; a literal row is free).
+  # A Python int offset becomes a numpy constant row here, outside the jit, so that no kernel
+  # builds it per call. Word 0 is the offset; the other words count 1, 2, ... (unread): XLA turns
+  # a constant whose words are all equal into a broadcast, and runs that as a kernel per layer.
   if isinstance(block_offset, (int, np.integer)):
-    block_offset = np.full((DESC_COLS,), block_offset, np.int32)
+    row = np.arange(DESC_COLS, dtype=np.int32)
+    row[0] = block_offset
+    block_offset = row
   return _paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups,
                                  block_offset=block_offset, **kw)
 
@@ -272,8 +275,8 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   block by block through `block_tables`. Per-split partial results are merged
   in f32. GQA: q head h reads kv head h // (Hq // Hkv).
 
-  block_offset: int or int32 scalar (or its [DESC_COLS] broadcast row) added
-  to every physical block id (block tables and group starts) inside the
+  block_offset: int or int32 scalar (or a [DESC_COLS] int32 row holding it
+  in word 0) added to every physical block id (block tables and group starts) inside the
   kernel, e.g. layer * N to read one layer of a pool flattened to
   [Hkv, L * N, bs, D] without a per-layer id array.
   desc: descriptor rows from `decode_descriptors` (same inputs and static
@@ -296,7 +299,7 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   G = Hq // Hkv
   scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
   block_offset = jnp.asarray(block_offset, jnp.int32)
-  base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset
+  base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset  # word 0
   if part is None:
     return paged_decode_attention_reference(q, k_pool, v_pool, lengths, block_tables + base[0],
                                             sm_scale=scale, return_lse=return_lse)

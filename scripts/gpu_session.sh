@@ -125,6 +125,18 @@ case "${1:-}" in
     timeout 160 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" 2>&1 \
       | tee $OUT/gpu_tests.log | tail -15
     ;;
+  13)  # session 4, third call: block-offset kernel tests first (with tracebacks), small kernel configs,
+       # decode step B=64/128 (no per-layer broadcast kernel), then the whole GPU test set
+    timeout 90 python3 -m pytest -x -q -m gpu tests/test_kernels.py -k "block_offset" --tb=short 2>&1 | tail -40
+    timeout 75 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_v5.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64 --variants 128:2:auto,64:3:auto --iters 20 --skip-xla \
+      --md /tmp/docs/kernels_v5.md --png /tmp/docs/kernels_v5.png 2>&1 | grep -E "ours|jax ks=4|heads" | tail -30
+    timeout 280 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --warmup 5 --iters 20 --back-to-back 10 --profile 3 \
+      --out-json $OUT/raw/step_h100_llama3-8b_fused.json > $OUT/step.log 2>&1; grep -v Warn $OUT/step.log | grep -v "^| .gemm_fusion_dot_" | tail -50
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" --tb=short 2>&1 \
+      | tee $OUT/gpu_tests.log | tail -30
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

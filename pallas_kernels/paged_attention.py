@@ -218,6 +218,9 @@ def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits)
     return backend, None
   if chunk_tokens is None:
     chunk_tokens = 128 if (backend == "mosaic" and D <= 128) else 64
+  if backend == "mosaic" and chunk_tokens % 64:
+    raise ValueError(f"the mosaic kernel streams chunks of a multiple of 64 tokens (its wgmma tiles), "
+                     f"got chunk_tokens={chunk_tokens}")
   return backend, KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=block_tables.shape[1],
                                      chunk_tokens=chunk_tokens, num_splits=num_splits)
 

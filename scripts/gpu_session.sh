@@ -137,6 +137,14 @@ case "${1:-}" in
     timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" --tb=short 2>&1 \
       | tee $OUT/gpu_tests.log | tail -30
     ;;
+  14)  # session 4, last call: every GPU test (block-offset kernels first), then the decode step again
+    timeout 60 python3 -m pytest -x -q -m gpu tests/test_kernels.py -k "block_offset or 64_tokens" --tb=short 2>&1 | tail -20
+    timeout 260 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton and not block_offset" \
+      --tb=short 2>&1 | tee $OUT/gpu_tests.log | tail -20
+    timeout 250 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --warmup 5 --iters 20 --back-to-back 10 \
+      --out-json $OUT/raw/step_h100_llama3-8b_fused_run2.json 2>&1 | grep -v Warn | grep "^| auto"
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -234,8 +234,8 @@ def test_block_offset_and_shared_descriptors(backend, layout):
   block_offset picks the layer inside the kernel (the other layers hold NaN)."""
   from pallas_kernels.paged_attention import decode_descriptors
   dtype = jnp.bfloat16 if backend == "mosaic" else np.float32
-  c = make_case(11, bs=8, ratio=3, head_dim=64, layout=layout, dtype=dtype)
-  tile = dict(backend=backend, chunk_tokens=16, num_splits=2)
+  c = make_case(11, bs=8, ratio=3, head_dim=64, layout=layout, dtype=dtype, max_blocks=24)
+  tile = dict(backend=backend, chunk_tokens=64, num_splits=2)  # 3 chunks of 8 blocks over 2 splits
   args = (c["lengths"], c["block_tables"], c["groups"], c["num_groups"])
   kl, _, _ = stack_layers(c, 0)
   desc = decode_descriptors(jax.ShapeDtypeStruct(c["q"].shape, c["q"].dtype), kl, *args, **tile)
@@ -248,6 +248,18 @@ def test_block_offset_and_shared_descriptors(backend, layout):
     traced = jax.jit(lambda o, kl=kl, vl=vl: paged_decode_attention(c["q"], kl, vl, *args, block_offset=o,
                                                                      desc=desc, **tile))
     check(traced(jnp.int32(off)), c, dtype)
+
+
+def test_mosaic_refuses_chunks_under_64_tokens():
+  from pallas_kernels import paged_attention_mgpu as mgpu
+  from pallas_kernels.paged_attention import decode_descriptors
+  if not mgpu.mgpu_supported(jnp.bfloat16, 64, 2, 8):
+    pytest.skip("this jax lacks Mosaic GPU predicated copies (jax < 0.11): the mosaic path falls back")
+  c = make_case(13, bs=8, ratio=2, head_dim=64, layout="runs", dtype=jnp.bfloat16)
+  q = jax.ShapeDtypeStruct(c["q"].shape, c["q"].dtype)
+  with pytest.raises(ValueError, match="multiple of 64 tokens"):
+    decode_descriptors(q, c["k_pool"], c["lengths"], c["block_tables"], c["groups"], c["num_groups"],
+                       backend="mosaic", chunk_tokens=16)
 
 
 def test_descriptor_of_another_configuration_is_refused():

@@ -250,10 +250,14 @@ def paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num
   # A Python int offset becomes a numpy constant row here, outside the jit, so that no kernel
   # builds it per call. Word 0 is the offset; the other words count 1, 2, ... (unread): XLA turns
   # a constant whose words are all equal into a broadcast, and runs that as a kernel per layer.
+  # A literal 0 (the default) passes None: the Mosaic kernel then skips reading an offset at all.
   if isinstance(block_offset, (int, np.integer)):
-    row = np.arange(DESC_COLS, dtype=np.int32)
-    row[0] = block_offset
-    block_offset = row
+    if block_offset == 0:
+      block_offset = None
+    else:
+      row = np.arange(DESC_COLS, dtype=np.int32)
+      row[0] = block_offset
+      block_offset = row
   return _paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups,
                                  block_offset=block_offset, **kw)
 
@@ -301,10 +305,14 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   Hkv, N, bs, _ = k_pool.shape
   G = Hq // Hkv
   scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
-  block_offset = jnp.asarray(block_offset, jnp.int32)
-  base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset  # word 0
+  if block_offset is None:  # a literal 0
+    base = None
+  else:
+    block_offset = jnp.asarray(block_offset, jnp.int32)
+    base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset  # word 0
   if part is None:
-    return paged_decode_attention_reference(q, k_pool, v_pool, lengths, block_tables + base[0],
+    tables = block_tables if base is None else block_tables + base[0]
+    return paged_decode_attention_reference(q, k_pool, v_pool, lengths, tables,
                                             sm_scale=scale, return_lse=return_lse)
   if desc is None:
     desc = build_descriptors(lengths, block_tables, groups, num_groups, part)  # [B, S, W]
@@ -321,6 +329,8 @@ def _paged_decode_attention(q,             # [B, Hq, D]
     q4 = q.reshape(B, Hkv, G, D)
     qp = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - G), (0, 0)))
+    if base is None:
+      base = np.arange(DESC_COLS, dtype=np.int32) * (np.arange(DESC_COLS) > 0)  # word 0 = 0, a literal
     o, lse = _generic_call(desc, base, q4, k_pool, v_pool, part=part, sm_scale=scale,
                            interpret=(backend == "interpret"), num_warps=num_warps)
   # Slice first so XLA fuses the slice into the combine's reduction; the output and its

@@ -47,14 +47,22 @@ _LOAD_NO_IDX = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
 def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
-                   base_ref,   # [64] int32 (GMEM): word 0 is added to every block id
-                   q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
-                   k_ref,      # [Hkv, N*bs, D] (GMEM)
-                   v_ref,      # [Hkv, N*bs, D] (GMEM)
-                   o_ref,      # [B, Hkv, S, QP, D] f32 (GMEM)
-                   lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
-                   *, part: KVPartition, qp: int, g: int, head_dim: int, dtype, sm_scale: float,
-                   stages: int):
+                   *refs, has_base: bool, **kw):
+  if has_base:
+    _decode_body(desc_ref, *refs, **kw)
+  else:
+    _decode_body(desc_ref, None, *refs, **kw)
+
+
+def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
+                 base_ref,   # [64] int32 (GMEM): word 0 is added to every block id; None: 0
+                 q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
+                 k_ref,      # [Hkv, N*bs, D] (GMEM)
+                 v_ref,      # [Hkv, N*bs, D] (GMEM)
+                 o_ref,      # [B, Hkv, S, QP, D] f32 (GMEM)
+                 lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
+                 *, part: KVPartition, qp: int, g: int, head_dim: int, dtype, sm_scale: float,
+                 stages: int):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
@@ -70,19 +78,21 @@ def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
            q_stage,    # [64, D] plain (untiled): TMA target at any row offset of q
            bars):      # [3] barriers: desc, q, base
     plgpu.copy_gmem_to_smem(desc_ref.at[b, s], desc_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(base_ref, base_smem, bars.at[2])
+    if base_ref is not None:  # one more small TMA (~0.5 us on the critical path of tiny calls)
+      plgpu.copy_gmem_to_smem(base_ref, base_smem, bars.at[2])
     zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), dtype), plgpu.Layout.WGMMA)
     q_stage[...] = zeros
     plgpu.commit_smem()  # generic-proxy zeros before the TMA writes rows [0, QP)
     q_row0 = (b * k_ref.shape[0] + h) * g
     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, qp)], q_stage.at[pl.ds(0, qp)], bars.at[1])
     plgpu.barrier_wait(bars.at[0])
-    plgpu.barrier_wait(bars.at[2])
+    if base_ref is not None:
+      plgpu.barrier_wait(bars.at[2])
 
     def rd(idx):  # word idx of the descriptor row
       return desc_smem[idx // DESC_COLS, idx % DESC_COLS]
 
-    base = base_smem[0]
+    base = jnp.int32(0) if base_ref is None else base_smem[0]
 
     length = rd(DESC_LENGTH)
     total = lax.div(length + (T - 1), jnp.int32(T))
@@ -197,7 +207,7 @@ def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
 
 
 def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64])
-                         base,   # [64] int32: word 0 is added to every block id
+                         base,   # [64] int32: word 0 is added to every block id (None: 0)
                          q,      # [B, Hq, D]
                          k_flat,  # [Hkv, N*bs, D]
                          v_flat,  # [Hkv, N*bs, D]
@@ -212,8 +222,8 @@ def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64]
   rows = q.reshape(B * Hq, D)
   if B * Hq < qp:  # the one TMA box must fit inside the array
     rows = jnp.pad(rows, ((0, qp - B * Hq), (0, 0)))
-  kernel = functools.partial(_decode_kernel, part=part, qp=qp, g=g, head_dim=D, dtype=q.dtype,
-                             sm_scale=sm_scale, stages=stages)
+  kernel = functools.partial(_decode_kernel, has_base=base is not None, part=part, qp=qp, g=g, head_dim=D,
+                             dtype=q.dtype, sm_scale=sm_scale, stages=stages)
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((B, Hkv, S, qp, D), jnp.float32),
@@ -224,6 +234,8 @@ def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64]
       kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}",
   )
   desc = desc.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS)
+  if base is None:
+    return call(desc, rows, k_flat, v_flat)
   return call(desc, base, rows, k_flat, v_flat)
 
 

@@ -145,6 +145,13 @@ case "${1:-}" in
       --warmup 5 --iters 20 --back-to-back 10 \
       --out-json $OUT/raw/step_h100_llama3-8b_fused_run2.json 2>&1 | grep -v Warn | grep "^| auto"
     ;;
+  15)  # session 4: kernel without an offset read when the offset is a literal 0: GPU tests, small kernel configs
+    timeout 280 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py -k "not triton" --tb=short 2>&1 \
+      | tee $OUT/gpu_tests.log | tail -8
+    timeout 150 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v6.json --batches 8,64 \
+      --lengths 512,2048 --heads 32/8/128,9/3/64 --variants 128:2:auto,64:3:auto --iters 20 --skip-xla \
+      --md /tmp/docs/kernels_v6.md --png /tmp/docs/kernels_v6.png 2>&1 | grep -E "heads|ours|jax ks" | tail -70
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

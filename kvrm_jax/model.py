@@ -10,7 +10,7 @@ E head dim, F MLP width, V vocab, L layers.
 
 Projections that read the same input are stored fused, so a decode step runs one GEMM for q/k/v
 and one for gate/up per layer (fewer, larger kernels: docs/step.md). Checkpoints keep the usual
-separate matrices (CHECKPOINT_PARAMS); `fuse_weights` / `unfuse_weights` convert between the two.
+separate matrices (CHECKPOINT_LAYER_PARAMS); `fuse_weights` / `unfuse_weights` convert between the two.
   wqkv       [L, D, K * (G + 2) * E]  per kv head j: its G q heads, then k_j, then v_j
   w_gate_up  [L, D, F * 2]            per feature f: gate_f, up_f (interleaved)
 Both layouts keep whole kv groups / features together, so sharding the last axis over `tp`

@@ -245,19 +245,24 @@ def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
   return build_descriptors(lengths, block_tables, groups, num_groups, part)
 
 
+def _offset_row(offset: int) -> np.ndarray:
+  """[DESC_COLS] int32 literal with the block offset in word 0. The other words count 1, 2, ...
+  (unread): XLA turns a constant whose words are all equal into a broadcast kernel."""
+  row = np.arange(DESC_COLS, dtype=np.int32)
+  row[0] = offset
+  return row
+
+
 def paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups, *,
                            block_offset=0, **kw):
   # A Python int offset becomes a numpy constant row here, outside the jit, so that no kernel
-  # builds it per call. Word 0 is the offset; the other words count 1, 2, ... (unread): XLA turns
-  # a constant whose words are all equal into a broadcast, and runs that as a kernel per layer.
+  # builds it per call (`_offset_row`).
   # A literal 0 (the default) passes None: the Mosaic kernel then skips reading an offset at all.
   if isinstance(block_offset, (int, np.integer)):
     if block_offset == 0:
       block_offset = None
     else:
-      row = np.arange(DESC_COLS, dtype=np.int32)
-      row[0] = block_offset
-      block_offset = row
+      block_offset = _offset_row(block_offset)
   return _paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups,
                                  block_offset=block_offset, **kw)
 
@@ -330,7 +335,7 @@ def _paged_decode_attention(q,             # [B, Hq, D]
     qp = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - G), (0, 0)))
     if base is None:
-      base = np.arange(DESC_COLS, dtype=np.int32) * (np.arange(DESC_COLS) > 0)  # word 0 = 0, a literal
+      base = _offset_row(0)
     o, lse = _generic_call(desc, base, q4, k_pool, v_pool, part=part, sm_scale=scale,
                            interpret=(backend == "interpret"), num_warps=num_warps)
   # Slice first so XLA fuses the slice into the combine's reduction; the output and its

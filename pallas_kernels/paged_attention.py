@@ -20,9 +20,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartition,
-                                      build_descriptors, combine_splits)
+                                      build_descriptors, combine_splits, merge_partials)
 
 BACKENDS = ("auto", "reference", "interpret", "mosaic", "triton")
+MAX_STREAMS = 4  # Mosaic warpgroups per program
 LOG2E = math.log2(math.e)
 
 
@@ -43,9 +44,11 @@ def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of 
   q = q_ref[...]
   scale_log2 = sm_scale * LOG2E
   base = base_ref[0]
+  ns = part.streams
 
-  def body(i, carry):
+  def body(w, j, carry):  # chunk i = w + j * ns of the split, in stream w (as the Mosaic kernel)
     acc, m_i, l_i = carry
+    i = w + j * ns
     raw = desc_ref[DESC_SRC + i]
     src = jnp.where(raw >= 0, raw + base, raw)
     blocks = desc_ref[pl.ds(part.desc_blocks + i * cb, cb)] + base  # [cb]
@@ -76,14 +79,20 @@ def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of 
     acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return acc, m_new, l_i
 
-  acc = jnp.zeros((QP, D), jnp.float32)
-  m_i = jnp.full((QP,), -jnp.inf, jnp.float32)
-  l_i = jnp.zeros((QP,), jnp.float32)
-  acc, m_i, l_i = lax.fori_loop(0, n, body, (acc, m_i, l_i))
-  has = l_i > 0
-  l_safe = jnp.where(has, l_i, 1.0)
-  o_ref[...] = acc / l_safe[:, None]
-  lse_ref[...] = jnp.where(has, m_i + jnp.log2(l_safe), -jnp.inf)
+  outs, lses = [], []
+  for w in range(ns):
+    acc = jnp.zeros((QP, D), jnp.float32)
+    m_i = jnp.full((QP,), -jnp.inf, jnp.float32)
+    l_i = jnp.zeros((QP,), jnp.float32)
+    acc, m_i, l_i = lax.fori_loop(0, part.stream_chunks(n, w), functools.partial(body, w),
+                                  (acc, m_i, l_i))
+    has = l_i > 0
+    l_safe = jnp.where(has, l_i, 1.0)
+    outs.append(acc / l_safe[:, None])
+    lses.append(jnp.where(has, m_i + jnp.log2(l_safe), -jnp.inf))
+  o, lse = merge_partials(outs, lses) if ns > 1 else (outs[0], lses[0])
+  o_ref[...] = o
+  lse_ref[...] = lse
 
 
 def _generic_call(desc,   # [B, S, W] int32
@@ -204,7 +213,7 @@ def paged_decode_attention_reference(q,             # [B, Hq, D]
   return o.reshape(B, Hq, D).astype(q.dtype)
 
 
-def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits):
+def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits, streams):
   """(backend, KVPartition) of a static configuration; the partition is None for the reference
   path. Reads shapes and dtypes only."""
   backend = "interpret" if interpret else _resolve_backend(backend)
@@ -221,8 +230,13 @@ def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits)
   if backend == "mosaic" and chunk_tokens % 64:
     raise ValueError(f"the mosaic kernel streams chunks of a multiple of 64 tokens (its wgmma tiles), "
                      f"got chunk_tokens={chunk_tokens}")
+  if streams is None:
+    streams = 1
+  if backend == "mosaic" and not 1 <= streams <= MAX_STREAMS:
+    raise ValueError(f"the mosaic kernel runs 1 to {MAX_STREAMS} streams (warpgroups) per program, "
+                     f"got streams={streams}")
   return backend, KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=block_tables.shape[1],
-                                     chunk_tokens=chunk_tokens, num_splits=num_splits)
+                                     chunk_tokens=chunk_tokens, num_splits=num_splits, streams=streams)
 
 
 def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
@@ -231,7 +245,8 @@ def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
                        block_tables,  # [B, MB] int32
                        groups,        # [B, G, 3] int32
                        num_groups,    # [B] int32
-                       *, backend="auto", interpret=False, chunk_tokens=None, num_splits=None):
+                       *, backend="auto", interpret=False, chunk_tokens=None, num_splits=None,
+                       streams=None):
   """The kernels' descriptor rows [B, S, W] int32 for these inputs (None on the reference path).
 
   Build them once and pass them as `desc=` to every `paged_decode_attention` call over the same
@@ -239,7 +254,7 @@ def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
   `block_offset`: one small XLA kernel per step instead of one per layer. q and k_pool may be
   jax.ShapeDtypeStructs.
   """
-  _, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits)
+  _, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits, streams)
   if part is None:
     return None
   return build_descriptors(lengths, block_tables, groups, num_groups, part)
@@ -268,7 +283,8 @@ def paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens",
-                                             "num_splits", "stages", "num_warps", "return_lse"))
+                                             "num_splits", "streams", "stages", "num_warps",
+                                             "return_lse"))
 def _paged_decode_attention(q,             # [B, Hq, D]
                             k_pool,        # [Hkv, N, bs, D]
                             v_pool,        # [Hkv, N, bs, D]
@@ -277,8 +293,8 @@ def _paged_decode_attention(q,             # [B, Hq, D]
                             groups,        # [B, G, 3] int32 (phys_start, logical_start, blocks)
                             num_groups,    # [B] int32
                             *, block_offset=0, desc=None, sm_scale=None, backend="auto",
-                            interpret=False, chunk_tokens=None, num_splits=None, stages=2,
-                            num_warps=4, return_lse=False):
+                            interpret=False, chunk_tokens=None, num_splits=None, streams=None,
+                            stages=2, num_warps=4, return_lse=False):
   """Decode attention of one new token per sequence over a paged KV pool.
 
   Flash-decoding: the KV axis of each (sequence, kv head) is cut into chunks
@@ -298,14 +314,17 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   "triton" (generic Pallas kernel on the Triton backend), "auto" (mosaic on
   Hopper, triton on other GPUs, reference on CPU). interpret=True forces the
   generic kernel in interpret mode.
-  Tile args (static): chunk_tokens, num_splits, stages (Mosaic SMEM ring
-  depth), num_warps (Triton). Returns [B, Hq, D] in q.dtype; inactive slots
+  Tile args (static): chunk_tokens, num_splits, streams (online-softmax
+  streams per program, merged inside it: Mosaic warpgroups, default 1),
+  stages (Mosaic SMEM ring depth, per stream), num_warps (Triton). With one
+  split the Mosaic kernel writes the output itself (no combine kernel). Returns [B, Hq, D] in q.dtype; inactive slots
   (length 0) get zeros. return_lse: also return the natural-log log-sum-exp of
   each q head's scaled scores, [B, Hq] f32 (-inf when empty), to merge further
   keys (far-history summaries) outside the kernel.
   """
   _check_args(q, k_pool, v_pool, lengths, block_tables, groups, num_groups)
-  backend, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits)
+  backend, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits,
+                        streams)
   B, Hq, D = q.shape
   Hkv, N, bs, _ = k_pool.shape
   G = Hq // Hkv
@@ -330,6 +349,8 @@ def _paged_decode_attention(q,             # [B, Hq, D]
     o, lse = mgpu.decode_partials_mgpu(desc, base, q, k_pool.reshape(Hkv, N * bs, D),
                                        v_pool.reshape(Hkv, N * bs, D), part=part,
                                        sm_scale=scale, stages=stages)
+    if part.num_splits == 1:  # the kernel wrote the final rows: no combine, no convert
+      return o if not return_lse else (o, (lse[:, :, 0, :G] * math.log(2.0)).reshape(B, Hq))
   else:
     q4 = q.reshape(B, Hkv, G, D)
     qp = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows

@@ -26,7 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.partition import DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartition
+from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartition,
+                                      merge_partials)
 
 WG_ROWS = 64  # wgmma tile height: q rows of one kv head, zero padded
 
@@ -59,84 +60,92 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
                  q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
                  k_ref,      # [Hkv, N*bs, D] (GMEM)
                  v_ref,      # [Hkv, N*bs, D] (GMEM)
-                 o_ref,      # [B, Hkv, S, QP, D] f32 (GMEM)
+                 o_ref,      # S > 1: [B, Hkv, S, QP, D] f32; S == 1: [B*Hq, D] q.dtype (GMEM)
                  lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
                  *, part: KVPartition, qp: int, g: int, head_dim: int, dtype, sm_scale: float,
                  stages: int):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
+  ns = part.streams  # warpgroups; each runs its own ring and online softmax
+  w = lax.axis_index("wg") if ns > 1 else jnp.int32(0)
+  direct = part.num_splits == 1  # no split combine: write the final rows in q.dtype
   bs, cb, cps = part.block_size, part.chunk_blocks, part.chunks_per_split
   T, D = part.chunk_tokens, head_dim
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
   scale_log2 = sm_scale * math.log2(math.e)
+  q_row0 = (b * k_ref.shape[0] + h) * g
+  # SMEM and barriers of a multi-warpgroup kernel are shared by its warpgroups.
+  collective = dict(collective_axes="wg") if ns > 1 else {}
 
-  def main(desc_smem,  # [W / 64, 64] int32
-           base_smem,  # [64] int32
-           q_smem,     # [64, D] tiled + swizzled (the wgmma operand)
-           q_stage,    # [64, D] plain (untiled): TMA target at any row offset of q
-           bars):      # [3] barriers: desc, q, base
-    plgpu.copy_gmem_to_smem(desc_ref.at[b, s], desc_smem, bars.at[0])
+  def main(desc_smem,  # [ns, W / 64, 64] int32
+           base_smem,  # [ns, 64] int32
+           q_stage,    # [ns, 64, D] plain (untiled): TMA target at any row offset of q
+           bars):      # [3 * ns] barriers: desc, q, base of each stream
+    my_bar = lambda i: bars.at[3 * w + i]
+    plgpu.copy_gmem_to_smem(desc_ref.at[b, s], desc_smem.at[w], my_bar(0))
     if base_ref is not None:  # one more small TMA (~0.5 us on the critical path of tiny calls)
-      plgpu.copy_gmem_to_smem(base_ref, base_smem, bars.at[2])
+      plgpu.copy_gmem_to_smem(base_ref, base_smem.at[w], my_bar(2))
     zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), dtype), plgpu.Layout.WGMMA)
-    q_stage[...] = zeros
+    q_stage.at[w][...] = zeros
     plgpu.commit_smem()  # generic-proxy zeros before the TMA writes rows [0, QP)
-    q_row0 = (b * k_ref.shape[0] + h) * g
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, qp)], q_stage.at[pl.ds(0, qp)], bars.at[1])
-    plgpu.barrier_wait(bars.at[0])
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, qp)], q_stage.at[w, pl.ds(0, qp)], my_bar(1))
+    plgpu.barrier_wait(my_bar(0))
     if base_ref is not None:
-      plgpu.barrier_wait(bars.at[2])
+      plgpu.barrier_wait(my_bar(2))
 
     def rd(idx):  # word idx of the descriptor row
-      return desc_smem[idx // DESC_COLS, idx % DESC_COLS]
+      return desc_smem[w, idx // DESC_COLS, idx % DESC_COLS]
 
-    base = jnp.int32(0) if base_ref is None else base_smem[0]
+    base = jnp.int32(0) if base_ref is None else base_smem[w, 0]
 
     length = rd(DESC_LENGTH)
     total = lax.div(length + (T - 1), jnp.int32(T))
     first = s * cps
-    n = jnp.clip(total - first, 0, cps)
+    n = jnp.clip(total - first, 0, cps)  # chunks of this split
+    n_w = part.stream_chunks(n, w)       # of them, this stream's: w, w + ns, ...
 
-    def kv_scope(k_smem,  # [stages, T, D]
-                 v_smem,  # [stages, T, D]
-                 k_bars,  # [stages]
-                 v_bars):  # [stages]
-      def issue(i, slot):
+    def kv_scope(k_smem,  # [ns * stages, T, D]
+                 v_smem,  # [ns * stages, T, D]
+                 k_bars,  # [ns * stages]
+                 v_bars):  # [ns * stages]
+      def issue(j, slot):  # the stream's j-th chunk into its ring slot
+        i = w + j * ns   # chunk of the split
+        buf = w * stages + slot
         src = rd(DESC_SRC + i)
         contig = src >= 0
         row0 = (jnp.maximum(src, 0) + base) * bs
-        plgpu.copy_gmem_to_smem(k_ref.at[h, pl.ds(row0, T)], k_smem.at[slot],
-                                k_bars.at[slot], predicate=contig)
-        plgpu.copy_gmem_to_smem(v_ref.at[h, pl.ds(row0, T)], v_smem.at[slot],
-                                v_bars.at[slot], predicate=contig)
+        plgpu.copy_gmem_to_smem(k_ref.at[h, pl.ds(row0, T)], k_smem.at[buf],
+                                k_bars.at[buf], predicate=contig)
+        plgpu.copy_gmem_to_smem(v_ref.at[h, pl.ds(row0, T)], v_smem.at[buf],
+                                v_bars.at[buf], predicate=contig)
         frag = jnp.logical_not(contig)
-        for j in range(cb):
-          blk = rd(part.desc_blocks + i * cb + j) + base
+        for jb in range(cb):
+          blk = rd(part.desc_blocks + i * cb + jb) + base
           rows = pl.ds(blk * bs, bs)
-          plgpu.copy_gmem_to_smem(k_ref.at[h, rows], k_smem.at[slot, pl.ds(j * bs, bs)],
-                                  k_bars.at[slot], predicate=frag)
-          plgpu.copy_gmem_to_smem(v_ref.at[h, rows], v_smem.at[slot, pl.ds(j * bs, bs)],
-                                  v_bars.at[slot], predicate=frag)
+          plgpu.copy_gmem_to_smem(k_ref.at[h, rows], k_smem.at[buf, pl.ds(jb * bs, bs)],
+                                  k_bars.at[buf], predicate=frag)
+          plgpu.copy_gmem_to_smem(v_ref.at[h, rows], v_smem.at[buf, pl.ds(jb * bs, bs)],
+                                  v_bars.at[buf], predicate=frag)
 
-      for i in range(stages):
-        @pl.when(i < n)
+      for j in range(stages):
+        @pl.when(j < n_w)
         def _prologue():
-          issue(jnp.int32(i), i)
+          issue(jnp.int32(j), j)
 
-      plgpu.barrier_wait(bars.at[1])
-      q_smem[...] = _load(q_stage, plgpu.Layout.WGMMA)  # into the tiled, swizzled wgmma operand
-      plgpu.commit_smem()
+      plgpu.barrier_wait(my_bar(1))
+      q = _load(q_stage.at[w], plgpu.Layout.WGMMA)  # wgmma A operand, from registers
 
-      def body(i, carry):
+      def body(j, carry):
         acc, m_i, l_i = carry
-        slot = lax.rem(i, jnp.int32(stages))
-        rem_tok = length - (first + i) * T  # valid tokens of this chunk (may exceed T)
-        plgpu.barrier_wait(k_bars.at[slot])
+        slot = lax.rem(j, jnp.int32(stages))
+        buf = w * stages + slot
+        rem_tok = length - (first + w + j * ns) * T  # valid tokens of this chunk (may exceed T)
+        plgpu.barrier_wait(k_bars.at[buf])
 
         def qk_scope(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, _transpose(k_smem.at[slot]))
+          plgpu.wgmma(acc_ref, q, _transpose(k_smem.at[buf]))
           return acc_ref[...]
         qk = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, T), jnp.float32))
         cols = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, T), 1, layout=plgpu.Layout.WGMMA)
@@ -148,61 +157,96 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
         l_i = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
-        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_wait(v_bars.at[buf])
 
         @pl.when(rem_tok < T)
         def _sanitize_tail():
           # P is 0 there, but 0 * NaN = NaN in P V: zero V rows past the length.
-          v = _load(v_smem.at[slot], plgpu.Layout.WGMMA)
+          v = _load(v_smem.at[buf], plgpu.Layout.WGMMA)
           rows = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA)
-          v_smem.at[slot][...] = jnp.where(rows < rem_tok, v, jnp.zeros_like(v))
+          v_smem.at[buf][...] = jnp.where(rows < rem_tok, v, jnp.zeros_like(v))
           plgpu.commit_smem()
 
         def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
 
-        @pl.when(i + stages < n)
+        @pl.when(j + stages < n_w)
         def _refill():
-          issue(i + stages, slot)
+          issue(j + stages, slot)
         return acc, m_new, l_i
 
       acc0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), jnp.float32), plgpu.Layout.WGMMA)
       m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32),
                              plgpu.Layout.WGMMA.reduce(1))
       l0 = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      return lax.fori_loop(0, n, body, (acc0, m0, l0))
+      return lax.fori_loop(0, n_w, body, (acc0, m0, l0))
 
     acc, m_i, l_i = pl.run_scoped(
         kv_scope,
-        plgpu.SMEM((stages, T, D), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((stages, T, D), dtype, transforms=(tiling, swizzle)),
-        plgpu.Barrier(num_arrivals=cb + 1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=cb + 1, num_barriers=stages),
+        plgpu.SMEM((ns * stages, T, D), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((ns * stages, T, D), dtype, transforms=(tiling, swizzle)),
+        plgpu.Barrier(num_arrivals=cb + 1, num_barriers=ns * stages),
+        plgpu.Barrier(num_arrivals=cb + 1, num_barriers=ns * stages),
+        **collective,
     )
+    has = l_i > 0  # False only for an empty stream
+    l_safe = jnp.where(has, l_i, jnp.ones_like(l_i))
+    o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    lse = jnp.where(has, m_i + jnp.log(l_safe) * (1 / math.log(2)), jnp.full_like(m_i, -jnp.inf))
 
-    def out_scope(o_smem,    # [64, D] f32
-                  lse_smem):  # [64] f32
-      has = l_i > 0  # False only for an empty split
-      l_safe = jnp.where(has, l_i, jnp.ones_like(l_i))
-      o_smem[...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-      lse_smem[...] = jnp.where(has, m_i + jnp.log(l_safe) * (1 / math.log(2)),
-                                jnp.full_like(m_i, -jnp.inf))
+    def write(o, lse, o_smem, lse_smem):
+      o_smem[...] = o.astype(o_smem.dtype)
+      lse_smem[...] = lse
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, qp)], o_ref.at[b, h, s])
+      if direct:  # the G rows of this kv head, straight into the [B*Hq, D] output
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, g)], o_ref.at[pl.ds(q_row0, g)])
+      else:
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, qp)], o_ref.at[b, h, s])
       plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, qp)], lse_ref.at[b, h, s])
       plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(out_scope, plgpu.SMEM((WG_ROWS, D), jnp.float32),
-                  plgpu.SMEM((WG_ROWS,), jnp.float32))
+    def out_scope(o_smem,      # [64, D]: f32 partial (S > 1) or q.dtype rows (S == 1)
+                  lse_smem,    # [64] f32
+                  *merge):     # ns > 1: o [ns - 1, 64, D] f32, lse [ns - 1, 64] f32, barrier
+      if ns == 1:
+        write(o, lse, o_smem, lse_smem)
+        return
+      merge_o, merge_lse, merge_bar = merge
+
+      # Entering this scope synchronised the warpgroups, so every ring is idle and these
+      # buffers may reuse its memory. Streams 1.. hand their partials to stream 0 through
+      # SMEM; stream 0 merges them and writes.
+      @pl.when(w > 0)
+      def _hand_over():
+        merge_o.at[w - 1][...] = o
+        merge_lse.at[w - 1][...] = lse
+        plgpu.barrier_arrive(merge_bar)
+
+      @pl.when(w == 0)
+      def _merge_and_write():
+        plgpu.barrier_wait(merge_bar)
+        os_, lses = [o], [lse]
+        for i in range(ns - 1):
+          os_.append(_load(merge_o.at[i], plgpu.Layout.WGMMA))
+          lses.append(_load(merge_lse.at[i], plgpu.Layout.WGMMA.reduce(1)))
+        write(*merge_partials(os_, lses), o_smem, lse_smem)
+
+    merge = ()
+    if ns > 1:
+      merge = (plgpu.SMEM((ns - 1, WG_ROWS, D), jnp.float32),
+               plgpu.SMEM((ns - 1, WG_ROWS), jnp.float32),
+               plgpu.Barrier(num_arrivals=ns - 1))
+    pl.run_scoped(out_scope, plgpu.SMEM((WG_ROWS, D), dtype if direct else jnp.float32),
+                  plgpu.SMEM((WG_ROWS,), jnp.float32), *merge, **collective)
 
   pl.run_scoped(
       main,
-      plgpu.SMEM((part.desc_width // DESC_COLS, DESC_COLS), jnp.int32),
-      plgpu.SMEM((DESC_COLS,), jnp.int32),
-      plgpu.SMEM((WG_ROWS, D), dtype, transforms=(tiling, swizzle)),
-      plgpu.SMEM((WG_ROWS, D), dtype),
-      plgpu.Barrier(num_arrivals=1, num_barriers=3),
+      plgpu.SMEM((ns, part.desc_width // DESC_COLS, DESC_COLS), jnp.int32),
+      plgpu.SMEM((ns, DESC_COLS), jnp.int32),
+      plgpu.SMEM((ns, WG_ROWS, D), dtype),
+      plgpu.Barrier(num_arrivals=1, num_barriers=3 * ns),
+      **collective,
   )
 
 
@@ -212,31 +256,38 @@ def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64]
                          k_flat,  # [Hkv, N*bs, D]
                          v_flat,  # [Hkv, N*bs, D]
                          *, part: KVPartition, sm_scale: float, stages: int = 2):
-  """Runs the Mosaic GPU kernel; returns (o [B, Hkv, S, QP, D] f32, lse [B, Hkv, S, QP] f32),
-  QP = q heads per kv head rounded up to 8 (rows past that count are not meaningful)."""
+  """Runs the Mosaic GPU kernel; returns (o, lse [B, Hkv, S, QP] f32 base 2), QP = q heads per kv
+  head rounded up to 8 (rows past that count are not meaningful).
+
+  S > 1: o [B, Hkv, S, QP, D] f32, each split normalised by its own sum (merge with
+  partition.combine_splits). S == 1: o [B, Hq, D] in q.dtype, final.
+  """
   B, Hq, D = q.shape
   Hkv = k_flat.shape[0]
   g = Hq // Hkv
   qp = -(-g // 8) * 8
-  S = part.num_splits
+  S, ns = part.num_splits, part.streams
   rows = q.reshape(B * Hq, D)
   if B * Hq < qp:  # the one TMA box must fit inside the array
     rows = jnp.pad(rows, ((0, qp - B * Hq), (0, 0)))
   kernel = functools.partial(_decode_kernel, has_base=base is not None, part=part, qp=qp, g=g, head_dim=D,
                              dtype=q.dtype, sm_scale=sm_scale, stages=stages)
+  o_type = (jax.ShapeDtypeStruct((B * Hq, D), q.dtype) if S == 1
+            else jax.ShapeDtypeStruct((B, Hkv, S, qp, D), jnp.float32))
+  threads = dict(num_threads=ns, thread_name="wg") if ns > 1 else {}
   call = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((B, Hkv, S, qp, D), jnp.float32),
-                jax.ShapeDtypeStruct((B, Hkv, S, qp), jnp.float32)),
+      out_type=(o_type, jax.ShapeDtypeStruct((B, Hkv, S, qp), jnp.float32)),
       grid=(B, Hkv, S),
       grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}",
+      kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}",
+      **threads,
   )
   desc = desc.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS)
-  if base is None:
-    return call(desc, rows, k_flat, v_flat)
-  return call(desc, base, rows, k_flat, v_flat)
+  args = (desc, rows, k_flat, v_flat) if base is None else (desc, base, rows, k_flat, v_flat)
+  o, lse = call(*args)
+  return (o.reshape(B, Hq, D) if S == 1 else o), lse
 
 
 def mgpu_supported(q_dtype, head_dim: int, q_per_kv: int, block_size: int) -> bool:

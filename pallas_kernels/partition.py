@@ -14,8 +14,10 @@ The per-(sequence, split) facts a program needs are packed by
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 # Row layout of a descriptor: [length, src[0:cps], blocks[0:cps*chunk_blocks], pad].
@@ -39,9 +41,11 @@ class KVPartition:
   max_blocks: int        # block-table width (MB)
   chunk_blocks: int      # blocks per chunk (one pipeline stage)
   num_splits: int        # programs per (sequence, kv head) along the KV axis
+  streams: int = 1       # online-softmax streams per program: chunk i of a split goes to
+                         # stream i % streams (a Mosaic warpgroup each); merged in the program
 
   def __post_init__(self):
-    for name in ("block_size", "max_blocks", "chunk_blocks", "num_splits"):
+    for name in ("block_size", "max_blocks", "chunk_blocks", "num_splits", "streams"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.num_splits > self.num_chunks:
@@ -76,24 +80,33 @@ class KVPartition:
     """Offset of the block ids inside a descriptor row."""
     return DESC_SRC + self.chunks_per_split
 
+  def stream_chunks(self, n, stream):
+    """How many of a split's first n chunks stream `stream` owns (chunks stream, stream +
+    streams, ...); n may be traced."""
+    num = n + (self.streams - 1 - stream)
+    if isinstance(num, int):
+      return num // self.streams
+    return lax.div(num, jnp.int32(self.streams))  # num >= 0
+
   @classmethod
   def choose(cls, *, batch: int, kv_heads: int, block_size: int, max_blocks: int,
-             chunk_tokens: int = 128, num_splits: int | None = None,
+             chunk_tokens: int = 128, num_splits: int | None = None, streams: int = 1,
              target_programs: int = 264) -> "KVPartition":
     """Picks chunk size and split count for a static configuration.
 
     chunk_tokens is rounded to whole blocks; num_splits (if None) is the
-    smallest count giving about `target_programs` programs (2 per H100 SM).
+    smallest count giving about `target_programs` streams (2 per H100 SM),
+    counting `streams` per program.
     """
     chunk_blocks = max(1, chunk_tokens // block_size)
     num_chunks = _cdiv(max_blocks, chunk_blocks)
     if num_splits is None:
-      num_splits = _cdiv(target_programs, max(1, batch * kv_heads))
+      num_splits = _cdiv(target_programs, max(1, batch * kv_heads * streams))
     num_splits = max(1, min(num_splits, num_chunks))
     # Re-derive so that no split is empty by construction.
     cps = _cdiv(num_chunks, num_splits)
     num_splits = _cdiv(num_chunks, cps)
-    return cls(block_size, max_blocks, chunk_blocks, num_splits)
+    return cls(block_size, max_blocks, chunk_blocks, num_splits, max(1, min(streams, cps)))
 
 
 def chunk_sources(groups, num_groups, part: KVPartition):
@@ -136,14 +149,25 @@ def combine_splits(o, lse):
   """
   if o.shape[2] == 1:
     return o[:, :, 0], lse[:, :, 0]
-  mx = jnp.max(lse, axis=2, keepdims=True)                              # [B, K, 1, QP]
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  w = jnp.exp2(lse - mx)                                                # [B, K, S, QP]
-  den = jnp.sum(w, axis=2)                                              # [B, K, QP]
-  num = jnp.sum(w[..., None] * o, axis=2)                               # [B, K, QP, D]
+  return merge_partials([o[:, :, i] for i in range(o.shape[2])],
+                        [lse[:, :, i] for i in range(o.shape[2])])
+
+
+def merge_partials(os, lses):
+  """Merges normalised partial attentions: os[i] [..., R, D], lses[i] [..., R] base-2 log-sum-exp
+  (-inf = empty). Returns (o [..., R, D], lse [..., R]); all-empty rows get o = 0, lse = -inf.
+  The split combine and the kernels' in-program stream merge share it."""
+  # A floor instead of isfinite (which Mosaic GPU does not lower): all-empty rows then weigh
+  # exp2(-inf) = 0 instead of NaN.
+  mx = jnp.maximum(functools.reduce(jnp.maximum, lses), -1e30)
+  ws = [jnp.exp2(l - mx) for l in lses]
+  den = functools.reduce(jnp.add, ws)
+  num = functools.reduce(jnp.add, [o * lax.broadcast_in_dim(w, o.shape, tuple(range(w.ndim)))
+                                   for o, w in zip(os, ws)])
   has = den > 0
-  safe = jnp.where(has, den, 1.0)
-  return num / safe[..., None], jnp.where(has, mx[:, :, 0] + jnp.log2(safe), -jnp.inf)
+  safe = jnp.where(has, den, jnp.ones_like(den))
+  out = num / lax.broadcast_in_dim(safe, num.shape, tuple(range(safe.ndim)))
+  return out, jnp.where(has, mx + jnp.log2(safe), jnp.full_like(mx, -jnp.inf))
 
 
 def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_size: int,
@@ -172,4 +196,4 @@ def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_si
 
 
 __all__ = ["KVPartition", "chunk_sources", "build_descriptors", "combine_splits",
-           "make_transfer_groups"]
+           "merge_partials", "make_transfer_groups"]

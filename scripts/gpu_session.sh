@@ -152,6 +152,15 @@ case "${1:-}" in
       --lengths 512,2048 --heads 32/8/128,9/3/64 --variants 128:2:auto,64:3:auto --iters 20 --skip-xla \
       --md /tmp/docs/kernels_v6.md --png /tmp/docs/kernels_v6.png 2>&1 | grep -E "heads|ours|jax ks" | tail -70
     ;;
+  16)  # session 5: kernel with streams (warpgroups) per program and direct output for one split:
+       # Mosaic kernel tests, then small configs over tile variants (every variant logged)
+    timeout 260 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short 2>&1 \
+      | tee $OUT/gpu_tests.log | tail -12
+    timeout 280 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v7.json --batches 8,64 \
+      --lengths 512,2048 --heads 32/8/128,9/3/64 --iters 20 --skip-xla \
+      --variants 128:2:auto:1,64:3:auto:1,64:3:1:1,64:2:1:2,128:2:1:2,64:2:1:4,64:2:auto:2 \
+      --md /tmp/docs/kernels_v7.md --png /tmp/docs/kernels_v7.png 2>&1 | grep -E "heads|ours|jax ks" | tail -150
+
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

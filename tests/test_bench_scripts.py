@@ -304,3 +304,42 @@ def test_hf_peer_without_continuous_batching(monkeypatch, capsys):
   assert bench_hf_peer.main(["--quiet"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: transformers ") and "no continuous batching" in err[0]
+
+
+def test_bench_kernels_variants_and_report(tmp_path):
+  """bench_kernels.py: the variant syntax, and the report regenerated from a run's JSON (two
+  runs merged, the later row winning) with its target lines."""
+  bench_kernels = load("bench_kernels")
+  assert bench_kernels.parse_variants("128:2:auto,64:3:1:4,64:2") == [
+      (128, 2, None, 1), (64, 3, 1, 4), (64, 2, None, 1)]
+
+  def row(B, layout, ours_ms, jax_ms, streams=1):
+    t = lambda ms: dict(ms=ms, wall_ms=5 * ms, cupti_ms=ms)  # noqa: E731
+    return dict(hq=9, hkv=3, d=64, B=B, L=2048, layout=layout, kv_bytes=B * 2048 * 3 * 64 * 4,
+                rotations=2, ours=dict(t(ours_ms), variant=dict(chunk_tokens=64, stages=3,
+                                                                num_splits=1, streams=streams)),
+                ours_desc_prebuilt=t(ours_ms * 0.9), jax=dict(t(jax_ms), setting={}), xla=None)
+
+  meta = dict(device="test", jax="0", date="d", command="c")
+  runs = [dict(meta=meta, ceiling=dict(torch=dict(tbps=3.0)),
+               results=[row(64, "contiguous", 0.050, 0.062), row(64, "fragmented", 0.051, 0.063)]),
+          dict(meta=dict(meta, date="d2"), ceiling=dict(torch=dict(tbps=3.0)),
+               results=[row(64, "contiguous", 0.040, 0.062, streams=2)])]
+  paths = []
+  for i, r in enumerate(runs):
+    paths.append(str(tmp_path / f"run{i}.json"))
+    with open(paths[-1], "w") as f:
+      json.dump(r, f)
+  md, png = tmp_path / "k.md", tmp_path / "k.png"
+  argv = sys.argv
+  sys.argv = ["bench_kernels.py", "--from-json", ",".join(paths), "--md", str(md), "--png", str(png)]
+  try:
+    bench_kernels.main()
+  finally:
+    sys.argv = argv
+  text = md.read_text()
+  rows = [ln for ln in text.splitlines() if ln.startswith("| 9/3")]
+  assert len(rows) == 2 and "0.0400" in rows[0] and "w2" in rows[0] and "0.0360" in rows[0]
+  # 100.7 MB in 40 us = 2.52 TB/s = 84% of 3.0; the fragmented row: 51 us = 66%
+  assert "min 66% (9/3 B=64 L=2048 fragmented) -> MISSED" in text
+  assert "d ; d2" in text

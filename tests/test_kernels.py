@@ -176,29 +176,67 @@ def test_reference_matches_oracle(bs, ratio, head_dim):
     check(out, c, dtype)
 
 
-# (bs, ratio, head_dim, layout, dtype, chunk_tokens, num_splits): every bs, ratio,
-# head dim and layout at least once, both dtypes, one and several splits.
+# (bs, ratio, head_dim, layout, dtype, chunk_tokens, num_splits, streams): every bs, ratio,
+# head dim and layout at least once, both dtypes, one and several splits, one and several
+# streams per program (the Mosaic kernel's warpgroups, each taking every streams-th chunk).
 INTERPRET_CASES = [
-    (8, 1, 64, "contiguous", np.float32, 16, 2),
-    (8, 8, 128, "runs", jnp.bfloat16, 32, 2),
-    (16, 3, 64, "permuted", np.float32, 32, 1),
-    (16, 4, 128, "runs", np.float32, 32, 2),
-    (16, 4, 64, "fragmented", jnp.bfloat16, 64, 1),
-    (32, 3, 128, "contiguous", jnp.bfloat16, 64, 2),
-    (32, 8, 64, "permuted", jnp.bfloat16, 32, 3),
-    (8, 3, 64, "runs", jnp.bfloat16, 8, 4),
+    (8, 1, 64, "contiguous", np.float32, 16, 2, 1),
+    (8, 8, 128, "runs", jnp.bfloat16, 32, 2, 1),
+    (16, 3, 64, "permuted", np.float32, 32, 1, 3),
+    (16, 4, 128, "runs", np.float32, 32, 2, 1),
+    (16, 4, 64, "fragmented", jnp.bfloat16, 64, 1, 1),
+    (32, 3, 128, "contiguous", jnp.bfloat16, 64, 2, 2),
+    (32, 8, 64, "permuted", jnp.bfloat16, 32, 3, 1),
+    (8, 3, 64, "runs", jnp.bfloat16, 8, 4, 2),
+    (16, 8, 64, "fragmented", np.float32, 16, 1, 4),
 ]
 
 
-@pytest.mark.parametrize("bs,ratio,head_dim,layout,dtype,chunk_tokens,num_splits", INTERPRET_CASES)
+@pytest.mark.parametrize("bs,ratio,head_dim,layout,dtype,chunk_tokens,num_splits,streams",
+                         INTERPRET_CASES)
 def test_interpret_kernel_matches_oracle(bs, ratio, head_dim, layout, dtype, chunk_tokens,
-                                         num_splits):
+                                         num_splits, streams):
   c = make_case(bs + ratio + head_dim, bs=bs, ratio=ratio, head_dim=head_dim, layout=layout,
                 dtype=dtype)
   out = paged_decode_attention(*attn_args(c), backend="interpret", chunk_tokens=chunk_tokens,
-                               num_splits=num_splits)
+                               num_splits=num_splits, streams=streams)
   assert out.dtype == c["q"].dtype
   check(out, c, dtype)
+
+
+def test_stream_chunks_deal_every_chunk_once():
+  for n in range(0, 12):
+    for ns in (1, 2, 3, 4):
+      part = KVPartition(block_size=8, max_blocks=12, chunk_blocks=1, num_splits=1, streams=ns)
+      owned = sorted(w + j * ns for w in range(ns) for j in range(part.stream_chunks(n, w)))
+      assert owned == list(range(n)), (n, ns)
+      traced = [int(part.stream_chunks(jnp.int32(n), jnp.int32(w))) for w in range(ns)]
+      assert traced == [part.stream_chunks(n, w) for w in range(ns)]
+  # more streams than chunks per split: capped
+  assert KVPartition.choose(batch=1, kv_heads=1, block_size=16, max_blocks=4, chunk_tokens=64,
+                            num_splits=1, streams=4).streams == 1
+
+
+def test_merge_partials_matches_joint_softmax():
+  rng = np.random.default_rng(3)
+  s = rng.standard_normal((3, 40)) * 4             # [rows, keys] scores (base 2)
+  v = rng.standard_normal((40, 6))
+  keep = np.ones((3, 40), bool)
+  parts = np.array_split(np.arange(40), 5)
+  keep[0, parts[1]] = False                        # part 1 is empty for row 0
+  os, lses = [], []
+  for idx in parts:
+    p = np.where(keep[:, idx], np.exp2(s[:, idx]), 0.0)
+    den = p.sum(-1, keepdims=True)
+    os.append(jnp.asarray(np.where(den > 0, p / np.where(den > 0, den, 1), 0) @ v[idx], jnp.float32))
+    with np.errstate(divide="ignore"):
+      lses.append(jnp.asarray(np.log2(den[:, 0]), jnp.float32))  # -inf where empty
+  o, lse = partition.merge_partials(os, lses)
+  p = np.where(keep, np.exp2(s), 0.0)
+  np.testing.assert_allclose(np.asarray(o), (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lse), np.log2(p.sum(-1)), rtol=1e-5)
+  o, lse = partition.merge_partials([jnp.zeros((2, 4))] * 2, [jnp.full((2,), -jnp.inf)] * 2)
+  assert np.all(np.asarray(o) == 0) and np.all(np.asarray(lse) == -np.inf)
 
 
 def test_gather_only_variant_matches_oracle():
@@ -228,14 +266,16 @@ def stack_layers(c, layer, num_layers=3):
 
 
 @pytest.mark.parametrize("backend", ["interpret", "reference", pytest.param("mosaic", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("layout", ["runs", "fragmented"])
-def test_block_offset_and_shared_descriptors(backend, layout):
+@pytest.mark.parametrize("layout,splits,streams", [("runs", 2, 1), ("fragmented", 2, 1),
+                                                   ("runs", 1, 2)])
+def test_block_offset_and_shared_descriptors(backend, layout, splits, streams):
   """One descriptor built by decode_descriptors() serves calls on every layer of a pool of all layers;
   block_offset picks the layer inside the kernel (the other layers hold NaN)."""
   from pallas_kernels.paged_attention import decode_descriptors
   dtype = jnp.bfloat16 if backend == "mosaic" else np.float32
   c = make_case(11, bs=8, ratio=3, head_dim=64, layout=layout, dtype=dtype, max_blocks=24)
-  tile = dict(backend=backend, chunk_tokens=64, num_splits=2)  # 3 chunks of 8 blocks over 2 splits
+  # 3 chunks of 8 blocks over 2 splits, or over the 2 streams of one program
+  tile = dict(backend=backend, chunk_tokens=64, num_splits=splits, streams=streams)
   args = (c["lengths"], c["block_tables"], c["groups"], c["num_groups"])
   kl, _, _ = stack_layers(c, 0)
   desc = decode_descriptors(jax.ShapeDtypeStruct(c["q"].shape, c["q"].dtype), kl, *args, **tile)
@@ -365,15 +405,23 @@ def test_gpu_kernel_matches_oracle(backend):
       continue  # fallback path (slow Triton compiles): a sixth of the product
     c = make_case(i, bs=bs, ratio=ratio, head_dim=head_dim, layout=layout, dtype=jnp.bfloat16,
                   max_blocks=24, kv_heads=2)
-    tiles = ((128, None, 2), (64, 3, 3)) if backend == "mosaic" else ((64, 3, 2),)
-    for chunk_tokens, splits, stages in tiles:
-      kw = dict(stages=stages) if backend == "mosaic" else {}
+    # (chunk_tokens, num_splits, stages, streams): split partials + combine, one program per
+    # (sequence, kv head) writing the output itself, with one, two or four warpgroups.
+    if backend == "mosaic":
+      tiles = [(128, None, 2, 1), (64, 3, 3, 1), (64, 1, 2, 2) if i % 2 else (128, 1, 2, 1)]
+      if i % 3 == 0:
+        tiles.append((64, 2, 2, 2 if head_dim == 128 else 4))
+    else:
+      tiles = [(64, 3, 2, 1)]
+    for chunk_tokens, splits, stages, streams in tiles:
+      kw = dict(stages=stages, streams=streams) if backend == "mosaic" else {}
       try:
         out = paged_decode_attention(*attn_args(c), backend=backend, chunk_tokens=chunk_tokens,
                                      num_splits=splits, **kw)
         check(out, c, jnp.bfloat16)
       except AssertionError as e:
-        failures.append(f"{bs=} {ratio=} {head_dim=} {layout} {chunk_tokens=}: {e}")
+        failures.append(f"{bs=} {ratio=} {head_dim=} {layout} {chunk_tokens=} {splits=} "
+                        f"{streams=}: {e}")
   assert not failures, "\n".join(failures[:10])
 
 

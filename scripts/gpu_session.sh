@@ -160,7 +160,7 @@ case "${1:-}" in
       --lengths 512,2048 --heads 32/8/128,9/3/64 --iters 20 --skip-xla \
       --variants 128:2:auto:1,64:3:auto:1,64:3:1:1,64:2:1:2,128:2:1:2,64:2:1:4,64:2:auto:2 \
       --md /tmp/docs/kernels_v7.md --png /tmp/docs/kernels_v7.png 2>&1 | grep -E "heads|ours|jax ks" | tail -150
-
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -4,8 +4,10 @@
 # wrapper. The generic kernel below runs under interpret mode on CPU and through
 # the (deprecated) Triton backend on GPU; the Mosaic GPU kernel lives in
 # paged_attention_mgpu.py. Both take the same descriptors and split arithmetic
-# from partition.py, and both return per-split (o, lse) merged by
-# partition.combine_splits.
+# from partition.py (chunks -> splits, and each split's chunks dealt to `streams`
+# online-softmax streams merged inside the program), and both return per-split
+# (o, lse) merged by partition.combine_splits; with one split the Mosaic kernel
+# writes the final rows itself.
 #
 # Einsum legend: B batch, K kv heads, G q heads per kv head, T tokens, D head dim.
 from __future__ import annotations
@@ -225,18 +227,43 @@ def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits,
       backend = "triton" if jax.default_backend() == "gpu" else "reference"
   if backend == "reference":
     return backend, None
-  if chunk_tokens is None:
-    chunk_tokens = 128 if (backend == "mosaic" and D <= 128) else 64
+  MB = block_tables.shape[1]
+  if backend == "mosaic":
+    num_splits, streams, chunk_tokens = _mosaic_tile(B, Hkv, D, bs, MB, chunk_tokens, num_splits,
+                                                     streams)
+  elif chunk_tokens is None:
+    chunk_tokens = 64
+  streams = 1 if streams is None else streams
   if backend == "mosaic" and chunk_tokens % 64:
     raise ValueError(f"the mosaic kernel streams chunks of a multiple of 64 tokens (its wgmma tiles), "
                      f"got chunk_tokens={chunk_tokens}")
-  if streams is None:
-    streams = 1
   if backend == "mosaic" and not 1 <= streams <= MAX_STREAMS:
     raise ValueError(f"the mosaic kernel runs 1 to {MAX_STREAMS} streams (warpgroups) per program, "
                      f"got streams={streams}")
-  return backend, KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=block_tables.shape[1],
+  return backend, KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=MB,
                                      chunk_tokens=chunk_tokens, num_splits=num_splits, streams=streams)
+
+
+def _mosaic_tile(B, Hkv, D, bs, MB, chunk_tokens, num_splits, streams):
+  """Default tile of the Mosaic kernel (each None is chosen; measured on the H100, kernel notes):
+  one program per (sequence, kv head) writing its rows itself when there are enough of them
+  (>= 128; 48-127 with two warpgroups each, up to 2048 tokens); KV splits merged by a combine
+  below that. Chunks of 128 tokens, or 64 where 128 would not fit shared memory at 2 stages."""
+  from pallas_kernels import paged_attention_mgpu as mgpu
+  programs = B * Hkv
+  if num_splits is None and streams is None:
+    if programs >= 128:
+      num_splits, streams = 1, 1
+    elif programs >= 48 and MB * bs <= 2048:
+      num_splits, streams = 1, 2
+  streams = 1 if streams is None else streams
+  if chunk_tokens is None:
+    chunk_tokens = 128
+    part = KVPartition.choose(batch=B, kv_heads=Hkv, block_size=bs, max_blocks=MB,
+                              chunk_tokens=chunk_tokens, num_splits=num_splits, streams=streams)
+    if mgpu.smem_bytes(part, D, stages=2) > mgpu.MAX_SMEM_BYTES:
+      chunk_tokens = 64
+  return num_splits, streams, chunk_tokens
 
 
 def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)

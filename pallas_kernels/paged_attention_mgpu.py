@@ -1,19 +1,20 @@
 # Mosaic GPU (Hopper) paged decode attention: flash-decoding over transfer groups.
 #
-# Grid (B, Hkv, S). Program (b, h, s) copies its descriptor row (length, chunk
-# sources, block ids) into SMEM with one TMA (and the block offset, e.g. the
-# layer's first block in a pool of all layers, with another), then streams its chunks through a
-# `stages`-deep ring of SMEM K/V buffers. A chunk inside one transfer group is
-# one TMA of chunk_blocks*bs rows; any other chunk is chunk_blocks per-block
-# TMAs. Both kinds are always issued, predicated on the chunk source, so every
-# chunk arrives on its barrier exactly chunk_blocks + 1 times.
-# The q heads of kv head h sit in a 64-row wgmma tile: one TMA of QP (G rounded
-# up to 8) rows straight from the flat [B*Hq, D] q, so rows past G hold the next
-# heads' q (or TMA's zero fill past the end) and give outputs nobody reads;
-# no padded copy of q is made.
-# S = Q K^T and O += P V run on the tensor cores, online softmax in registers.
-# Output per program: o normalised by its own sum (f32) and base-2 lse;
-# partition.combine_splits merges the splits.
+# Grid (B, Hkv, S), `streams` warpgroups per program. Warpgroup w of program (b, h, s) copies the
+# descriptor row (length, chunk sources, block ids) into its SMEM with one TMA (and the block
+# offset, e.g. the layer's first block in a pool of all layers, with another), then streams
+# chunks w, w + streams, ... of split s through its own `stages`-deep ring of SMEM K/V buffers.
+# A chunk inside one transfer group is one TMA of chunk_blocks*bs rows; any other chunk is
+# chunk_blocks per-block TMAs. Both kinds are always issued, predicated on the chunk source, so
+# every chunk arrives on its barrier exactly chunk_blocks + 1 times.
+# The q heads of kv head h sit in a 64-row wgmma tile: one TMA of QP (G rounded up to 8) rows
+# straight from the flat [B*Hq, D] q, so rows past G hold the next heads' q (or TMA's zero fill
+# past the end) and give outputs nobody reads; no padded copy of q is made.
+# S = Q K^T and O += P V run on the tensor cores, online softmax in registers. The warpgroups'
+# partial results meet in SMEM and warpgroup 0 merges them (partition.merge_partials).
+# Output: with S > 1, per split o normalised by its own sum (f32) and base-2 lse, merged by
+# partition.combine_splits; with S == 1 the G final rows in q.dtype, straight into [B*Hq, D]
+# (one kernel per call on a prebuilt descriptor: no combine, no convert).
 from __future__ import annotations
 
 import functools
@@ -81,6 +82,7 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
 
   def main(desc_smem,  # [ns, W / 64, 64] int32
            base_smem,  # [ns, 64] int32
+           q_smem,     # [ns, 64, D] tiled + swizzled (the wgmma operand)
            q_stage,    # [ns, 64, D] plain (untiled): TMA target at any row offset of q
            bars):      # [3 * ns] barriers: desc, q, base of each stream
     my_bar = lambda i: bars.at[3 * w + i]
@@ -135,7 +137,10 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
           issue(jnp.int32(j), j)
 
       plgpu.barrier_wait(my_bar(1))
-      q = _load(q_stage.at[w], plgpu.Layout.WGMMA)  # wgmma A operand, from registers
+      # Into the tiled, swizzled wgmma operand. (q as a register operand gave wrong results on
+      # the H100 whenever a program streamed several chunks of 64 tokens at d=64 or 128 at d=128.)
+      q_smem.at[w][...] = _load(q_stage.at[w], plgpu.Layout.WGMMA)
+      plgpu.commit_smem()
 
       def body(j, carry):
         acc, m_i, l_i = carry
@@ -145,7 +150,7 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
         plgpu.barrier_wait(k_bars.at[buf])
 
         def qk_scope(acc_ref):
-          plgpu.wgmma(acc_ref, q, _transpose(k_smem.at[buf]))
+          plgpu.wgmma(acc_ref, q_smem.at[w], _transpose(k_smem.at[buf]))
           return acc_ref[...]
         qk = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, T), jnp.float32))
         cols = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, T), 1, layout=plgpu.Layout.WGMMA)
@@ -244,6 +249,7 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
       main,
       plgpu.SMEM((ns, part.desc_width // DESC_COLS, DESC_COLS), jnp.int32),
       plgpu.SMEM((ns, DESC_COLS), jnp.int32),
+      plgpu.SMEM((ns, WG_ROWS, D), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((ns, WG_ROWS, D), dtype),
       plgpu.Barrier(num_arrivals=1, num_barriers=3 * ns),
       **collective,
@@ -288,6 +294,19 @@ def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64]
   args = (desc, rows, k_flat, v_flat) if base is None else (desc, base, rows, k_flat, v_flat)
   o, lse = call(*args)
   return (o.reshape(B, Hq, D) if S == 1 else o), lse
+
+
+MAX_SMEM_BYTES = 232448  # H100 / H200: what Mosaic GPU reports as available per block
+
+
+def smem_bytes(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2) -> int:
+  """Estimated shared memory of the decode kernel (Mosaic's own count was 1-4 KB higher on
+  the H100; the 4 KB slack covers barriers and alignment)."""
+  ns, D = part.streams, head_dim
+  main = ns * (part.desc_width * 4 + DESC_COLS * 4 + 2 * WG_ROWS * D * itemsize)
+  ring = 2 * ns * stages * part.chunk_tokens * D * itemsize
+  out = WG_ROWS * D * 4 + WG_ROWS * 4 + (ns - 1) * (WG_ROWS * D * 4 + WG_ROWS * 4)
+  return main + max(ring, out) + 4096
 
 
 def mgpu_supported(q_dtype, head_dim: int, q_per_kv: int, block_size: int) -> bool:

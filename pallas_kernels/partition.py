@@ -115,15 +115,17 @@ def chunk_sources(groups, num_groups, part: KVPartition):
   groups: [B, G, 3] int32 (phys_start, logical_start, num_blocks);
   num_groups: [B] int32 (0 = fragmented, use the block table).
   Returns [B, padded_chunks] int32, -1 where the chunk needs per-block copies.
+  Elementwise over the G groups (no reduction), so XLA fuses it with the rest of
+  `build_descriptors` into one kernel.
   """
   cb = part.chunk_blocks
-  lo = jnp.arange(part.padded_chunks, dtype=jnp.int32) * cb          # [C]
-  ps, ls, nb = groups[..., 0], groups[..., 1], groups[..., 2]         # [B, G]
-  g_ok = jnp.arange(groups.shape[1])[None, :] < num_groups[:, None]   # [B, G]
-  inside = (g_ok[:, None, :] & (ls[:, None, :] <= lo[None, :, None])
-            & ((ls + nb)[:, None, :] >= lo[None, :, None] + cb))      # [B, C, G]
-  start = ps[:, None, :] + (lo[None, :, None] - ls[:, None, :])       # [B, C, G]
-  return jnp.max(jnp.where(inside, start, -1), axis=-1).astype(jnp.int32)
+  lo = jnp.arange(part.padded_chunks, dtype=jnp.int32)[None, :] * cb   # [1, C]
+  src = jnp.full((groups.shape[0], part.padded_chunks), -1, jnp.int32)  # [B, C]
+  for g in range(groups.shape[1]):
+    ps, ls, nb = (groups[:, g, i][:, None] for i in range(3))           # [B, 1]
+    inside = (g < num_groups[:, None]) & (ls <= lo) & (ls + nb >= lo + cb)
+    src = jnp.maximum(src, jnp.where(inside, ps + (lo - ls), -1))
+  return src.astype(jnp.int32)
 
 
 def build_descriptors(lengths, block_tables, groups, num_groups, part: KVPartition):

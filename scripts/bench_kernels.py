@@ -183,14 +183,19 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
                                                                rows[0][0]))
   args = [(qs[r], k_pool, v_pool, lengths, rows[r][0], rows[r][1], rows[r][2]) for r in range(R)]
   best, tried = None, []
+  from pallas_kernels.paged_attention import _plan
   for (ct, st, tp, ns) in variants:
     tile = dict(backend=ours_backend, chunk_tokens=ct, num_splits=tp, streams=ns)
     f = jax.jit(lambda *a, tile=tile, st=st: paged_decode_attention(*a, stages=st, **tile))
     name = f"ct={ct} st={st} splits={tp} streams={ns}"
     try:
+      _, part = _plan(qs[0], k_pool, rows[0][0], ours_backend, False, ct, tp, ns)
       err = rel_err(f(*args[0]), ref)
       t = timer(f, args, iters)
-      t.update(variant=dict(chunk_tokens=ct, stages=st, num_splits=tp, streams=ns), rel_err=err)
+      t.update(variant=dict(chunk_tokens=ct, stages=st, num_splits=tp, streams=ns), rel_err=err,
+               tile=dict(chunk_tokens=part.chunk_tokens, num_splits=part.num_splits,
+                         streams=part.streams) if part else None)
+      name += f" -> {t['tile']}"
       log(f"    ours {name}: {t['ms']:.4f} ms (wall {t['wall_ms']:.4f}) err={err:.2e} "
           f"kernels {t.get('kernel_us')}")
       tried.append(t)
@@ -261,9 +266,13 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
 
 
 def parse_variants(s):
-  """"chunk_tokens:stages[:num_splits[:streams]],..." -> [(ct, st, splits or None, streams)]."""
+  """"auto" or "chunk_tokens:stages[:num_splits[:streams]]", comma separated ->
+  [(ct, st, splits, streams)], None = the kernel's default choice ("auto": every tile arg)."""
   out = []
   for item in s.split(","):
+    if item == "auto":
+      out.append((None, 2, None, None))
+      continue
     ct, st, *rest = item.split(":")
     tp = int(rest[0]) if rest and rest[0] != "auto" else None
     out.append((int(ct), int(st), tp, int(rest[1]) if len(rest) > 1 else 1))
@@ -398,9 +407,12 @@ def write_docs(data, md_path, png_path, json_rel):
     to, tj, tx = _tbps(r, "ours", nb), _tbps(r, "jax", nb), _tbps(r, "xla", nb)
     pct = f"{100 * to / ceil:.0f}%" if (ceil and o) else "-"
     sp = f"{j['ms'] / o['ms']:.2f}x" if (o and j) else "-"
-    tile = (f"c{o['variant']['chunk_tokens']} s{o['variant']['stages']}"
-            f" sp{o['variant']['num_splits'] or 'auto'}"
-            f" w{o['variant'].get('streams', 1)}") if o else "-"
+    if o:  # the tile the call ran (older runs recorded only the arguments)
+      v = o.get("tile") or dict(o["variant"], num_splits=o["variant"]["num_splits"] or "auto")
+      tile = (f"c{v['chunk_tokens']} s{o['variant']['stages']} sp{v['num_splits']} "
+              f"w{v.get('streams') or 1}" + (" (auto)" if o["variant"]["chunk_tokens"] is None else ""))
+    else:
+      tile = "-"
     pre = r.get("ours_desc_prebuilt")
     f = lambda t: f"{t['ms']:.4f}" if t else "n/a"  # noqa: E731
     g = lambda v: f"{v:.2f}" if v == v else "n/a"  # noqa: E731

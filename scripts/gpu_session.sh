@@ -161,6 +161,14 @@ case "${1:-}" in
       --variants 128:2:auto:1,64:3:auto:1,64:3:1:1,64:2:1:2,128:2:1:2,64:2:1:4,64:2:auto:2 \
       --md /tmp/docs/kernels_v7.md --png /tmp/docs/kernels_v7.png 2>&1 | grep -E "heads|ours|jax ks" | tail -150
     ;;
+  17)  # session 5: shared-memory q operand again (a register q gave wrong results in phase 16),
+       # one-kernel descriptor build, default tile policy: Mosaic kernel tests, small configs
+    timeout 250 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short 2>&1 \
+      | tee $OUT/gpu_tests.log | tail -12
+    timeout 260 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v8.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla --variants auto,128:2:auto:1 \
+      --md /tmp/docs/kernels_v8.md --png /tmp/docs/kernels_v8.png 2>&1 | grep -E "heads|ours|jax ks" | tail -150
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -310,14 +310,15 @@ def test_bench_kernels_variants_and_report(tmp_path):
   """bench_kernels.py: the variant syntax, and the report regenerated from a run's JSON (two
   runs merged, the later row winning) with its target lines."""
   bench_kernels = load("bench_kernels")
-  assert bench_kernels.parse_variants("128:2:auto,64:3:1:4,64:2") == [
-      (128, 2, None, 1), (64, 3, 1, 4), (64, 2, None, 1)]
+  assert bench_kernels.parse_variants("auto,128:2:auto,64:3:1:4,64:2") == [
+      (None, 2, None, None), (128, 2, None, 1), (64, 3, 1, 4), (64, 2, None, 1)]
 
   def row(B, layout, ours_ms, jax_ms, streams=1):
     t = lambda ms: dict(ms=ms, wall_ms=5 * ms, cupti_ms=ms)  # noqa: E731
     return dict(hq=9, hkv=3, d=64, B=B, L=2048, layout=layout, kv_bytes=B * 2048 * 3 * 64 * 4,
-                rotations=2, ours=dict(t(ours_ms), variant=dict(chunk_tokens=64, stages=3,
-                                                                num_splits=1, streams=streams)),
+                rotations=2, ours=dict(t(ours_ms), variant=dict(chunk_tokens=None, stages=2,
+                                                                num_splits=None, streams=None),
+                                       tile=dict(chunk_tokens=64, num_splits=1, streams=streams)),
                 ours_desc_prebuilt=t(ours_ms * 0.9), jax=dict(t(jax_ms), setting={}), xla=None)
 
   meta = dict(device="test", jax="0", date="d", command="c")
@@ -339,7 +340,7 @@ def test_bench_kernels_variants_and_report(tmp_path):
     sys.argv = argv
   text = md.read_text()
   rows = [ln for ln in text.splitlines() if ln.startswith("| 9/3")]
-  assert len(rows) == 2 and "0.0400" in rows[0] and "w2" in rows[0] and "0.0360" in rows[0]
+  assert len(rows) == 2 and "0.0400" in rows[0] and "c64 s2 sp1 w2 (auto)" in rows[0] and "0.0360" in rows[0]
   # 100.7 MB in 40 us = 2.52 TB/s = 84% of 3.0; the fragmented row: 51 us = 66%
   assert "min 66% (9/3 B=64 L=2048 fragmented) -> MISSED" in text
   assert "d ; d2" in text

@@ -169,6 +169,12 @@ case "${1:-}" in
       --lengths 512,2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla --variants auto,128:2:auto:1 \
       --md /tmp/docs/kernels_v8.md --png /tmp/docs/kernels_v8.png 2>&1 | grep -E "heads|ours|jax ks" | tail -150
     ;;
+  18)  # session 5: every GPU test (the Mosaic product over its tiles gets the longest slot)
+    timeout 340 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short --durations=6 2>&1 \
+      | tee $OUT/gpu_tests_kernels.log | tail -14
+    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py --tb=short --durations=4 2>&1 \
+      | tee $OUT/gpu_tests_engine.log | tail -10
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

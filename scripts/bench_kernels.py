@@ -309,6 +309,8 @@ def run(args):
   for (hq, hkv, D) in heads:
     for B in batches:
       for L in lengths:
+        if f"{B}x{L}" in args.skip_configs.split(","):
+          continue
         inp = make_inputs(B, L, hq, hkv, D)
         for layout in args.layouts.split(","):
           log(f"[{time.time() - t0:6.1f}s] heads={hq}/{hkv} d={D} B={B} L={L} {layout} R={inp['R']}")
@@ -391,7 +393,8 @@ def write_docs(data, md_path, png_path, json_rel):
       "",
       "ours = `paged_decode_attention(backend=\"mosaic\")` (best tile variant); "
       "jax = `jax.experimental.pallas.ops.gpu.paged_attention` (best k_splits / "
-      "pages_per_compute_block); xla = `paged_decode_attention_reference` (gather + einsum).",
+      "pages_per_compute_block); xla = `paged_decode_attention_reference` (gather + einsum; "
+      "* = from an earlier run of the same row, the reference path has not changed).",
       "",
       "ours, step form = the same call with its descriptor rows built outside (a decode step "
       "builds them once and every layer's call reuses them), timed the same way. Tile: chunk "
@@ -414,7 +417,7 @@ def write_docs(data, md_path, png_path, json_rel):
     else:
       tile = "-"
     pre = r.get("ours_desc_prebuilt")
-    f = lambda t: f"{t['ms']:.4f}" if t else "n/a"  # noqa: E731
+    f = lambda t: (f"{t['ms']:.4f}" + ("*" if t.get("from_earlier_run") else "")) if t else "n/a"  # noqa: E731
     g = lambda v: f"{v:.2f}" if v == v else "n/a"  # noqa: E731
     lines.append(f"| {r['hq']}/{r['hkv']}, {r['d']} | {r['B']} | {r['L']} | {r['layout']} | "
                  f"{f(o)} | {g(to)} | {pct} | {f(j)} | {g(tj)} | {sp} | {f(pre)} | {f(x)} | "
@@ -474,6 +477,7 @@ def main():
   p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
   p.add_argument("--heads", default=",".join(f"{a}/{b}/{c}" for a, b, c in HEADS))
   p.add_argument("--layouts", default=",".join(LAYOUTS))
+  p.add_argument("--skip-configs", default="", help="BxL,... to leave out of the grid")
   p.add_argument("--variants", default="128:2:auto,64:4:auto",
                  help="chunk_tokens:stages[:num_splits[:streams]],... (best is reported)")
   p.add_argument("--iters", type=int, default=20)
@@ -493,6 +497,9 @@ def main():
     for other in runs[1:]:  # a later run's row replaces an earlier one of the same config
       key = lambda r: (r["hq"], r["hkv"], r["d"], r["B"], r["L"], r["layout"])  # noqa: E731
       new = {key(r): r for r in other["results"]}
+      for r in data["results"]:  # a run without the XLA column keeps the earlier run's number
+        if key(r) in new and new[key(r)].get("xla") is None and r.get("xla"):
+          new[key(r)]["xla"] = dict(r["xla"], from_earlier_run=True)
       data["results"] = [new.pop(key(r), r) for r in data["results"]] + list(new.values())
       for key in ("command", "date"):
         if other["meta"][key] != data["meta"][key]:

@@ -175,6 +175,15 @@ case "${1:-}" in
     timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py --tb=short --durations=4 2>&1 \
       | tee $OUT/gpu_tests_engine.log | tail -10
     ;;
+  19)  # session 5: decode step with the one-split kernel, then the rest of the kernel grid (L=8192, B=256)
+    timeout 250 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --warmup 5 --iters 20 --back-to-back 10 --out-json $OUT/raw/step_h100_direct.json > $OUT/step.log 2>&1
+    grep -v Warn $OUT/step.log | tail -30
+    timeout 300 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_large_v8.json --batches 8,64,256 \
+      --lengths 512,2048,8192 --skip-configs 8x512,8x2048,64x512,64x2048 --heads 32/8/128,9/3/64 --iters 10 \
+      --skip-xla --variants auto,128:2:auto:1 --md /tmp/docs/kernels_large.md --png /tmp/docs/kernels_large.png 2>&1 \
+      | grep -E "heads|ours|jax ks" | sed -E "s/kernels \{.*//" | tail -150
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -277,7 +277,8 @@ def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
   """The kernels' descriptor rows [B, S, W] int32 for these inputs (None on the reference path).
 
   Build them once and pass them as `desc=` to every `paged_decode_attention` call over the same
-  block tables with the same static args (the layers of one decode step), each call with its own
+  block tables with the same static args (backend, chunk_tokens, num_splits, streams: the
+  layers of one decode step), each call with its own
   `block_offset`: one small XLA kernel per step instead of one per layer. q and k_pool may be
   jax.ShapeDtypeStructs.
   """
@@ -373,6 +374,7 @@ def _paged_decode_attention(q,             # [B, Hq, D]
                      "decode_descriptors() and the same static args")
   if backend == "mosaic":
     from pallas_kernels import paged_attention_mgpu as mgpu
+    mgpu.check_smem(part, D, stages, jnp.dtype(q.dtype).itemsize)
     o, lse = mgpu.decode_partials_mgpu(desc, base, q, k_pool.reshape(Hkv, N * bs, D),
                                        v_pool.reshape(Hkv, N * bs, D), part=part,
                                        sm_scale=scale, stages=stages)

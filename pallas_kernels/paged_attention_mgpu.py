@@ -309,6 +309,19 @@ def smem_bytes(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2)
   return main + max(ring, out) + 4096
 
 
+def check_smem(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2) -> None:
+  """ValueError (with what to change) for a tile that cannot fit shared memory; the estimate's
+  slack is given back so that no tile Mosaic would accept is refused here."""
+  need = smem_bytes(part, head_dim, stages, itemsize) - 4096
+  if need > MAX_SMEM_BYTES:
+    fixes = ["fewer stages", "fewer streams"] + (["64-token chunks"] if part.chunk_tokens > 64 else [])
+    raise ValueError(
+        f"this tile needs about {need // 1024} KiB of shared memory, over the "
+        f"{MAX_SMEM_BYTES // 1024} KiB a block may use: chunk_tokens={part.chunk_tokens} x "
+        f"stages={stages} x streams={part.streams} at head_dim={head_dim}; use "
+        f"{', '.join(fixes[:-1])} or {fixes[-1]} (or leave the tile to the default)")
+
+
 def mgpu_supported(q_dtype, head_dim: int, q_per_kv: int, block_size: int) -> bool:
   # Predicated TMA copies (copy_gmem_to_smem(predicate=...)) arrived in jax 0.11.
   if "predicate" not in inspect.signature(plgpu.copy_gmem_to_smem).parameters:

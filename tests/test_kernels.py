@@ -302,6 +302,33 @@ def test_mosaic_refuses_chunks_under_64_tokens():
                        backend="mosaic", chunk_tokens=16)
 
 
+@pytest.mark.parametrize("B,Hkv,D,L,want", [
+    (8, 3, 64, 512, (None, 1, 128)),      # 24 programs: KV splits (chosen by KVPartition)
+    (8, 8, 128, 512, (1, 2, 64)),         # 64 programs: one split, two warpgroups (64-token chunks fit)
+    (8, 8, 128, 8192, (None, 1, 128)),    # 64 programs, long context: splits
+    (64, 3, 64, 2048, (1, 1, 128)),       # 192 programs: one split
+    (256, 8, 256, 512, (1, 1, 64)),       # d=256: 128-token chunks would not fit
+])
+def test_mosaic_default_tile(B, Hkv, D, L, want):
+  from pallas_kernels import paged_attention_mgpu as mgpu
+  from pallas_kernels.paged_attention import _mosaic_tile
+  got = _mosaic_tile(B, Hkv, D, 16, L // 16, None, None, None)
+  assert got == want
+  part = KVPartition.choose(batch=B, kv_heads=Hkv, block_size=16, max_blocks=L // 16,
+                            chunk_tokens=got[2], num_splits=got[0], streams=got[1])
+  mgpu.check_smem(part, D, stages=2)  # the default always fits
+  assert _mosaic_tile(B, Hkv, D, 16, L // 16, 64, 3, 1) == (3, 1, 64)  # given args are kept
+
+
+def test_mosaic_tile_over_shared_memory_is_refused():
+  from pallas_kernels import paged_attention_mgpu as mgpu
+  big = KVPartition.choose(batch=8, kv_heads=8, block_size=16, max_blocks=32, chunk_tokens=128,
+                           num_splits=1, streams=2)
+  with pytest.raises(ValueError, match="shared memory.*streams=2"):
+    mgpu.check_smem(big, 128, stages=2)   # 2 x 2 x 128 x 128 x bf16 K and V: 256 KiB of ring
+  mgpu.check_smem(big, 64, stages=2)      # half the head dim fits
+
+
 def test_descriptor_of_another_configuration_is_refused():
   from pallas_kernels.paged_attention import decode_descriptors
   c = make_case(12, bs=8, ratio=2, head_dim=64, layout="runs", dtype=np.float32)

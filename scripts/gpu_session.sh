@@ -184,6 +184,11 @@ case "${1:-}" in
       --skip-xla --variants auto,128:2:auto:1 --md /tmp/docs/kernels_large.md --png /tmp/docs/kernels_large.png 2>&1 \
       | grep -E "heads|ours|jax ks" | sed -E "s/kernels \{.*//" | tail -150
     ;;
+  20)  # session 5, final code: every GPU test again
+    timeout 340 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short --durations=3 2>&1 \
+      | tee $OUT/gpu_tests_kernels.log | tail -8
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py --tb=short 2>&1 | tee $OUT/gpu_tests_engine.log | tail -4
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

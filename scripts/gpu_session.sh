@@ -194,6 +194,10 @@ case "${1:-}" in
     timeout 560 python3 -m pytest -q -m gpu tests/test_kernels.py -k "matches_oracle and mosaic" --tb=short \
       --durations=2 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -8
     ;;
+  22)  # session 5: the log-sum-exp of the Mosaic paths (split combine, one split) against the reference
+    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -k "return_lse and mosaic" --tb=short 2>&1 \
+      | tee $OUT/gpu_tests_lse.log | tail -8
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -290,6 +290,24 @@ def test_block_offset_and_shared_descriptors(backend, layout, splits, streams):
     check(traced(jnp.int32(off)), c, dtype)
 
 
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("mosaic", marks=pytest.mark.gpu)])
+def test_return_lse_matches_reference(backend):
+  """The log-sum-exp returned for merging further keys (summaries): split combine and one-split
+  (the Mosaic kernel's own rows) paths against the pure-jnp reference."""
+  dtype = jnp.bfloat16 if backend == "mosaic" else np.float32
+  c = make_case(14, bs=8, ratio=3, head_dim=64, layout="runs", dtype=dtype, max_blocks=24)
+  want_o, want_lse = paged_decode_attention_reference(*attn_args(c)[:5], return_lse=True)
+  for splits, streams in ((2, 1), (1, 2), (1, 1)):
+    o, lse = paged_decode_attention(*attn_args(c), backend=backend, chunk_tokens=64,
+                                    num_splits=splits, streams=streams, return_lse=True)
+    check(o, c, dtype)
+    lse, want = np.asarray(lse), np.asarray(want_lse)
+    assert lse.shape == want.shape and lse.dtype == np.float32
+    assert np.array_equal(np.isneginf(lse), np.isneginf(want))  # the inactive slot
+    live = np.isfinite(want)
+    np.testing.assert_allclose(lse[live], want[live], rtol=0, atol=TOL[dtype] * 2)
+
+
 def test_mosaic_refuses_chunks_under_64_tokens():
   from pallas_kernels import paged_attention_mgpu as mgpu
   from pallas_kernels.paged_attention import decode_descriptors

@@ -198,6 +198,11 @@ case "${1:-}" in
     timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -k "return_lse and mosaic" --tb=short 2>&1 \
       | tee $OUT/gpu_tests_lse.log | tail -8
     ;;
+  23)  # session 5: every GPU test, the Mosaic product now one compile per shape and tile
+    timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short --durations=3 2>&1 \
+      | tee $OUT/gpu_tests_kernels.log | tail -8
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py --tb=short 2>&1 | tee $OUT/gpu_tests_engine.log | tail -4
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -436,8 +436,8 @@ def test_copy_blocks_reference_and_public():
 
 # ----------------------------------------------------------------------------- GPU
 
-GPU_CASES = list(itertools.product((8, 16, 32), (1, 3, 4, 8), (64, 128),
-                                   ("contiguous", "runs", "fragmented")))
+LAYOUTS = ("contiguous", "runs", "fragmented")
+GPU_CASES = list(itertools.product((8, 16, 32), (1, 3, 4, 8), (64, 128), LAYOUTS))
 
 
 @pytest.mark.gpu
@@ -452,12 +452,12 @@ def test_gpu_kernel_matches_oracle(backend):
                   max_blocks=24, kv_heads=2)
     # (chunk_tokens, num_splits, stages, streams): split partials + combine, or one program per
     # (sequence, kv head) writing the output itself with one or two warpgroups; the default
-    # (auto) tile on every case, the others rotating over the product (each sees every block
-    # size, ratio, head dim and layout).
+    # (auto) tile on every case, the others rotating over the shapes (each sees every block
+    # size, ratio and head dim, and every layout of its shapes: one compile serves the three).
+    k = i // len(LAYOUTS)  # shape index (bs, ratio, head_dim)
     if backend == "mosaic":
-      tiles = [(None, None, 2, None),
-               [(64, 3, 3, 1), (64, 1, 2, 2), (128, 1, 2, 1)][(i + i // 3) % 3]]
-      if i % 4 == 1:  # splits and streams together
+      tiles = [(None, None, 2, None), [(64, 3, 3, 1), (64, 1, 2, 2), (128, 1, 2, 1)][k % 3]]
+      if k % 5 == 1:  # splits and streams together
         tiles.append((64, 2, 2, 2 if head_dim == 128 else 4))
     else:
       tiles = [(64, 3, 2, 1)]

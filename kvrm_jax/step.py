@@ -177,11 +177,10 @@ def decode_attention(backend, q, k_pool, v_pool, layer, d, desc=None):
   desc: this step's `decode_descriptors` (the kernels read layer `layer` through a block offset)."""
   if backend in ("pallas", "interpret"):
     from pallas_kernels import paged_attention
-    kh, nl, n, bs, e = k_pool.shape
-    kf, vf = k_pool.reshape(kh, nl * n, bs, e), v_pool.reshape(kh, nl * n, bs, e)
+    (kf, offset), (vf, _) = layer_view(k_pool, layer, 0), layer_view(v_pool, layer, 0)
     return paged_attention.paged_decode_attention(
         q, kf, vf, d["lengths"], d["block_tables"], d["groups"], d["num_groups"],
-        block_offset=layer * n, desc=desc, return_lse=True, **_attention_backend(backend))
+        block_offset=offset, desc=desc, return_lse=True, **_attention_backend(backend))
   k, v = gather_history(k_pool, layer, d["block_tables"]), gather_history(v_pool, layer, d["block_tables"])
   mask = jnp.arange(k.shape[2])[None, :] < d["lengths"][:, None]  # [S, Tk]
   o, lse = model_lib.attention(q[:, None], k, v, mask[:, None, :], return_lse=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -128,6 +129,23 @@ def chunk_sources(groups, num_groups, part: KVPartition):
   return src.astype(jnp.int32)
 
 
+def table_chunk_source(block, i, cb: int, nvalid, limit):
+  """Physical start block of chunk i when its valid blocks are physically consecutive, else -1.
+
+  The rule a kernel applies to its own block-table row (no descriptor): block(k) is the k-th block
+  id of the split (scalar, traced or not), nvalid how many of the split's blocks hold tokens, and
+  limit the pool's block count (a contiguous copy of cb blocks from the start must stay inside
+  it). Blocks past the valid ones are not compared: their tokens are masked, whatever they hold.
+  Finds every chunk `chunk_sources` finds from maximal transfer groups, and the tail chunks they
+  do not cover.
+  """
+  b0 = block(i * cb)
+  ok = b0 + cb <= limit
+  for j in range(1, cb):
+    ok = ok & ((block(i * cb + j) == b0 + j) | (i * cb + j >= nvalid))
+  return jnp.where(ok, b0, -1)
+
+
 def build_descriptors(lengths, block_tables, groups, num_groups, part: KVPartition):
   """Packs what program (b, *, split) needs into desc[b, split]: [B, S, W] int32."""
   B, MB = block_tables.shape
@@ -153,6 +171,17 @@ def combine_splits(o, lse):
     return o[:, :, 0], lse[:, :, 0]
   return merge_partials([o[:, :, i] for i in range(o.shape[2])],
                         [lse[:, :, i] for i in range(o.shape[2])])
+
+
+def normalize_stream(acc, m, l):
+  """(o, lse) of one online-softmax stream: acc [R, D] f32 unnormalised output, m [R] its running
+  max and l [R] its sum (base-2 exponents). Empty rows (l == 0) get o = 0 and lse = -inf.
+  Both kernels end every stream with it before `merge_partials`."""
+  has = l > 0
+  safe = jnp.where(has, l, jnp.ones_like(l))
+  o = acc / lax.broadcast_in_dim(safe, acc.shape, (0,))
+  # log * (1 / ln 2): Mosaic GPU lowers log, not log2.
+  return o, jnp.where(has, m + jnp.log(safe) * (1 / math.log(2)), jnp.full_like(m, -jnp.inf))
 
 
 def merge_partials(os, lses):
@@ -197,5 +226,5 @@ def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_si
   return groups, num_groups
 
 
-__all__ = ["KVPartition", "chunk_sources", "build_descriptors", "combine_splits",
-           "merge_partials", "make_transfer_groups"]
+__all__ = ["KVPartition", "chunk_sources", "table_chunk_source", "build_descriptors", "combine_splits",
+           "normalize_stream", "merge_partials", "make_transfer_groups"]

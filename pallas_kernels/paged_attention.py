@@ -22,7 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartition,
-                                      build_descriptors, combine_splits, merge_partials)
+                                      build_descriptors, combine_splits, merge_partials,
+                                      normalize_stream)
 
 BACKENDS = ("auto", "reference", "interpret", "mosaic", "triton")
 MAX_STREAMS = 4  # Mosaic warpgroups per program
@@ -88,10 +89,9 @@ def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of 
     l_i = jnp.zeros((QP,), jnp.float32)
     acc, m_i, l_i = lax.fori_loop(0, part.stream_chunks(n, w), functools.partial(body, w),
                                   (acc, m_i, l_i))
-    has = l_i > 0
-    l_safe = jnp.where(has, l_i, 1.0)
-    outs.append(acc / l_safe[:, None])
-    lses.append(jnp.where(has, m_i + jnp.log2(l_safe), -jnp.inf))
+    o, lse = normalize_stream(acc, m_i, l_i)
+    outs.append(o)
+    lses.append(lse)
   o, lse = merge_partials(outs, lses) if ns > 1 else (outs[0], lses[0])
   o_ref[...] = o
   lse_ref[...] = lse
@@ -215,9 +215,15 @@ def paged_decode_attention_reference(q,             # [B, Hq, D]
   return o.reshape(B, Hq, D).astype(q.dtype)
 
 
+def resolve_tile(q, k_pool, block_tables, *, backend="auto", interpret=False, chunk_tokens=None,
+                 num_splits=None, streams=None):
+  """What a `paged_decode_attention` call with these shapes and static args runs: (backend after
+  fallbacks, KVPartition with the default tile filled in), the partition None on the reference
+  path. Reads shapes and dtypes only (jax.ShapeDtypeStructs will do)."""
+  return _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits, streams)
+
+
 def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits, streams):
-  """(backend, KVPartition) of a static configuration; the partition is None for the reference
-  path. Reads shapes and dtypes only."""
   backend = "interpret" if interpret else _resolve_backend(backend)
   B, Hq, D = q.shape
   Hkv, _, bs, _ = k_pool.shape
@@ -282,10 +288,19 @@ def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
   `block_offset`: one small XLA kernel per step instead of one per layer. q and k_pool may be
   jax.ShapeDtypeStructs.
   """
-  _, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits, streams)
+  backend, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits,
+                        streams)
   if part is None:
     return None
   return build_descriptors(lengths, block_tables, groups, num_groups, part)
+
+
+def _table_plan(backend, block_tables) -> bool:
+  """Whether the kernel reads lengths and block tables itself (no descriptor kernel)."""
+  if backend != "mosaic":
+    return False
+  from pallas_kernels import paged_attention_mgpu as mgpu
+  return mgpu.table_plan_ok(block_tables.shape[1])
 
 
 def _offset_row(offset: int) -> np.ndarray:
@@ -336,7 +351,9 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   kernel, e.g. layer * N to read one layer of a pool flattened to
   [Hkv, L * N, bs, D] without a per-layer id array.
   desc: descriptor rows from `decode_descriptors` (same inputs and static
-  args); built here when None.
+  args; a decode step builds them once for all its layers); when None, the
+  Mosaic kernel plans from lengths and block tables itself (MB % 4 == 0: one
+  kernel per call), other kernels get them built here.
   backend: "reference" (pure jnp), "interpret" (generic Pallas kernel in
   interpret mode), "mosaic" (Mosaic GPU, Hopper, bf16/f16, D % 64 == 0),
   "triton" (generic Pallas kernel on the Triton backend), "auto" (mosaic on
@@ -367,7 +384,14 @@ def _paged_decode_attention(q,             # [B, Hq, D]
     return paged_decode_attention_reference(q, k_pool, v_pool, lengths, tables,
                                             sm_scale=scale, return_lse=return_lse)
   if desc is None:
-    desc = build_descriptors(lengths, block_tables, groups, num_groups, part)  # [B, S, W]
+    if _table_plan(backend, block_tables):
+      # The Mosaic kernel plans its chunks itself. Inside a jit, XLA may hand it a slice of a
+      # larger array as a pointer into that array (dynamic-slice fusion), which the Mosaic call
+      # refuses unless 256-byte aligned; through the barrier a slice becomes an array of its own
+      # (no copy for any other array).
+      desc = lax.optimization_barrier((lengths, block_tables))
+    else:
+      desc = build_descriptors(lengths, block_tables, groups, num_groups, part)  # [B, S, W]
   elif desc.shape != (B, part.num_splits, part.desc_width) or desc.dtype != jnp.int32:
     raise ValueError(f"desc {desc.dtype}{list(desc.shape)} was not built for this configuration "
                      f"(expected int32[{B}, {part.num_splits}, {part.desc_width}]): build it with "

@@ -1,12 +1,15 @@
 # Mosaic GPU (Hopper) paged decode attention: flash-decoding over transfer groups.
 #
-# Grid (B, Hkv, S), `streams` warpgroups per program. Warpgroup w of program (b, h, s) copies the
-# descriptor row (length, chunk sources, block ids) into its SMEM with one TMA (and the block
-# offset, e.g. the layer's first block in a pool of all layers, with another), then streams
-# chunks w, w + streams, ... of split s through its own `stages`-deep ring of SMEM K/V buffers.
-# A chunk inside one transfer group is one TMA of chunk_blocks*bs rows; any other chunk is
-# chunk_blocks per-block TMAs. Both kinds are always issued, predicated on the chunk source, so
-# every chunk arrives on its barrier exactly chunk_blocks + 1 times.
+# Grid (B, Hkv, S), `streams` warpgroups per program. Warpgroup w of program (b, h, s) first reads
+# its plan: either its sequence's length (a scalar load) and the split's slice of the block-table
+# row (TMA into SMEM; the "table" plan: the kernel finds the contiguous chunks itself with
+# partition.table_chunk_source, so a call is one kernel), or a prebuilt descriptor row (length,
+# chunk sources, block ids) from partition.build_descriptors; and the block offset (e.g. the
+# layer's first block in a pool of all layers) with another TMA. It then streams chunks w,
+# w + streams, ... of split s through its own `stages`-deep ring of SMEM K/V buffers. A chunk whose valid blocks are physically consecutive
+# (inside one transfer group) is one TMA of chunk_blocks*bs rows; any other chunk is chunk_blocks
+# per-block TMAs. Both kinds are always issued, predicated on the chunk source, so every chunk
+# arrives on its barrier exactly chunk_blocks + 1 times.
 # The q heads of kv head h sit in a 64-row wgmma tile: one TMA of QP (G rounded up to 8) rows
 # straight from the flat [B*Hq, D] q, so rows past G hold the next heads' q (or TMA's zero fill
 # past the end) and give outputs nobody reads; no padded copy of q is made.
@@ -28,9 +31,29 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartition,
-                                      merge_partials)
+                                      merge_partials, normalize_stream,
+                                      table_chunk_source)
 
 WG_ROWS = 64  # wgmma tile height: q rows of one kv head, zero padded
+TABLE_PIECE = 256  # block ids per TMA of a block-table row (a TMA box is <= 256 per dim)
+SMEM_ALIGN = 32    # int32 words: each TMA target of the plan starts on a 128-byte boundary
+
+
+def table_plan_ok(max_blocks: int) -> bool:
+  """Whether the kernel can read block tables itself: TMA needs rows of whole 16-byte units."""
+  return max_blocks % 4 == 0
+
+
+def _table_pieces(part: KVPartition) -> tuple[int, int]:
+  """(ids per TMA, TMAs) covering one split's cps * chunk_blocks block ids; a box never exceeds
+  the row (max_blocks), so the last split's boxes may run past it (TMA fills zeros: block 0)."""
+  n = part.chunks_per_split * part.chunk_blocks
+  piece = min(TABLE_PIECE, -(-n // 4) * 4, part.max_blocks)
+  return piece, -(-n // piece)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
 
 
 def _transpose(ref):
@@ -48,23 +71,21 @@ def _load(ref, layout):
 _LOAD_NO_IDX = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
-def _decode_kernel(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
-                   *refs, has_base: bool, **kw):
-  if has_base:
-    _decode_body(desc_ref, *refs, **kw)
-  else:
-    _decode_body(desc_ref, None, *refs, **kw)
+def _decode_kernel(*refs, table: bool, has_base: bool, **kw):
+  n_plan = 2 if table else 1
+  plan_refs, rest = refs[:n_plan], refs[n_plan:]
+  _decode_body(plan_refs, *(rest if has_base else (None, *rest)), table=table, **kw)
 
 
-def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
+def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]); else (desc [B, S, W/64, 64],)
                  base_ref,   # [64] int32 (GMEM): word 0 is added to every block id; None: 0
                  q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
                  k_ref,      # [Hkv, N*bs, D] (GMEM)
                  v_ref,      # [Hkv, N*bs, D] (GMEM)
                  o_ref,      # S > 1: [B, Hkv, S, QP, D] f32; S == 1: [B*Hq, D] q.dtype (GMEM)
                  lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
-                 *, part: KVPartition, qp: int, g: int, head_dim: int, dtype, sm_scale: float,
-                 stages: int):
+                 *, table: bool, part: KVPartition, qp: int, g: int, head_dim: int, dtype,
+                 sm_scale: float, stages: int):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
@@ -80,29 +101,50 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
   # SMEM and barriers of a multi-warpgroup kernel are shared by its warpgroups.
   collective = dict(collective_axes="wg") if ns > 1 else {}
 
-  def main(desc_smem,  # [ns, W / 64, 64] int32
+  piece, pieces = _table_pieces(part)
+
+  def main(plan_smem,  # table: (ids [ns, pieces, piece rounded up to 32] int32,);
+                       # else (desc [ns, W / 64, 64] int32,)
            base_smem,  # [ns, 64] int32
            q_smem,     # [ns, 64, D] tiled + swizzled (the wgmma operand)
            q_stage,    # [ns, 64, D] plain (untiled): TMA target at any row offset of q
-           bars):      # [3 * ns] barriers: desc, q, base of each stream
-    my_bar = lambda i: bars.at[3 * w + i]
-    plgpu.copy_gmem_to_smem(desc_ref.at[b, s], desc_smem.at[w], my_bar(0))
+           bars,       # [2 * ns] barriers: q, base of each stream
+           plan_bars):  # [ns] barriers: the plan's copies of each stream
+    my_bar = lambda i: bars.at[2 * w + i]
+    if table:
+      len_ref, bt_ref = plan_refs
+      (bt_smem,) = plan_smem
+      # One scalar load from GMEM per thread, in flight with the copies. (A TMA of 4 lengths out
+      # of a longer [B] array raised an illegal instruction on the H100.)
+      length = len_ref[b]
+      for p in range(pieces):
+        plgpu.copy_gmem_to_smem(bt_ref.at[b, pl.ds(s * (cps * cb) + p * piece, piece)],
+                                bt_smem.at[w, p, pl.ds(0, piece)], plan_bars.at[w])
+    else:
+      plgpu.copy_gmem_to_smem(plan_refs[0].at[b, s], plan_smem[0].at[w], plan_bars.at[w])
     if base_ref is not None:  # one more small TMA (~0.5 us on the critical path of tiny calls)
-      plgpu.copy_gmem_to_smem(base_ref, base_smem.at[w], my_bar(2))
+      plgpu.copy_gmem_to_smem(base_ref, base_smem.at[w], my_bar(1))
     zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), dtype), plgpu.Layout.WGMMA)
     q_stage.at[w][...] = zeros
     plgpu.commit_smem()  # generic-proxy zeros before the TMA writes rows [0, QP)
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, qp)], q_stage.at[w, pl.ds(0, qp)], my_bar(1))
-    plgpu.barrier_wait(my_bar(0))
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, qp)], q_stage.at[w, pl.ds(0, qp)], my_bar(0))
+    plgpu.barrier_wait(plan_bars.at[w])
     if base_ref is not None:
-      plgpu.barrier_wait(my_bar(2))
-
-    def rd(idx):  # word idx of the descriptor row
-      return desc_smem[w, idx // DESC_COLS, idx % DESC_COLS]
+      plgpu.barrier_wait(my_bar(1))
 
     base = jnp.int32(0) if base_ref is None else base_smem[w, 0]
+    if table:
+      blk = lambda k: bt_smem[w, k // piece, k % piece]  # the split's k-th block id
+      nvalid = lax.div(length + (bs - 1), jnp.int32(bs)) - s * (cps * cb)
+      limit = k_ref.shape[1] // bs - base
+      chunk_src = lambda i: table_chunk_source(blk, i, cb, nvalid, limit)
+    else:
+      def rd(idx):  # word idx of the descriptor row
+        return plan_smem[0][w, idx // DESC_COLS, idx % DESC_COLS]
+      length = rd(DESC_LENGTH)
+      blk = lambda k: rd(part.desc_blocks + k)
+      chunk_src = lambda i: rd(DESC_SRC + i)
 
-    length = rd(DESC_LENGTH)
     total = lax.div(length + (T - 1), jnp.int32(T))
     first = s * cps
     n = jnp.clip(total - first, 0, cps)  # chunks of this split
@@ -115,7 +157,7 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
       def issue(j, slot):  # the stream's j-th chunk into its ring slot
         i = w + j * ns   # chunk of the split
         buf = w * stages + slot
-        src = rd(DESC_SRC + i)
+        src = chunk_src(i)
         contig = src >= 0
         row0 = (jnp.maximum(src, 0) + base) * bs
         plgpu.copy_gmem_to_smem(k_ref.at[h, pl.ds(row0, T)], k_smem.at[buf],
@@ -124,8 +166,7 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
                                 v_bars.at[buf], predicate=contig)
         frag = jnp.logical_not(contig)
         for jb in range(cb):
-          blk = rd(part.desc_blocks + i * cb + jb) + base
-          rows = pl.ds(blk * bs, bs)
+          rows = pl.ds((blk(i * cb + jb) + base) * bs, bs)
           plgpu.copy_gmem_to_smem(k_ref.at[h, rows], k_smem.at[buf, pl.ds(jb * bs, bs)],
                                   k_bars.at[buf], predicate=frag)
           plgpu.copy_gmem_to_smem(v_ref.at[h, rows], v_smem.at[buf, pl.ds(jb * bs, bs)],
@@ -136,7 +177,7 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
         def _prologue():
           issue(jnp.int32(j), j)
 
-      plgpu.barrier_wait(my_bar(1))
+      plgpu.barrier_wait(my_bar(0))
       # Into the tiled, swizzled wgmma operand. (q as a register operand gave wrong results on
       # the H100 whenever a program streamed several chunks of 64 tokens at d=64 or 128 at d=128.)
       q_smem.at[w][...] = _load(q_stage.at[w], plgpu.Layout.WGMMA)
@@ -195,10 +236,7 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
         plgpu.Barrier(num_arrivals=cb + 1, num_barriers=ns * stages),
         **collective,
     )
-    has = l_i > 0  # False only for an empty stream
-    l_safe = jnp.where(has, l_i, jnp.ones_like(l_i))
-    o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-    lse = jnp.where(has, m_i + jnp.log(l_safe) * (1 / math.log(2)), jnp.full_like(m_i, -jnp.inf))
+    o, lse = normalize_stream(acc, m_i, l_i)
 
     def write(o, lse, o_smem, lse_smem):
       o_smem[...] = o.astype(o_smem.dtype)
@@ -245,18 +283,24 @@ def _decode_body(desc_ref,   # [B, S, W / 64, 64] int32 (GMEM)
     pl.run_scoped(out_scope, plgpu.SMEM((WG_ROWS, D), dtype if direct else jnp.float32),
                   plgpu.SMEM((WG_ROWS,), jnp.float32), *merge, **collective)
 
+  if table:
+    plan_smem = (plgpu.SMEM((ns, pieces, _round_up(piece, SMEM_ALIGN)), jnp.int32),)
+  else:
+    plan_smem = (plgpu.SMEM((ns, part.desc_width // DESC_COLS, DESC_COLS), jnp.int32),)
   pl.run_scoped(
       main,
-      plgpu.SMEM((ns, part.desc_width // DESC_COLS, DESC_COLS), jnp.int32),
+      plan_smem,
       plgpu.SMEM((ns, DESC_COLS), jnp.int32),
       plgpu.SMEM((ns, WG_ROWS, D), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((ns, WG_ROWS, D), dtype),
-      plgpu.Barrier(num_arrivals=1, num_barriers=3 * ns),
+      plgpu.Barrier(num_arrivals=1, num_barriers=2 * ns),
+      plgpu.Barrier(num_arrivals=pieces if table else 1, num_barriers=ns),
       **collective,
   )
 
 
-def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64])
+def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (table_plan_ok), or
+                                 # desc [B, S, W] int32 (build_descriptors)
                          base,   # [64] int32: word 0 is added to every block id (None: 0)
                          q,      # [B, Hq, D]
                          k_flat,  # [Hkv, N*bs, D]
@@ -276,8 +320,10 @@ def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64]
   rows = q.reshape(B * Hq, D)
   if B * Hq < qp:  # the one TMA box must fit inside the array
     rows = jnp.pad(rows, ((0, qp - B * Hq), (0, 0)))
-  kernel = functools.partial(_decode_kernel, has_base=base is not None, part=part, qp=qp, g=g, head_dim=D,
-                             dtype=q.dtype, sm_scale=sm_scale, stages=stages)
+  table = isinstance(plan, tuple)
+  kernel = functools.partial(_decode_kernel, table=table, has_base=base is not None, part=part,
+                             qp=qp, g=g, head_dim=D, dtype=q.dtype, sm_scale=sm_scale,
+                             stages=stages)
   o_type = (jax.ShapeDtypeStruct((B * Hq, D), q.dtype) if S == 1
             else jax.ShapeDtypeStruct((B, Hkv, S, qp, D), jnp.float32))
   threads = dict(num_threads=ns, thread_name="wg") if ns > 1 else {}
@@ -287,12 +333,13 @@ def decode_partials_mgpu(desc,   # [B, S, W] int32 (viewed as [B, S, W / 64, 64]
       grid=(B, Hkv, S),
       grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}",
+      kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}"
+                  + ("_table" if table else ""),
       **threads,
   )
-  desc = desc.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS)
-  args = (desc, rows, k_flat, v_flat) if base is None else (desc, base, rows, k_flat, v_flat)
-  o, lse = call(*args)
+  if not table:
+    plan = (plan.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS),)
+  o, lse = call(*plan, *(() if base is None else (base,)), rows, k_flat, v_flat)
   return (o.reshape(B, Hq, D) if S == 1 else o), lse
 
 
@@ -301,7 +348,8 @@ MAX_SMEM_BYTES = 232448  # H100 / H200: what Mosaic GPU reports as available per
 
 def smem_bytes(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2) -> int:
   """Estimated shared memory of the decode kernel, in bytes. On six tiles lowered for CUDA it came
-  out 0.9-1.9 KB above Mosaic's own count; the 4 KB term covers barriers and alignment."""
+  out 0.9-1.9 KB above Mosaic's own count; the 4 KB term covers barriers and alignment. Counts
+  the descriptor plan; the table plan's lengths and block ids take no more than its row."""
   ns, D = part.streams, head_dim
   main = ns * (part.desc_width * 4 + DESC_COLS * 4 + 2 * WG_ROWS * D * itemsize)
   ring = 2 * ns * stages * part.chunk_tokens * D * itemsize

@@ -12,7 +12,7 @@ import pytest
 
 from pallas_kernels import block_copy, partition
 from pallas_kernels.paged_attention import (paged_decode_attention,
-                                            paged_decode_attention_reference)
+                                            paged_decode_attention_reference, resolve_tile)
 from pallas_kernels.partition import KVPartition, make_transfer_groups
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -149,6 +149,41 @@ def test_chunk_sources_matches_brute_force():
         assert got[b, ch] == want, (trial, b, ch, ids, got[b], ng[b])
 
 
+def test_table_chunk_source_finds_every_group_chunk_and_contiguous_tails():
+  """The Mosaic kernel's in-kernel plan (partition.table_chunk_source over its split's slice of
+  the block-table row): every chunk the transfer groups cover, the same start; any other chunk
+  one copy only when its valid blocks are consecutive and the copy stays inside the pool."""
+  rng = np.random.default_rng(1)
+  for trial in range(20):
+    bs, cb, mb = 8, int(rng.integers(1, 5)), 9
+    c = make_case(trial, bs=bs, ratio=1, head_dim=8, layout=["contiguous", "runs", "permuted"][trial % 3],
+                  dtype=np.float32, max_blocks=mb)
+    part = KVPartition.choose(batch=5, kv_heads=1, block_size=bs, max_blocks=mb,
+                              chunk_tokens=cb * bs, num_splits=int(rng.integers(1, 4)))
+    groups_src = np.asarray(partition.chunk_sources(c["groups"], c["num_groups"], part))
+    bt, lengths = np.asarray(c["block_tables"]), np.asarray(c["lengths"])
+    pool = c["k_pool"].shape[1]
+    cps = part.chunks_per_split
+    for b in range(bt.shape[0]):
+      nblk = _cdiv(int(lengths[b]), bs)
+      for s in range(part.num_splits):
+        row = np.zeros(cps * cb, np.int32)  # the split's slice, zeros past the row (TMA fill)
+        got_ids = bt[b, s * cps * cb:(s + 1) * cps * cb]
+        row[:len(got_ids)] = got_ids
+        nvalid = jnp.int32(nblk - s * cps * cb)
+        for i in range(cps):
+          ch = s * cps + i
+          if ch * cb >= nblk:
+            continue  # no valid token: the kernel never plans it
+          got = int(partition.table_chunk_source(lambda k: jnp.int32(row[k]), jnp.int32(i), cb,
+                                                 nvalid, pool))
+          valid = row[i * cb:i * cb + min(cb, nblk - ch * cb)]
+          want = (int(valid[0]) if np.all(np.diff(valid) == 1) and valid[0] + cb <= pool
+                  else -1)
+          assert got == want, (trial, b, ch, valid, got)
+          if groups_src[b, ch] >= 0:
+            assert got == groups_src[b, ch], (trial, b, ch)
+
 @pytest.mark.parametrize("batch,kv_heads,max_blocks,chunk_tokens",
                          [(1, 1, 1, 128), (8, 8, 32, 128), (256, 8, 512, 128), (3, 3, 100, 64)])
 def test_partition_covers_every_block_once(batch, kv_heads, max_blocks, chunk_tokens):
@@ -280,13 +315,16 @@ def test_block_offset_and_shared_descriptors(backend, layout, splits, streams):
   kl, _, _ = stack_layers(c, 0)
   desc = decode_descriptors(jax.ShapeDtypeStruct(c["q"].shape, c["q"].dtype), kl, *args, **tile)
   assert (desc is None) == (backend == "reference")
-  for layer in (0, 2):
+  descs = [desc]
+  if backend == "mosaic":  # and with no descriptor: the kernel plans from the block table itself
+    descs.append(None)
+  for desc, layer in itertools.product(descs, (0, 2)):
     kl, vl, off = stack_layers(c, layer)
     out = paged_decode_attention(c["q"], kl, vl, *args, block_offset=off, desc=desc, **tile)
     check(out, c, dtype)
     # a traced offset (the layer index of a lax.scan) reads the same layer
-    traced = jax.jit(lambda o, kl=kl, vl=vl: paged_decode_attention(c["q"], kl, vl, *args, block_offset=o,
-                                                                     desc=desc, **tile))
+    traced = jax.jit(lambda o, kl=kl, vl=vl, desc=desc: paged_decode_attention(
+        c["q"], kl, vl, *args, block_offset=o, desc=desc, **tile))
     check(traced(jnp.int32(off)), c, dtype)
 
 
@@ -336,6 +374,14 @@ def test_mosaic_default_tile(B, Hkv, D, L, want):
                             chunk_tokens=got[2], num_splits=got[0], streams=got[1])
   mgpu.check_smem(part, D, stages=2)  # the default always fits
   assert _mosaic_tile(B, Hkv, D, 16, L // 16, 64, 3, 1) == (3, 1, 64)  # given args are kept
+
+
+def test_resolve_tile_reports_backend_and_partition():
+  c = make_case(3, bs=16, ratio=3, head_dim=64, layout="runs", dtype=np.float32, max_blocks=24)
+  backend, part = resolve_tile(c["q"], c["k_pool"], c["block_tables"], backend="interpret",
+                               chunk_tokens=64, num_splits=2)
+  assert backend == "interpret" and (part.chunk_tokens, part.num_splits) == (64, 2)
+  assert resolve_tile(c["q"], c["k_pool"], c["block_tables"], backend="reference") == ("reference", None)
 
 
 def test_mosaic_tile_over_shared_memory_is_refused():
@@ -471,6 +517,20 @@ def test_gpu_kernel_matches_oracle(backend):
         failures.append(f"{bs=} {ratio=} {head_dim=} {layout} {chunk_tokens=} {splits=} "
                         f"{streams=}: {e}")
   assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_mosaic_small_batch_and_descriptor_fallback():
+  """A batch of 3 (the kernel reads its lengths one by one), and block-table rows that are not
+  whole 16-byte units, which the kernel cannot copy: the call builds the descriptor plan."""
+  from pallas_kernels.paged_attention_mgpu import table_plan_ok
+  for i, (lengths, mb) in enumerate((([5, 0, 200], 24), ([1, 17, 90, 33, 111], 7))):
+    assert table_plan_ok(mb) == (mb == 24)
+    for layout in ("runs", "fragmented"):
+      c = make_case(40 + i, bs=16, ratio=4, head_dim=128, layout=layout, dtype=jnp.bfloat16,
+                    max_blocks=mb, lengths=lengths)
+      check(paged_decode_attention(*attn_args(c), backend="mosaic"), c, jnp.bfloat16)
 
 
 @pytest.mark.gpu

@@ -313,17 +313,20 @@ def test_bench_kernels_variants_and_report(tmp_path):
   assert bench_kernels.parse_variants("auto,128:2:auto,64:3:1:4,64:2") == [
       (None, 2, None, None), (128, 2, None, 1), (64, 3, 1, 4), (64, 2, None, 1)]
 
-  def row(B, layout, ours_ms, jax_ms, streams=1):
+  def row(B, layout, ours_ms, jax_ms, streams=1, one_pass_ms=None):
     t = lambda ms: dict(ms=ms, wall_ms=5 * ms, cupti_ms=ms)  # noqa: E731
     return dict(hq=9, hkv=3, d=64, B=B, L=2048, layout=layout, kv_bytes=B * 2048 * 3 * 64 * 4,
                 rotations=2, ours=dict(t(ours_ms), variant=dict(chunk_tokens=None, stages=2,
                                                                 num_splits=None, streams=None),
                                        tile=dict(chunk_tokens=64, num_splits=1, streams=streams)),
-                ours_desc_prebuilt=t(ours_ms * 0.9), jax=dict(t(jax_ms), setting={}), xla=None)
+                ours_desc_prebuilt=t(ours_ms * 0.9), jax=dict(t(jax_ms), setting={}), xla=None,
+                one_pass=t(one_pass_ms) if one_pass_ms else None)
 
   meta = dict(device="test", jax="0", date="d", command="c")
   runs = [dict(meta=meta, ceiling=dict(torch=dict(tbps=3.0)),
-               results=[row(64, "contiguous", 0.050, 0.062), row(64, "fragmented", 0.051, 0.063)]),
+               results=[row(64, "contiguous", 0.050, 0.062), row(64, "fragmented", 0.051, 0.063),
+                        # JAX at 0.77 TB/s (< 40% of 3.0): 2x needs 8.2 us, one pass takes 9.0
+                        row(8, "contiguous", 0.0114, 0.0164, one_pass_ms=0.0090)]),
           dict(meta=dict(meta, date="d2"), ceiling=dict(torch=dict(tbps=3.0)),
                results=[row(64, "contiguous", 0.040, 0.062, streams=2)])]
   paths = []
@@ -340,6 +343,11 @@ def test_bench_kernels_variants_and_report(tmp_path):
     sys.argv = argv
   text = md.read_text()
   rows = [ln for ln in text.splitlines() if ln.startswith("| 9/3")]
+  small = [ln for ln in rows if ln.startswith("| 9/3, 64 | 8 |")]
+  assert len(small) == 1 and "| 0.0090 |" in small[0]  # the one-pass column
+  assert "MISSED at 9/3 B=8 L=2048 contiguous (1.44x)" in text
+  assert "9/3 B=8 L=2048 contiguous: 2x needs 8.2 us, one pass takes 9.0 us" in text
+  rows = [ln for ln in rows if ln not in small]
   assert len(rows) == 2 and "0.0400" in rows[0] and "c64 s2 sp1 w2 (auto)" in rows[0] and "0.0360" in rows[0]
   # 100.7 MB in 40 us = 2.52 TB/s = 84% of 3.0; the fragmented row: 51 us = 66%
   assert "min 66% (9/3 B=64 L=2048 fragmented) -> MISSED" in text

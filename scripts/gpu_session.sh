@@ -203,6 +203,27 @@ case "${1:-}" in
       | tee $OUT/gpu_tests_kernels.log | tail -8
     timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py --tb=short 2>&1 | tee $OUT/gpu_tests_engine.log | tail -4
     ;;
+  24)  # session 6: the kernel plans from the block table itself; GPU kernel tests, small kernel grid
+    timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short --durations=3 2>&1 \
+      | tee $OUT/gpu_tests_kernels.log | tail -8
+    timeout 320 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v9.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla --variants auto,128:2:auto:1,64:2:auto:1 \
+      --md /tmp/docs/kernels_v9.md --png /tmp/docs/kernels_v9.png 2>&1 | tee $OUT/bench_small.log | tail -30
+    ;;
+  25)  # session 6: engine GPU tests and the decode step on the table plan, large kernel grid
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py --tb=short 2>&1 | tee $OUT/gpu_tests_engine.log | tail -4
+    timeout 140 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --warmup 5 --iters 20 --out-json $OUT/raw/step_h100_table_plan.json 2>&1 | tee $OUT/step.log | tail -8
+    timeout 270 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_large_v9.json --batches 8,64,256 \
+      --lengths 512,2048,8192 --skip-configs 8x512,8x2048,64x512,64x2048 --heads 32/8/128,9/3/64 --iters 10 \
+      --skip-xla --variants auto,64:2:1:1 --md /tmp/docs/kernels_large.md --png /tmp/docs/kernels_large.png 2>&1 \
+      | tee $OUT/bench_large.log | tail -12
+    ;;
+  26)  # session 6, final code: every GPU test (the engine's with and without a prebuilt descriptor)
+    timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short --durations=3 2>&1 \
+      | tee $OUT/gpu_tests_kernels.log | tail -8
+    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py --tb=short 2>&1 | tee $OUT/gpu_tests_engine.log | tail -4
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

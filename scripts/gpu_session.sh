@@ -224,6 +224,14 @@ case "${1:-}" in
       | tee $OUT/gpu_tests_kernels.log | tail -8
     timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py --tb=short 2>&1 | tee $OUT/gpu_tests_engine.log | tail -4
     ;;
+  27)  # session 6: programs waiting only for their output copies to read SMEM (wait_read_only=True;
+       # no measurable change, reverted); kernel tests, small grid
+    timeout 230 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short --durations=2 2>&1 \
+      | tee $OUT/gpu_tests_kernels.log | tail -6
+    timeout 300 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v10.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla --variants auto,64:2:auto:1 \
+      --md /tmp/docs/kernels_v10.md --png /tmp/docs/kernels_v10.png 2>&1 | tee $OUT/bench_small.log | tail -12
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

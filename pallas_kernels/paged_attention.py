@@ -288,8 +288,7 @@ def decode_descriptors(q,             # [B, Hq, D] (shape and dtype only)
   `block_offset`: one small XLA kernel per step instead of one per layer. q and k_pool may be
   jax.ShapeDtypeStructs.
   """
-  backend, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits,
-                        streams)
+  _, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits, streams)
   if part is None:
     return None
   return build_descriptors(lengths, block_tables, groups, num_groups, part)

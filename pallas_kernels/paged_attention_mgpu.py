@@ -6,10 +6,11 @@
 # partition.table_chunk_source, so a call is one kernel), or a prebuilt descriptor row (length,
 # chunk sources, block ids) from partition.build_descriptors; and the block offset (e.g. the
 # layer's first block in a pool of all layers) with another TMA. It then streams chunks w,
-# w + streams, ... of split s through its own `stages`-deep ring of SMEM K/V buffers. A chunk whose valid blocks are physically consecutive
-# (inside one transfer group) is one TMA of chunk_blocks*bs rows; any other chunk is chunk_blocks
-# per-block TMAs. Both kinds are always issued, predicated on the chunk source, so every chunk
-# arrives on its barrier exactly chunk_blocks + 1 times.
+# w + streams, ... of split s through its own `stages`-deep ring of SMEM K/V buffers. A chunk
+# whose valid blocks are physically consecutive (inside one transfer group) is one TMA of
+# chunk_blocks*bs rows; any other chunk is chunk_blocks per-block TMAs. Both kinds are always
+# issued, predicated on the chunk source, so every chunk arrives on its barrier exactly
+# chunk_blocks + 1 times.
 # The q heads of kv head h sit in a 64-row wgmma tile: one TMA of QP (G rounded up to 8) rows
 # straight from the flat [B*Hq, D] q, so rows past G hold the next heads' q (or TMA's zero fill
 # past the end) and give outputs nobody reads; no padded copy of q is made.
@@ -17,7 +18,7 @@
 # partial results meet in SMEM and warpgroup 0 merges them (partition.merge_partials).
 # Output: with S > 1, per split o normalised by its own sum (f32) and base-2 lse, merged by
 # partition.combine_splits; with S == 1 the G final rows in q.dtype, straight into [B*Hq, D]
-# (one kernel per call on a prebuilt descriptor: no combine, no convert).
+# (one kernel per call: no descriptor build, no combine, no convert).
 from __future__ import annotations
 
 import functools
@@ -77,7 +78,8 @@ def _decode_kernel(*refs, table: bool, has_base: bool, **kw):
   _decode_body(plan_refs, *(rest if has_base else (None, *rest)), table=table, **kw)
 
 
-def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]); else (desc [B, S, W/64, 64],)
+def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
+                             # else (desc [B, S, W/64, 64] int32,)
                  base_ref,   # [64] int32 (GMEM): word 0 is added to every block id; None: 0
                  q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
                  k_ref,      # [Hkv, N*bs, D] (GMEM)

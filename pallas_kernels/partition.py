@@ -9,7 +9,9 @@ A program (b, kv head, split) streams the chunks of its split. A chunk that
 lies inside one transfer group is one contiguous copy of `chunk_blocks` blocks;
 any other chunk is `chunk_blocks` per-block copies through the block table.
 The per-(sequence, split) facts a program needs are packed by
-`build_descriptors` into one int32 row, so a kernel reads them with one copy.
+`build_descriptors` into one int32 row, so a kernel reads them with one copy;
+or a kernel reads its block-table slice itself and finds the contiguous chunks
+with `table_chunk_source` (the Mosaic kernel's default: no descriptor kernel).
 """
 from __future__ import annotations
 
@@ -226,5 +228,5 @@ def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_si
   return groups, num_groups
 
 
-__all__ = ["KVPartition", "chunk_sources", "table_chunk_source", "build_descriptors", "combine_splits",
-           "normalize_stream", "merge_partials", "make_transfer_groups"]
+__all__ = ["KVPartition", "chunk_sources", "table_chunk_source", "build_descriptors",
+           "combine_splits", "normalize_stream", "merge_partials", "make_transfer_groups"]

@@ -414,8 +414,8 @@ def write_docs(data, md_path, png_path, json_rel):
       "",
       "bf16, block size 16, every sequence of length L. Time = CUPTI device time of all kernels "
       "of one call (ours: the kernel, + split combine when the tile has splits, + descriptor "
-      "build in runs before the kernel planned from the block table itself), median over calls that "
-      "rotate through enough input copies to defeat L2. TB/s = valid K+V bytes "
+      "build in runs before the kernel planned from the block table itself), median over calls "
+      "that rotate through enough input copies to defeat L2. TB/s = valid K+V bytes "
       "(B*L*Hkv*D*2*2) / time. Copy ceiling: one 2 GiB device-to-device copy "
       f"(read+write bytes) = **{ceil:.2f} TB/s**."
       if ceil else "Copy ceiling: not measured.",

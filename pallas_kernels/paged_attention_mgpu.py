@@ -45,16 +45,16 @@ def table_plan_ok(max_blocks: int) -> bool:
   return max_blocks % 4 == 0
 
 
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
 def _table_pieces(part: KVPartition) -> tuple[int, int]:
   """(ids per TMA, TMAs) covering one split's cps * chunk_blocks block ids; a box never exceeds
   the row (max_blocks), so the last split's boxes may run past it (TMA fills zeros: block 0)."""
   n = part.chunks_per_split * part.chunk_blocks
-  piece = min(TABLE_PIECE, -(-n // 4) * 4, part.max_blocks)
-  return piece, -(-n // piece)
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+  piece = min(TABLE_PIECE, _round_up(n, 4), part.max_blocks)
+  return piece, _round_up(n, piece) // piece
 
 
 def _transpose(ref):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -113,24 +114,27 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
            bars,       # [2 * ns] barriers: q, base of each stream
            plan_bars):  # [ns] barriers: the plan's copies of each stream
     my_bar = lambda i: bars.at[2 * w + i]
-    if table:
-      len_ref, bt_ref = plan_refs
-      (bt_smem,) = plan_smem
-      # One scalar load from GMEM per thread, in flight with the copies. (A TMA of 4 lengths out
-      # of a longer [B] array raised an illegal instruction on the H100.)
-      length = len_ref[b]
-      for p in range(pieces):
-        plgpu.copy_gmem_to_smem(bt_ref.at[b, pl.ds(s * (cps * cb) + p * piece, piece)],
-                                bt_smem.at[w, p, pl.ds(0, piece)], plan_bars.at[w])
-    else:
-      plgpu.copy_gmem_to_smem(plan_refs[0].at[b, s], plan_smem[0].at[w], plan_bars.at[w])
+    # Named scopes are the regions of the on-device trace (PROFILE_ENV); without it they are free.
+    with jax.named_scope("issue_plan"):
+      if table:
+        len_ref, bt_ref = plan_refs
+        (bt_smem,) = plan_smem
+        # One scalar load from GMEM per thread, in flight with the copies. (A TMA of 4 lengths
+        # out of a longer [B] array raised an illegal instruction on the H100.)
+        length = len_ref[b]
+        for p in range(pieces):
+          plgpu.copy_gmem_to_smem(bt_ref.at[b, pl.ds(s * (cps * cb) + p * piece, piece)],
+                                  bt_smem.at[w, p, pl.ds(0, piece)], plan_bars.at[w])
+      else:
+        plgpu.copy_gmem_to_smem(plan_refs[0].at[b, s], plan_smem[0].at[w], plan_bars.at[w])
     if base_ref is not None:  # one more small TMA (~0.5 us on the critical path of tiny calls)
       plgpu.copy_gmem_to_smem(base_ref, base_smem.at[w], my_bar(1))
     zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), dtype), plgpu.Layout.WGMMA)
     q_stage.at[w][...] = zeros
     plgpu.commit_smem()  # generic-proxy zeros before the TMA writes rows [0, QP)
     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, qp)], q_stage.at[w, pl.ds(0, qp)], my_bar(0))
-    plgpu.barrier_wait(plan_bars.at[w])
+    with jax.named_scope("wait_plan"):
+      plgpu.barrier_wait(plan_bars.at[w])
     if base_ref is not None:
       plgpu.barrier_wait(my_bar(1))
 
@@ -190,7 +194,8 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         slot = lax.rem(j, jnp.int32(stages))
         buf = w * stages + slot
         rem_tok = length - (first + w + j * ns) * T  # valid tokens of this chunk (may exceed T)
-        plgpu.barrier_wait(k_bars.at[buf])
+        with jax.named_scope("wait_k"):
+          plgpu.barrier_wait(k_bars.at[buf])
 
         def qk_scope(acc_ref):
           plgpu.wgmma(acc_ref, q_smem.at[w], _transpose(k_smem.at[buf]))
@@ -205,7 +210,8 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         l_i = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
-        plgpu.barrier_wait(v_bars.at[buf])
+        with jax.named_scope("wait_v"):
+          plgpu.barrier_wait(v_bars.at[buf])
 
         @pl.when(rem_tok < T)
         def _sanitize_tail():
@@ -240,6 +246,7 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
     )
     o, lse = normalize_stream(acc, m_i, l_i)
 
+    @jax.named_scope("write")
     def write(o, lse, o_smem, lse_smem):
       o_smem[...] = o.astype(o_smem.dtype)
       lse_smem[...] = lse
@@ -334,7 +341,7 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
       out_type=(o_type, jax.ShapeDtypeStruct((B, Hkv, S, qp), jnp.float32)),
       grid=(B, Hkv, S),
       grid_names=("b", "h", "s"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True, **_profile_params()),
       kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}"
                   + ("_table" if table else ""),
       **threads,
@@ -343,6 +350,19 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
     plan = (plan.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS),)
   o, lse = call(*plan, *(() if base is None else (base,)), rows, k_flat, v_flat)
   return (o.reshape(B, Hq, D) if S == 1 else o), lse
+
+
+PROFILE_ENV = "KVRM_MOSAIC_PROFILE_DIR"
+
+
+def _profile_params() -> dict:
+  """With $KVRM_MOSAIC_PROFILE_DIR set, every call writes Mosaic GPU's on-device trace (per
+  program and warpgroup: the plan, K and V waits, the write) as Perfetto JSON into that folder;
+  scripts/profile_kernel.py summarises it. A developer hook: it slows the kernel a little."""
+  path = os.environ.get(PROFILE_ENV)
+  if not path:
+    return {}
+  return dict(profile_space=512, profile_dir=path, profile_bounds_check=True)
 
 
 MAX_SMEM_BYTES = 232448  # H100 / H200: what Mosaic GPU reports as available per block

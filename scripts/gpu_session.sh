@@ -232,6 +232,12 @@ case "${1:-}" in
       --lengths 512,2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla --variants auto,64:2:auto:1 \
       --md /tmp/docs/kernels_v10.md --png /tmp/docs/kernels_v10.png 2>&1 | tee $OUT/bench_small.log | tail -12
     ;;
+  28)  # session 6: named trace regions in the kernel; kernel tests, then where a small call's time goes
+    timeout 260 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic" --tb=short --durations=2 2>&1 \
+      | tee $OUT/gpu_tests_kernels.log | tail -6
+    timeout 200 python3 scripts/profile_kernel.py --json $OUT/raw/kernel_profile_h100.json 2>&1 \
+      | tee $OUT/profile.log | grep -v "^{" | tail -12
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -352,3 +352,27 @@ def test_bench_kernels_variants_and_report(tmp_path):
   # 100.7 MB in 40 us = 2.52 TB/s = 84% of 3.0; the fragmented row: 51 us = 66%
   assert "min 66% (9/3 B=64 L=2048 fragmented) -> MISSED" in text
   assert "d ; d2" in text
+
+
+def test_profile_kernel_summary_of_a_trace():
+  """profile_kernel.py's per-program phases from a Mosaic trace: region times are cycles / 1e3
+  after the program's first event; program starts are global-timer microseconds."""
+  profile_kernel = load("profile_kernel")
+
+  def prog(tid, sm, t0, marks):  # marks: (name, begin, end) in cycles after t0 (us)
+    evs = []
+    for name, b, e in marks:
+      evs += [dict(name=name, ph="B", ts=t0 + b / 1e3, pid=sm, tid=tid),
+              dict(name=name, ph="E", ts=t0 + e / 1e3, pid=sm, tid=tid)]
+    return evs
+  common = [("issue_plan", 0, 100), ("wait_plan", 100, 1100), ("wait_k", 1200, 2200),
+            ("wait_v", 2300, 2400)]
+  trace = dict(traceEvents=prog(1, 1, 10.0, common + [("write", 3000, 3500)])
+               + prog(2, 2, 10.5, common + [("write", 3000, 4500)]))
+  s = profile_kernel.summarise(trace)
+  assert (s["programs"], s["sms"]) == (2, 2)
+  assert s["start_spread_max_us"] == pytest.approx(0.5)
+  assert s["plan_done_at_cycles"] == pytest.approx(1100)
+  assert s["wait_k_cycles"] == pytest.approx(1000) and s["wait_v_cycles"] == pytest.approx(100)
+  assert s["write_cycles"] == pytest.approx(1000)  # median of 500 and 1500
+  assert s["end_at_cycles"] == pytest.approx(4000)

@@ -4,7 +4,8 @@
 Runs `paged_decode_attention(backend="mosaic")` on the benchmark's inputs (contiguous blocks)
 with $KVRM_MOSAIC_PROFILE_DIR set, so that Mosaic GPU records, per program and warpgroup, when
 each named region of the kernel begins and ends: the plan's wait (block-table copy), every K and
-V wait, and the output write. Prints a markdown table of medians over the programs of one call.
+V wait, and the output write. Prints a markdown table of medians over the programs of the
+first call after compiling (Mosaic writes one trace per compile).
 
   python scripts/profile_kernel.py --configs 9/3/64x8x512,9/3/64x64x512 [--json out.json]
 
@@ -55,7 +56,7 @@ def summarise(trace: dict) -> dict:
                                                                       for k, v in med.items()})
 
 
-def run(configs, iters=3):
+def run(configs):
   import jax
   import jax.numpy as jnp
   from pallas_kernels.paged_attention import paged_decode_attention, resolve_tile
@@ -74,12 +75,13 @@ def run(configs, iters=3):
     with tempfile.TemporaryDirectory() as tmp:
       os.environ[mgpu.PROFILE_ENV] = tmp
       f = jax.jit(lambda *a: paged_decode_attention(*a, backend="mosaic"))
-      for _ in range(iters):
-        jax.block_until_ready(f(*args))
+      # Mosaic names the trace file when it lowers the kernel, so only a compile's first call
+      # is written (later ones warn that it exists): one call.
+      jax.block_until_ready(f(*args))
       jax.effects_barrier()
       del os.environ[mgpu.PROFILE_ENV]
-      files = sorted(glob.glob(os.path.join(tmp, "*.json")), key=os.path.getmtime)
-      with open(files[-1]) as fh:  # the last call: warm caches
+      files = glob.glob(os.path.join(tmp, "*.json"))
+      with open(files[0]) as fh:
         s = summarise(json.load(fh))
     s.update(config=cfg, tile=dict(chunk_tokens=part.chunk_tokens, num_splits=part.num_splits,
                                    streams=part.streams), traces=len(files))

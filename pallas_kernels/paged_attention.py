@@ -362,9 +362,10 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   streams per program, merged inside it: Mosaic warpgroups, default 1),
   stages (Mosaic SMEM ring depth, per stream), num_warps (Triton). With one
   split the Mosaic kernel writes the output itself (no combine kernel).
-  Returns [B, Hq, D] in q.dtype; inactive slots (length 0) get zeros. return_lse: also return the natural-log log-sum-exp of
-  each q head's scaled scores, [B, Hq] f32 (-inf when empty), to merge further
-  keys (far-history summaries) outside the kernel.
+  Returns [B, Hq, D] in q.dtype; inactive slots (length 0) get zeros.
+  return_lse: also return the natural-log log-sum-exp of each q head's scaled
+  scores, [B, Hq] f32 (-inf when empty), to merge further keys (far-history
+  summaries) outside the kernel.
   """
   _check_args(q, k_pool, v_pool, lengths, block_tables, groups, num_groups)
   backend, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits,

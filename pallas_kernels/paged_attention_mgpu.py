@@ -324,7 +324,7 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
   B, Hq, D = q.shape
   Hkv = k_flat.shape[0]
   g = Hq // Hkv
-  qp = -(-g // 8) * 8
+  qp = _round_up(g, 8)
   S, ns = part.num_splits, part.streams
   rows = q.reshape(B * Hq, D)
   if B * Hq < qp:  # the one TMA box must fit inside the array

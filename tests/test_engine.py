@@ -230,3 +230,41 @@ def test_xla_options_reach_the_compiled_steps():
   eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2))
   with pytest.raises(Exception, match="xla_no_such_option"):
     eng.step()
+
+
+def _dot_precisions(jaxpr) -> list:
+  """The precision of every dot_general in a jaxpr, nested ones (scan, shard_map, pjit) included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn.params["precision"])
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else (v,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          out += _dot_precisions(inner)
+  return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_steps_use_exact_float32_matmuls(dtype):
+  """A float32 engine traces its steps under "highest" precision, so on GPUs XLA and Pallas Triton
+  run IEEE float32 dots rather than their TF32 default (a tp=2 run then decodes what tp=1 does);
+  a bf16 engine keeps the backend's default."""
+  import dataclasses
+
+  import jax
+  eng = Engine(CFG, Llama(CFG, rngs=nnx.Rngs(0)), dataclasses.replace(RT, dtype=dtype, prefill_buckets=(8,)))
+  eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=4))
+  eng.step()  # prefill: the request now decodes
+  ints, floats = eng.build_decode_descriptor(eng.schedule())
+  traced = eng.decode_step.trace(eng.state, eng.k_pool, eng.v_pool, ints, floats)
+  precisions = _dot_precisions(traced.jaxpr.jaxpr)
+  assert len(precisions) >= 4  # qkv, o, gate/up, down, lm head, attention
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  assert all(p == highest for p in precisions) if dtype == "float32" else all(p is None for p in precisions)
+  with jax.default_matmul_precision("tensorfloat32"):  # the process's own choice wins
+    eng2 = Engine(CFG, Llama(CFG, rngs=nnx.Rngs(0)), dataclasses.replace(RT, dtype=dtype, prefill_buckets=(8,)))
+    traced = eng2.decode_step.trace(eng.state, eng.k_pool, eng.v_pool, ints, floats)
+  tf32 = (jax.lax.Precision.HIGH, jax.lax.Precision.HIGH)
+  assert all(p == tf32 for p in _dot_precisions(traced.jaxpr.jaxpr))

@@ -58,6 +58,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
   g.add_argument("--prefill-buckets", default=None, help="comma list of prefill chunk sizes (default: the runtime's)")
   g.add_argument("--max-prefill-seqs", type=int, default=None, help="prompt chunks per prefill step")
   g.add_argument("--attention", default="auto", help="KV-RM attention backend: auto | reference | pallas | interpret")
+  g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
+                 "devices, or 'all' local devices; the KV budget is the whole mesh's (default: no mesh)")
   o = p.add_argument_group("output")
   o.add_argument("--seed", type=int, default=0)
   o.add_argument("--out-json", help="write the raw results here")
@@ -202,8 +204,14 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
 
 
 def build_engine(kind: str, cfg, model, budget: Budget, args, dtype: str):
+  from kvrm_jax import sharding
   from kvrm_jax.engine import Engine
-  return Engine(cfg, model, runtime_for(kind, budget, args, dtype), kind=kind)
+  tp, mesh = getattr(args, "tp", None), None
+  try:
+    mesh = None if tp is None else sharding.make_mesh(tp)
+  except sharding.ShardingError as e:
+    raise UserError(str(e)) from None
+  return Engine(cfg, model, runtime_for(kind, budget, args, dtype), kind=kind, mesh=mesh)
 
 
 def attention_of(engine) -> str:

@@ -1,4 +1,4 @@
-"""One process of the 2-process (multi-controller) CPU test in test_sharding.py.
+"""One process of the 2-process (multi-controller) test in test_sharding.py (CPU, or one GPU each).
 
   python tests/multihost_worker.py PROCESS_ID PORT OUT_JSON
 """
@@ -8,6 +8,9 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+# On a machine with GPUs each process drives one of them (process i: GPU i), as one process per GPU
+# would in production; on CPU this has no effect.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", sys.argv[1])
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

@@ -159,6 +159,7 @@ def test_replay_trace_end_to_end_and_report_from_json(tmp_path, capsys):
     ("decode", ["--families", "nope"]),
     ("decode", ["--engines", "kvrm,vllm"]),
     ("decode", ["--kv-budget-blocks", "4", "--max-len", "128"]),
+    ("decode", ["--tp", "3"]),
     ("replay", []),
     ("replay", ["--trace", "/nonexistent/trace.csv"]),
 ])
@@ -185,7 +186,8 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
 
   launches = [("nvjet_tst_64x8_64x16_TNT", 0.30), ("paged_decode_mgpu_c128_st2", 0.05),
               ("loop_dynamic_slice_fusion_3", 0.02), ("loop_dynamic_slice_fusion_4", 0.02),
-              ("copy_blocks_h8", 0.01), ("input_reduce_fusion", 0.01)]
+              ("copy_blocks_h8", 0.01), ("input_reduce_fusion", 0.01),
+              ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 0.03)]
 
   class FakeExt:
     def _cupti_init(self):
@@ -198,20 +200,23 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   out = tmp_path / "step.json"
   argv = ["--model", "tiny", "--dtype", "float32", "--batches", "4", "--context", "64", "--warmup", "1",
           "--iters", "2", "--layer-loop", "scan", "unroll", "--profile", "2", "--dump-hlo", str(tmp_path / "hlo"),
-          "--xla-options", "xla_gpu_enable_triton_gemm=false", "--out-json", str(out)]
+          "--xla-options", "xla_gpu_enable_triton_gemm=false", "--tp", "1", "2", "--out-json", str(out)]
   assert bench_step.main(argv) == 0
   text = capsys.readouterr().out
   obj = json.loads(out.read_text())
   assert "xla_flags" in obj["meta"]
   rows = obj["rows"]
-  assert [r["layer_loop"] for r in rows] == ["scan", "unroll"]
+  assert [(r["tp"], r["layer_loop"]) for r in rows] == [(1, "scan"), (1, "unroll"), (2, "scan"), (2, "unroll")]
   assert all(r["xla_options"] == "xla_gpu_enable_triton_gemm=false" for r in rows)
+  # tp=2: each device reads half the KV (the tiny model's 2 KV heads split) and its weight shards
+  assert rows[2]["kv_bytes_read"] * 2 == rows[0]["kv_bytes_read"]
+  assert rows[0]["weight_bytes"] / 2 < rows[2]["weight_bytes"] < rows[0]["weight_bytes"]  # embeddings replicated
   for r in rows:
     assert "error" not in r and r["steps_timed"] == 2 and r["decode_compiles"] == 1
     prof = r["profile"]
-    assert prof["device_ms_per_step"] == pytest.approx(0.41)
-    assert prof["buckets_ms_per_step"] == pytest.approx({"matmul": 0.30, "attention": 0.05, "copies": 0.04,
-                                                         "other": 0.02})
+    assert prof["device_ms_per_step"] == pytest.approx(0.44)
+    assert prof["buckets_ms_per_step"] == pytest.approx({"matmul": 0.30, "attention": 0.05, "collectives": 0.03,
+                                                         "copies": 0.04, "other": 0.02})
     assert prof["kernels"][0] == {"name": "nvjet_tst_64x8_64x16_TNT", "ms_per_step": 0.30, "calls_per_step": 1.0}
     assert {"name": "loop_dynamic_slice_fusion", "ms_per_step": pytest.approx(0.04), "calls_per_step": 2.0} \
         in prof["kernel_families"]
@@ -220,6 +225,8 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
     n_layers, n_proj = 2, 4  # wqkv, wo, w_gate_up, w_down
     assert rows[0]["hlo"]["dynamic-slice"] == rows[0]["hlo"]["in_loop_bodies"] == n_proj  # one scan body
     assert rows[1]["hlo"]["slice"] == n_layers * n_proj and rows[1]["hlo"]["in_loop_bodies"] == 0
+  assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false] tp=2" in text
+  assert (tmp_path / "hlo" / "decode_unroll_b4_c64_xla_gpu_enable_triton_gemm_false_tp2.hlo.txt").stat().st_size > 0
   assert (tmp_path / "hlo" / "decode_unroll_b4_c64_xla_gpu_enable_triton_gemm_false.hlo.txt").stat().st_size > 0
   assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false]" in text and "| matmul | 0.300 |" in text
 

@@ -78,8 +78,8 @@ def test_decode_cli_tp2_on_smollm2(smollm2_ckpt, tmp_path, capsys):
 
 
 def test_two_processes_multi_controller_equals_one(tmp_path):
-  """The same mesh code spanning 2 processes (jax.distributed over loopback, gloo collectives on
-  CPU, one device each) decodes what a single process does at tp=1."""
+  """The same mesh code spanning 2 processes (jax.distributed over loopback; one device each: gloo
+  collectives on CPU, NCCL where each process drives one GPU) decodes what one process does at tp=1."""
   import socket
   import subprocess
   import sys

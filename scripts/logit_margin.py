@@ -5,9 +5,13 @@ and prints, at each first divergence, the top logits and the margin between A's 
 
   python scripts/logit_margin.py A.json B.json [--checkpoint DIR] [--json OUT]
 
-A margin of a few 1e-5 (float32 logits of order 10) is a tie that summation order decides: any two
-correct float32 programs whose reductions run in a different order (a psum over 2 devices vs one
-device's matmul) may break it differently. A margin of order 0.1 or more means a real difference.
+How to read a margin, relative to the logits' size (order 10):
+- about 1e-6 of it: float32 rounding. Any two correct float32 programs whose reductions run in a
+  different order (a psum over 2 devices against one device's matmul) may break such a tie
+  differently.
+- about 1e-3 of it: TF32 rounding. GPUs run float32 dots as TF32 unless told otherwise; our float32
+  steps ask for IEEE float32.
+- of order 0.1 or more: the two programs compute different things.
 """
 
 from __future__ import annotations

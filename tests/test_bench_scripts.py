@@ -187,7 +187,7 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   launches = [("nvjet_tst_64x8_64x16_TNT", 0.30), ("paged_decode_mgpu_c128_st2", 0.05),
               ("loop_dynamic_slice_fusion_3", 0.02), ("loop_dynamic_slice_fusion_4", 0.02),
               ("copy_blocks_h8", 0.01), ("input_reduce_fusion", 0.01),
-              ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 0.03)]
+              ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 0.02), ("psum_448_0_fusion", 0.01)]
 
   class FakeExt:
     def _cupti_init(self):

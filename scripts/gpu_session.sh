@@ -323,6 +323,15 @@ case "${1:-}" in
   35)  # session 7, final code, H100: every engine GPU test (float32 ones now on exact float32 dots)
     timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -ra --durations=4 2>&1 | tee $OUT/gpu_tests.log | tail -8
     ;;
+  36)  # session 7: the transposed tile (tokens on the wgmma M side, q heads on N = 16); its GPU
+       # test and the quick Mosaic tests of the default tile (its code moved), then the weak rows
+    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -k "transposed or small_batch or block_offset \
+      or lse" --tb=short --durations=3 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -12
+    timeout 290 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v12_qt.json --batches 8,64 \
+      --lengths 512,2048 --skip-configs 64x2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla \
+      --variants auto,64:2:4:1:t,128:2:4:1:t,128:2:8:1:t,64:2:2:1:t \
+      --md /tmp/docs/kernels_v12.md --png /tmp/docs/kernels_v12.png 2>&1 | tee $OUT/bench_small.log | tail -14
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

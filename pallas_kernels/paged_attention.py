@@ -326,7 +326,7 @@ def paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens",
                                              "num_splits", "streams", "stages", "num_warps",
-                                             "return_lse", "transposed"))
+                                             "return_lse"))
 def _paged_decode_attention(q,             # [B, Hq, D]
                             k_pool,        # [Hkv, N, bs, D]
                             v_pool,        # [Hkv, N, bs, D]
@@ -336,7 +336,7 @@ def _paged_decode_attention(q,             # [B, Hq, D]
                             num_groups,    # [B] int32
                             *, block_offset=0, desc=None, sm_scale=None, backend="auto",
                             interpret=False, chunk_tokens=None, num_splits=None, streams=None,
-                            stages=2, num_warps=4, return_lse=False, transposed=False):
+                            stages=2, num_warps=4, return_lse=False):
   """Decode attention of one new token per sequence over a paged KV pool.
 
   Flash-decoding: the KV axis of each (sequence, kv head) is cut into chunks
@@ -362,9 +362,6 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   streams per program, merged inside it: Mosaic warpgroups, default 1),
   stages (Mosaic SMEM ring depth, per stream), num_warps (Triton). With one
   split the Mosaic kernel writes the output itself (no combine kernel).
-  transposed (Mosaic, num_splits > 1, one stream, <= 16 q heads per kv head): tokens on the
-  wgmma M side and the q heads on N = 16 (S^T = K Q^T, O^T = V^T P^T) instead of the q heads
-  padded to a 64-row tile: a quarter of the MMA work.
   Returns [B, Hq, D] in q.dtype; inactive slots (length 0) get zeros.
   return_lse: also return the natural-log log-sum-exp of each q head's scaled
   scores, [B, Hq] f32 (-inf when empty), to merge further keys (far-history
@@ -382,8 +379,6 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   else:
     block_offset = jnp.asarray(block_offset, jnp.int32)
     base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset  # word 0
-  if transposed and backend != "mosaic":
-    raise ValueError(f"transposed=True is a tile of the mosaic kernel; this call runs {backend!r}")
   if part is None:
     tables = block_tables if base is None else block_tables + base[0]
     return paged_decode_attention_reference(q, k_pool, v_pool, lengths, tables,
@@ -406,7 +401,7 @@ def _paged_decode_attention(q,             # [B, Hq, D]
     mgpu.check_smem(part, D, stages, jnp.dtype(q.dtype).itemsize)
     o, lse = mgpu.decode_partials_mgpu(desc, base, q, k_pool.reshape(Hkv, N * bs, D),
                                        v_pool.reshape(Hkv, N * bs, D), part=part,
-                                       sm_scale=scale, stages=stages, transposed=transposed)
+                                       sm_scale=scale, stages=stages)
     if part.num_splits == 1:  # the kernel wrote the final rows: no combine, no convert
       return o if not return_lse else (o, (lse[:, :, 0, :G] * math.log(2.0)).reshape(B, Hq))
   else:

@@ -37,8 +37,6 @@ from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartit
                                       table_chunk_source)
 
 WG_ROWS = 64  # wgmma tile height: q rows of one kv head, zero padded
-QT_COLS = 16  # transposed tile (tokens on M): q heads of one kv head on N, zero padded
-# (16: the narrowest N whose bf16 rows fill a 32-byte swizzle, the P operand's layout in SMEM)
 TABLE_PIECE = 256  # block ids per TMA of a block-table row (a TMA box is <= 256 per dim)
 SMEM_ALIGN = 32    # int32 words: each TMA target of the plan starts on a 128-byte boundary
 
@@ -90,7 +88,7 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
                  o_ref,      # S > 1: [B, Hkv, S, QP, D] f32; S == 1: [B*Hq, D] q.dtype (GMEM)
                  lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
                  *, table: bool, part: KVPartition, qp: int, g: int, head_dim: int, dtype,
-                 sm_scale: float, stages: int, transposed: bool = False):
+                 sm_scale: float, stages: int):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
@@ -159,11 +157,9 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
     n_w = part.stream_chunks(n, w)       # of them, this stream's: w, w + ns, ...
 
     def kv_scope(k_smem,  # [ns * stages, T, D]
-                 v_smem,  # [ns * stages, T, D] (transposed: 32-byte swizzle, the A operand of
-                          # O^T = V^T P^T read transposed must share P's swizzle)
+                 v_smem,  # [ns * stages, T, D]
                  k_bars,  # [ns * stages]
-                 v_bars,  # [ns * stages]
-                 *p_smem):  # transposed: ([T, QT_COLS] q.dtype: P^T, the B operand of V^T P^T,)
+                 v_bars):  # [ns * stages]
       def issue(j, slot):  # the stream's j-th chunk into its ring slot
         i = w + j * ns   # chunk of the split
         buf = w * stages + slot
@@ -193,49 +189,6 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
       q_smem.at[w][...] = _load(q_stage.at[w], plgpu.Layout.WGMMA)
       plgpu.commit_smem()
 
-      def sanitize_tail(buf, rem_tok):
-        @pl.when(rem_tok < T)
-        def _sanitize_tail():
-          # P is 0 there, but 0 * NaN = NaN in P V: zero V rows past the length.
-          v = _load(v_smem.at[buf], plgpu.Layout.WGMMA)
-          rows = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA)
-          v_smem.at[buf][...] = jnp.where(rows < rem_tok, v, jnp.zeros_like(v))
-          plgpu.commit_smem()
-
-      def body_t(j, carry):  # the transposed tile: S^T = K Q^T [T, QT_COLS], O^T += V^T P^T
-        acc, m_i, l_i = carry  # acc [D, QT_COLS]; m_i, l_i [QT_COLS]
-        slot = lax.rem(j, jnp.int32(stages))
-        buf = w * stages + slot
-        rem_tok = length - (first + w + j * ns) * T
-        with jax.named_scope("wait_k"):
-          plgpu.barrier_wait(k_bars.at[buf])
-
-        def qk_scope(acc_ref):
-          plgpu.wgmma(acc_ref, k_smem.at[buf], _transpose(q_smem.at[w, pl.ds(0, QT_COLS)]))
-          return acc_ref[...]
-        st = pl.run_scoped(qk_scope, plgpu.ACC((T, QT_COLS), jnp.float32))
-        rows = plgpu.broadcasted_iota(jnp.int32, (T, QT_COLS), 0, layout=plgpu.Layout.WGMMA)
-        st = jnp.where(rows < rem_tok, st * scale_log2, -jnp.inf)
-        m_new = jnp.maximum(m_i, st.max(axis=0))  # across the warpgroup's warps
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(st - lax.broadcast_in_dim(m_new, st.shape, [1]))
-        l_i = l_i * alpha + p.sum(axis=0)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-        p_smem[0][...] = p.astype(dtype)  # the last chunk's P V has finished reading it
-        plgpu.commit_smem()
-        with jax.named_scope("wait_v"):
-          plgpu.barrier_wait(v_bars.at[buf])
-        sanitize_tail(buf, rem_tok)
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, _transpose(v_smem.at[buf]), p_smem[0])
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-
-        @pl.when(j + stages < n_w)
-        def _refill():
-          issue(j + stages, slot)
-        return acc, m_new, l_i
-
       def body(j, carry):
         acc, m_i, l_i = carry
         slot = lax.rem(j, jnp.int32(stages))
@@ -259,7 +212,14 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         p16 = p.astype(dtype)
         with jax.named_scope("wait_v"):
           plgpu.barrier_wait(v_bars.at[buf])
-        sanitize_tail(buf, rem_tok)
+
+        @pl.when(rem_tok < T)
+        def _sanitize_tail():
+          # P is 0 there, but 0 * NaN = NaN in P V: zero V rows past the length.
+          v = _load(v_smem.at[buf], plgpu.Layout.WGMMA)
+          rows = plgpu.broadcasted_iota(jnp.int32, (T, D), 0, layout=plgpu.Layout.WGMMA)
+          v_smem.at[buf][...] = jnp.where(rows < rem_tok, v, jnp.zeros_like(v))
+          plgpu.commit_smem()
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
@@ -270,44 +230,21 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
           issue(j + stages, slot)
         return acc, m_new, l_i
 
-      if transposed:
-        acc0 = plgpu.layout_cast(jnp.zeros((D, QT_COLS), jnp.float32), plgpu.Layout.WGMMA)
-        vec = plgpu.Layout.WGMMA.reduce(0)
-        m0 = plgpu.layout_cast(jnp.full((QT_COLS,), -jnp.inf, jnp.float32), vec)
-        l0 = plgpu.layout_cast(jnp.zeros((QT_COLS,), jnp.float32), vec)
-        return lax.fori_loop(0, n_w, body_t, (acc0, m0, l0))
       acc0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), jnp.float32), plgpu.Layout.WGMMA)
       m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32),
                              plgpu.Layout.WGMMA.reduce(1))
       l0 = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       return lax.fori_loop(0, n_w, body, (acc0, m0, l0))
 
-    v_transforms = (tiling, swizzle)
-    p_scratch = ()
-    if transposed:
-      v_transforms = (plgpu.TilingTransform((8, QT_COLS)), plgpu.SwizzleTransform(2 * QT_COLS))
-      p_scratch = (plgpu.SMEM((T, QT_COLS), dtype, transforms=v_transforms),)
     acc, m_i, l_i = pl.run_scoped(
         kv_scope,
         plgpu.SMEM((ns * stages, T, D), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((ns * stages, T, D), dtype, transforms=v_transforms),
+        plgpu.SMEM((ns * stages, T, D), dtype, transforms=(tiling, swizzle)),
         plgpu.Barrier(num_arrivals=cb + 1, num_barriers=ns * stages),
         plgpu.Barrier(num_arrivals=cb + 1, num_barriers=ns * stages),
-        *p_scratch,
         **collective,
     )
-    o, lse = normalize_stream(acc, m_i, l_i, row_dim=1 if transposed else 0)
-    if transposed:  # o^T [D, QT_COLS] f32 and lse [QT_COLS] of this split (one stream)
-      @jax.named_scope("write")
-      def write_t(o_smem, lse_smem):
-        o_smem[...] = o
-        lse_smem[...] = lse
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, s])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, s])
-        plgpu.wait_smem_to_gmem(0)
-      pl.run_scoped(write_t, plgpu.SMEM((D, QT_COLS), jnp.float32), plgpu.SMEM((QT_COLS,), jnp.float32))
-      return
+    o, lse = normalize_stream(acc, m_i, l_i)
 
     @jax.named_scope("write")
     def write(o, lse, o_smem, lse_smem):
@@ -377,16 +314,12 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
                          q,      # [B, Hq, D]
                          k_flat,  # [Hkv, N*bs, D]
                          v_flat,  # [Hkv, N*bs, D]
-                         *, part: KVPartition, sm_scale: float, stages: int = 2,
-                         transposed: bool = False):
+                         *, part: KVPartition, sm_scale: float, stages: int = 2):
   """Runs the Mosaic GPU kernel; returns (o, lse [B, Hkv, S, QP] f32 base 2), QP = q heads per kv
   head rounded up to 8 (rows past that count are not meaningful).
 
   S > 1: o [B, Hkv, S, QP, D] f32, each split normalised by its own sum (merge with
   partition.combine_splits). S == 1: o [B, Hq, D] in q.dtype, final.
-  transposed: the tile with tokens on the wgmma M side (S^T = K Q^T, O^T = V^T P^T) and the q
-  heads on N = QT_COLS, a quarter of the 64-row tile's MMA work; S > 1 and one stream only (see
-  check_transposed). Its QP is QT_COLS.
   """
   B, Hq, D = q.shape
   Hkv = k_flat.shape[0]
@@ -397,43 +330,26 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
   if B * Hq < qp:  # the one TMA box must fit inside the array
     rows = jnp.pad(rows, ((0, qp - B * Hq), (0, 0)))
   table = isinstance(plan, tuple)
-  if transposed:
-    check_transposed(part, g)
   kernel = functools.partial(_decode_kernel, table=table, has_base=base is not None, part=part,
                              qp=qp, g=g, head_dim=D, dtype=q.dtype, sm_scale=sm_scale,
-                             stages=stages, transposed=transposed)
+                             stages=stages)
   o_type = (jax.ShapeDtypeStruct((B * Hq, D), q.dtype) if S == 1
             else jax.ShapeDtypeStruct((B, Hkv, S, qp, D), jnp.float32))
-  lse_cols = qp
-  if transposed:  # o^T per split; turned back below (XLA fuses it into the split combine)
-    o_type = jax.ShapeDtypeStruct((B, Hkv, S, D, QT_COLS), jnp.float32)
-    lse_cols = QT_COLS
   threads = dict(num_threads=ns, thread_name="wg") if ns > 1 else {}
   call = plgpu.kernel(
       kernel,
-      out_type=(o_type, jax.ShapeDtypeStruct((B, Hkv, S, lse_cols), jnp.float32)),
+      out_type=(o_type, jax.ShapeDtypeStruct((B, Hkv, S, qp), jnp.float32)),
       grid=(B, Hkv, S),
       grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True, **_profile_params()),
       kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}"
-                  + ("_qt" if transposed else "") + ("_table" if table else ""),
+                  + ("_table" if table else ""),
       **threads,
   )
   if not table:
     plan = (plan.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS),)
   o, lse = call(*plan, *(() if base is None else (base,)), rows, k_flat, v_flat)
-  if transposed:
-    return jnp.swapaxes(o, -1, -2), lse
   return (o.reshape(B, Hq, D) if S == 1 else o), lse
-
-
-def check_transposed(part: KVPartition, q_per_kv: int) -> None:
-  """ValueError unless the transposed tile can run this partition: it writes per-split partials
-  (num_splits > 1), runs one stream per program, and holds up to QT_COLS q heads per kv head."""
-  if part.num_splits < 2 or part.streams != 1 or q_per_kv > QT_COLS:
-    raise ValueError(f"the transposed tile needs num_splits > 1, streams == 1 and at most {QT_COLS} q heads "
-                     f"per kv head; got num_splits={part.num_splits}, streams={part.streams}, "
-                     f"{q_per_kv} q heads per kv head")
 
 
 PROFILE_ENV = "KVRM_MOSAIC_PROFILE_DIR"

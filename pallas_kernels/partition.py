@@ -175,14 +175,13 @@ def combine_splits(o, lse):
                         [lse[:, :, i] for i in range(o.shape[2])])
 
 
-def normalize_stream(acc, m, l, row_dim=0):
+def normalize_stream(acc, m, l):
   """(o, lse) of one online-softmax stream: acc [R, D] f32 unnormalised output, m [R] its running
   max and l [R] its sum (base-2 exponents). Empty rows (l == 0) get o = 0 and lse = -inf.
-  Both kernels end every stream with it before `merge_partials`. row_dim=1: acc is [D, R] (the
-  Mosaic kernel's transposed tile)."""
+  Both kernels end every stream with it before `merge_partials`."""
   has = l > 0
   safe = jnp.where(has, l, jnp.ones_like(l))
-  o = acc / lax.broadcast_in_dim(safe, acc.shape, (row_dim,))
+  o = acc / lax.broadcast_in_dim(safe, acc.shape, (0,))
   # log * (1 / ln 2): Mosaic GPU lowers log, not log2.
   return o, jnp.where(has, m + jnp.log(safe) * (1 / math.log(2)), jnp.full_like(m, -jnp.inf))
 

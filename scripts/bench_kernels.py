@@ -198,18 +198,16 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
   args = [(qs[r], k_pool, v_pool, lengths, rows[r][0], rows[r][1], rows[r][2]) for r in range(R)]
   best, tried = None, []
   from pallas_kernels.paged_attention import resolve_tile
-  for (ct, st, tp, ns, qt) in variants:
+  for (ct, st, tp, ns) in variants:
     tile = dict(backend=ours_backend, chunk_tokens=ct, num_splits=tp, streams=ns)
-    f = jax.jit(lambda *a, tile=tile, st=st, qt=qt: paged_decode_attention(
-        *a, stages=st, transposed=qt, **tile))
-    name = f"ct={ct} st={st} splits={tp} streams={ns}" + (" transposed" if qt else "")
+    f = jax.jit(lambda *a, tile=tile, st=st: paged_decode_attention(*a, stages=st, **tile))
+    name = f"ct={ct} st={st} splits={tp} streams={ns}"
     try:
       _, part = resolve_tile(qs[0], k_pool, rows[0][0], backend=ours_backend, chunk_tokens=ct,
                              num_splits=tp, streams=ns)
       err = rel_err(f(*args[0]), ref)
       t = timer(f, args, iters)
-      t.update(variant=dict(chunk_tokens=ct, stages=st, num_splits=tp, streams=ns, transposed=qt),
-               rel_err=err,
+      t.update(variant=dict(chunk_tokens=ct, stages=st, num_splits=tp, streams=ns), rel_err=err,
                tile=dict(chunk_tokens=part.chunk_tokens, num_splits=part.num_splits,
                          streams=part.streams) if part else None)
       name += f" -> {t['tile']}"
@@ -235,9 +233,8 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
     _, part = resolve_tile(qs[0], k_pool, rows[0][0], **tile)
     dargs = [(q, k, v_, ln, bt, g, ng, build_descriptors(ln, bt, g, ng, part))
              for (q, k, v_, ln, bt, g, ng) in args]
-    qt = v.get("transposed", False)
-    f = jax.jit(lambda *a, tile=tile, st=v["stages"], qt=qt: paged_decode_attention(
-        *a[:7], desc=a[7], stages=st, transposed=qt, **tile))
+    f = jax.jit(lambda *a, tile=tile, st=v["stages"]: paged_decode_attention(
+        *a[:7], desc=a[7], stages=st, **tile))
     try:
       t = timer(f, dargs, iters)
       out["ours_desc_prebuilt"] = t
@@ -287,19 +284,16 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
 
 
 def parse_variants(s):
-  """"auto" or "chunk_tokens:stages[:num_splits[:streams[:t]]]", comma separated ->
-  [(ct, st, splits, streams, transposed)], None = the kernel's default choice ("auto": every tile
-  arg); a trailing ":t" asks for the transposed tile (tokens on the wgmma M side)."""
+  """"auto" or "chunk_tokens:stages[:num_splits[:streams]]", comma separated ->
+  [(ct, st, splits, streams)], None = the kernel's default choice ("auto": every tile arg)."""
   out = []
   for item in s.split(","):
     if item == "auto":
-      out.append((None, 2, None, None, False))
+      out.append((None, 2, None, None))
       continue
     ct, st, *rest = item.split(":")
-    qt = bool(rest) and rest[-1] == "t"
-    rest = rest[:-1] if qt else rest
     tp = int(rest[0]) if rest and rest[0] != "auto" else None
-    out.append((int(ct), int(st), tp, int(rest[1]) if len(rest) > 1 else 1, qt))
+    out.append((int(ct), int(st), tp, int(rest[1]) if len(rest) > 1 else 1))
   return out
 
 
@@ -451,8 +445,7 @@ def write_docs(data, md_path, png_path, json_rel):
     if o:  # the tile the call ran (older runs recorded only the arguments)
       v = o.get("tile") or dict(o["variant"], num_splits=o["variant"]["num_splits"] or "auto")
       tile = (f"c{v['chunk_tokens']} s{o['variant']['stages']} sp{v['num_splits']} "
-              f"w{v.get('streams') or 1}" + (" qt" if o["variant"].get("transposed") else "")
-              + (" (auto)" if o["variant"]["chunk_tokens"] is None else ""))
+              f"w{v.get('streams') or 1}" + (" (auto)" if o["variant"]["chunk_tokens"] is None else ""))
     else:
       tile = "-"
     pre = r.get("ours_desc_prebuilt")

@@ -323,7 +323,7 @@ case "${1:-}" in
   35)  # session 7, final code, H100: every engine GPU test (float32 ones now on exact float32 dots)
     timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -ra --durations=4 2>&1 | tee $OUT/gpu_tests.log | tail -8
     ;;
-  36)  # session 7: the transposed tile (tokens on the wgmma M side, q heads on N = 16); its GPU
+  36)  # session 7: the transposed tile (tokens on the wgmma M side, q heads on N = 16; reverted); its GPU
        # test and the quick Mosaic tests of the default tile (its code moved), then the weak rows
     timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -k "transposed or small_batch or block_offset \
       or lse" --tb=short --durations=3 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -12

@@ -519,44 +519,6 @@ def test_gpu_kernel_matches_oracle(backend):
   assert not failures, "\n".join(failures[:10])
 
 
-def test_transposed_tile_is_refused_where_it_cannot_run():
-  """transposed=True: a tile of the Mosaic kernel with per-split partials and one stream."""
-  from pallas_kernels.paged_attention_mgpu import check_transposed
-  c = make_case(7, bs=16, ratio=3, head_dim=64, layout="runs", dtype=np.float32)
-  with pytest.raises(ValueError, match="tile of the mosaic kernel"):
-    paged_decode_attention(*attn_args(c), backend="interpret", transposed=True)
-  ok = KVPartition(block_size=16, max_blocks=32, chunk_blocks=4, num_splits=2)
-  check_transposed(ok, 16)
-  for part, g in ((ok, 17), (KVPartition(16, 32, 4, num_splits=1), 3),
-                  (KVPartition(16, 32, 4, num_splits=2, streams=2), 3)):
-    with pytest.raises(ValueError, match="num_splits > 1, streams == 1"):
-      check_transposed(part, g)
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_mosaic_transposed_tile_matches_oracle():
-  """The transposed tile (tokens on the wgmma M side, q heads on N = 16): every GQA ratio and
-  head dim, the block sizes and layouts rotating, poisoned free blocks, chunks of 64 and 128
-  tokens, 2-4 splits; and its log-sum-exp."""
-  failures = []
-  for i, (ratio, head_dim) in enumerate(itertools.product((1, 3, 4, 8), (64, 128))):
-    bs, layout = (8, 16, 32)[i % 3], LAYOUTS[i % 3]
-    c = make_case(60 + i, bs=bs, ratio=ratio, head_dim=head_dim, layout=layout, dtype=jnp.bfloat16,
-                  max_blocks=24 * 16 // bs, kv_heads=2)
-    ct, splits = (64, 3) if i % 2 else (128, 2)
-    try:
-      out, lse = paged_decode_attention(*attn_args(c), backend="mosaic", chunk_tokens=ct,
-                                        num_splits=splits, transposed=True, return_lse=True)
-      check(out, c, jnp.bfloat16)
-      _, ref_lse = paged_decode_attention(*attn_args(c), backend="reference", return_lse=True)
-      live = np.asarray(c["lengths"]) > 0
-      np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(ref_lse)[live], rtol=2e-2, atol=2e-2)
-    except AssertionError as e:
-      failures.append(f"{bs=} {ratio=} {head_dim=} {layout} {ct=} {splits=}: {str(e)[:300]}")
-  assert not failures, "\n".join(failures)
-
-
 @pytest.mark.gpu
 @gpu
 def test_gpu_mosaic_small_batch_and_descriptor_fallback():

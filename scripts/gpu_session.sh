@@ -332,6 +332,26 @@ case "${1:-}" in
       --variants auto,64:2:4:1:t,128:2:4:1:t,128:2:8:1:t,64:2:2:1:t \
       --md /tmp/docs/kernels_v12.md --png /tmp/docs/kernels_v12.png 2>&1 | tee $OUT/bench_small.log | tail -14
     ;;
+  37)  # session 8: splits merged in a thread-block cluster (distributed shared memory), now the
+       # default for 2-8 splits; the Mosaic tests (both merges), then the weak rows against the
+       # combine kernel (:k) and tiles with more splits
+    timeout 270 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py -k "mosaic or bfloat16" \
+      --tb=short --durations=4 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -12
+    timeout 300 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v13_cluster.json \
+      --batches 8,64 --lengths 512,2048 --skip-configs 64x2048 --heads 9/3/64,32/8/128 --iters 20 \
+      --skip-xla --variants auto,auto:k,64:2:4:1,64:2:8:1,128:2:2:1 \
+      --md /tmp/docs/kernels_v13.md --png /tmp/docs/kernels_v13.png 2>&1 | tee $OUT/bench_small.log | tail -14
+    ;;
+  38)  # session 8: the cluster merge pushes (st.async into block 0's SMEM, one cluster barrier)
+       # instead of block 0 pulling with loads (phase 37: slower than the combine kernel); the weak
+       # rows against the combine kernel (:k), then the quick Mosaic tests of both merges
+    timeout 250 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v14_push.json \
+      --batches 8,64 --lengths 512,2048 --skip-configs 64x2048 --heads 9/3/64,32/8/128 --iters 20 \
+      --skip-xla --variants auto,auto:k,64:2:4:1,64:2:4:1:k,128:2:2:1 \
+      --md /tmp/docs/kernels_v14.md --png /tmp/docs/kernels_v14.png 2>&1 | tee $OUT/bench_small.log | tail -14
+    timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic and (lse or block_offset or small_batch)" \
+      --tb=short --durations=4 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -12
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

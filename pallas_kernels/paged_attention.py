@@ -26,7 +26,6 @@ from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartit
                                       normalize_stream)
 
 BACKENDS = ("auto", "reference", "interpret", "mosaic", "triton")
-SPLIT_MERGES = ("auto", "cluster", "combine")
 MAX_STREAMS = 4  # Mosaic warpgroups per program
 LOG2E = math.log2(math.e)
 
@@ -135,22 +134,6 @@ def _generic_call(desc,   # [B, S, W] int32
       name=f"paged_decode_generic_c{part.chunk_tokens}_s{S}",
       **params,
   )(desc, base, q4, k_pool, v_pool)
-
-
-def _cluster_merge(backend: str, part: KVPartition | None, split_merge: str) -> bool:
-  """Whether the Mosaic kernel merges its splits itself, in a thread-block cluster."""
-  if split_merge not in SPLIT_MERGES:
-    raise ValueError(f"split_merge must be one of {SPLIT_MERGES}, got {split_merge!r}")
-  if backend != "mosaic" or part is None or part.num_splits == 1 or split_merge == "combine":
-    return False
-  from pallas_kernels.paged_attention_mgpu import MAX_CLUSTER
-  if part.num_splits <= MAX_CLUSTER:
-    return True
-  if split_merge == "cluster":
-    raise ValueError(f"split_merge='cluster' merges at most {MAX_CLUSTER} splits in one cluster, "
-                     f"this tile has {part.num_splits}: pass num_splits <= {MAX_CLUSTER} or "
-                     "split_merge='auto'")
-  return False
 
 
 def _resolve_backend(backend: str) -> str:
@@ -343,7 +326,7 @@ def paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens",
                                              "num_splits", "streams", "stages", "num_warps",
-                                             "split_merge", "return_lse"))
+                                             "return_lse"))
 def _paged_decode_attention(q,             # [B, Hq, D]
                             k_pool,        # [Hkv, N, bs, D]
                             v_pool,        # [Hkv, N, bs, D]
@@ -353,7 +336,7 @@ def _paged_decode_attention(q,             # [B, Hq, D]
                             num_groups,    # [B] int32
                             *, block_offset=0, desc=None, sm_scale=None, backend="auto",
                             interpret=False, chunk_tokens=None, num_splits=None, streams=None,
-                            stages=2, num_warps=4, split_merge="auto", return_lse=False):
+                            stages=2, num_warps=4, return_lse=False):
   """Decode attention of one new token per sequence over a paged KV pool.
 
   Flash-decoding: the KV axis of each (sequence, kv head) is cut into chunks
@@ -379,11 +362,6 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   streams per program, merged inside it: Mosaic warpgroups, default 1),
   stages (Mosaic SMEM ring depth, per stream), num_warps (Triton). With one
   split the Mosaic kernel writes the output itself (no combine kernel).
-  split_merge: how the Mosaic kernel's splits meet: "cluster" (2 to 8 splits:
-  one thread-block cluster per (sequence, kv head), merged inside the kernel
-  through distributed shared memory, no combine kernel), "combine" (per-split
-  partials merged by an XLA reduction after the kernel), "auto" (cluster
-  where it applies). The other backends always combine.
   Returns [B, Hq, D] in q.dtype; inactive slots (length 0) get zeros.
   return_lse: also return the natural-log log-sum-exp of each q head's scaled
   scores, [B, Hq] f32 (-inf when empty), to merge further keys (far-history
@@ -392,7 +370,6 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   _check_args(q, k_pool, v_pool, lengths, block_tables, groups, num_groups)
   backend, part = _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits,
                         streams)
-  cluster = _cluster_merge(backend, part, split_merge)
   B, Hq, D = q.shape
   Hkv, N, bs, _ = k_pool.shape
   G = Hq // Hkv
@@ -421,11 +398,11 @@ def _paged_decode_attention(q,             # [B, Hq, D]
                      "decode_descriptors() and the same static args")
   if backend == "mosaic":
     from pallas_kernels import paged_attention_mgpu as mgpu
-    mgpu.check_smem(part, D, stages, jnp.dtype(q.dtype).itemsize, cluster)
+    mgpu.check_smem(part, D, stages, jnp.dtype(q.dtype).itemsize)
     o, lse = mgpu.decode_partials_mgpu(desc, base, q, k_pool.reshape(Hkv, N * bs, D),
                                        v_pool.reshape(Hkv, N * bs, D), part=part,
-                                       sm_scale=scale, stages=stages, cluster=cluster)
-    if part.num_splits == 1 or cluster:  # the kernel wrote the final rows: no combine, no convert
+                                       sm_scale=scale, stages=stages)
+    if part.num_splits == 1:  # the kernel wrote the final rows: no combine, no convert
       return o if not return_lse else (o, (lse[:, :, 0, :G] * math.log(2.0)).reshape(B, Hq))
   else:
     q4 = q.reshape(B, Hkv, G, D)

@@ -16,13 +16,9 @@
 # past the end) and give outputs nobody reads; no padded copy of q is made.
 # S = Q K^T and O += P V run on the tensor cores, online softmax in registers. The warpgroups'
 # partial results meet in SMEM and warpgroup 0 merges them (partition.merge_partials).
-# Output: with S == 1 the G final rows in q.dtype, straight into [B*Hq, D] (one kernel per call:
-# no descriptor build, no combine, no convert). With 1 < S <= 8 and `cluster`, the S programs of a
-# (sequence, kv head) run as one thread-block cluster: each leaves its partial (o, lse) in its own
-# SMEM, and after a cluster barrier program 0 reads the others' through distributed shared memory,
-# merges them (partition.merge_partials) and writes the final rows the same way; no combine kernel.
-# Otherwise, per split o normalised by its own sum (f32) and base-2 lse, merged by
-# partition.combine_splits.
+# Output: with S > 1, per split o normalised by its own sum (f32) and base-2 lse, merged by
+# partition.combine_splits; with S == 1 the G final rows in q.dtype, straight into [B*Hq, D]
+# (one kernel per call: no descriptor build, no combine, no convert).
 from __future__ import annotations
 
 import functools
@@ -76,25 +72,6 @@ def _load(ref, layout):
 
 _LOAD_NO_IDX = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
-MAX_CLUSTER = 8  # thread blocks per cluster that every Hopper launch accepts (portable size)
-LSE_COLS = 32    # an lse pushed to another block travels as [64, LSE_COLS] f32 (one swizzled row)
-
-
-def _cluster_sync():
-  """Every thread of every block of the cluster arrives, then waits for all the others
-  (`barrier.cluster`: arrive has release, wait acquire semantics), so the shared-memory writes
-  made before it are visible to the whole cluster after it. Pallas exposes no such primitive;
-  it is one line of PTX through inline_mgpu."""
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm
-
-  @plgpu.inline_mgpu()
-  def sync(_):
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [],
-                    "barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;", "",
-                    has_side_effects=True)
-  sync()
-
 
 def _decode_kernel(*refs, table: bool, has_base: bool, **kw):
   n_plan = 2 if table else 1
@@ -108,16 +85,16 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
                  q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
                  k_ref,      # [Hkv, N*bs, D] (GMEM)
                  v_ref,      # [Hkv, N*bs, D] (GMEM)
-                 o_ref,      # S == 1 or cluster: [B*Hq, D] q.dtype; else [B, Hkv, S, QP, D] f32
-                 lse_ref,    # [B, Hkv, S, QP] f32 (cluster: [B, Hkv, 1, QP]) (GMEM)
+                 o_ref,      # S > 1: [B, Hkv, S, QP, D] f32; S == 1: [B*Hq, D] q.dtype (GMEM)
+                 lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
                  *, table: bool, part: KVPartition, qp: int, g: int, head_dim: int, dtype,
-                 sm_scale: float, stages: int, cluster: bool):
+                 sm_scale: float, stages: int):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
-  s = lax.axis_index("s")  # a grid axis, or (cluster) the block's index in its cluster
+  s = lax.axis_index("s")
   ns = part.streams  # warpgroups; each runs its own ring and online softmax
   w = lax.axis_index("wg") if ns > 1 else jnp.int32(0)
-  direct = part.num_splits == 1 or cluster  # no split combine: write the final rows in q.dtype
+  direct = part.num_splits == 1  # no split combine: write the final rows in q.dtype
   bs, cb, cps = part.block_size, part.chunk_blocks, part.chunks_per_split
   T, D = part.chunk_tokens, head_dim
   tiling = plgpu.TilingTransform((8, 64))
@@ -270,61 +247,28 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
     o, lse = normalize_stream(acc, m_i, l_i)
 
     @jax.named_scope("write")
-    def write(o, lse, o_smem, lse_smem, s_out):
+    def write(o, lse, o_smem, lse_smem):
       o_smem[...] = o.astype(o_smem.dtype)
       lse_smem[...] = lse
       plgpu.commit_smem()
       if direct:  # the G rows of this kv head, straight into the [B*Hq, D] output
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, g)], o_ref.at[pl.ds(q_row0, g)])
       else:
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, qp)], o_ref.at[b, h, s_out])
-      plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, qp)], lse_ref.at[b, h, s_out])
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, qp)], o_ref.at[b, h, s])
+      plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, qp)], lse_ref.at[b, h, s])
       plgpu.wait_smem_to_gmem(0)
 
-    def finish(o, lse, o_smem, lse_smem, shared):
-      """The program's (o, lse), held by warpgroup 0: written out, or (cluster) pushed into
-      block 0's SMEM, which merges the splits."""
-      if not cluster:
-        write(o, lse, o_smem, lse_smem, s)
-        return
-      recv_o, recv_lse, recv_bar = shared
-
-      @pl.when(s > 0)
-      def _push():
-        # st.async into block 0's SMEM: fire and forget, completing on its barrier. lse travels
-        # as a [64, 32] tile (async stores take tiled, swizzled 2-D buffers).
-        at0 = dict(cluster_idx=jnp.int32(0), cluster_dim="s")
-        plgpu.async_store_smem(o, recv_o.at[s - 1], recv_bar, **at0)
-        plgpu.async_store_smem(lax.broadcast_in_dim(lse, (WG_ROWS, LSE_COLS), [0]),
-                               recv_lse.at[s - 1], recv_bar, **at0)
-
-      @pl.when(s == 0)
-      def _merge_splits():
-        plgpu.barrier_wait(recv_bar)
-        os_, lses = [o], [lse]
-        for i in range(part.num_splits - 1):
-          os_.append(_load(recv_o.at[i], plgpu.Layout.WGMMA))
-          lses.append(_load(recv_lse.at[i], plgpu.Layout.WGMMA).max(axis=1))
-        write(*merge_partials(os_, lses), o_smem, lse_smem, 0)
-
-    def out_scope(o_smem,      # [64, D]: f32 partial (S > 1) or q.dtype rows (S == 1, cluster)
+    def out_scope(o_smem,      # [64, D]: f32 partial (S > 1) or q.dtype rows (S == 1)
                   lse_smem,    # [64] f32
-                  *rest):      # cluster: o [S - 1, 64, D] f32 and lse [S - 1, 64, 32] f32 pushed
-                               # by blocks 1.. of the cluster (read by block 0), their barrier;
-                               # then ns > 1: o [ns - 1, 64, D] f32, lse [ns - 1, 64] f32, barrier
-      shared, merge = (rest[:3], rest[3:]) if cluster else ((), rest)
-      if cluster:
-        # Every block of the cluster is past its KV loop (all warpgroups arrive): block 0's
-        # buffers, which reuse its ring's memory, are free for the others' pushes.
-        _cluster_sync()
+                  *merge):     # ns > 1: o [ns - 1, 64, D] f32, lse [ns - 1, 64] f32, barrier
       if ns == 1:
-        finish(o, lse, o_smem, lse_smem, shared)
+        write(o, lse, o_smem, lse_smem)
         return
       merge_o, merge_lse, merge_bar = merge
 
       # Entering this scope synchronised the warpgroups, so every ring is idle and these
       # buffers may reuse its memory. Streams 1.. hand their partials to stream 0 through
-      # SMEM; stream 0 merges them.
+      # SMEM; stream 0 merges them and writes.
       @pl.when(w > 0)
       def _hand_over():
         merge_o.at[w - 1][...] = o
@@ -332,27 +276,21 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         plgpu.barrier_arrive(merge_bar)
 
       @pl.when(w == 0)
-      def _merge_streams():
+      def _merge_and_write():
         plgpu.barrier_wait(merge_bar)
         os_, lses = [o], [lse]
         for i in range(ns - 1):
           os_.append(_load(merge_o.at[i], plgpu.Layout.WGMMA))
           lses.append(_load(merge_lse.at[i], plgpu.Layout.WGMMA.reduce(1)))
-        finish(*merge_partials(os_, lses), o_smem, lse_smem, shared)
+        write(*merge_partials(os_, lses), o_smem, lse_smem)
 
-    extra = ()
-    if cluster:
-      f32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-      extra += (plgpu.SMEM((part.num_splits - 1, WG_ROWS, D), jnp.float32, transforms=f32_tiles),
-                plgpu.SMEM((part.num_splits - 1, WG_ROWS, LSE_COLS), jnp.float32,
-                           transforms=f32_tiles),
-                plgpu.Barrier(num_arrivals=2 * (part.num_splits - 1)))
+    merge = ()
     if ns > 1:
-      extra += (plgpu.SMEM((ns - 1, WG_ROWS, D), jnp.float32),
-                plgpu.SMEM((ns - 1, WG_ROWS), jnp.float32),
-                plgpu.Barrier(num_arrivals=ns - 1))
+      merge = (plgpu.SMEM((ns - 1, WG_ROWS, D), jnp.float32),
+               plgpu.SMEM((ns - 1, WG_ROWS), jnp.float32),
+               plgpu.Barrier(num_arrivals=ns - 1))
     pl.run_scoped(out_scope, plgpu.SMEM((WG_ROWS, D), dtype if direct else jnp.float32),
-                  plgpu.SMEM((WG_ROWS,), jnp.float32), *extra, **collective)
+                  plgpu.SMEM((WG_ROWS,), jnp.float32), *merge, **collective)
 
   if table:
     plan_smem = (plgpu.SMEM((ns, pieces, _round_up(piece, SMEM_ALIGN)), jnp.int32),)
@@ -376,51 +314,42 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
                          q,      # [B, Hq, D]
                          k_flat,  # [Hkv, N*bs, D]
                          v_flat,  # [Hkv, N*bs, D]
-                         *, part: KVPartition, sm_scale: float, stages: int = 2,
-                         cluster: bool = False):
+                         *, part: KVPartition, sm_scale: float, stages: int = 2):
   """Runs the Mosaic GPU kernel; returns (o, lse [B, Hkv, S, QP] f32 base 2), QP = q heads per kv
   head rounded up to 8 (rows past that count are not meaningful).
 
   S > 1: o [B, Hkv, S, QP, D] f32, each split normalised by its own sum (merge with
-  partition.combine_splits). S == 1: o [B, Hq, D] in q.dtype, final. cluster (1 < S <=
-  MAX_CLUSTER): the splits of a (sequence, kv head) merge inside the kernel, through distributed
-  shared memory; o [B, Hq, D] in q.dtype, final, and lse [B, Hkv, 1, QP].
+  partition.combine_splits). S == 1: o [B, Hq, D] in q.dtype, final.
   """
   B, Hq, D = q.shape
   Hkv = k_flat.shape[0]
   g = Hq // Hkv
   qp = _round_up(g, 8)
   S, ns = part.num_splits, part.streams
-  if cluster and not 1 < S <= MAX_CLUSTER:
-    raise ValueError(f"a cluster merges 2 to {MAX_CLUSTER} splits, got num_splits={S}")
   rows = q.reshape(B * Hq, D)
   if B * Hq < qp:  # the one TMA box must fit inside the array
     rows = jnp.pad(rows, ((0, qp - B * Hq), (0, 0)))
   table = isinstance(plan, tuple)
   kernel = functools.partial(_decode_kernel, table=table, has_base=base is not None, part=part,
                              qp=qp, g=g, head_dim=D, dtype=q.dtype, sm_scale=sm_scale,
-                             stages=stages, cluster=cluster)
-  final = S == 1 or cluster
-  o_type = (jax.ShapeDtypeStruct((B * Hq, D), q.dtype) if final
+                             stages=stages)
+  o_type = (jax.ShapeDtypeStruct((B * Hq, D), q.dtype) if S == 1
             else jax.ShapeDtypeStruct((B, Hkv, S, qp, D), jnp.float32))
   threads = dict(num_threads=ns, thread_name="wg") if ns > 1 else {}
-  # A cluster's S blocks are the splits of one (sequence, kv head); axis "s" is then the
-  # block's index in its cluster.
-  mesh = (dict(grid=(B, Hkv), grid_names=("b", "h"), cluster=(S,), cluster_names=("s",))
-          if cluster else dict(grid=(B, Hkv, S), grid_names=("b", "h", "s")))
   call = plgpu.kernel(
       kernel,
-      out_type=(o_type, jax.ShapeDtypeStruct((B, Hkv, 1 if cluster else S, qp), jnp.float32)),
-      **mesh,
+      out_type=(o_type, jax.ShapeDtypeStruct((B, Hkv, S, qp), jnp.float32)),
+      grid=(B, Hkv, S),
+      grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True, **_profile_params()),
       kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}"
-                  + ("_table" if table else "") + ("_cluster" if cluster else ""),
+                  + ("_table" if table else ""),
       **threads,
   )
   if not table:
     plan = (plan.reshape(B, S, part.desc_width // DESC_COLS, DESC_COLS),)
   o, lse = call(*plan, *(() if base is None else (base,)), rows, k_flat, v_flat)
-  return (o.reshape(B, Hq, D) if final else o), lse
+  return (o.reshape(B, Hq, D) if S == 1 else o), lse
 
 
 PROFILE_ENV = "KVRM_MOSAIC_PROFILE_DIR"
@@ -439,25 +368,21 @@ def _profile_params() -> dict:
 MAX_SMEM_BYTES = 232448  # H100 / H200: what Mosaic GPU reports as available per block
 
 
-def smem_bytes(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2,
-               cluster: bool = False) -> int:
+def smem_bytes(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2) -> int:
   """Estimated shared memory of the decode kernel, in bytes. On six tiles lowered for CUDA it came
   out 0.9-1.9 KB above Mosaic's own count; the 4 KB term covers barriers and alignment. Counts
   the descriptor plan; the table plan's lengths and block ids take no more than its row."""
   ns, D = part.streams, head_dim
   main = ns * (part.desc_width * 4 + DESC_COLS * 4 + 2 * WG_ROWS * D * itemsize)
   ring = 2 * ns * stages * part.chunk_tokens * D * itemsize
-  out = (WG_ROWS * D * 4 + WG_ROWS * 4) * ns
-  if cluster:
-    out += (part.num_splits - 1) * WG_ROWS * (D + LSE_COLS) * 4
+  out = WG_ROWS * D * 4 + WG_ROWS * 4 + (ns - 1) * (WG_ROWS * D * 4 + WG_ROWS * 4)
   return main + max(ring, out) + 4096
 
 
-def check_smem(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2,
-               cluster: bool = False) -> None:
+def check_smem(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2) -> None:
   """ValueError (with what to change) for a tile that cannot fit shared memory; the estimate's
   slack is given back so that no tile Mosaic would accept is refused here."""
-  need = smem_bytes(part, head_dim, stages, itemsize, cluster) - 4096
+  need = smem_bytes(part, head_dim, stages, itemsize) - 4096
   if need > MAX_SMEM_BYTES:
     fixes = ["fewer stages", "fewer streams"] + (["64-token chunks"] if part.chunk_tokens > 64 else [])
     raise ValueError(

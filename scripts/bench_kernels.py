@@ -198,22 +198,18 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
   args = [(qs[r], k_pool, v_pool, lengths, rows[r][0], rows[r][1], rows[r][2]) for r in range(R)]
   best, tried = None, []
   from pallas_kernels.paged_attention import resolve_tile
-  from pallas_kernels.paged_attention import _cluster_merge
-  for (ct, st, tp, ns, merge) in variants:
+  for (ct, st, tp, ns) in variants:
     tile = dict(backend=ours_backend, chunk_tokens=ct, num_splits=tp, streams=ns)
-    f = jax.jit(lambda *a, tile=tile, st=st, merge=merge: paged_decode_attention(
-        *a, stages=st, split_merge=merge, **tile))
-    name = f"ct={ct} st={st} splits={tp} streams={ns} merge={merge}"
+    f = jax.jit(lambda *a, tile=tile, st=st: paged_decode_attention(*a, stages=st, **tile))
+    name = f"ct={ct} st={st} splits={tp} streams={ns}"
     try:
-      backend, part = resolve_tile(qs[0], k_pool, rows[0][0], backend=ours_backend,
-                                   chunk_tokens=ct, num_splits=tp, streams=ns)
+      _, part = resolve_tile(qs[0], k_pool, rows[0][0], backend=ours_backend, chunk_tokens=ct,
+                             num_splits=tp, streams=ns)
       err = rel_err(f(*args[0]), ref)
       t = timer(f, args, iters)
-      t.update(variant=dict(chunk_tokens=ct, stages=st, num_splits=tp, streams=ns,
-                            split_merge=merge), rel_err=err,
+      t.update(variant=dict(chunk_tokens=ct, stages=st, num_splits=tp, streams=ns), rel_err=err,
                tile=dict(chunk_tokens=part.chunk_tokens, num_splits=part.num_splits,
-                         streams=part.streams,
-                         cluster=_cluster_merge(backend, part, merge)) if part else None)
+                         streams=part.streams) if part else None)
       name += f" -> {t['tile']}"
       log(f"    ours {name}: {t['ms']:.4f} ms (wall {t['wall_ms']:.4f}) err={err:.2e} "
           f"kernels {t.get('kernel_us')}")
@@ -237,8 +233,8 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
     _, part = resolve_tile(qs[0], k_pool, rows[0][0], **tile)
     dargs = [(q, k, v_, ln, bt, g, ng, build_descriptors(ln, bt, g, ng, part))
              for (q, k, v_, ln, bt, g, ng) in args]
-    f = jax.jit(lambda *a, tile=tile, st=v["stages"], m=v.get("split_merge", "auto"):
-                paged_decode_attention(*a[:7], desc=a[7], stages=st, split_merge=m, **tile))
+    f = jax.jit(lambda *a, tile=tile, st=v["stages"]: paged_decode_attention(
+        *a[:7], desc=a[7], stages=st, **tile))
     try:
       t = timer(f, dargs, iters)
       out["ours_desc_prebuilt"] = t
@@ -288,21 +284,16 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
 
 
 def parse_variants(s):
-  """"auto[:k]" or "chunk_tokens:stages[:num_splits[:streams]][:k]", comma separated ->
-  [(ct, st, splits, streams, split_merge)], None = the kernel's default choice ("auto": every tile
-  arg); a trailing ":k" merges the splits with the combine kernel (split_merge="combine") where the
-  default would merge them in a thread-block cluster."""
+  """"auto" or "chunk_tokens:stages[:num_splits[:streams]]", comma separated ->
+  [(ct, st, splits, streams)], None = the kernel's default choice ("auto": every tile arg)."""
   out = []
   for item in s.split(","):
-    ct, *rest = item.split(":")
-    merge = "combine" if rest and rest[-1] == "k" else "auto"
-    rest = rest[:-1] if merge == "combine" else rest
-    if ct == "auto":
-      out.append((None, 2, None, None, merge))
+    if item == "auto":
+      out.append((None, 2, None, None))
       continue
-    st, *rest = rest
+    ct, st, *rest = item.split(":")
     tp = int(rest[0]) if rest and rest[0] != "auto" else None
-    out.append((int(ct), int(st), tp, int(rest[1]) if len(rest) > 1 else 1, merge))
+    out.append((int(ct), int(st), tp, int(rest[1]) if len(rest) > 1 else 1))
   return out
 
 
@@ -439,8 +430,7 @@ def write_docs(data, md_path, png_path, json_rel):
       "before the kernel planned in-kernel), timed the same way. one pass = an XLA elementwise "
       "kernel reading and writing half the KV bytes each (the same DRAM traffic), rotating inputs "
       "the same way: what moving these bytes once costs at this size. Tile: chunk "
-      "tokens, ring stages, splits, streams (warpgroups) per program; cl = the splits merged "
-      "inside the kernel, in a thread-block cluster (no combine kernel).",
+      "tokens, ring stages, splits, streams (warpgroups) per program.",
       "",
       "| heads q/kv, d | B | L | layout | ours ms | ours TB/s | % copy | jax ms | jax TB/s | "
       "ours / jax speed | ours, desc. plan ms | one pass ms | xla ms | xla TB/s | ours tile |",
@@ -455,8 +445,7 @@ def write_docs(data, md_path, png_path, json_rel):
     if o:  # the tile the call ran (older runs recorded only the arguments)
       v = o.get("tile") or dict(o["variant"], num_splits=o["variant"]["num_splits"] or "auto")
       tile = (f"c{v['chunk_tokens']} s{o['variant']['stages']} sp{v['num_splits']} "
-              f"w{v.get('streams') or 1}" + (" cl" if v.get("cluster") else "")
-              + (" (auto)" if o["variant"]["chunk_tokens"] is None else ""))
+              f"w{v.get('streams') or 1}" + (" (auto)" if o["variant"]["chunk_tokens"] is None else ""))
     else:
       tile = "-"
     pre = r.get("ours_desc_prebuilt")

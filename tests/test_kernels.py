@@ -335,11 +335,9 @@ def test_return_lse_matches_reference(backend):
   dtype = jnp.bfloat16 if backend == "mosaic" else np.float32
   c = make_case(14, bs=8, ratio=3, head_dim=64, layout="runs", dtype=dtype, max_blocks=24)
   want_o, want_lse = paged_decode_attention_reference(*attn_args(c)[:5], return_lse=True)
-  # splits merged in a cluster (Mosaic) and by the combine, one split with 2 or 1 warpgroups
-  for splits, streams, merge in ((2, 1, "auto"), (2, 1, "combine"), (1, 2, "auto"), (1, 1, "auto")):
+  for splits, streams in ((2, 1), (1, 2), (1, 1)):
     o, lse = paged_decode_attention(*attn_args(c), backend=backend, chunk_tokens=64,
-                                    num_splits=splits, streams=streams, split_merge=merge,
-                                    return_lse=True)
+                                    num_splits=splits, streams=streams, return_lse=True)
     check(o, c, dtype)
     lse, want = np.asarray(lse), np.asarray(want_lse)
     assert lse.shape == want.shape and lse.dtype == np.float32
@@ -384,24 +382,6 @@ def test_resolve_tile_reports_backend_and_partition():
                                chunk_tokens=64, num_splits=2)
   assert backend == "interpret" and (part.chunk_tokens, part.num_splits) == (64, 2)
   assert resolve_tile(c["q"], c["k_pool"], c["block_tables"], backend="reference") == ("reference", None)
-
-
-def test_split_merge_choice():
-  """Splits meet in a thread-block cluster on the Mosaic kernel when there are 2 to 8 of them
-  (split_merge="auto"); a combine kernel merges them otherwise, and on every other backend."""
-  from pallas_kernels.paged_attention import _cluster_merge
-  tile = lambda splits: KVPartition.choose(batch=8, kv_heads=3, block_size=16, max_blocks=128,
-                                           chunk_tokens=64, num_splits=splits)
-  assert [_cluster_merge("mosaic", tile(s), "auto") for s in (1, 2, 8, 16)] == [False, True, True,
-                                                                              False]
-  assert not _cluster_merge("mosaic", tile(4), "combine")
-  assert not _cluster_merge("interpret", tile(4), "cluster")  # no clusters in the generic kernel
-  assert not _cluster_merge("reference", None, "auto")
-  with pytest.raises(ValueError, match="at most 8 splits"):
-    _cluster_merge("mosaic", tile(16), "cluster")
-  c = make_case(3, bs=16, ratio=3, head_dim=64, layout="runs", dtype=np.float32, max_blocks=24)
-  with pytest.raises(ValueError, match="split_merge must be one of"):
-    paged_decode_attention(*attn_args(c), backend="interpret", split_merge="dsmem")
 
 
 def test_mosaic_tile_over_shared_memory_is_refused():
@@ -516,30 +496,26 @@ def test_gpu_kernel_matches_oracle(backend):
       continue  # fallback path (slow Triton compiles): a sixth of the product
     c = make_case(i, bs=bs, ratio=ratio, head_dim=head_dim, layout=layout, dtype=jnp.bfloat16,
                   max_blocks=24, kv_heads=2)
-    # (chunk_tokens, num_splits, stages, streams, split_merge): splits merged in a thread-block
-    # cluster or by the combine kernel, or one program per (sequence, kv head) writing the output
-    # itself with one or two warpgroups; the default (auto) tile on every case, the others
-    # rotating over the shapes (each sees every block size, ratio and head dim, and every layout
-    # of its shapes: one compile serves the three).
+    # (chunk_tokens, num_splits, stages, streams): split partials + combine, or one program per
+    # (sequence, kv head) writing the output itself with one or two warpgroups; the default
+    # (auto) tile on every case, the others rotating over the shapes (each sees every block
+    # size, ratio and head dim, and every layout of its shapes: one compile serves the three).
     k = i // len(LAYOUTS)  # shape index (bs, ratio, head_dim)
     if backend == "mosaic":
-      tiles = [(None, None, 2, None, "auto"),
-               [(64, 3, 3, 1, "auto"), (64, 1, 2, 2, "auto"), (128, 1, 2, 1, "auto"),
-                (64, 3, 2, 1, "combine")][k % 4]]
+      tiles = [(None, None, 2, None), [(64, 3, 3, 1), (64, 1, 2, 2), (128, 1, 2, 1)][k % 3]]
       if k % 5 == 1:  # splits and streams together
-        tiles.append((64, 2, 2, 2 if head_dim == 128 else 4, "auto"))
+        tiles.append((64, 2, 2, 2 if head_dim == 128 else 4))
     else:
-      tiles = [(64, 3, 2, 1, "auto")]
-    for chunk_tokens, splits, stages, streams, merge in tiles:
-      kw = (dict(stages=stages, streams=streams, split_merge=merge) if backend == "mosaic"
-            else {})
+      tiles = [(64, 3, 2, 1)]
+    for chunk_tokens, splits, stages, streams in tiles:
+      kw = dict(stages=stages, streams=streams) if backend == "mosaic" else {}
       try:
         out = paged_decode_attention(*attn_args(c), backend=backend, chunk_tokens=chunk_tokens,
                                      num_splits=splits, **kw)
         check(out, c, jnp.bfloat16)
       except AssertionError as e:
         failures.append(f"{bs=} {ratio=} {head_dim=} {layout} {chunk_tokens=} {splits=} "
-                        f"{streams=} {merge=}: {e}")
+                        f"{streams=}: {e}")
   assert not failures, "\n".join(failures[:10])
 
 

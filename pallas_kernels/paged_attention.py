@@ -253,15 +253,22 @@ def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits,
 def _mosaic_tile(B, Hkv, D, bs, MB, chunk_tokens, num_splits, streams):
   """Default tile of the Mosaic kernel (each None is chosen; measured on the H100, kernel notes):
   one program per (sequence, kv head) writing its rows itself when there are enough of them
-  (>= 128; 48-127 with two warpgroups each, up to 2048 tokens); KV splits merged by a combine
-  below that. Chunks of 128 tokens, or 64 where 128 would not fit shared memory at 2 stages."""
+  (>= 128; 80-127 with two warpgroups each, up to 2048 tokens); 4 splits of 64-token chunks for
+  48-79 (up to 2048 tokens); below that, or for longer contexts, splits for about 264 programs.
+  Splits are merged by a combine. Chunks of 128 tokens, or 64 where 128 would not fit shared
+  memory at 2 stages."""
   from pallas_kernels import paged_attention_mgpu as mgpu
   programs = B * Hkv
-  if num_splits is None and streams is None:
+  if num_splits is None and streams is None and MB * bs <= 2048:
     if programs >= 128:
       num_splits, streams = 1, 1
-    elif programs >= 48 and MB * bs <= 2048:
+    elif programs >= 80:
       num_splits, streams = 1, 2
+    elif programs >= 48:
+      num_splits, streams = 4, 1
+      chunk_tokens = 64 if chunk_tokens is None else chunk_tokens
+  elif num_splits is None and streams is None and programs >= 128:
+    num_splits, streams = 1, 1
   streams = 1 if streams is None else streams
   if chunk_tokens is None:
     chunk_tokens = 128

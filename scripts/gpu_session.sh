@@ -352,6 +352,25 @@ case "${1:-}" in
     timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic and (lse or block_offset or small_batch)" \
       --tb=short --durations=4 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -12
     ;;
+  39)  # session 8: the default tile for 48-127 programs (one split, two warpgroups since session 5)
+       # against splits and a combine, now that the kernel plans itself (phase 38 saw 4 splits beat
+       # it at 32/8 B=8); JAX's kernel and XLA skipped (this picks between our own tiles)
+    for spec in "32/8/128 8,12" "9/3/64 16,32"; do set -- $spec
+      timeout 280 python3 scripts/bench_kernels.py --out $OUT/raw --json-name tile_mid_${1//\//_}.json \
+        --batches $2 --lengths 512,2048 --heads $1 --iters 20 --skip-xla --skip-jax \
+        --variants auto,64:2:auto:1,128:2:auto:1,64:2:2:1,64:2:4:1,128:2:2:1 \
+        --md /tmp/docs/tile_mid.md --png /tmp/docs/tile_mid.png 2>&1 | tee -a $OUT/bench_tiles.log | tail -3
+    done
+    ;;
+  40)  # session 8, final code: the small grid again with the new default for 48-79 programs (4
+       # splits of 64-token chunks), against JAX's kernel; then the quick Mosaic and engine tests
+    timeout 330 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v15.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla --variants auto,128:2:auto:1,64:2:auto:1 \
+      --md /tmp/docs/kernels_v15.md --png /tmp/docs/kernels_v15.png 2>&1 | tee $OUT/bench_small.log | tail -14
+    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py \
+      -k "(mosaic and (lse or block_offset or small_batch)) or bfloat16_mosaic" --tb=short --durations=4 2>&1 \
+      | tee $OUT/gpu_tests.log | tail -12
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -371,6 +371,11 @@ case "${1:-}" in
       -k "(mosaic and (lse or block_offset or small_batch)) or bfloat16_mosaic" --tb=short --durations=4 2>&1 \
       | tee $OUT/gpu_tests.log | tail -12
     ;;
+  41)  # session 8, final code: every Mosaic kernel test and every engine GPU test
+    timeout 330 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic and not interpret" --tb=short \
+      --durations=3 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -8
+    timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -ra --durations=4 2>&1 | tee $OUT/gpu_tests.log | tail -8
+    ;;
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

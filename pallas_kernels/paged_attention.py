@@ -259,16 +259,15 @@ def _mosaic_tile(B, Hkv, D, bs, MB, chunk_tokens, num_splits, streams):
   memory at 2 stages."""
   from pallas_kernels import paged_attention_mgpu as mgpu
   programs = B * Hkv
-  if num_splits is None and streams is None and MB * bs <= 2048:
+  if num_splits is None and streams is None:
+    short = MB * bs <= 2048
     if programs >= 128:
       num_splits, streams = 1, 1
-    elif programs >= 80:
+    elif short and programs >= 80:
       num_splits, streams = 1, 2
-    elif programs >= 48:
+    elif short and programs >= 48:
       num_splits, streams = 4, 1
       chunk_tokens = 64 if chunk_tokens is None else chunk_tokens
-  elif num_splits is None and streams is None and programs >= 128:
-    num_splits, streams = 1, 1
   streams = 1 if streams is None else streams
   if chunk_tokens is None:
     chunk_tokens = 128

@@ -332,8 +332,8 @@ case "${1:-}" in
       --variants auto,64:2:4:1:t,128:2:4:1:t,128:2:8:1:t,64:2:2:1:t \
       --md /tmp/docs/kernels_v12.md --png /tmp/docs/kernels_v12.png 2>&1 | tee $OUT/bench_small.log | tail -14
     ;;
-  37)  # session 8: splits merged in a thread-block cluster (distributed shared memory), now the
-       # default for 2-8 splits; the Mosaic tests (both merges), then the weak rows against the
+  37)  # session 8: splits merged in a thread-block cluster (distributed shared memory; reverted),
+       # then the default for 2-8 splits; the Mosaic tests (both merges), then the weak rows against the
        # combine kernel (:k) and tiles with more splits
     timeout 270 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py -k "mosaic or bfloat16" \
       --tb=short --durations=4 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -12
@@ -342,7 +342,7 @@ case "${1:-}" in
       --skip-xla --variants auto,auto:k,64:2:4:1,64:2:8:1,128:2:2:1 \
       --md /tmp/docs/kernels_v13.md --png /tmp/docs/kernels_v13.png 2>&1 | tee $OUT/bench_small.log | tail -14
     ;;
-  38)  # session 8: the cluster merge pushes (st.async into block 0's SMEM, one cluster barrier)
+  38)  # session 8: the cluster merge pushes (st.async into block 0's SMEM, one cluster barrier; reverted)
        # instead of block 0 pulling with loads (phase 37: slower than the combine kernel); the weak
        # rows against the combine kernel (:k), then the quick Mosaic tests of both merges
     timeout 250 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v14_push.json \

@@ -362,8 +362,8 @@ def test_mosaic_refuses_chunks_under_64_tokens():
     (8, 3, 64, 512, (None, 1, 128)),      # 24 programs: KV splits (chosen by KVPartition)
     (8, 8, 128, 512, (4, 1, 64)),         # 64 programs: 4 splits of 64-token chunks
     (16, 3, 64, 2048, (4, 1, 64)),        # 48 programs
-    (12, 8, 128, 2048, (1, 2, 64)),       # 96 programs: one split, two warpgroups (64-token
-    (32, 3, 64, 512, (1, 2, 128)),        # chunks fit at d=128)
+    (12, 8, 128, 2048, (1, 2, 64)),       # 96 programs: one split, two warpgroups (at d=128
+    (32, 3, 64, 512, (1, 2, 128)),        # only 64-token chunks fit twice)
     (8, 8, 128, 8192, (None, 1, 128)),    # 64 programs, long context: splits
     (64, 3, 64, 2048, (1, 1, 128)),       # 192 programs: one split
     (256, 8, 256, 512, (1, 1, 64)),       # d=256: 128-token chunks would not fit

@@ -371,14 +371,14 @@ case "${1:-}" in
       -k "(mosaic and (lse or block_offset or small_batch)) or bfloat16_mosaic" --tb=short --durations=4 2>&1 \
       | tee $OUT/gpu_tests.log | tail -12
     ;;
-  # 42 (session 8): the on-device trace of the cluster kernel (push version), run by hand with the
-  # kernels of commit c82b2a6: `PYTHONPATH=$PWD python3 scripts/_probe_cluster.py`, kept as
-  # docs/raw/kernel_profile_cluster_probe.py.txt (output: kernel_profile_cluster_h100.jsonl)
   41)  # session 8, final code: every Mosaic kernel test and every engine GPU test
     timeout 330 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic and not interpret" --tb=short \
       --durations=3 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -8
     timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -ra --durations=4 2>&1 | tee $OUT/gpu_tests.log | tail -8
     ;;
+  # 42 (session 8): the on-device trace of the cluster kernel (push version), run by hand with the
+  # kernels of commit c82b2a6: `PYTHONPATH=$PWD python3 scripts/_probe_cluster.py`, kept as
+  # docs/raw/kernel_profile_cluster_probe.py.txt (output: kernel_profile_cluster_h100.jsonl)
 esac
 tar -C $OUT -czf /tmp/raw.tgz raw && rm -rf $OUT/raw && mv /tmp/raw.tgz $OUT/raw.tgz
 tar -C /tmp/docs -czf $OUT/docs.tgz . 2>/dev/null

@@ -178,16 +178,34 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
           plgpu.copy_gmem_to_smem(v_ref.at[h, rows], v_smem.at[buf, pl.ds(jb * bs, bs)],
                                   v_bars.at[buf], predicate=frag)
 
-      for j in range(stages):
-        @pl.when(j < n_w)
-        def _prologue():
-          issue(jnp.int32(j), j)
+      with jax.named_scope("issue_kv"):
+        for j in range(stages):
+          @pl.when(j < n_w)
+          def _prologue():
+            issue(jnp.int32(j), j)
 
-      plgpu.barrier_wait(my_bar(0))
+      with jax.named_scope("wait_q"):
+        plgpu.barrier_wait(my_bar(0))
       # Into the tiled, swizzled wgmma operand. (q as a register operand gave wrong results on
       # the H100 whenever a program streamed several chunks of 64 tokens at d=64 or 128 at d=128.)
-      q_smem.at[w][...] = _load(q_stage.at[w], plgpu.Layout.WGMMA)
-      plgpu.commit_smem()
+      with jax.named_scope("retile_q"):
+        q_smem.at[w][...] = _load(q_stage.at[w], plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+
+      def softmax(qk, m_i, l_i, acc, rem_tok):  # online softmax of one chunk's raw scores
+        def mask(qk):  # where, not a multiply: freed blocks may hold NaN
+          cols = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, T), 1, layout=plgpu.Layout.WGMMA)
+          return jnp.where(cols < rem_tok, qk, -jnp.inf)
+        # Only a sequence's last chunk is partial: full chunks skip the compare and select.
+        qk = lax.cond(rem_tok < T, mask, lambda x: x, qk)
+        # The scale is positive, so it commutes with the row max: scale the max once per row and
+        # each score once inside the exponent (a multiply-add), not every score before the max.
+        m_new = jnp.maximum(m_i, qk.max(axis=1) * scale_log2)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(qk * scale_log2 - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        return m_new, l_i, acc, p.astype(dtype)
 
       def body(j, carry):
         acc, m_i, l_i = carry
@@ -200,16 +218,10 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         def qk_scope(acc_ref):
           plgpu.wgmma(acc_ref, q_smem.at[w], _transpose(k_smem.at[buf]))
           return acc_ref[...]
-        qk = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, T), jnp.float32))
-        cols = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, T), 1, layout=plgpu.Layout.WGMMA)
-        # where, not a multiply: freed blocks may hold NaN.
-        qk = jnp.where(cols < rem_tok, qk * scale_log2, -jnp.inf)
-        m_new = jnp.maximum(m_i, qk.max(axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(qk - lax.broadcast_in_dim(m_new, qk.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        p16 = p.astype(dtype)
+        with jax.named_scope("qk"):
+          qk = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, T), jnp.float32))
+        with jax.named_scope("softmax"):
+          m_new, l_i, acc, p16 = softmax(qk, m_i, l_i, acc, rem_tok)
         with jax.named_scope("wait_v"):
           plgpu.barrier_wait(v_bars.at[buf])
 
@@ -223,7 +235,8 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        with jax.named_scope("pv"):
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
 
         @pl.when(j + stages < n_w)
         def _refill():
@@ -244,7 +257,8 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         plgpu.Barrier(num_arrivals=cb + 1, num_barriers=ns * stages),
         **collective,
     )
-    o, lse = normalize_stream(acc, m_i, l_i)
+    with jax.named_scope("normalize"):
+      o, lse = normalize_stream(acc, m_i, l_i)
 
     @jax.named_scope("write")
     def write(o, lse, o_smem, lse_smem):

@@ -376,6 +376,47 @@ case "${1:-}" in
       --durations=3 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -8
     timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -ra --durations=4 2>&1 | tee $OUT/gpu_tests.log | tail -8
     ;;
+  43)  # session 9: where a weak row's time goes, region by region (the decode kernel's timeline),
+       # and what the smallest Mosaic GPU kernels over the same grids cost (scripts/probe_floor.py)
+    timeout 200 python3 scripts/profile_kernel.py --json $OUT/raw/kernel_timeline_h100.json \
+      --configs 9/3/64x8x512,9/3/64x8x2048,9/3/64x64x512,32/8/128x8x512,9/3/64x8x512@64:2:8:1 2>&1 \
+      | tee $OUT/profile.log | grep -v "^{\|warn" | tail -80
+    timeout 240 python3 scripts/probe_floor.py --programs 24,96,132,192 --tokens 64,128,256,512 \
+      --json $OUT/raw/probe_floor_h100_d64.json 2>&1 | tee $OUT/floor.log | grep -v "^{" | tail -22
+    timeout 120 python3 scripts/probe_floor.py --programs 64,128 --tokens 64,256 --head-dim 128 \
+      --json $OUT/raw/probe_floor_h100_d128.json 2>&1 | tee $OUT/floor128.log | grep -v "^{" | tail -8
+    ;;
+  44)  # session 9: the softmax scales the row max, not every score, and masks only a partial chunk;
+       # its correctness, timeline, and the small grid against JAX's kernel, with one-split tiles of
+       # four warpgroups (no split combine) beside the default
+    timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py \
+      -k "mosaic and (lse or block_offset or small_batch)" --tb=short 2>&1 | tee $OUT/gpu_tests.log | tail -5
+    timeout 100 python3 scripts/profile_kernel.py --json $OUT/raw/kernel_timeline_h100_softmax.json \
+      --configs 9/3/64x8x512,9/3/64x64x512,32/8/128x8x512,9/3/64x8x512@64:2:1:4 2>&1 \
+      | tee $OUT/profile.log | grep -v "^{\|warn" | tail -75
+    timeout 330 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v16.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla --variants auto,64:2:1:4,128:1:1:4 \
+      --md /tmp/docs/kernels_v16.md --png /tmp/docs/kernels_v16.png 2>&1 | tee $OUT/bench_small.log | tail -14
+    ;;
+  45)  # session 9, final code: every Mosaic kernel test and every engine GPU test; the floor probe at
+       # the traffic of 32/8 B=8 L=512 (4 splits of 128 tokens: 256 programs)
+    timeout 330 python3 -m pytest -q -m gpu tests/test_kernels.py -k "mosaic and not interpret" --tb=short \
+      --durations=3 2>&1 | tee $OUT/gpu_tests_kernels.log | tail -8
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -ra --durations=4 2>&1 | tee $OUT/gpu_tests.log | tail -8
+    timeout 60 python3 scripts/probe_floor.py --programs 256 --tokens 128 --head-dim 128 \
+      --json $OUT/raw/probe_floor_h100_d128_256.json 2>&1 | tee $OUT/floor128.log | grep -v "^{" | tail -5
+    ;;
+  46)  # session 9, final code: the small grid against JAX's kernel, the tiles of phase 40
+    timeout 330 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_small_v17.json --batches 8,64 \
+      --lengths 512,2048 --heads 9/3/64,32/8/128 --iters 20 --skip-xla --variants auto,128:2:auto:1,64:2:auto:1 \
+      --md /tmp/docs/kernels_v17.md --png /tmp/docs/kernels_v17.png 2>&1 | tee $OUT/bench_small.log | tail -14
+    ;;
+  47)  # session 9, final code: the large grid against JAX's kernel, the tiles of session 6 (phase 21)
+    timeout 330 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_large_v10.json --batches 8,64,256 \
+      --lengths 512,2048,8192 --skip-configs 8x512,8x2048,64x512,64x2048 --heads 32/8/128,9/3/64 --iters 10 \
+      --skip-xla --variants auto,64:2:1:1 --md /tmp/docs/kernels_large.md --png /tmp/docs/kernels_large.png 2>&1 \
+      | tee $OUT/bench_large.log | tail -14
+    ;;
   # 42 (session 8): the on-device trace of the cluster kernel (push version), run by hand with the
   # kernels of commit c82b2a6: `PYTHONPATH=$PWD python3 scripts/_probe_cluster.py`, kept as
   # docs/raw/kernel_profile_cluster_probe.py.txt (output: kernel_profile_cluster_h100.jsonl)

@@ -372,14 +372,23 @@ def test_profile_kernel_summary_of_a_trace():
       evs += [dict(name=name, ph="B", ts=t0 + b / 1e3, pid=sm, tid=tid),
               dict(name=name, ph="E", ts=t0 + e / 1e3, pid=sm, tid=tid)]
     return evs
+  # two chunks: wait_k runs twice per program
   common = [("issue_plan", 0, 100), ("wait_plan", 100, 1100), ("wait_k", 1200, 2200),
-            ("wait_v", 2300, 2400)]
+            ("wait_v", 2300, 2400), ("wait_k", 2500, 2600)]
   trace = dict(traceEvents=prog(1, 1, 10.0, common + [("write", 3000, 3500)])
                + prog(2, 2, 10.5, common + [("write", 3000, 4500)]))
   s = profile_kernel.summarise(trace)
   assert (s["programs"], s["sms"]) == (2, 2)
   assert s["start_spread_max_us"] == pytest.approx(0.5)
   assert s["plan_done_at_cycles"] == pytest.approx(1100)
-  assert s["wait_k_cycles"] == pytest.approx(1000) and s["wait_v_cycles"] == pytest.approx(100)
+  assert s["wait_k_cycles"] == pytest.approx(1100) and s["wait_v_cycles"] == pytest.approx(100)
   assert s["write_cycles"] == pytest.approx(1000)  # median of 500 and 1500
   assert s["end_at_cycles"] == pytest.approx(4000)
+  # the timeline: regions in order of first start; a repeated region spans its first start to its
+  # last end and totals both runs
+  tl = {e["region"]: e for e in s["timeline"]}
+  assert [e["region"] for e in s["timeline"]] == ["issue_plan", "wait_plan", "wait_k", "wait_v",
+                                                   "write"]
+  assert (tl["wait_k"]["first_start"], tl["wait_k"]["last_end"]) == pytest.approx((1200, 2600))
+  assert tl["wait_k"]["total"] == pytest.approx(1100) and tl["write"]["last_end"] == pytest.approx(4000)
+  assert tl["write"]["programs"] == 2

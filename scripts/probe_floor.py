@@ -107,6 +107,10 @@ def main(argv=None) -> int:
   p.add_argument("--iters", type=int, default=40)
   p.add_argument("--json", help="write the results here")
   args = p.parse_args(argv)
+  bad = sorted(set(args.modes.split(",")) - set(MODES))
+  if bad:
+    print(f"error: unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}", file=sys.stderr)
+    return 2
   import jax
   if jax.default_backend() != "gpu":
     print("error: needs an NVIDIA Hopper GPU (run it through the device tool)", file=sys.stderr)

@@ -417,6 +417,20 @@ case "${1:-}" in
       --skip-xla --variants auto,64:2:1:1 --md /tmp/docs/kernels_large.md --png /tmp/docs/kernels_large.png 2>&1 \
       | tee $OUT/bench_large.log | tail -14
     ;;
+  48)  # session 10: the weak rows again, each with its best tile timed without the softmax and
+       # without any math (--ablate: what the call would cost if that math were free), and two
+       # tiles not tried there before (two warpgroups over 4 splits; 64-token chunks 4 deep)
+    timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py \
+      -k "mosaic and (lse or block_offset or small_batch)" --tb=short 2>&1 | tee $OUT/gpu_tests.log | tail -5
+    timeout 300 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_weak_v18_9_3.json --batches 8,64 \
+      --lengths 512,2048 --skip-configs 64x2048 --heads 9/3/64 --iters 20 --skip-xla --ablate math,softmax \
+      --variants auto,128:2:auto:1,64:2:auto:1,128:2:4:2,64:4:1:1 --md /tmp/docs/kernels_weak_9_3.md \
+      --png /tmp/docs/kernels_weak_9_3.png 2>&1 | tee $OUT/bench_weak_9_3.log | tail -14
+    timeout 120 python3 scripts/bench_kernels.py --out $OUT/raw --json-name kernels_weak_v18_32_8.json --batches 8 \
+      --lengths 512 --heads 32/8/128 --iters 20 --skip-xla --ablate math,softmax \
+      --variants auto,128:2:auto:1,64:2:auto:1,64:2:2:2 --md /tmp/docs/kernels_weak_32_8.md \
+      --png /tmp/docs/kernels_weak_32_8.png 2>&1 | tee $OUT/bench_weak_32_8.log | tail -14
+    ;;
   # 42 (session 8): the on-device trace of the cluster kernel (push version), run by hand with the
   # kernels of commit c82b2a6: `PYTHONPATH=$PWD python3 scripts/_probe_cluster.py`, kept as
   # docs/raw/kernel_profile_cluster_probe.py.txt (output: kernel_profile_cluster_h100.jsonl)

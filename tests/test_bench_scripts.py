@@ -336,6 +336,8 @@ def test_bench_kernels_variants_and_report(tmp_path):
                         row(8, "contiguous", 0.0114, 0.0164, one_pass_ms=0.0090)]),
           dict(meta=dict(meta, date="d2"), ceiling=dict(torch=dict(tbps=3.0)),
                results=[row(64, "contiguous", 0.040, 0.062, streams=2)])]
+  # the later run also timed its row without the softmax and without any math
+  runs[1]["results"][0]["ours_ablate"] = dict(softmax=dict(ms=0.0371), math=dict(ms=0.0333))
   paths = []
   for i, r in enumerate(runs):
     paths.append(str(tmp_path / f"run{i}.json"))
@@ -349,7 +351,7 @@ def test_bench_kernels_variants_and_report(tmp_path):
   finally:
     sys.argv = argv
   text = md.read_text()
-  rows = [ln for ln in text.splitlines() if ln.startswith("| 9/3")]
+  rows = [ln for ln in text.split("## Targets")[0].splitlines() if ln.startswith("| 9/3")]
   small = [ln for ln in rows if ln.startswith("| 9/3, 64 | 8 |")]
   assert len(small) == 1 and "| 0.0090 |" in small[0]  # the one-pass column
   assert "MISSED at 9/3 B=8 L=2048 contiguous (1.44x)" in text
@@ -359,6 +361,23 @@ def test_bench_kernels_variants_and_report(tmp_path):
   # 100.7 MB in 40 us = 2.52 TB/s = 84% of 3.0; the fragmented row: 51 us = 66%
   assert "min 66% (9/3 B=64 L=2048 fragmented) -> MISSED" in text
   assert "d ; d2" in text
+  ablated = [ln for ln in text.split("## What the kernel's math costs")[1].splitlines()
+             if ln.startswith("| 9/3")]
+  assert ablated == ["| 9/3, 64 | 64 | 2048 | contiguous | 40.00 | 37.10 | 33.30 | 62.00 | 31.00 |"]
+  from pallas_kernels import paged_attention_mgpu as mgpu  # the script keeps its own copy
+  assert bench_kernels.ABLATIONS == mgpu.ABLATIONS
+
+
+def test_kernel_ablation_variable_is_checked(monkeypatch):
+  """$KVRM_MOSAIC_ABLATE: unset is the real kernel; a mode it does not know is a clear error."""
+  from pallas_kernels import paged_attention_mgpu as mgpu
+  monkeypatch.delenv(mgpu.ABLATE_ENV, raising=False)
+  assert mgpu._ablation() is None
+  monkeypatch.setenv(mgpu.ABLATE_ENV, "softmax")
+  assert mgpu._ablation() == "softmax"
+  monkeypatch.setenv(mgpu.ABLATE_ENV, "wgmma")
+  with pytest.raises(ValueError, match="expected one of math, softmax"):
+    mgpu._ablation()
 
 
 def test_profile_kernel_summary_of_a_trace():

@@ -220,13 +220,14 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         with jax.named_scope("wait_k"):
           plgpu.barrier_wait(k_bars.at[buf])
 
-        def qk_scope(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem.at[w], _transpose(k_smem.at[buf]))
-          return acc_ref[...]
         if ablate == "math":  # measurement only (ABLATE_ENV): the data path without any math
           plgpu.barrier_wait(v_bars.at[buf])
           issue_refill(j, slot)
           return acc, m_i, l_i
+
+        def qk_scope(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem.at[w], _transpose(k_smem.at[buf]))
+          return acc_ref[...]
         with jax.named_scope("qk"):
           qk = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, T), jnp.float32))
         with jax.named_scope("softmax"):

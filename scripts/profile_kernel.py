@@ -75,7 +75,7 @@ def run(configs):
   from pallas_kernels.paged_attention import paged_decode_attention, resolve_tile
   from pallas_kernels import paged_attention_mgpu as mgpu
   sys.path.insert(0, os.path.join(ROOT, "scripts"))
-  from bench_kernels import make_inputs
+  from bench_kernels import make_inputs, parse_variants
   out = []
   for cfg in configs:
     shape, _, tile_arg = cfg.partition("@")
@@ -84,7 +84,7 @@ def run(configs):
     B, L = int(B), int(L)
     tile = {}
     if tile_arg:  # chunk tokens : stages : splits : streams, as bench_kernels.py --variants
-      ct, st, sp, ns = (int(x) for x in tile_arg.split(":"))
+      [(ct, st, sp, ns)] = parse_variants(tile_arg)
       tile = dict(chunk_tokens=ct, stages=st, num_splits=sp, streams=ns)
     inp = make_inputs(B, L, hq, hkv, d)
     bt, groups, ng = inp["sets"]["contiguous"][0]

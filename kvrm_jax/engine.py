@@ -104,6 +104,10 @@ class Engine:
       rt = static_runtime(rt)
     self.rt, self.kind, self.tokenizer, self.mesh = rt, kind, tokenizer, mesh
     self.graphdef, self.state = model_lib.split(model)
+    # The engine computes in its runtime dtype, whatever the model was built in: the KV pool holds
+    # rt.dtype, and the attention kernels take q, k and v of one dtype.
+    dt = jnp.dtype(rt.dtype)
+    self.state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, self.state)
     specs, pool_sharding, self._desc_sharding = None, None, None
     if mesh is not None:
       from jax.sharding import NamedSharding

@@ -268,3 +268,19 @@ def test_float32_steps_use_exact_float32_matmuls(dtype):
     traced = eng2.decode_step.trace(eng.state, eng.k_pool, eng.v_pool, ints, floats)
   tf32 = (jax.lax.Precision.HIGH, jax.lax.Precision.HIGH)
   assert all(p == tf32 for p in _dot_precisions(traced.jaxpr.jaxpr))
+
+
+def test_bfloat16_engine_from_float32_model_computes_in_bfloat16(model):
+  """An engine computes in its runtime dtype whatever the model was built in: a bfloat16 engine
+  from a float32 model casts the weights, so the Pallas kernels (interpret mode here, Mosaic GPU on
+  a GPU) get q, k and v of one dtype instead of float32 queries over a bfloat16 pool."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  rt = dataclasses.replace(RT, dtype="bfloat16", attention="interpret", prefill_buckets=(8,))
+  eng = Engine(CFG, model, rt)
+  assert {x.dtype for x in jax.tree.leaves(eng.state)} == {jnp.dtype(jnp.bfloat16)}
+  assert model.wqkv[...].dtype == jnp.float32  # the caller's model is left as it was
+  out = eng.generate([[5, 6, 7], [9, 10]], SamplingParams(max_new_tokens=3))
+  assert [len(o.output_ids) for o in out] == [3, 3]

@@ -19,6 +19,7 @@ Both layouts keep whole kv groups / features together, so sharding the last axis
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -122,6 +123,20 @@ def apply_rope(x, positions, inv_freq):
   return (xf * cos + rot * sin).astype(x.dtype)
 
 
+def matmul_precision(dtype):
+  """The matmul precision a model of `dtype` computes under (a context manager, applied at trace time).
+
+  float32 means IEEE float32 matmuls on every backend: XLA's and Pallas Triton's default on Ampere
+  and later GPUs is TF32 (10-bit mantissa), which moves logits by ~1e-3 relative and flips greedy
+  near-ties between GPU runs (tp=2 against tp=1, GPU against CPU). bf16 models keep the backend's
+  default, and so does a process that chose its own `jax_default_matmul_precision` (e.g. the
+  environment's JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 buys TF32 speed back).
+  """
+  if jnp.dtype(dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None:
+    return jax.default_matmul_precision("highest")
+  return contextlib.nullcontext()
+
+
 class Llama(nnx.Module):
   """Decoder weights (stacked over layers) and the forward pass over an abstract KV store."""
 
@@ -156,6 +171,10 @@ class Llama(nnx.Module):
     unroll: a Python loop over layers with static weight slices `w[i]` and a static layer index
     passed to `attend`, instead of `lax.scan` (same math; the compiled graph is L layers long).
     """
+    with matmul_precision(self.embed[...].dtype):  # everything the layers call (attend too) is traced inside
+      return self._forward(tokens, positions, cache, attend, logits_index, reduce, unroll)
+
+  def _forward(self, tokens, positions, cache, attend, logits_index, reduce, unroll):
     cfg = self.cfg
     t = tokens.shape[0]
     reduce = reduce or (lambda y: y)

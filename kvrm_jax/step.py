@@ -338,21 +338,12 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
   """
   backend = resolve_attention(rt)
   counter = counter or CompileCounter()
-  # float32 means IEEE float32 matmuls everywhere: XLA's and Pallas Triton's default on Ampere and
-  # later GPUs is TF32 (10-bit mantissa), which moves logits by ~1e-3 relative and flips greedy
-  # near-ties between GPU runs (a tp=2 vs tp=1 run, a GPU vs CPU run). bf16 steps are unaffected,
-  # and so is a process that chose its own jax_default_matmul_precision (e.g. the environment's
-  # JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 buys TF32 speed back).
-  exact = jnp.dtype(rt.dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None
 
   def counted(fn, kind):
     @functools.wraps(fn)
-    def inner(*args):  # runs when the step is traced: the precision is baked into its dots
+    def inner(*args):  # runs when the step is traced (the model sets its matmul precision itself)
       setattr(counter, kind, getattr(counter, kind) + 1)
-      if not exact:
-        return fn(*args)
-      with jax.default_matmul_precision("highest"):
-        return fn(*args)
+      return fn(*args)
     return inner
 
   tp_axis = None

@@ -270,6 +270,20 @@ def test_float32_steps_use_exact_float32_matmuls(dtype):
   assert all(p == tf32 for p in _dot_precisions(traced.jaxpr.jaxpr))
 
 
+def test_reference_decoder_uses_exact_float32_matmuls(model):
+  """The dense reference the engines are tested against is exact float32 too: its forward pass (the
+  model called outside any engine step) traces every dot under "highest" precision. A TF32 reference
+  on a GPU flips greedy near-ties that the exact engine does not (a compaction run diverged from it
+  at its 33rd token while matching the exact reference and the same run without compaction)."""
+  import jax
+  import jax.numpy as jnp
+  graphdef, state = nnx.split(model)
+  ids = jnp.arange(5, dtype=jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda s: reference._forward.__wrapped__(graphdef, s, ids))(state)
+  precisions = _dot_precisions(jaxpr.jaxpr)
+  assert precisions and all(p == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST) for p in precisions)
+
+
 def test_bfloat16_engine_from_float32_model_computes_in_bfloat16(model):
   """An engine computes in its runtime dtype whatever the model was built in: a bfloat16 engine
   from a float32 model casts the weights, so the Pallas kernels (interpret mode here, Mosaic GPU on

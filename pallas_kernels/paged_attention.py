@@ -200,14 +200,15 @@ def paged_decode_attention_reference(q,             # [B, Hq, D]
   v = v_pool[:, block_tables].reshape(Hkv, B, MB * bs, D)               # [K, B, T, D]
   valid = jnp.arange(MB * bs)[None, :] < lengths[:, None]               # [B, T]
   q4 = q.reshape(B, Hkv, Hq // Hkv, D)
-  s = jnp.einsum("bkgd,kbtd->bkgt", q4, k, preferred_element_type=jnp.float32) * scale
+  hi = jax.lax.Precision.HIGHEST  # the reference is exact: no TF32 on GPUs (whatever the process chose)
+  s = jnp.einsum("bkgd,kbtd->bkgt", q4, k, preferred_element_type=jnp.float32, precision=hi) * scale
   s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(s - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
   v = jnp.where(valid[None, :, :, None], v, jnp.zeros_like(v))
-  o = jnp.einsum("bkgt,kbtd->bkgd", p, v.astype(jnp.float32))
+  o = jnp.einsum("bkgt,kbtd->bkgd", p, v.astype(jnp.float32), precision=hi)
   o = o / jnp.where(l > 0, l, 1.0)
   if return_lse:  # natural-log log-sum-exp of the scaled scores, [B, Hq]; -inf when empty
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)

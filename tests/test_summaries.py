@@ -82,6 +82,7 @@ def test_folded_block_of_identical_tokens_is_exact():
   import jax.numpy as jnp
 
   from kvrm_jax import step as step_lib
+  from kvrm_jax.model import matmul_precision
   rng = np.random.default_rng(0)
   kh, g, e, bs, n = 2, 3, 16, 8, 10
   k = rng.normal(size=(kh, 1, n, bs, e)).astype(np.float32)  # [K, L, N, bs, E]
@@ -91,13 +92,14 @@ def test_folded_block_of_identical_tokens_is_exact():
   q = jnp.asarray(rng.normal(size=(1, kh * g, e)).astype(np.float32))
   k, v = jnp.asarray(k), jnp.asarray(v)
   full = {"block_tables": jnp.array([[1, 3, 5]]), "lengths": jnp.array([3 * bs])}
-  o_exact, _ = step_lib.decode_attention("reference", q, k, v, 0, full)
-  folds, w = jnp.array([[3, 7 * bs]]), jnp.array([[0.0, 1.0]])
-  kf, vf = step_lib.fold_blocks(k, folds, w), step_lib.fold_blocks(v, folds, w)
-  d = {"block_tables": jnp.array([[1, 5]]), "lengths": jnp.array([2 * bs]),
-       "summary_slots": jnp.array([[7 * bs, 0]]), "summary_counts": jnp.array([[float(bs), 0.0]])}
-  o, lse = step_lib.decode_attention("reference", q, kf, vf, 0, d)
-  merged = step_lib.merge_summaries(o, lse, q, kf, vf, 0, d)
+  with matmul_precision(jnp.float32):  # as inside a float32 step: exact float32 (no TF32 on GPUs)
+    o_exact, _ = step_lib.decode_attention("reference", q, k, v, 0, full)
+    folds, w = jnp.array([[3, 7 * bs]]), jnp.array([[0.0, 1.0]])
+    kf, vf = step_lib.fold_blocks(k, folds, w), step_lib.fold_blocks(v, folds, w)
+    d = {"block_tables": jnp.array([[1, 5]]), "lengths": jnp.array([2 * bs]),
+         "summary_slots": jnp.array([[7 * bs, 0]]), "summary_counts": jnp.array([[float(bs), 0.0]])}
+    o, lse = step_lib.decode_attention("reference", q, kf, vf, 0, d)
+    merged = step_lib.merge_summaries(o, lse, q, kf, vf, 0, d)
   assert float(jnp.linalg.norm(merged - o_exact) / jnp.linalg.norm(o_exact)) < 1e-5
   assert float(jnp.linalg.norm(o - o_exact) / jnp.linalg.norm(o_exact)) > 1e-3  # the summary matters
 

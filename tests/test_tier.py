@@ -530,9 +530,12 @@ def test_combine_equals_attention_over_all_keys():
   v = jnp.asarray(rng.normal(size=(s, kh, t, e)), jnp.float32)
   lengths = np.array([24, 17, 11])  # slot 2 has one key on the second side
   full = np.arange(t)[None, :] < lengths[:, None]
-  o, lse = model_lib.attention(q, k, v, jnp.asarray(full)[:, None], return_lse=True)
-  oa, la = model_lib.attention(q, k[:, :, :cut], v[:, :, :cut], jnp.asarray(full[:, :cut])[:, None], return_lse=True)
-  ob, lb = model_lib.attention(q, k[:, :, cut:], v[:, :, cut:], jnp.asarray(full[:, cut:])[:, None], return_lse=True)
+  with model_lib.matmul_precision(jnp.float32):  # as inside a float32 step: no TF32 on GPUs
+    o, lse = model_lib.attention(q, k, v, jnp.asarray(full)[:, None], return_lse=True)
+    oa, la = model_lib.attention(q, k[:, :, :cut], v[:, :, :cut], jnp.asarray(full[:, :cut])[:, None],
+                                 return_lse=True)
+    ob, lb = model_lib.attention(q, k[:, :, cut:], v[:, :, cut:], jnp.asarray(full[:, cut:])[:, None],
+                                 return_lse=True)
   om, lm = tier.combine(oa[:, 0], la[:, 0], ob[:, 0], lb[:, 0])
   np.testing.assert_allclose(om, o[:, 0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lm, lse[:, 0], rtol=1e-5, atol=1e-6)

@@ -141,8 +141,8 @@ def test_fused_projections_match_separate(tp_kv):
 
 @pytest.mark.parametrize("with_summaries", [False, True])
 def test_layer_loop_unroll_matches_scan(with_summaries):
-  """RuntimeConfig.layer_loop="unroll" (static per-layer weight slices) gives the scan's logits, bit
-  for bit, through the engine's prefill and decode steps (float32, tiny model, reference attention)."""
+  """RuntimeConfig.layer_loop="unroll" (static per-layer weight slices) gives the scan's logits (bit for
+  bit on CPU) through the engine's prefill and decode steps (float32, tiny model, reference attention)."""
   import dataclasses
 
   from flax import nnx
@@ -168,7 +168,12 @@ def test_layer_loop_unroll_matches_scan(with_summaries):
     logits[loop], toks[loop] = np.stack(rows), [eng.requests[r].output_ids for r in rids]
     assert eng.compiles.decode == 1 and (eng.stats.folds > 0) == with_summaries
   assert toks["unroll"] == toks["scan"]
-  np.testing.assert_array_equal(logits["unroll"], logits["scan"])
+  import jax
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(logits["unroll"], logits["scan"])
+  else:  # GPU: both exact float32, but XLA fuses unrolled and scanned layers differently, so sums round
+    # in another order: at most 1.2e-6 apart on an H200 (about 10 ulp of logits near 1); 1e-5 bounds that.
+    np.testing.assert_allclose(logits["unroll"], logits["scan"], rtol=0, atol=1e-5)
   with pytest.raises(ValueError, match="layer_loop"):
     RuntimeConfig(layer_loop="while")
 

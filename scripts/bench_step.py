@@ -416,6 +416,10 @@ def main(argv=None) -> int:
   from kvrm_jax.model import Llama
   from kvrm_jax.summaries import SummaryConfig
 
+  ndev = len(jax.devices())
+  for tp in args.tp:
+    if tp is not None and tp > ndev:
+      p.error(f"--tp {tp} needs {tp} devices; this machine has {ndev} ({jax.default_backend()})")
   cfg = ModelConfig.from_name(args.model)
   model = Llama(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
   bw = copy_bandwidth()

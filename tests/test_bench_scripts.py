@@ -85,7 +85,8 @@ def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
       check_run(m, 6, w["output_tokens"]["total"])
   assert obj["results"]["shared-prefix"]["static"]["prefix_hit_blocks"] == 0  # no sharing in the baseline
   text = md.read_text()
-  assert "## Offline decode: CPU, tiny model, smoke scale" in text and "<!-- BEGIN decode-test -->" in text
+  dev = "CPU" if obj["env"]["backend"] == "cpu" else obj["env"]["device"]  # the machine the run was on
+  assert f"## Offline decode: {dev}, tiny model, smoke scale" in text and "<!-- BEGIN decode-test -->" in text
   for what in ("throughput", "itl_cdf", "kv"):
     assert (md.parent / f"results_decode-test_{what}.png").stat().st_size > 0
   # Regenerate from the raw JSON alone: the same page, and other sections are kept.
@@ -200,17 +201,25 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   out = tmp_path / "step.json"
   argv = ["--model", "tiny", "--dtype", "float32", "--batches", "4", "--context", "64", "--warmup", "1",
           "--iters", "2", "--layer-loop", "scan", "unroll", "--profile", "2", "--dump-hlo", str(tmp_path / "hlo"),
-          "--xla-options", "xla_gpu_enable_triton_gemm=false", "--tp", "1", "2", "--out-json", str(out)]
+          "--xla-options", "xla_gpu_enable_triton_gemm=false", "--out-json", str(out), "--tp", "1"]
+  two = len(jax.devices()) >= 2  # CPU: 2 forced host devices; a one-GPU machine runs tp=1 only
+  if two:
+    argv.append("2")
+  else:
+    with pytest.raises(SystemExit):  # one clear error line before anything is built
+      bench_step.main(argv + ["2"])
+    assert "--tp 2 needs 2 devices; this machine has 1" in capsys.readouterr().err
   assert bench_step.main(argv) == 0
   text = capsys.readouterr().out
   obj = json.loads(out.read_text())
   assert "xla_flags" in obj["meta"]
   rows = obj["rows"]
-  assert [(r["tp"], r["layer_loop"]) for r in rows] == [(1, "scan"), (1, "unroll"), (2, "scan"), (2, "unroll")]
+  assert [(r["tp"], r["layer_loop"]) for r in rows] == \
+      [(1, "scan"), (1, "unroll")] + ([(2, "scan"), (2, "unroll")] if two else [])
   assert all(r["xla_options"] == "xla_gpu_enable_triton_gemm=false" for r in rows)
-  # tp=2: each device reads half the KV (the tiny model's 2 KV heads split) and its weight shards
-  assert rows[2]["kv_bytes_read"] * 2 == rows[0]["kv_bytes_read"]
-  assert rows[0]["weight_bytes"] / 2 < rows[2]["weight_bytes"] < rows[0]["weight_bytes"]  # embeddings replicated
+  if two:  # tp=2: each device reads half the KV (the tiny model's 2 KV heads split) and its weight shards
+    assert rows[2]["kv_bytes_read"] * 2 == rows[0]["kv_bytes_read"]
+    assert rows[0]["weight_bytes"] / 2 < rows[2]["weight_bytes"] < rows[0]["weight_bytes"]  # embeddings replicated
   for r in rows:
     assert "error" not in r and r["steps_timed"] == 2 and r["decode_compiles"] == 1
     prof = r["profile"]
@@ -225,8 +234,9 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
     n_layers, n_proj = 2, 4  # wqkv, wo, w_gate_up, w_down
     assert rows[0]["hlo"]["dynamic-slice"] == rows[0]["hlo"]["in_loop_bodies"] == n_proj  # one scan body
     assert rows[1]["hlo"]["slice"] == n_layers * n_proj and rows[1]["hlo"]["in_loop_bodies"] == 0
-  assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false] tp=2" in text
-  assert (tmp_path / "hlo" / "decode_unroll_b4_c64_xla_gpu_enable_triton_gemm_false_tp2.hlo.txt").stat().st_size > 0
+  if two:
+    assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false] tp=2" in text
+    assert (tmp_path / "hlo" / "decode_unroll_b4_c64_xla_gpu_enable_triton_gemm_false_tp2.hlo.txt").stat().st_size > 0
   assert (tmp_path / "hlo" / "decode_unroll_b4_c64_xla_gpu_enable_triton_gemm_false.hlo.txt").stat().st_size > 0
   assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false]" in text and "| matmul | 0.300 |" in text
 

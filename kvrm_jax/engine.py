@@ -131,6 +131,7 @@ class Engine:
     self.with_mass = bool(rt.max_host_reads) and tier_policy == "attention"
     self.decode_step, self._prefill_step, self.compiles = step_lib.build_steps(
         self.graphdef, cfg, rt, with_logits=with_logits, mesh=mesh, state_specs=specs, with_mass=self.with_mass)
+    self._executables: dict = {}  # ("decode",) / ("prefill", chunk) -> the step's AOT executable
     self.tier = None
     # This round's host tier copies: (extent, device blocks, request id).
     self._swap_out: list[tuple[int, list[int], int]] = []
@@ -606,9 +607,33 @@ class Engine:
 
   # --------------------------------------------------------------------------- run + postprocess
 
-  def _run(self, fn, ints, floats, host=()):
-    ints, floats = jax.device_put((ints, floats), self._desc_sharding)  # the one host->device transfer
-    out = fn(self.state, self.k_pool, self.v_pool, ints, floats, *host)
+  def put_descriptor(self, ints: np.ndarray, floats: np.ndarray):
+    """A packed descriptor onto the device(s), placed as the compiled steps take it (one transfer)."""
+    return jax.device_put((ints, floats), self._desc_sharding)
+
+  def _executable(self, key: tuple, fn, layout: desc_lib.Layout, host=()):
+    """One step's executable, compiled ahead of time on first use for this engine's exact arguments
+    (state, pools, host pools and descriptor buffers, with their shardings and memory kinds), then
+    kept. The engine never calls the jitted function again, so nothing that happens later in the
+    process can trace or compile a step a second time: on a GPU, a JAX module imported later (by
+    Pallas interpret mode, say) changed the tracing context and made every step retrace once."""
+    exe = self._executables.get(key)
+    if exe is None:
+      ints, floats = self.put_descriptor(*layout.pack(layout.new()))
+      exe = self._executables[key] = fn.lower(self.state, self.k_pool, self.v_pool, ints, floats, *host).compile()
+    return exe
+
+  def compiled_decode(self):
+    """The decode step's executable as `step()` runs it: `(state, k_pool, v_pool, ints, floats,
+    *decode_host_args()) -> (tokens, k_pool, v_pool, ...)`, descriptor from `put_descriptor`."""
+    return self._executable(("decode",), self.decode_step, self.dlayout, self.decode_host_args())
+
+  def _compiled_prefill(self, chunk: int):
+    return self._executable(("prefill", chunk), self._prefill_step(chunk), desc_lib.prefill_layout(self.rt, chunk))
+
+  def _run(self, exe, ints, floats, host=()):
+    ints, floats = self.put_descriptor(ints, floats)  # the one host->device transfer
+    out = exe(self.state, self.k_pool, self.v_pool, ints, floats, *host)
     tokens, self.k_pool, self.v_pool = out[:3]
     if host and self.with_mass:
       self._mass = out[-1]
@@ -680,7 +705,7 @@ class Engine:
       # Block copies run at the start of whichever step runs first, before any KV is read.
       chunk, (ints, floats) = self.build_prefill_descriptor(plan.prefill_rows, plan.moves, plan.folds)
       host += time.perf_counter() - t1
-      tokens, logits = self._run(self._prefill_step(chunk), ints, floats)
+      tokens, logits = self._run(self._compiled_prefill(chunk), ints, floats)
       self.stats.prefill_steps += 1
       now = time.perf_counter()
       for i, (req, start, n) in enumerate(plan.prefill_rows):
@@ -703,7 +728,7 @@ class Engine:
       host += time.perf_counter() - t1
       self.stats.host_us.append(host * 1e6)
       td = time.perf_counter()
-      tokens, logits = self._run(self.decode_step, ints, floats, self.decode_host_args())
+      tokens, logits = self._run(self.compiled_decode(), ints, floats, self.decode_host_args())
       now = time.perf_counter()
       self.stats.step_s.append(now - td)
       self.stats.decode_steps += 1
@@ -763,10 +788,10 @@ class Engine:
     if not freed:
       return
     if self._poison is None:
-      @jax.jit
       def poison(k, v, idx):
         return k.at[:, :, idx].set(jnp.nan), v.at[:, :, idx].set(jnp.nan)
-      self._poison = poison
+      # The pools keep their placement: the compiled steps take nothing else.
+      self._poison = jax.jit(poison, out_shardings=(self.k_pool.sharding, self.v_pool.sharding))
     n = self.rt.num_blocks
     idx = np.zeros((1 << max(0, (len(freed) - 1).bit_length()),), np.int32)  # few shapes: powers of two
     idx[:len(freed)] = freed

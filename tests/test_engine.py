@@ -298,3 +298,23 @@ def test_bfloat16_engine_from_float32_model_computes_in_bfloat16(model):
   assert model.wqkv[...].dtype == jnp.float32  # the caller's model is left as it was
   out = eng.generate([[5, 6, 7], [9, 10]], SamplingParams(max_new_tokens=3))
   assert [len(o.output_ids) for o in out] == [3, 3]
+
+
+def test_steps_compile_once_whatever_the_tracing_context_later(model):
+  """The engine runs each step's ahead-of-time executable: a change of JAX's tracing context after
+  the first steps (on a GPU, a JAX module that Pallas interpret mode imported later did this, and
+  every engine's steps traced again) neither traces nor compiles a step a second time."""
+  import jax
+  eng = Engine(CFG, model, RT)
+  ps = prompts(3, (5, 7))  # both in the 8-token prefill bucket
+  eng.add_request(ps[0], SamplingParams(max_new_tokens=6))
+  eng.step()
+  eng.step()
+  with jax.numpy_rank_promotion("warn"):  # a value of the tracing context (default "allow")
+    eng.add_request(ps[1], SamplingParams(max_new_tokens=3))
+    while eng.has_work():
+      eng.step()
+  assert (eng.compiles.decode, eng.compiles.prefill) == (1, 1)
+  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
+
+

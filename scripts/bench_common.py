@@ -32,6 +32,7 @@ MODELS = ("tiny", "smollm2-135m", "llama3-8b", "bundled")
 ENGINES = ("kvrm", "static")
 SPIKE_FACTOR = 3.0  # a step-time spike: a step longer than 3x the median step
 
+from kvrm_jax import compile_cache  # noqa: E402
 from kvrm_jax.cli import UserError, run_main  # noqa: E402,F401  (re-exported for the scripts)
 
 # ----------------------------------------------------------------------------- arguments
@@ -60,6 +61,7 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
   g.add_argument("--attention", default="auto", help="KV-RM attention backend: auto | reference | pallas | interpret")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
                  "devices, or 'all' local devices; the KV budget is the whole mesh's (default: no mesh)")
+  compile_cache.add_args(g)
   o = p.add_argument_group("output")
   o.add_argument("--seed", type=int, default=0)
   o.add_argument("--out-json", help="write the raw results here")

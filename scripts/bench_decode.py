@@ -132,6 +132,7 @@ def _main(argv) -> int:
   args = parse_args(argv)
   if args.from_json:
     return bc.regenerate(args, KIND, render, print_summary)
+  bc.compile_cache.from_args(args)
   families = parse_families(args.families)
   if args.num_requests < 1:
     raise bc.UserError("--num-requests must be >= 1")

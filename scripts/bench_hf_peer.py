@@ -83,6 +83,7 @@ def parse_args(argv=None):
   o.add_argument("--label", help="section key in the report and PNG name stem (default: hfpeer-<device>-<model>)")
   o.add_argument("--note", help="scale note shown in the section title (default on CPU: 'smoke scale')")
   o.add_argument("--quiet", action="store_true", help="no progress bar")
+  bc.compile_cache.add_args(p)
   return p.parse_args(argv)
 
 
@@ -418,6 +419,7 @@ def _main(argv) -> int:
   args = parse_args(argv)
   if args.from_json:
     return bc.regenerate(args, KIND, render, print_summary)
+  bc.compile_cache.from_args(args)
   families = bd.parse_families(args.families)
   if args.num_requests < 1:
     raise bc.UserError("--num-requests must be >= 1")

@@ -42,6 +42,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from kvrm_jax import compile_cache  # noqa: E402
+
 
 def copy_bandwidth() -> float | None:
   """One large device-to-device copy, timed with CUDA events (bytes read + written), TB/s."""
@@ -409,7 +411,12 @@ def main(argv=None) -> int:
   p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "
                  "weight-shaped copy / dynamic-slice fusions")
   p.add_argument("--out-json")
+  compile_cache.add_args(p)
   args = p.parse_args(argv)
+  try:
+    compile_cache.from_args(args)
+  except compile_cache.UserError as e:
+    p.error(str(e))
   import jax
   import jax.numpy as jnp
   from flax import nnx

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
+from kvrm_jax import compile_cache  # noqa: E402
 from kvrm_jax.cli import UserError, run_main  # noqa: E402
 
 
@@ -53,6 +54,7 @@ def parse_args(argv):
   p.add_argument("--report", help="write the markdown report (and a PNG beside it) here")
   p.add_argument("--from-json", help="regenerate the report from saved raw results, run nothing")
   p.add_argument("--quiet", action="store_true")
+  compile_cache.add_args(p)
   return p.parse_args(argv)
 
 
@@ -187,6 +189,7 @@ def _main(argv) -> int:
       render(obj, args.report)
     print_table(obj)
     return 0
+  compile_cache.from_args(args)
   import jax
   dtype = args.dtype or bc.default_dtype()
   cfg, model, source = bc.load_model(args.model, dtype)

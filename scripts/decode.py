@@ -17,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kvrm_jax import compile_cache  # noqa: E402
 from kvrm_jax.cli import UserError, run_main  # noqa: E402
 
 
@@ -46,6 +47,7 @@ def parse_args(argv=None):
                  "default; max=0 drops the far history, StreamingLLM-style)")
   p.add_argument("--output-json", help="write prompts, ids, texts and stats here")
   p.add_argument("--quiet", action="store_true", help="no per-prompt text on stdout")
+  compile_cache.add_args(p)
   return p.parse_args(argv)
 
 
@@ -91,6 +93,7 @@ def run(args) -> int:
 
   import jax
 
+  compile_cache.from_args(args)
   from kvrm_jax import checkpoint as ckpt
   from kvrm_jax.config import RuntimeConfig
   from kvrm_jax.engine import Engine, RequestError

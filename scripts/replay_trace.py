@@ -244,6 +244,7 @@ def _main(argv) -> int:
   args = parse_args(argv)
   if args.from_json:
     return bc.regenerate(args, KIND, render, print_summary)
+  bc.compile_cache.from_args(args)
   if not args.trace:
     raise bc.UserError("give --trace FILE (or --from-json FILE to regenerate a report)")
   if args.time_scale <= 0 or args.token_scale <= 0:

@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_ENABLE_X64", "0")
+os.environ.setdefault("KVRM_JAX_COMPILE_CACHE", "off")  # the scripts' persistent cache stays off in tests
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -318,7 +318,6 @@ def test_steps_compile_once_whatever_the_tracing_context_later(model):
   assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
 
 
-
 def _feature_engine(feature, model):
   """(engine, batches of (prompts, sampling)) that exercise one runtime feature on the default
   backend (reference attention on CPU, the Pallas kernels on a GPU); batches run one after another."""
@@ -368,3 +367,14 @@ def test_one_compile_per_step_under_each_feature(model, feature):
   assert eng.compiles.decode == 1
   assert 1 <= eng.compiles.prefill <= len(used)
   assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
+
+
+def test_summary_reports_startup_split(model):
+  eng = Engine(CFG, model, RT)
+  fresh = eng.summary()["startup_s"]
+  assert fresh["engine_build"] > 0 and fresh["compile"] == 0 and fresh["first_token"] is None
+  eng.generate(prompts(4, (5, 9)), SamplingParams(max_new_tokens=3))
+  first = eng.summary()["startup_s"]
+  assert first["compile"] > 0 and first["first_token"] > 0
+  eng.generate(prompts(5, (5, 9)), SamplingParams(max_new_tokens=3))  # same shapes: nothing new to compile
+  assert eng.summary()["startup_s"] == first

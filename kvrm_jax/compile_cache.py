@@ -1,0 +1,63 @@
+"""JAX's persistent compilation cache for the command-line tools (on by default there).
+
+The compiled steps are stored under `<cache folder>/xla` (the cache folder of the bundled model:
+`$KVRM_JAX_CACHE` or `~/.cache/kvrm-jax`), or under `$KVRM_JAX_COMPILE_CACHE`, or `--compile-cache
+DIR`; `--no-compile-cache` (or `KVRM_JAX_COMPILE_CACHE=off`) turns it off. A second start with the same model, runtime shapes, jax
+version and device compiles nothing: its executables are read back from the folder.
+
+The library itself never turns the cache on: `enable` is called by `scripts/decode.py` and the
+benchmark scripts at start-up, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from kvrm_jax.cli import UserError
+
+ENV = "KVRM_JAX_COMPILE_CACHE"
+
+
+def default_dir() -> Path:
+  """`$KVRM_JAX_COMPILE_CACHE` (unless `off`), else `<bundled model cache folder>/xla`."""
+  from kvrm_jax.checkpoint import default_cache_dir
+  v = os.environ.get(ENV)
+  return Path(v) if v and v != "off" else default_cache_dir() / "xla"
+
+
+def enable(path=None) -> Path:
+  """Store every compiled executable (no minimum compile time or size) under `path` (default:
+  `default_dir()`), created if missing, and return the folder. Call before the first compile."""
+  import jax
+
+  folder = Path(path) if path else default_dir()
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create the compilation cache folder {folder}: {e}") from None
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  # Defaults skip executables that compile in under a second; the small steps of a run add up.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+  """--compile-cache DIR / --no-compile-cache."""
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--compile-cache", metavar="DIR", help=f"persistent compilation cache folder (default: "
+                 f"${ENV}, else the cache folder's xla/: $KVRM_JAX_CACHE or ~/.cache/kvrm-jax)")
+  g.add_argument("--no-compile-cache", action="store_true", help=f"do not read or write compiled executables (also ${ENV}=off)")
+
+
+def from_args(args) -> Path | None:
+  """`enable` unless --no-compile-cache; the folder used, or None when off. A folder that cannot
+  be created is a `UserError` (one `error:` line from the tools)."""
+  if args.no_compile_cache or (not args.compile_cache and os.environ.get(ENV) == "off"):
+    return None
+  try:
+    return enable(args.compile_cache)
+  except ValueError as e:
+    raise UserError(str(e)) from None

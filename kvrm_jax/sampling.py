@@ -1,0 +1,119 @@
+"""On-device per-row sampling (temperature, top-k, top-p) with no sort over the vocabulary.
+
+The kept set of a row is defined by value thresholds on the scaled logits x = logits / temperature,
+ties included:
+
+  top-k  keep token i iff fewer than top_k tokens have x > x_i        (top_k 0 = off)
+  top-p  keep token i iff the probability mass of the top-k-kept tokens with x > x_i is < top_p,
+         probabilities renormalised over the top-k-kept set          (top_p 1 = off)
+
+so the most likely token is always kept and tokens tied at a boundary are all kept or all dropped.
+The token is then drawn by Gumbel-max over the kept set in vocabulary order,
+`jax.random.categorical(key, where(kept, x, -inf))`, with key = fold_in(key(seed), position).
+
+Two routes find the thresholds, both exact (no sort of V columns):
+  * top_k in 1..K_MAX: `lax.top_k(x, K_MAX)` gives the k-th value (the top-k threshold) and the
+    candidates; top-p is decided among those K_MAX candidates.
+  * top_k 0 or > K_MAX: a bisection over the float32 bit patterns of x (32 steps, each one masked
+    reduction over V) finds the smallest threshold whose predicate holds; it only runs (lax.cond)
+    when a row of the batch needs it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Rows with 1 <= top_k <= K_MAX take the lax.top_k route; the rest bisect.
+K_MAX = 64
+_BISECT_STEPS = 32  # exact over the 2**32 ordered keys of float32
+
+
+def _order_key(x):
+  """float32 -> uint32 with the same order (NaN aside)."""
+  b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _from_order_key(u):
+  b = jnp.where(u >> 31 == 1, u & jnp.uint32(0x7FFFFFFF), ~u)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _bisect(x, pred):
+  """Per row, the smallest float t (among the values between the row's min and max of x) with
+  pred(t) true; pred: [B] thresholds -> [B] bool, monotone (false ... false true ... true) and
+  true at the row max. x: [B, V] f32 -> [B] f32."""
+  lo = _order_key(jnp.min(x, axis=-1))  # [B]
+  hi = _order_key(jnp.max(x, axis=-1))  # [B]
+
+  def body(_, lh):
+    lo, hi = lh
+    mid = lo + (hi - lo) // 2  # no overflow: hi >= lo
+    ok = pred(_from_order_key(mid))
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, _BISECT_STEPS, body, (lo, hi))
+  return _from_order_key(hi)
+
+
+def kept_mask(x, top_k, top_p):
+  """The kept set of each row (definition in the module docstring). x: [B, V] f32 scaled logits;
+  top_k: [B] int32 (0 = off); top_p: [B] f32 in (0, 1] (1 = off) -> [B, V] bool."""
+  b, v = x.shape
+  kmax = min(K_MAX, v)
+  neg_inf = jnp.full((b,), -jnp.inf, jnp.float32)
+  in_window = (top_k > 0) & (top_k <= kmax)  # [B]
+  p_on = top_p < 1.0  # [B]
+  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # [B, V] unnormalised probabilities
+
+  vals, _ = jax.lax.top_k(x, kmax)  # [B, kmax] descending
+  t_k_win = jnp.take_along_axis(vals, jnp.clip(top_k - 1, 0, kmax - 1)[:, None], axis=-1)[:, 0]
+
+  def bisect_k():  # k-th largest value for top_k > kmax: count(x > t) < k
+    return _bisect(x, lambda t: jnp.sum(x > t[:, None], axis=-1) < top_k)
+
+  t_k = jnp.where(in_window, t_k_win, neg_inf)
+  t_k = jnp.where(top_k > kmax, jax.lax.cond(jnp.any(top_k > kmax), bisect_k, lambda: neg_inf), t_k)
+  in_k = x >= t_k[:, None]  # [B, V]
+  z_k = jnp.sum(jnp.where(in_k, e, 0.0), axis=-1)  # [B] mass of the top-k set
+  budget = top_p * z_k  # [B] "mass above < top_p" as "unnormalised mass above < top_p * z_k"
+
+  # Window route: mass above each candidate, from the candidates (all tokens above a candidate are
+  # candidates themselves).
+  e_w = jnp.exp(vals - jnp.max(x, axis=-1, keepdims=True))  # [B, kmax]
+  w_in = vals >= t_k[:, None]
+  above = jnp.sum(jnp.where((vals[:, None, :] > vals[:, :, None]) & w_in[:, None, :], e_w[:, None, :], 0.0),
+                  axis=-1)  # [B, kmax]
+  ok = w_in & (above < budget[:, None])
+  t_p_win = jnp.min(jnp.where(ok, vals, jnp.inf), axis=-1)
+
+  def bisect_p():
+    return _bisect(x, lambda t: jnp.sum(jnp.where((x > t[:, None]) & in_k, e, 0.0), axis=-1) < budget)
+
+  need_p = p_on & ~in_window
+  t_p = jnp.where(in_window, t_p_win, jax.lax.cond(jnp.any(need_p), bisect_p, lambda: neg_inf))
+  t_p = jnp.where(p_on, t_p, neg_inf)
+  return x >= jnp.maximum(t_k, t_p)[:, None]
+
+
+def sample(logits, temperature, top_k, top_p, seeds, counters):
+  """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.
+
+  temperature 0 is greedy (argmax of the logits). Otherwise the token is drawn by Gumbel-max in
+  vocabulary order over the kept set of x = logits / temperature (`kept_mask`: top-k and top-p by
+  value thresholds, ties at a threshold kept), i.e. `jax.random.categorical(key, where(kept, x,
+  -inf))`. The key of a row is fold_in(key(seed), counter) with counter = the position of the token
+  being sampled, so a request samples the same tokens whatever its batch, slot or preemption
+  history. No sort over the vocabulary: see the module docstring.
+  """
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def stochastic():
+    x = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]
+    masked = jnp.where(kept_mask(x, top_k, top_p), x, -jnp.inf)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), c))(seeds, counters)
+    picked = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, picked, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)

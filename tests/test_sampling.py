@@ -1,0 +1,127 @@
+"""On-device sampling (kvrm_jax/sampling.py) against a NumPy reference of its definition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from kvrm_jax import sampling
+from kvrm_jax.step import sample
+
+
+def ref_kept(x, k, p):
+  """NumPy reference of the kept set of one row, and its distance to the nearest top-p boundary
+  (rows whose mass lies within float32 rounding of top_p are ambiguous by definition)."""
+  x = np.asarray(x, np.float64)
+  above_count = (x[None, :] > x[:, None]).sum(-1)  # [V] tokens strictly above each token
+  in_k = above_count < k if k > 0 else np.ones_like(x, bool)
+  e = np.exp(x - x.max())
+  z = e[in_k].sum()
+  above_mass = ((x[None, :] > x[:, None]) * (e * in_k)[None, :]).sum(-1) / z  # [V]
+  if p >= 1:
+    return in_k, np.inf
+  return in_k & (above_mass < p), np.min(np.abs(above_mass[in_k] - p))
+
+
+def random_rows(rng, b, v, ties):
+  x = rng.normal(size=(b, v)).astype(np.float32) * 3
+  if ties:  # a coarse grid: many exact ties, also at the thresholds
+    x = np.round(x * 2) / 2
+  k = rng.choice([0, 1, 2, 5, sampling.K_MAX, sampling.K_MAX + 37, v], size=b).astype(np.int32)
+  p = rng.choice([1.0, 0.999, 0.9, 0.5, 0.2, 1e-4], size=b).astype(np.float32)
+  return x, k, p
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("v", [40, 700])
+def test_kept_set_matches_reference(v, ties):
+  rng = np.random.default_rng(v + ties)
+  x, k, p = random_rows(rng, 96, v, ties)
+  got = np.asarray(jax.jit(sampling.kept_mask)(jnp.asarray(x), jnp.asarray(k), jnp.asarray(p)))
+  checked = 0
+  for i in range(len(x)):
+    want, margin = ref_kept(x[i], int(k[i]), float(p[i]))
+    if margin < 1e-5:
+      continue
+    checked += 1
+    assert (got[i] == want).all(), (i, k[i], p[i], np.flatnonzero(got[i] != want))
+  assert checked >= 80
+
+
+def test_ties_at_threshold_kept_together():
+  x = jnp.asarray([[3.0, 1.0, 2.0, 2.0, 2.0, 0.0] + [-5.0] * 100])
+  k = jnp.asarray([2], jnp.int32)  # the 2nd value is tied three ways: all three kept
+  got = np.asarray(sampling.kept_mask(x, k, jnp.asarray([1.0])))
+  assert np.flatnonzero(got[0]).tolist() == [0, 2, 3, 4]
+  # top-p route by bisection (top_k 0): the tied tokens share their mass-above
+  e = np.exp(np.asarray(x[0]) - 3.0)
+  p = (e[0] + 0.5 * e[2]) / e.sum()  # mass above the tied ones is e[0] < p: all three kept
+  got = np.asarray(sampling.kept_mask(x, jnp.asarray([0], jnp.int32), jnp.asarray([p], jnp.float32)))
+  assert np.flatnonzero(got[0]).tolist() == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize("k", [0, 10, sampling.K_MAX + 1])
+def test_top_p_keeps_exactly_one(k):
+  rng = np.random.default_rng(k)
+  x = rng.normal(size=(3, 500)).astype(np.float32)
+  q_max = np.exp(x.max(-1)) / np.exp(x).sum(-1)
+  p = (0.5 * q_max).astype(np.float32)  # below the top token's probability: only it is kept
+  got = np.asarray(sampling.kept_mask(jnp.asarray(x), jnp.full(3, k, jnp.int32), jnp.asarray(p)))
+  assert (got.sum(-1) == 1).all() and (got.argmax(-1) == x.argmax(-1)).all()
+  toks = sample(jnp.asarray(x), jnp.ones(3), jnp.full(3, k, jnp.int32), jnp.asarray(p),
+                jnp.arange(3, dtype=jnp.int32), jnp.zeros(3, jnp.int32))
+  assert np.asarray(toks).tolist() == x.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("k,p,temp", [(0, 1.0, 1.0), (5, 1.0, 0.7), (0, 0.8, 1.3), (8, 0.9, 1.0),
+                                      (sampling.K_MAX + 3, 0.95, 1.0)])
+def test_sampled_distribution(k, p, temp):
+  """Many seeds on one row: never outside the kept set, and frequencies pass a chi-square test
+  against softmax(x) renormalised over the kept set (a mask off by one token fails either)."""
+  v, n = 80, 20000
+  rng = np.random.default_rng(7)
+  logits = np.sort(rng.normal(size=v).astype(np.float32))[::-1] * 1.5
+  logits = rng.permutation(logits)  # vocabulary order is not value order
+  x = logits / temp
+  want, margin = ref_kept(x, k, p)
+  assert margin > 1e-4
+  f = jax.jit(sample)
+  toks = np.asarray(f(jnp.broadcast_to(jnp.asarray(logits), (n, v)), jnp.full(n, temp), jnp.full(n, k, jnp.int32),
+                      jnp.full(n, p), jnp.arange(n, dtype=jnp.int32), jnp.full(n, 11, jnp.int32)))
+  counts = np.bincount(toks, minlength=v)
+  assert counts[~want].sum() == 0
+  q = np.exp(x.astype(np.float64) - x.max()) * want
+  q /= q.sum()
+  if want.sum() > 1:
+    chi = stats.chisquare(counts[want], q[want] * n)
+    assert chi.pvalue > 1e-4, chi
+
+
+def test_greedy_rows_unaffected_and_key_is_seed_and_position():
+  rng = np.random.default_rng(3)
+  b, v = 8, 300
+  x = jnp.asarray(rng.normal(size=(b, v)).astype(np.float32))
+  temp = jnp.asarray([0, 1, 0, 0.5, 0, 2, 0, 1], jnp.float32)
+  k = jnp.asarray([0, 0, 3, 10, 100, 0, 1, 200], jnp.int32)
+  p = jnp.asarray([1, 0.5, 0.9, 1, 0.3, 0.9, 1, 0.8], jnp.float32)
+  seeds, pos = jnp.arange(b, dtype=jnp.int32) * 13, jnp.arange(b, dtype=jnp.int32) + 5
+  toks = np.asarray(sample(x, temp, k, p, seeds, pos))
+  greedy = np.asarray(x).argmax(-1)
+  assert (toks[np.asarray(temp) == 0] == greedy[np.asarray(temp) == 0]).all()
+  # one row alone, or the same rows reversed, draws the same tokens: the key is (seed, position)
+  rev = np.asarray(sample(x[::-1], temp[::-1], k[::-1], p[::-1], seeds[::-1], pos[::-1]))[::-1]
+  assert (rev == toks).all()
+  one = np.asarray(sample(x[1:2], temp[1:2], k[1:2], p[1:2], seeds[1:2], pos[1:2]))
+  assert one[0] == toks[1]
+
+
+def test_no_sort_over_the_vocabulary():
+  b, v = 4, 4096
+  args = (jnp.zeros((b, v)), jnp.ones(b), jnp.zeros(b, jnp.int32), jnp.full(b, 0.9), jnp.zeros(b, jnp.int32),
+          jnp.zeros(b, jnp.int32))
+  lowered = jax.jit(sample).lower(*args)
+  assert "stablehlo.sort" not in lowered.as_text()
+  assert "chlo.top_k" in lowered.as_text()  # the top-k route is there
+  compiled = lowered.compile().as_text()
+  assert " sort(" not in compiled

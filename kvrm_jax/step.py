@@ -66,12 +66,17 @@ def init_pools(cfg: ModelConfig, rt: RuntimeConfig, sharding=None):
 # ----------------------------------------------------------------------------- sampling
 
 
+NON_FINITE = -1  # the token sampled from a row of non-finite logits
+
+
 def sample(logits, temperature, top_k, top_p, seeds, counters):
   """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.
 
   temperature 0 is greedy. The key of a row is fold_in(key(seed), counter) with counter = the
   position of the token being sampled, so a request samples the same tokens whatever its batch,
-  slot or preemption history.
+  slot or preemption history. A row whose logits hold NaN or +inf (damaged weights, an overflow)
+  samples NON_FINITE instead of a token: the engine ends that request with finish_reason "error";
+  the flag travels in the tokens the step returns anyway, so it costs no output and no sync.
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -91,7 +96,8 @@ def sample(logits, temperature, top_k, top_p, seeds, counters):
     picked = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, picked, greedy)
 
-  return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
+  tokens = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
+  return jnp.where(jnp.all(logits < jnp.inf, axis=-1), tokens, NON_FINITE)  # NaN < inf is False; -inf masks pass
 
 
 # ----------------------------------------------------------------------------- KV pool access
@@ -364,9 +370,24 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     wrap = lambda fn, kind: sharding.shard_step(  # noqa: E731
         fn, mesh, state_specs, int(with_logits) + int(with_mass and kind == "decode"),
         n_host if kind == "decode" else 0)
-  dec = functools.partial(_decode, graphdef, cfg, rt, backend, with_logits, tp_axis, with_mass)
+
+  def decode_step(state, k_pool, v_pool, ints, floats, *host):
+    """One decode step of every slot: (state, k_pool, v_pool, ints, floats[, k_host, v_host]) ->
+    (tokens [S] int32, k_pool, v_pool[, logits [S, V]][, mass [S, MB]]).
+
+    state: the model's parameter state (`engine.state`); k_pool, v_pool: the KV pools
+    [KH, L, N, bs, E] (donated: use the returned ones); ints, floats: the packed descriptor
+    (`engine.build_decode_descriptor(plan)`); k_host, v_host: the host tier's pools when the step
+    reads them (`engine.decode_host_args()`). tokens: each slot's sampled token (0 in empty slots,
+    step.NON_FINITE where the slot's logits were not finite). logits with `with_logits`, the
+    attention mass of each table block with `with_mass`. Compiled once per configuration.
+    """
+    return _decode(graphdef, cfg, rt, backend, with_logits, tp_axis, with_mass, state, k_pool, v_pool, ints,
+                   floats, *host)
+
   opts = compiler_options(rt)
-  decode_step = jax.jit(counted(wrap(dec, "decode"), "decode"), donate_argnums=(1, 2), compiler_options=opts)
+  jitted = jax.jit(counted(wrap(decode_step, "decode"), "decode"), donate_argnums=(1, 2), compiler_options=opts)
+  jitted.__doc__ = decode_step.__doc__  # shard_map's wrapper (with a mesh) keeps no docstring
 
   @functools.cache
   def prefill_step(chunk: int):
@@ -375,7 +396,7 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     pf = functools.partial(_prefill, graphdef, cfg, rt, backend, chunk, with_logits, tp_axis)
     return jax.jit(counted(wrap(pf, "prefill"), "prefill"), donate_argnums=(1, 2), compiler_options=opts)
 
-  return decode_step, prefill_step, counter
+  return jitted, prefill_step, counter
 
 
 def build_swap(rt: RuntimeConfig, mesh=None, out_shardings=None):

@@ -118,3 +118,10 @@ def test_non_finite_logits_end_the_request_with_error(model):
   [out] = eng.generate([[t] + PROMPT], sp)
   assert out.finish_reason == "error" and out.output_ids == []
   assert_whole(eng)
+
+
+def test_the_jitted_decode_step_documents_itself(model):
+  """A notebook user introspecting the step learns its arguments and outputs, not functools.partial's."""
+  step = Engine(CFG, model, RT).decode_step
+  assert step.__doc__.startswith("One decode step of every slot: (state, k_pool, v_pool, ints, floats")
+  assert "NON_FINITE" in step.__doc__ and "partial" not in step.__doc__

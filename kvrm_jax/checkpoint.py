@@ -30,7 +30,7 @@ CONFIG_FILE, TOKENIZER_FILE, PARAMS_DIR = "kvrm_config.json", "tokenizer.json", 
 CHECKSUM_FILE = "checksums.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
   """A checkpoint that is missing, unreadable or of an unsupported kind (a user error)."""
 
 

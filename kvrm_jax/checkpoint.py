@@ -6,6 +6,8 @@ reads) holds:
   tokenizer.json     our Tokenizer.to_json_str()
   params/            orbax StandardCheckpointer tree {name: float32 array}, the separate matrices
                      of model.CHECKPOINT_LAYER_PARAMS (the model fuses q/k/v and gate/up on load)
+  checksums.json     crc32 and size of every file under params/, verified on load: orbax's zarr
+                     chunks carry no checksum, so a damaged file would otherwise load as garbage
 Loading never unpickles anything.
 """
 
@@ -15,6 +17,8 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +27,10 @@ from kvrm_jax.config import ModelConfig
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG_FILE, TOKENIZER_FILE, PARAMS_DIR = "kvrm_config.json", "tokenizer.json", "params"
+CHECKSUM_FILE = "checksums.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
   """A checkpoint that is missing, unreadable or of an unsupported kind (a user error)."""
 
 
@@ -48,7 +53,7 @@ def _progress(it, total, desc, enabled):
   if not enabled:
     return it
   from tqdm import tqdm
-  return tqdm(it, total=total, desc=desc, unit="tensor", leave=False)
+  return tqdm(it, total=total, desc=desc, unit="layer", leave=False)
 
 
 def _stack_layers(per_layer: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -207,13 +212,51 @@ def save_checkpoint(dst, cfg: ModelConfig, weights: dict[str, np.ndarray], token
 
   dst = Path(dst).absolute()
   dst.mkdir(parents=True, exist_ok=True)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(dst / PARAMS_DIR, dict(weights), force=True)
-  ckptr.wait_until_finished()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(dst / PARAMS_DIR, dict(weights), force=True)
+    ckptr.wait_until_finished()
+  (dst / CHECKSUM_FILE).write_text(json.dumps(_file_checksums(dst / PARAMS_DIR), indent=1))
   (dst / CONFIG_FILE).write_text(cfg.to_json())
   if tokenizer is not None:
     (dst / TOKENIZER_FILE).write_text(tokenizer.to_json_str())
   return dst
+
+
+def _crc32(path: Path) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _file_checksums(params: Path) -> dict[str, list[int]]:
+  """{path under params/: [size, crc32]} of every file orbax wrote (~0.2 s for SmolLM2's 350 MB)."""
+  return {f.relative_to(params).as_posix(): [f.stat().st_size, _crc32(f)]
+          for f in sorted(params.rglob("*")) if f.is_file()}
+
+
+def verify_checksums(path) -> bool:
+  """Check params/ against checksums.json; False (and a one-line warning) if the folder has none.
+
+  Raises CheckpointError naming the folder and the first damaged, missing or resized file."""
+  p = Path(path)
+  try:
+    want = json.loads((p / CHECKSUM_FILE).read_text())
+  except FileNotFoundError:
+    print(f"warning: {p} has no {CHECKSUM_FILE} (written by an older scripts/convert.py); its parameters "
+          "are not verified: convert it again", file=sys.stderr)
+    return False
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"checkpoint {p}: corrupt {CHECKSUM_FILE}: {e}") from None
+  for rel, (size, crc) in want.items():
+    f = p / PARAMS_DIR / rel
+    if not f.is_file():
+      raise CheckpointError(f"checkpoint {p} is damaged: {PARAMS_DIR}/{rel} is missing")
+    if f.stat().st_size != size or _crc32(f) != crc:
+      raise CheckpointError(f"checkpoint {p} is damaged: {PARAMS_DIR}/{rel} does not match its checksum "
+                            f"({'size' if f.stat().st_size != size else 'crc32'} differs); convert it again")
+  return True
 
 
 def read_config(path) -> ModelConfig:
@@ -237,21 +280,66 @@ def load_checkpoint(path, dtype="float32", shardings=None):
   import orbax.checkpoint as ocp
 
   from kvrm_jax import model as model_lib
-  from kvrm_jax.tokenizer import Tokenizer
 
   p = Path(path).absolute()
   cfg = read_config(p)
   jdt = jnp.dtype(dtype)
+  tok = read_tokenizer(p)
+  verify_checksums(p)
   shardings = shardings or {}
-  target = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=shardings.get(k))
-            for k, shape in model_lib.checkpoint_shapes(cfg).items()}
+  shapes = model_lib.checkpoint_shapes(cfg)
+  target = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=shardings.get(k)) for k, shape in shapes.items()}
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      stored = ckptr.metadata(p / PARAMS_DIR).item_metadata
+      for k, shape in shapes.items():  # checked before restoring: a failed restore leaves reads in flight
+        have = tuple(stored[k].shape) if k in stored else None
+        if have != tuple(shape):
+          raise CheckpointError(f"checkpoint {p}: parameter {k!r} has shape {have}, but {CONFIG_FILE} implies "
+                                f"{tuple(shape)} (num_layers={cfg.num_layers}, hidden_size={cfg.hidden_size}, ...)")
+      restored = ckptr.restore(p / PARAMS_DIR, target)
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds (with spec dumps) for damaged folders
+      _ignore_orphaned_read_callbacks()
+      # The first line, without TensorStore's multi-line spec dump.
+      first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0][:300]
+      raise CheckpointError(f"cannot restore parameters from {p / PARAMS_DIR}: {type(e).__name__}: {first}") from None
+  return cfg, model_lib.from_weights(cfg, restored, jdt), tok
+
+
+def _ignore_orphaned_read_callbacks() -> None:
+  """Silence what a failed orbax restore leaves behind, and nothing else.
+
+  When one array fails, orbax closes its asyncio loop while TensorStore still completes the other
+  reads; each completion calls `loop.call_soon_threadsafe` on the closed loop from a TensorStore
+  thread and lands in sys.unraisablehook as a bare RuntimeError("Event loop is closed") traceback.
+  Orbax offers no handle to cancel or await those reads (closing the checkpointer does not), so
+  this drops exactly that error and passes everything else to the previous hook.
+  """
+  prev = sys.unraisablehook
+  if getattr(prev, "_kvrm_orphaned_reads", False):
+    return
+
+  def hook(u):
+    if not (u.object is None and isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+      prev(u)
+
+  hook._kvrm_orphaned_reads = True
+  sys.unraisablehook = hook
+
+
+def read_tokenizer(path):
+  """The checkpoint's Tokenizer, or None if it has no tokenizer.json."""
+  from kvrm_jax.tokenizer import Tokenizer
+
+  f = Path(path) / TOKENIZER_FILE
+  if not f.is_file():
+    return None
   try:
-    restored = ocp.StandardCheckpointer().restore(p / PARAMS_DIR, target)
-  except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged folders
-    raise CheckpointError(f"cannot restore parameters from {p / PARAMS_DIR}: {type(e).__name__}: {e}") from None
-  model = model_lib.from_weights(cfg, restored, jdt)
-  tok = Tokenizer.from_json_str((p / TOKENIZER_FILE).read_text()) if (p / TOKENIZER_FILE).is_file() else None
-  return cfg, model, tok
+    return Tokenizer.from_json_str(f.read_text(encoding="utf-8"))
+  except Exception as e:  # noqa: BLE001 - json, KeyError, the tokenizers backend's own errors
+    raise CheckpointError(f"corrupt {f}: {type(e).__name__}: {e}") from None
 
 
 def convert(src: str, dst, progress: bool = True) -> Path:
@@ -265,13 +353,26 @@ def convert(src: str, dst, progress: bool = True) -> Path:
   return save_checkpoint(dst, cfg, w, tok)
 
 
+def bundled_checkpoint_dir(cache_dir=None) -> tuple[Path, bool]:
+  """(the bundled SmolLM2's folder in the cache, whether it is converted already)."""
+  dst = Path(cache_dir or default_cache_dir()) / "smollm2-135m-instruct"
+  # A cache from before checksums is converted again (it is only a cache).
+  return dst, all((dst / f).exists() for f in (CONFIG_FILE, PARAMS_DIR, CHECKSUM_FILE))
+
+
 def ensure_bundled_checkpoint(cache_dir=None, progress: bool = True) -> Path:
   """Convert the bundled SmolLM2 GGUF once into the cache folder and return the folder."""
-  dst = Path(cache_dir or default_cache_dir()) / "smollm2-135m-instruct"
-  if (dst / CONFIG_FILE).is_file() and (dst / PARAMS_DIR).is_dir():
+  dst, ready = bundled_checkpoint_dir(cache_dir)
+  if ready:
     return dst
   tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
-  convert(bundled_gguf_path(), tmp, progress=progress)
+  try:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    convert(bundled_gguf_path(), tmp, progress=progress)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(f"cannot write the converted model into the cache folder {dst.parent} "
+                          f"({e.strerror or e}); choose another with --cache-dir or $KVRM_JAX_CACHE") from None
   shutil.rmtree(dst, ignore_errors=True)  # a half-written folder from an interrupted run
   os.replace(tmp, dst)
   return dst

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import numbers
 import time
 from collections import deque
 from typing import Iterable, Sequence
@@ -226,7 +227,13 @@ class Engine:
     summaries: this request's far-history summary policy (default: the engine's `summaries`).
     """
     sampling = sampling or SamplingParams()
-    ids = [int(t) for t in prompt_ids]
+    ids = list(prompt_ids) if not isinstance(prompt_ids, (str, bytes)) and isinstance(prompt_ids, Iterable) else [""]
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids):  # no silent int(1.5) or int(True)
+      raise RequestError(f"prompt_ids must be a sequence of integer token ids, got {prompt_ids!r:.80} "
+                         "(text prompts go through generate() or the tokenizer)")
+    ids = [int(t) for t in ids]
+    if sampling.top_k > self.cfg.vocab_size:
+      raise RequestError(f"top_k={sampling.top_k} exceeds the vocabulary of {self.cfg.vocab_size}")
     if not ids:
       raise RequestError("empty prompt")
     if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
@@ -254,7 +261,9 @@ class Engine:
 
   def abort(self, rid: int) -> bool:
     """Stop a request now (queued or running) and free its KV; False if it had already ended."""
-    req = self.requests[rid]
+    req = self.requests.get(rid)
+    if req is None:
+      raise RequestError(f"no request with id {rid!r}")
     if req.done:
       return False
     if req.slot is not None:
@@ -672,6 +681,8 @@ class Engine:
     return (self.k_host, self.v_host) if self.rt.max_host_reads else ()
 
   def _emit(self, req: Request, token: int, now: float, events: dict) -> None:
+    if token == step_lib.NON_FINITE:  # its logits were NaN/inf: end it rather than emit garbage
+      return self._finish(req, "error", now)
     if req.forced is not None:
       token = req.forced[len(req.output_ids)]
       if req.slot is not None:
@@ -820,25 +831,35 @@ class Engine:
     return RequestOutput(r.id, r.prompt_ids, list(r.output_ids), list(new_ids), r.done, r.finish_reason, text)
 
   def generate(self, prompts: Iterable, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-               progress: bool = False) -> list[RequestOutput]:
-    """Decode prompts (strings, needs a tokenizer, or lists of token ids) to completion, in order."""
+               progress: bool = False, on_step=None) -> list[RequestOutput]:
+    """Decode prompts (strings, needs a tokenizer, or lists of token ids) to completion, in order.
+
+    on_step: called with each step's {request id: new token ids}."""
     prompts = list(prompts)
     sps = sampling if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * len(prompts)
     if len(sps) != len(prompts):
       raise ValueError(f"{len(sps)} sampling params for {len(prompts)} prompts")
     ids = []
-    for p, sp in zip(prompts, sps):
-      if isinstance(p, str):
-        if self.tokenizer is None:
-          raise ValueError("string prompts need a tokenizer")
-        p = self.tokenizer.encode(p)
-      ids.append(self.add_request(p, sp))
+    try:  # all or nothing: a bad prompt withdraws the ones queued before it
+      for p, sp in zip(prompts, sps):
+        if isinstance(p, str):
+          if self.tokenizer is None:
+            raise ValueError("string prompts need a tokenizer")
+          p = self.tokenizer.encode(p)
+        ids.append(self.add_request(p, sp))
+    except Exception:
+      for i in ids:
+        self.abort(i)
+        del self.requests[i]
+      raise
     bar = None
     if progress:
       from tqdm import tqdm
       bar = tqdm(total=sum(sp.max_new_tokens for sp in sps), unit="tok", desc="decode", leave=False)
     while any(not self.requests[i].done for i in ids):
       events = self.step()
+      if on_step is not None:
+        on_step(events)
       if bar is not None:
         bar.update(sum(len(v) for v in events.values()))
     if bar is not None:

@@ -97,6 +97,9 @@ def kept_mask(x, top_k, top_p):
   return x >= jnp.maximum(t_k, t_p)[:, None]
 
 
+NON_FINITE = -1  # the token sampled from a row of non-finite logits
+
+
 def sample(logits, temperature, top_k, top_p, seeds, counters):
   """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.
 
@@ -105,7 +108,10 @@ def sample(logits, temperature, top_k, top_p, seeds, counters):
   value thresholds, ties at a threshold kept), i.e. `jax.random.categorical(key, where(kept, x,
   -inf))`. The key of a row is fold_in(key(seed), counter) with counter = the position of the token
   being sampled, so a request samples the same tokens whatever its batch, slot or preemption
-  history. No sort over the vocabulary: see the module docstring.
+  history. No sort over the vocabulary: see the module docstring. A row whose logits hold NaN or
+  +inf (damaged weights, an overflow) samples NON_FINITE instead of a token: the engine ends that
+  request with finish_reason "error"; the flag travels in the tokens the step returns anyway, so it
+  costs no output and no sync.
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -116,4 +122,5 @@ def sample(logits, temperature, top_k, top_p, seeds, counters):
     picked = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, picked, greedy)
 
-  return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
+  tokens = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
+  return jnp.where(jnp.all(logits < jnp.inf, axis=-1), tokens, NON_FINITE)  # NaN < inf is False; -inf masks pass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +21,16 @@ class SamplingParams:
   ignore_eos: bool = False
 
   def __post_init__(self):
+    for f in ("max_new_tokens", "top_k", "seed"):  # bool is an int subclass; floats would truncate
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{f} must be an integer, got {v!r}")
+    for f in ("temperature", "top_p"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{f} must be a finite number, got {v!r}")
+    if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+      raise ValueError(f"stop must be a tuple of strings, got {self.stop!r}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.temperature < 0:

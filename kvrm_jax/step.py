@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from kvrm_jax import descriptor as desc_lib
 from kvrm_jax import model as model_lib
 from kvrm_jax.config import ModelConfig, RuntimeConfig
-from kvrm_jax.sampling import sample  # noqa: F401  (used by the steps; re-exported)
+from kvrm_jax.sampling import NON_FINITE, sample  # noqa: F401  (used by the steps; re-exported)
 
 
 def resolve_attention(rt: RuntimeConfig) -> str:
@@ -325,9 +325,24 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     wrap = lambda fn, kind: sharding.shard_step(  # noqa: E731
         fn, mesh, state_specs, int(with_logits) + int(with_mass and kind == "decode"),
         n_host if kind == "decode" else 0)
-  dec = functools.partial(_decode, graphdef, cfg, rt, backend, with_logits, tp_axis, with_mass)
+
+  def decode_step(state, k_pool, v_pool, ints, floats, *host):
+    """One decode step of every slot: (state, k_pool, v_pool, ints, floats[, k_host, v_host]) ->
+    (tokens [S] int32, k_pool, v_pool[, logits [S, V]][, mass [S, MB]]).
+
+    state: the model's parameter state (`engine.state`); k_pool, v_pool: the KV pools
+    [KH, L, N, bs, E] (donated: use the returned ones); ints, floats: the packed descriptor
+    (`engine.build_decode_descriptor(plan)`); k_host, v_host: the host tier's pools when the step
+    reads them (`engine.decode_host_args()`). tokens: each slot's sampled token (0 in empty slots,
+    step.NON_FINITE where the slot's logits were not finite). logits with `with_logits`, the
+    attention mass of each table block with `with_mass`. Compiled once per configuration.
+    """
+    return _decode(graphdef, cfg, rt, backend, with_logits, tp_axis, with_mass, state, k_pool, v_pool, ints,
+                   floats, *host)
+
   opts = compiler_options(rt)
-  decode_step = jax.jit(counted(wrap(dec, "decode"), "decode"), donate_argnums=(1, 2), compiler_options=opts)
+  jitted = jax.jit(counted(wrap(decode_step, "decode"), "decode"), donate_argnums=(1, 2), compiler_options=opts)
+  jitted.__doc__ = decode_step.__doc__  # shard_map's wrapper (with a mesh) keeps no docstring
 
   @functools.cache
   def prefill_step(chunk: int):
@@ -336,7 +351,7 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     pf = functools.partial(_prefill, graphdef, cfg, rt, backend, chunk, with_logits, tp_axis)
     return jax.jit(counted(wrap(pf, "prefill"), "prefill"), donate_argnums=(1, 2), compiler_options=opts)
 
-  return decode_step, prefill_step, counter
+  return jitted, prefill_step, counter
 
 
 def build_swap(rt: RuntimeConfig, mesh=None, out_shardings=None):

@@ -3,8 +3,11 @@
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +99,168 @@ def test_subprocess_error_has_no_traceback(tmp_path):
   p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "decode.py"), "--checkpoint",
                       str(tmp_path / "nope"), "--prompt", "hi"], capture_output=True, text=True, timeout=300)
   assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
+
+
+def _damaged_copy(src, dst, damage):
+  """A copy of checkpoint `src` whose files are symlinks, except the one `damage(dst)` rewrites."""
+  shutil.copytree(src, dst, copy_function=os.symlink)
+  damage(Path(dst))
+  return dst
+
+
+def _own(path: Path) -> Path:
+  """Replace a symlink by a private copy of its target, to be modified."""
+  target = path.resolve()
+  path.unlink()
+  shutil.copyfile(target, path)
+  return path
+
+
+def _largest_param_file(ck: Path) -> Path:
+  return max((f for f in (ck / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def _flip_middle(ck: Path):
+  f = _own(_largest_param_file(ck))
+  n = f.stat().st_size
+  with open(f, "r+b") as h:  # 4 KiB in the middle: zstd chunks decode it to finite (wrong) weights
+    h.seek(n // 2)
+    data = h.read(4096)
+    h.seek(n // 2)
+    h.write(bytes(b ^ 0xFF for b in data))
+
+
+def _truncate(ck: Path):
+  f = _own(_largest_param_file(ck))
+  os.truncate(f, f.stat().st_size // 3)
+
+
+def _edit_config(**kw):
+  def damage(ck: Path):
+    cfg = json.loads(_own(ck / "kvrm_config.json").read_text())
+    cfg.update(kw)
+    (ck / "kvrm_config.json").write_text(json.dumps(cfg))
+  return damage
+
+
+def _garbage_tokenizer(ck: Path):
+  _own(ck / "tokenizer.json").write_text("<html>not json</html>")
+
+
+def _decode(argv, timeout=600, **kw):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "decode.py")] + argv, capture_output=True,
+                        text=True, timeout=timeout, **kw)
+
+
+BAD_CLI = {  # case: (argv after --checkpoint, damage of a checkpoint copy or None, words the error line holds)
+    "block_size_0": (["--block-size", "0"], None, "--block-size must be >= 1"),
+    "max_slots_0": (["--max-slots", "0"], None, "--max-slots must be >= 1"),
+    "num_blocks_0": (["--num-blocks", "0"], None, "--num-blocks must be >= 1"),
+    "temperature_nan": (["--temperature", "nan"], None, "temperature must be a finite number"),
+    "temperature_inf": (["--temperature", "inf"], None, "temperature must be a finite number"),
+    "top_k_huge": (["--top-k", "1000000"], None, "exceeds the vocabulary"),
+    "output_json_unwritable": (["--output-json", "/no/such/dir/out.json"], None, "cannot write /no/such/dir"),
+    "flipped_bytes": ([], _flip_middle, "is damaged"),
+    "truncated_params": ([], _truncate, "is damaged"),
+    "layer_mismatch": ([], _edit_config(num_layers=29), "implies"),
+    "garbage_tokenizer": ([], _garbage_tokenizer, "tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CLI))
+def test_bad_cli_input_is_one_error_line_through_a_subprocess(case, smollm2_ckpt, tmp_path):
+  """One `error:` line, exit 2, before any decoding (no phase line), no traceback (TensorStore dumps
+  and orbax's "Event loop is closed" included); a damaged checkpoint's error names its folder."""
+  argv, damage, words = BAD_CLI[case]
+  ck = _damaged_copy(smollm2_ckpt, tmp_path / "ck", damage) if damage else smollm2_ckpt
+  p = _decode(["--checkpoint", str(ck), "--prompt", "hi", "--max-new-tokens", "2"] + argv)
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+  assert words in lines[0], lines[0]
+  assert not p.stdout.strip(), p.stdout  # nothing decoded: an unwritable output is found before, not after
+  if damage:
+    assert str(ck) in lines[0]
+
+
+def test_unwritable_cache_folder_is_one_error_line(tmp_path):
+  """The first conversion of the bundled model into a folder that cannot be created."""
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  p = _decode(["--cache-dir", str(blocker / "cache"), "--prompt", "hi", "--max-new-tokens", "2"])
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  assert p.stderr.splitlines()[-1].startswith(f"error: cannot write the converted model into the cache folder {blocker}")
+
+
+def test_non_finite_weights_end_with_an_error_line(smollm2_ckpt, tmp_path):
+  """NaN weights that pass the checksums (converted that way): an `error:` line and exit 2, never tokens."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  from kvrm_jax import checkpoint as ckpt
+  with ocp.StandardCheckpointer() as c:
+    w = {k: np.asarray(v) for k, v in c.restore(smollm2_ckpt / "params").items()}
+  w["final_norm"][:] = np.nan
+  dst = ckpt.save_checkpoint(tmp_path / "nan", ckpt.read_config(smollm2_ckpt), w, ckpt.read_tokenizer(smollm2_ckpt))
+  out = tmp_path / "out.json"
+  p = _decode(["--checkpoint", str(dst), "--prompt", "hi", "--prompt", "Hello", "--max-new-tokens", "3",
+               "--output-json", str(out)])
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  assert p.stderr.splitlines()[-1].startswith("error: 2 of 2 prompts (first: prompt 0) ended with an error"), p.stderr
+  assert [r["output_ids"] for r in json.loads(out.read_text())["results"]] == [[], []]
+
+
+def test_prompts_file_format_follows_its_extension(smollm2_ckpt, tmp_path):
+  """A plain-text line that starts with `{` is a prompt; .jsonl files (or --prompts-format jsonl) are JSONL."""
+  txt, jl = tmp_path / "p.txt", tmp_path / "p.jsonl"
+  txt.write_text('{"prompt": "not JSON here"} is the text\n')
+  jl.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n")
+  ck = ["--checkpoint", str(smollm2_ckpt), "--max-new-tokens", "1", "--quiet"]
+  for args, want in ((["--prompts-file", str(txt)], '{"prompt": "not JSON here"} is the text'),
+                     (["--prompts-file", str(jl)], "The capital of France is"),
+                     (["--prompts-file", str(txt), "--prompts-format", "text"], '{"prompt": "not JSON here"} is the text')):
+    p = _decode(ck + args + ["--output-json", str(tmp_path / "o.json")])
+    assert p.returncode == 0, p.stderr
+    assert [r["prompt"] for r in json.loads((tmp_path / "o.json").read_text())["results"]] == [want]
+  p = _decode(ck + ["--prompts-file", str(txt), "--prompts-format", "jsonl"])
+  assert p.returncode == 2 and p.stderr.startswith(f"error: {txt}:1: invalid JSON"), p.stderr
+
+
+def test_phase_lines_off_a_terminal(smollm2_ckpt):
+  """Loading and the first token each say what happened and how long it took, also in a log."""
+  p = _decode(["--checkpoint", str(smollm2_ckpt), "--prompt", "hi", "--max-new-tokens", "2", "--quiet"])
+  assert p.returncode == 0, p.stderr
+  assert re.search(rf"^loading checkpoint {re.escape(str(smollm2_ckpt))} \.\.\. \d+\.\d s$", p.stderr, re.M), p.stderr
+  assert re.search(r"^first token after \d+\.\d s", p.stderr, re.M), p.stderr
+
+
+def test_damaged_checkpoint_without_checksums_is_a_warning_and_one_error_line(smollm2_ckpt, tmp_path):
+  """A checkpoint from before checksums loads with a one-line warning; if damaged, orbax's failure is one
+  `error:` line: no TensorStore spec dump, no "Event loop is closed" traceback from its threads."""
+  def damage(ck):
+    (ck / "checksums.json").unlink()
+    _truncate(ck)
+  ck = _damaged_copy(smollm2_ckpt, tmp_path / "ck", damage)
+  p = _decode(["--checkpoint", str(ck), "--prompt", "hi", "--max-new-tokens", "2"])
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 2 and len(lines) == 2, p.stderr
+  assert lines[0].startswith(f"warning: {ck} has no checksums.json")
+  assert lines[1].startswith(f"error: cannot restore parameters from {ck}") and len(lines[1]) < 500, lines[1]
+
+
+def test_api_damaged_checkpoint_is_a_value_error_naming_it(smollm2_ckpt, tmp_path):
+  from kvrm_jax.config import RuntimeConfig
+  from kvrm_jax.engine import Engine
+  ck = _damaged_copy(smollm2_ckpt, tmp_path / "ck", _flip_middle)
+  with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(ck))} is damaged: params/.* does not match"):
+    Engine.from_checkpoint(ck, RuntimeConfig())
+
+
+def test_bundled_cache_without_checksums_is_converted_again(smollm2_ckpt, tmp_path):
+  """The bundled model's cache from before checksums is not trusted: it counts as not converted."""
+  from kvrm_jax import checkpoint as ckpt
+  dst, ready = ckpt.bundled_checkpoint_dir(tmp_path)
+  assert not ready
+  _damaged_copy(smollm2_ckpt, dst, lambda ck: None)
+  assert ckpt.bundled_checkpoint_dir(tmp_path) == (dst, True)
+  (dst / ckpt.CHECKSUM_FILE).unlink()
+  assert ckpt.bundled_checkpoint_dir(tmp_path) == (dst, False)

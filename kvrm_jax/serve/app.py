@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 import uuid
@@ -58,6 +59,23 @@ def _sse(model) -> str:
   return f"data: {model.model_dump_json()}\n\n"
 
 
+_MARK = "\x00text\x00"
+
+
+class _ChunkTemplate:
+  """A streaming chunk rendered once by its pydantic model; each token event then costs one
+  json.dumps of its text (a chunk per token event of every stream adds up under load)."""
+
+  def __init__(self, chunk):
+    head, tail = _sse(chunk(_MARK, None)).split(json.dumps(_MARK))
+    self.head, self.tail, self.chunk = head, tail, chunk
+
+  def __call__(self, text: str, reason: str | None) -> str:
+    if reason is not None:
+      return _sse(self.chunk(text, reason))
+    return self.head + json.dumps(text, ensure_ascii=False) + self.tail
+
+
 def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | None = None,
                shutdown_timeout: float = 30.0) -> FastAPI:
   """The server's app; its lifespan starts the engine thread and stops it (aborting what is left)."""
@@ -102,7 +120,8 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
 
   @app.get("/v1/models")
   async def models():
-    return S.ModelList(data=[S.ModelCard(id=model_name, created=created, max_model_len=loop.context_limit)])
+    return S.ModelList(data=[S.ModelCard(id=model_name, created=created, max_model_len=loop.context_limit,
+                                     vocab_size=loop.vocab_size)])
 
   @app.get("/metrics")
   async def prometheus():
@@ -175,8 +194,10 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
       loop.abort(h)  # a no-op once it finished
 
   async def stream(h: Handle, text: TextStream, chunk, first=None, usage_chunk=None):
-    """Server-sent events of one request; a client that disconnects aborts it (starlette cancels us)."""
+    """Server-sent events of one request, a chunk per token event (its text may be empty while a
+    character is unfinished); a client that disconnects aborts it (starlette cancels us)."""
     n = 0
+    chunk = _ChunkTemplate(chunk)
     try:
       if first is not None:
         yield _sse(first)
@@ -186,10 +207,9 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
         delta = text.add(ev.token_ids)
         if ev.finish_reason is not None or text.stopped:
           delta += text.finish()
-          yield _sse(chunk(delta, "stop" if text.stopped else ev.finish_reason))
+          yield chunk(delta, "stop" if text.stopped else ev.finish_reason)
           break
-        if delta:
-          yield _sse(chunk(delta, None))
+        yield chunk(delta, None)
       if usage_chunk is not None:
         yield _sse(usage_chunk(n))
       yield "data: [DONE]\n\n"

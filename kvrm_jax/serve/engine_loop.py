@@ -1,7 +1,7 @@
 """The engine in one thread beside the server's event loop.
 
 Requests enter through a thread-safe inbox; each request's token events go back to the event loop
-through its own asyncio queue (`loop.call_soon_threadsafe`). The engine is never touched from any
+through its own asyncio queue, all events of one step in one `loop.call_soon_threadsafe` call. The engine is never touched from any
 other thread, so its compiled step stays one executable per shape and its host state needs no lock.
 
 Every import the serving package makes from the rest of kvrm_jax is in this module.
@@ -20,7 +20,7 @@ from kvrm_jax.engine import Engine, RequestError
 from kvrm_jax.sequence import SamplingParams
 
 __all__ = ["Engine", "EngineLoop", "Event", "Handle", "Overloaded", "RequestError", "SamplingParams", "UserError",
-           "add_runtime_args", "load_model", "load_tokenizer", "make_engine", "run_main", "warm_up"]
+           "add_runtime_args", "load_model", "load_preset", "load_tokenizer", "make_engine", "run_main", "warm_up"]
 
 
 def load_tokenizer(checkpoint=None, cache_dir=None):
@@ -30,6 +30,34 @@ def load_tokenizer(checkpoint=None, cache_dir=None):
   path = checkpoint or ckpt.ensure_bundled_checkpoint(cache_dir, progress=False)
   with open(f"{path}/tokenizer.json", encoding="utf-8") as f:
     return Tokenizer.from_json_str(f.read())
+
+
+def load_preset(args):
+  """Like kvrm_jax.cli.load_model, for a model shape with random weights (`--preset`, benchmarks):
+  (cfg, model, tokenizer, mesh, dtype, name). Text goes through the bundled tokenizer; ids past its
+  vocabulary decode to nothing, so send prompts as token ids."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from kvrm_jax import sharding
+  from kvrm_jax.config import ModelConfig
+  from kvrm_jax.model import Llama
+  try:
+    cfg = ModelConfig.from_name(args.preset)
+    mesh = sharding.make_mesh(args.tp)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if args.dtype not in (None, "bfloat16", "float32"):
+    raise UserError(f"unknown --dtype {args.dtype!r} (bfloat16 | float32)")
+  dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+  model = Llama(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+  return cfg, model, load_tokenizer(cache_dir=args.cache_dir), mesh, dtype, args.preset
+
+
+def preset_names() -> list[str]:
+  from kvrm_jax.config import PRESETS
+  return sorted(PRESETS)
 
 
 def warm_up(engine: Engine) -> None:
@@ -74,12 +102,6 @@ class Handle:
     self.num_tokens = 0
     self.done = False
 
-  def put(self, ev: Event) -> None:
-    """Called from the engine thread."""
-    try:
-      self._loop.call_soon_threadsafe(self.events.put_nowait, ev)
-    except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
-      pass
 
 
 _REASONS = {"eos": "stop", "stop": "stop", "length": "length", "aborted": "abort"}
@@ -96,9 +118,11 @@ class EngineLoop:
     self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
     cfg, rt = engine.cfg, engine.rt
     self.context_limit = min(rt.max_seq_len, cfg.max_position)  # prompt + output tokens per request
+    self.vocab_size = cfg.vocab_size
     self.capacity = rt.max_slots + max_queue
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._handles: dict[int, Handle] = {}
+    self._outbox: list[tuple[Handle, Event]] = []  # events of this iteration, delivered together
     self._lock = threading.Lock()
     self._in_flight = 0
     self._stop = threading.Event()
@@ -170,6 +194,7 @@ class EngineLoop:
         if self.engine.has_work() and not self._stop.is_set():
           events = self.engine.step()
           self._dispatch(events)
+        self._flush()
         if self.metrics is not None:
           self.metrics.observe_engine(self)
     except BaseException as e:  # noqa: BLE001  (reported by /health; every waiting client gets an error)
@@ -179,6 +204,7 @@ class EngineLoop:
       self._drain(block=False)
       for h in list(self._handles.values()):
         self._abort(h)
+      self._flush()
 
   def _drain(self, block: bool) -> None:
     try:
@@ -209,7 +235,7 @@ class EngineLoop:
       self._end(h, Event([], error=str(e)))
       return
     self._handles[h.rid] = h
-    h.put(Event([]))  # accepted
+    self._outbox.append((h, Event([])))  # accepted
     if self.metrics is not None:
       self.metrics.prompt_tokens.inc(len(h.prompt_ids))
 
@@ -231,7 +257,7 @@ class EngineLoop:
       h.last_token = now
       reason = _finish_reason(self.engine, rid)
       if reason is None:
-        h.put(Event(ids))
+        self._outbox.append((h, Event(ids)))
       else:
         self._finish(h, reason, ids)
 
@@ -246,7 +272,20 @@ class EngineLoop:
     h.done = True
     with self._lock:
       self._in_flight -= 1
-    h.put(ev)
+    self._outbox.append((h, ev))
+
+  def _flush(self) -> None:
+    if not self._outbox:
+      return
+    by_loop: dict = {}
+    for h, ev in self._outbox:
+      by_loop.setdefault(h._loop, []).append((h, ev))
+    self._outbox = []
+    for aloop, batch in by_loop.items():
+      try:
+        aloop.call_soon_threadsafe(_deliver, batch)
+      except RuntimeError:  # that event loop has closed (shutdown): nobody is listening any more
+        pass
 
   # ------------------------------------------------------------------ engine state for the metrics
 
@@ -257,6 +296,11 @@ class EngineLoop:
     return {"queued": waiting, "running": len(self._handles) - waiting,
             "blocks_used": eng.allocator.num_used_blocks, "blocks_free": eng.allocator.num_free_blocks,
             "preemptions": eng.stats.preemptions, "prefix_hit_blocks": eng.stats.prefix_hit_blocks}
+
+
+def _deliver(batch: list[tuple[Handle, Event]]) -> None:
+  for h, ev in batch:
+    h.events.put_nowait(ev)
 
 
 def _finish_reason(engine: Engine, rid: int) -> str | None:

@@ -147,7 +147,8 @@ class ModelCard(BaseModel):
   object: Literal["model"] = "model"
   created: int
   owned_by: str = "kvrm-jax"
-  max_model_len: int
+  max_model_len: int  # extension (as vLLM): prompt + output tokens of one request
+  vocab_size: int  # extension: prompts given as token ids must be below it
 
 
 class ModelList(BaseModel):

@@ -18,8 +18,8 @@ import time
 
 import uvicorn
 
-from kvrm_jax.serve.engine_loop import (EngineLoop, UserError, add_runtime_args, load_model, make_engine, run_main,
-                                        warm_up)
+from kvrm_jax.serve.engine_loop import (EngineLoop, UserError, add_runtime_args, load_model, load_preset,
+                                        make_engine, preset_names, run_main, warm_up)
 
 
 def parse_args(argv=None):
@@ -33,6 +33,8 @@ def parse_args(argv=None):
                  help="requests waiting beyond the --max-slots running ones; more get 429 with Retry-After")
   p.add_argument("--shutdown-timeout", type=float, default=30.0,
                  help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+  p.add_argument("--preset", choices=preset_names(), help="serve this model shape with random weights instead "
+                 "of a checkpoint (benchmarks; prompts as token ids, the text is meaningless)")
   p.add_argument("--no-warmup", action="store_true", help="do not compile every step shape before listening")
   p.add_argument("--log-level", default="warning", help="uvicorn log level (debug | info | warning | error)")
   add_runtime_args(p, max_slots_help="decode batch (default 16)",
@@ -57,7 +59,9 @@ def serve(args) -> int:
   from kvrm_jax.serve.metrics import Metrics
 
   t0 = time.perf_counter()
-  cfg, model, tok, mesh, dtype, path = load_model(args)
+  if args.preset and args.checkpoint:
+    raise UserError("give --checkpoint or --preset, not both")
+  cfg, model, tok, mesh, dtype, path = load_preset(args) if args.preset else load_model(args)
   max_len = args.max_len or min(cfg.max_position, 4096)
   if not 1 < max_len <= cfg.max_position:
     raise UserError(f"--max-len must be in [2, {cfg.max_position}] (the model context), got {max_len}")

@@ -347,3 +347,33 @@ def test_overload_gets_429_then_sigterm_exits_cleanly(smollm2_ckpt, tmp_path):
     assert "Traceback" not in srv.tail()
   finally:
     srv.close()
+
+
+@pytest.mark.slow
+def test_bench_serve_against_the_server(server, tmp_path):
+  """The HTTP load generator: a family and a JSONL trace whose hash_ids share a first block; every
+  request completes with its token count, and the shared blocks show as prefix-cache hits."""
+  spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(ROOT, "scripts", "bench_serve.py"))
+  bench_serve = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench_serve)
+  trace = tmp_path / "trace.jsonl"
+  rows = [{"timestamp": 400 * i, "input_length": 40, "output_length": 3 + i % 3, "hash_ids": [7, 100 + i, 200 + i]}
+          for i in range(6)]
+  trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out, report = tmp_path / "serve.json", tmp_path / "results.md"
+  argv = ["--url", server.url, "--families", "uniform", "--num-requests", "6", "--max-len", "64",
+          "--trace", str(trace), "--hash-block-size", "16", "--out-json", str(out), "--report", str(report), "--quiet"]
+  assert bench_serve.main(argv) == 0
+  obj = json.loads(out.read_text())
+  assert [r["name"] for r in obj["runs"]] == ["uniform", "trace"]
+  for run in obj["runs"]:
+    m = run["results"]
+    assert (m["completed"], m["errors"], m["wrong_token_counts"]) == (6, 0, 0), m["error_samples"]
+    assert m["ttft_ms"]["p50"] > 0 and m["itl_ms"]["p50"] > 0 and m["tokens_per_s"] > 0
+  trace_run = obj["runs"][1]["results"]
+  assert trace_run["generated_tokens"] == sum(r["output_length"] for r in rows)
+  # Block 7 (16 tokens, one engine block) is shared by all six prompts; the other blocks by none.
+  assert trace_run["prefix_cache_hits"] == {"value": 5.0, "unit": "blocks"}
+  assert obj["runs"][0]["results"]["prefix_cache_hits"]["value"] == 0
+  assert "Serving over HTTP" in report.read_text()
+  assert bench_serve.main(["--from-json", str(out), "--report", str(report)]) == 0

@@ -9,6 +9,14 @@ OpenAI-compatible server, measured as its clients see them.
   python scripts/bench_serve.py --url ... --trace mooncake.jsonl --hash-block-size 512   # prefix sharing
   python scripts/bench_serve.py --from-json out.json --report docs/results.md
 
+HTTP against in-process on a GPU, one call (the server gets bench_decode.py's runtime sizes):
+
+  python scripts/bench_decode.py --model llama3-8b --dtype bfloat16 --kv-budget-gb 20 --max-len 4096 \
+      --engines kvrm --families mixed --num-requests 256 --quiet --out-json decode.json && \
+  python scripts/bench_serve.py --launch "--preset llama3-8b --dtype bfloat16 --max-queue 4096" \
+      --in-process-json decode.json --families mixed --num-requests 256 --max-len 4096 \
+      --out-json serve.json --report docs/results.md
+
 Only the client runs here (asyncio + httpx, one streaming `/v1/completions` request per workload
 request). Prompts are token ids (random, from the same seeds as bench_decode.py / replay_trace.py,
 so `--seed`, `--num-requests` and `--max-len` equal to theirs give the same requests) and outputs
@@ -32,9 +40,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
+import shlex
+import signal
+import socket
+import subprocess
 import sys
 import time
 
@@ -54,6 +67,10 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   s = p.add_argument_group("server")
   s.add_argument("--url", help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+  s.add_argument("--launch", metavar="ARGS", help="instead of --url: start scripts/serve.py with these flags on a "
+                 "free loopback port, benchmark it, then stop it with SIGTERM; with --in-process-json, the runtime "
+                 "sizes of that run (--max-slots, --num-blocks, --block-size, --max-len) are added unless ARGS has them")
+  s.add_argument("--launch-timeout", type=float, default=1200.0, help="seconds the launched server may take to start")
   s.add_argument("--model", help="model name to send (default: the first of the server's /v1/models)")
   s.add_argument("--vocab-size", type=int, help="random prompt ids stay below it (default: the server's "
                  "/v1/models `vocab_size`, else 32000)")
@@ -253,13 +270,63 @@ def _main(argv) -> int:
   args = parse_args(argv)
   if args.from_json:
     return bc.regenerate(args, KIND, render, print_summary)
-  if not args.url:
-    raise bc.UserError("give --url of a running server (or --from-json FILE to regenerate a report)")
+  if bool(args.url) == bool(args.launch):
+    raise bc.UserError("give --url of a running server or --launch ARGS (or --from-json FILE to regenerate a report)")
+  ref = bc.read_json(args.in_process_json, "bench_decode") if args.in_process_json else None
+  if args.launch:
+    with launched(args.launch, ref, args.launch_timeout) as url:
+      return bench(args, argv, url, ref)
+  return bench(args, argv, args.url, ref)
+
+
+@contextlib.contextmanager
+def launched(flags: str, ref: dict | None, timeout: float):
+  """scripts/serve.py FLAGS on a free loopback port; yields its URL once healthy, SIGTERMs it after."""
+  import httpx
+  argv = shlex.split(flags)
+  if ref is not None:
+    b = ref["budget"]
+    sizes = {"--max-slots": b["kvrm_slots"], "--num-blocks": b["budget_blocks"] + 1, "--block-size": b["block_size"],
+             "--max-len": b["max_len"]}
+    argv += [str(x) for k, v in sizes.items() if k not in argv for x in (k, v)]
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  argv = [sys.executable, os.path.join(bc.ROOT, "scripts", "serve.py"), *argv, "--host", "127.0.0.1", "--port", str(port)]
+  print(f"[bench_serve] launching {shlex.join(argv[1:])}", flush=True)
+  proc = subprocess.Popen(argv)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + timeout
+    while True:
+      if proc.poll() is not None:
+        raise bc.UserError(f"the launched server exited with status {proc.returncode}")
+      if time.monotonic() > deadline:
+        raise bc.UserError(f"the launched server was not healthy after {timeout:.0f} s")
+      try:
+        if httpx.get(url + "/health", timeout=5).status_code == 200:
+          break
+      except httpx.HTTPError:
+        pass
+      time.sleep(1.0)
+    yield url
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+      try:
+        proc.wait(120)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def bench(args, argv, url: str, ref: dict | None) -> int:
+  """Every run of the workload against the server at url; reports."""
   if args.num_requests < 1 or args.hash_block_size < 1:
     raise bc.UserError("--num-requests and --hash-block-size must be >= 1")
   if args.time_scale <= 0 or args.token_scale <= 0:
     raise bc.UserError("--time-scale and --token-scale must be positive")
-  url = args.url.rstrip("/")
+  url = url.rstrip("/")
   model, ctx, vocab = server_info(url, args)
   vocab = args.vocab_size or vocab or 32000
   max_len = args.max_len or min(ctx or 512, 512)
@@ -281,8 +348,7 @@ def _main(argv) -> int:
          "command": bc.command_line("bench_serve.py", argv), "url": url, "model": model, "max_model_len": ctx,
          "vocab_size": vocab, "max_len": max_len,
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
-  if args.in_process_json:
-    ref = bc.read_json(args.in_process_json, "bench_decode")
+  if ref is not None:
     obj["in_process"] = {"file": os.path.basename(args.in_process_json), "device": ref["env"]["device"],
                          "tokens_per_s": {f: r["kvrm"]["tokens_per_s"] for f, r in ref["results"].items() if "kvrm" in r}}
   if args.out_json:

@@ -84,18 +84,26 @@ class Usage(BaseModel):
   total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
   index: int = 0
-  text: str
   finish_reason: str | None = None
   logprobs: None = None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
   id: str
-  object: Literal["text_completion"] = "text_completion"
   created: int
   model: str
+
+
+class CompletionChoice(_Choice):
+  text: str
+
+
+class CompletionResponse(_Response):
+  """A completion, and each streamed chunk of one."""
+
+  object: Literal["text_completion"] = "text_completion"
   choices: list[CompletionChoice]
   usage: Usage | None = None
 
@@ -105,18 +113,12 @@ class AssistantMessage(BaseModel):
   content: str
 
 
-class ChatChoice(BaseModel):
-  index: int = 0
+class ChatChoice(_Choice):
   message: AssistantMessage
-  finish_reason: str | None = None
-  logprobs: None = None
 
 
-class ChatCompletionResponse(BaseModel):
-  id: str
+class ChatCompletionResponse(_Response):
   object: Literal["chat.completion"] = "chat.completion"
-  created: int
-  model: str
   choices: list[ChatChoice]
   usage: Usage
 
@@ -126,18 +128,12 @@ class Delta(BaseModel):
   content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-  index: int = 0
+class ChatChunkChoice(_Choice):
   delta: Delta
-  finish_reason: str | None = None
-  logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
-  id: str
+class ChatCompletionChunk(_Response):
   object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-  created: int
-  model: str
   choices: list[ChatChunkChoice]
   usage: Usage | None = None
 

@@ -74,6 +74,17 @@ def test_text_stream_cuts_at_the_first_stop_string_and_holds_back_its_prefix(tok
   assert "".join([ts.add([i]) for i in ids] + [ts.finish()]) == text and not ts.stopped
 
 
+def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
+  for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
+                      (["--port", "70000"], "--port must be in"),
+                      (["--checkpoint", str(tmp_path / "missing")], str(tmp_path / "missing")),
+                      (["--preset", "tiny", "--checkpoint", str(tmp_path)], "not both")):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *flags], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and text in r.stderr, (flags, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
 # ---------------------------------------------------------------------------- a real server process
 
 

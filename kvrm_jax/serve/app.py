@@ -172,8 +172,8 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
         metrics.rejected.labels("queue_full").inc()
       raise APIError(429, str(e), type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
     ev = await h.events.get()
-    if ev.error is not None:
-      raise APIError(400, ev.error)
+    if ev.error is not None:  # the engine refused it (RequestError), or the engine loop is stopping
+      raise APIError(400, ev.error) if loop.alive else APIError(503, ev.error, type_="server_error")
     return h
 
   async def collect(h: Handle, request: Request) -> tuple[list[int], str]:

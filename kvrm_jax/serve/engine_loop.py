@@ -201,9 +201,14 @@ class EngineLoop:
       self.error = e
       raise
     finally:
+      self._stop.set()  # requests still in the inbox are refused
       self._drain(block=False)
       for h in list(self._handles.values()):
-        self._abort(h)
+        try:
+          self._abort(h)
+        except Exception:  # noqa: BLE001  (the engine itself failed: end the stream all the same)
+          self._handles.pop(h.rid, None)
+          self._end(h, Event([], finish_reason="abort"))
       self._flush()
 
   def _drain(self, block: bool) -> None:

@@ -1,8 +1,9 @@
 """The engine in one thread beside the server's event loop.
 
 Requests enter through a thread-safe inbox; each request's token events go back to the event loop
-through its own asyncio queue, all events of one step in one `loop.call_soon_threadsafe` call. The engine is never touched from any
-other thread, so its compiled step stays one executable per shape and its host state needs no lock.
+through its own asyncio queue, all events of one step in one `loop.call_soon_threadsafe` call. The
+engine is never touched from any other thread, so its compiled step stays one executable per shape
+and its host state needs no lock.
 
 Every import the serving package makes from the rest of kvrm_jax is in this module.
 """

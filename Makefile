@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 $(TEST_STAMP): $(STAMP)
 	@echo "installing the test and bench extras into $(VENV) (once) ..."
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,serve]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

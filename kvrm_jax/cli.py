@@ -1,7 +1,9 @@
-"""What the command-line scripts share: user errors end as one `error: ...` line, exit code 2."""
+"""What the command-line scripts share: user errors end as one `error: ...` line, exit code 2; the
+model and runtime flags of decode.py and serve.py, and the engine they build."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -42,3 +44,108 @@ def check_writable(path: str) -> None:
     raise UserError(f"cannot write {path}: {e.strerror or e}") from None
   if not existed:
     os.remove(path)
+
+
+def add_runtime_args(p: argparse.ArgumentParser, *, max_slots_help: str, num_blocks_help: str) -> None:
+  """The model and runtime flags decode.py shares with serve.py."""
+  p.add_argument("--checkpoint", help="orbax checkpoint folder (scripts/convert.py); default: the bundled "
+                 "SmolLM2-135M-Instruct, converted once into the cache folder")
+  p.add_argument("--cache-dir", help="where the bundled model is converted (default ~/.cache/kvrm-jax or $KVRM_JAX_CACHE)")
+  p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 on CPU, bfloat16 on GPU)")
+  p.add_argument("--engine", default="kvrm", help="kvrm (paged KV-RM runtime) | static (dense baseline)")
+  p.add_argument("--block-size", type=int, default=16)
+  p.add_argument("--max-slots", type=int, default=None, help=max_slots_help)
+  p.add_argument("--num-blocks", type=int, default=None, help=num_blocks_help)
+  p.add_argument("--attention", default="auto", help="auto | reference | pallas | interpret")
+  p.add_argument("--tp", default="1", help="tensor-parallel mesh size, or 'all' local devices; heads that do not "
+                 "divide are padded with inert zero heads (docs/sharding.md)")
+  p.add_argument("--summaries", help="bounded far-history summaries, e.g. sink=1,window=256,max=4 (off by "
+                 "default; max=0 drops the far history, StreamingLLM-style)")
+
+
+def check_runtime_args(args) -> None:
+  """The runtime flags that need no model: checked before anything slow starts."""
+  if args.engine not in ("kvrm", "static"):
+    raise UserError(f"unknown --engine {args.engine!r} (kvrm | static)")
+  if args.dtype not in (None, "bfloat16", "float32"):
+    raise UserError(f"unknown --dtype {args.dtype!r} (bfloat16 | float32)")
+  # Sizes the runtime derives others from (divides by, falls back on) must be given positive.
+  for flag in ("block_size", "max_slots", "num_blocks", "max_new_tokens"):
+    v = getattr(args, flag, None)
+    if v is not None and v < 1:
+      raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+
+
+def resolve_model(args):
+  """(checkpoint path, cfg, tokenizer, mesh, dtype) from the runtime flags, weights not loaded yet;
+  the bundled model is converted on its first use (a line per phase on stderr)."""
+  check_runtime_args(args)
+
+  import jax
+
+  from kvrm_jax import checkpoint as ckpt
+  from kvrm_jax import sharding
+
+  dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+  try:
+    mesh = sharding.make_mesh(args.tp)
+    path = args.checkpoint
+    if path is None:
+      path, ready = ckpt.bundled_checkpoint_dir(args.cache_dir)
+      if not ready:
+        print(f"converting the bundled SmolLM2-135M-Instruct into {path} (first run only)", file=sys.stderr)
+        with phase("converted"):
+          ckpt.ensure_bundled_checkpoint(args.cache_dir, progress=sys.stderr.isatty())
+    cfg = ckpt.read_config(path)
+    tok = ckpt.read_tokenizer(path)
+  except (ckpt.CheckpointError, ValueError) as e:
+    raise UserError(str(e)) from None
+  if tok is None:
+    raise UserError(f"checkpoint {path} has no tokenizer.json; text prompts need one")
+  return path, cfg, tok, mesh, dtype
+
+
+def load_weights(path, cfg, mesh, dtype: str):
+  """(cfg, model) of a resolved checkpoint, restored straight into the mesh's shardings unless the
+  heads need padding first (a line with its time on stderr)."""
+  from kvrm_jax import checkpoint as ckpt
+  from kvrm_jax import sharding
+  try:
+    with phase(f"loading checkpoint {path}"):
+      shardings = None if sharding.padded_config(cfg, mesh.size) != cfg else sharding.named_shardings(mesh)
+      cfg, model, _ = ckpt.load_checkpoint(path, dtype, shardings=shardings)
+  except (ckpt.CheckpointError, ValueError) as e:
+    raise UserError(str(e)) from None
+  return cfg, model
+
+
+def load_model(args):
+  """(cfg, model, tokenizer, mesh, dtype, checkpoint path) from the runtime flags; UserError for bad ones."""
+  path, cfg, tok, mesh, dtype = resolve_model(args)
+  cfg, model = load_weights(path, cfg, mesh, dtype)
+  return cfg, model, tok, mesh, dtype, path
+
+
+def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):
+  """(RuntimeConfig, summaries) of the runtime flags; UserError for impossible sizes."""
+  from kvrm_jax.config import RuntimeConfig
+  from kvrm_jax.summaries import SummaryConfig
+  try:
+    summaries = SummaryConfig.parse(args.summaries) if args.summaries else None
+    rt = RuntimeConfig(block_size=args.block_size, num_blocks=num_blocks, max_slots=max_slots,
+                       max_blocks_per_seq=max_blocks_per_seq, dtype=dtype, attention=args.attention,
+                       max_summaries=summaries.max_entries if summaries else 0)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  return rt, summaries
+
+
+def make_engine(args, cfg, model, tok, mesh, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):
+  """The Engine of the runtime flags (UserError for impossible sizes)."""
+  from kvrm_jax.engine import Engine
+  rt, summaries = runtime_config(args, dtype, max_slots=max_slots, num_blocks=num_blocks,
+                                 max_blocks_per_seq=max_blocks_per_seq)
+  try:
+    return Engine(cfg, model, rt, tokenizer=tok, kind=args.engine, mesh=mesh, summaries=summaries)
+  except ValueError as e:
+    raise UserError(str(e)) from None

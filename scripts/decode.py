@@ -18,14 +18,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvrm_jax import compile_cache  # noqa: E402
-from kvrm_jax.cli import UserError, check_writable, phase, run_main  # noqa: E402
+from kvrm_jax.cli import (UserError, add_runtime_args, check_runtime_args, check_writable, load_weights,  # noqa: E402
+                          resolve_model, run_main, runtime_config)
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", help="orbax checkpoint folder (scripts/convert.py); default: the bundled "
-                 "SmolLM2-135M-Instruct, converted once into the cache folder")
-  p.add_argument("--cache-dir", help="where the bundled model is converted (default ~/.cache/kvrm-jax or $KVRM_JAX_CACHE)")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field (.jsonl/.json)")
   p.add_argument("--prompts-format", choices=("auto", "text", "jsonl"), default="auto",
@@ -37,16 +35,8 @@ def parse_args(argv=None):
   p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--ignore-eos", action="store_true")
-  p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: float32 on CPU, bfloat16 on GPU)")
-  p.add_argument("--engine", default="kvrm", help="kvrm (paged KV-RM runtime) | static (dense baseline)")
-  p.add_argument("--block-size", type=int, default=16)
-  p.add_argument("--max-slots", type=int, default=None, help="decode batch (default: min(#prompts, 16))")
-  p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks (default: fits every prompt at once)")
-  p.add_argument("--attention", default="auto", help="auto | reference | pallas | interpret")
-  p.add_argument("--tp", default="1", help="tensor-parallel mesh size, or 'all' local devices; heads that do not "
-                 "divide are padded with inert zero heads (docs/sharding.md)")
-  p.add_argument("--summaries", help="bounded far-history summaries, e.g. sink=1,window=256,max=4 (off by "
-                 "default; max=0 drops the far history, StreamingLLM-style)")
+  add_runtime_args(p, max_slots_help="decode batch (default: min(#prompts, 16))",
+                   num_blocks_help="KV pool blocks (default: fits every prompt at once)")
   p.add_argument("--output-json", help="write prompts, ids, texts and stats here")
   p.add_argument("--quiet", action="store_true", help="no per-prompt text on stdout")
   compile_cache.add_args(p)
@@ -89,54 +79,22 @@ def main(argv=None) -> int:
   return run_main(lambda a: run(parse_args(a)), argv)
 
 
-def check_sizes(args) -> None:
-  """Sizes the runtime derives others from (divides by, falls back on) must be given positive."""
-  for flag in ("block_size", "max_slots", "num_blocks", "max_new_tokens"):
-    v = getattr(args, flag)
-    if v is not None and v < 1:
-      raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-
-
 def run(args) -> int:
-  if args.engine not in ("kvrm", "static"):
-    raise UserError(f"unknown --engine {args.engine!r} (kvrm | static)")
-  if args.dtype not in (None, "bfloat16", "float32"):
-    raise UserError(f"unknown --dtype {args.dtype!r} (bfloat16 | float32)")
-  check_sizes(args)
+  check_runtime_args(args)
   prompts = read_prompts(args)
   if args.output_json:
     check_writable(args.output_json)
-
-  import jax
-
   compile_cache.from_args(args)
-  from kvrm_jax import checkpoint as ckpt
-  from kvrm_jax import sharding
-  from kvrm_jax.config import RuntimeConfig
   from kvrm_jax.engine import Engine, RequestError
   from kvrm_jax.sequence import SamplingParams
-  from kvrm_jax.summaries import SummaryConfig
 
-  dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
   # Everything a user can get wrong is checked before the slow phases (and their lines) start.
   try:
     sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
-    summaries = SummaryConfig.parse(args.summaries) if args.summaries else None
-    mesh = sharding.make_mesh(args.tp)
-    path = args.checkpoint
-    if path is None:
-      path, ready = ckpt.bundled_checkpoint_dir(args.cache_dir)
-      if not ready:
-        print(f"converting the bundled SmolLM2-135M-Instruct into {path} (first run only)", file=sys.stderr)
-        with phase("converted"):
-          ckpt.ensure_bundled_checkpoint(args.cache_dir, progress=sys.stderr.isatty())
-    cfg = ckpt.read_config(path)
-    tok = ckpt.read_tokenizer(path)
-  except (ckpt.CheckpointError, ValueError) as e:
+  except ValueError as e:
     raise UserError(str(e)) from None
-  if tok is None:
-    raise UserError(f"checkpoint {path} has no tokenizer.json; text prompts need one")
+  path, cfg, tok, mesh, dtype = resolve_model(args)
   if args.chat:
     try:
       prompts_text = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
@@ -155,18 +113,13 @@ def run(args) -> int:
   bs = args.block_size
   longest = max(len(x) for x in ids) + args.max_new_tokens
   mb = math.ceil(min(longest, cfg.max_position) / bs)
-  slots = args.max_slots or min(len(ids), 16)
   need = sum(math.ceil((len(x) + args.max_new_tokens) / bs) for x in ids)
+  rt, summaries = runtime_config(args, dtype, max_slots=args.max_slots or min(len(ids), 16),
+                                 num_blocks=args.num_blocks or need + 1 + len(ids), max_blocks_per_seq=mb)
+  cfg, model = load_weights(path, cfg, mesh, dtype)
   try:
-    rt = RuntimeConfig(block_size=bs, num_blocks=args.num_blocks or need + 1 + len(ids), max_slots=slots,
-                       max_blocks_per_seq=mb, dtype=dtype, attention=args.attention,
-                       max_summaries=summaries.max_entries if summaries else 0)
-    with phase(f"loading checkpoint {path}"):
-      # Restore straight into the mesh's shardings unless the heads need padding first.
-      shardings = None if sharding.padded_config(cfg, mesh.size) != cfg else sharding.named_shardings(mesh)
-      cfg, model, tok = ckpt.load_checkpoint(path, dtype, shardings=shardings)
     engine = Engine(cfg, model, rt, tokenizer=tok, kind=args.engine, mesh=mesh, summaries=summaries)
-  except (ckpt.CheckpointError, ValueError) as e:
+  except ValueError as e:
     raise UserError(str(e)) from None
 
   t0 = time.perf_counter()
@@ -182,6 +135,7 @@ def run(args) -> int:
   except RequestError as e:
     raise UserError(str(e)) from None
   wall = time.perf_counter() - t0
+  import jax
   stats = engine.summary()
   stats.update(tokens_per_s=stats["generated_tokens"] / wall, wall_s=wall, dtype=dtype,
                device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), jax=jax.__version__)

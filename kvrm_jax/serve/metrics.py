@@ -1,0 +1,80 @@
+"""Prometheus metrics of the server (`/metrics`), in their own registry.
+
+Engine-side values (queue, running, KV blocks, preemptions, prefix-cache hits, latencies) are set
+from the engine thread; prometheus-client metrics are thread-safe.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5, 10, 20, 40, 80)
+
+
+class Metrics:
+  """All metrics of one server."""
+
+  def __init__(self):
+    r = self.registry = CollectorRegistry()
+    self.queued = Gauge("kvrm_queued_requests", "Requests waiting for a decode slot", registry=r)
+    self.running = Gauge("kvrm_running_requests", "Requests in decode slots (prefilling or decoding)", registry=r)
+    self.blocks_used = Gauge("kvrm_kv_blocks_used", "KV pool blocks in use", registry=r)
+    self.blocks_free = Gauge("kvrm_kv_blocks_free", "KV pool blocks free (evictable prefix-cache blocks included)",
+                             registry=r)
+    self.tokens_per_s = Gauge("kvrm_generation_tokens_per_second", "Generated tokens per second over the last "
+                              "second of engine time", registry=r)
+    self.prompt_tokens = Counter("kvrm_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+    self.generation_tokens = Counter("kvrm_generation_tokens", "Generated tokens", registry=r)
+    self.preemptions = Counter("kvrm_preemptions", "Requests preempted by the engine", registry=r)
+    self.prefix_hits = Counter("kvrm_prefix_cache_hit_blocks", "Prompt KV blocks served from the prefix cache",
+                               registry=r)
+    self.requests = Counter("kvrm_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
+    self.rejected = Counter("kvrm_rejected_requests", "Requests refused before reaching the engine, by cause",
+                            ["cause"], registry=r)
+    self.ttft = Histogram("kvrm_time_to_first_token_seconds", "Request arrival to its first token",
+                          buckets=_LATENCY_BUCKETS, registry=r)
+    self.itl = Histogram("kvrm_inter_token_latency_seconds", "Gap between consecutive token events of a request",
+                         buckets=_LATENCY_BUCKETS, registry=r)
+    self.e2e = Histogram("kvrm_e2e_request_latency_seconds", "Request arrival to its last token",
+                         buckets=_LATENCY_BUCKETS, registry=r)
+    self._last = {"preemptions": 0, "prefix_hit_blocks": 0}
+    self._window_start, self._window_tokens = time.perf_counter(), 0
+
+  def set_baseline(self, snapshot: dict) -> None:
+    """Engine counters before serving (warm-up) are not counted."""
+    self._last = {k: snapshot[k] for k in self._last}
+
+  def render(self) -> bytes:
+    return generate_latest(self.registry)
+
+  def observe_tokens(self, h, n: int, now: float) -> None:
+    """n new tokens of request h (engine thread)."""
+    if h.last_token is None:
+      self.ttft.observe(now - h.submitted)
+    else:
+      self.itl.observe(now - h.last_token)
+    self.generation_tokens.inc(n)
+    self._window_tokens += n
+
+  def observe_finish(self, h, reason: str) -> None:
+    self.requests.labels(reason).inc()
+    if h.last_token is not None:
+      self.e2e.observe(h.last_token - h.submitted)
+
+  def observe_engine(self, loop) -> None:
+    """After each engine step (or idle wait): gauges and counters from the engine's state."""
+    s = loop.snapshot()
+    self.queued.set(s["queued"])
+    self.running.set(s["running"])
+    self.blocks_used.set(s["blocks_used"])
+    self.blocks_free.set(s["blocks_free"])
+    for key, counter in (("preemptions", self.preemptions), ("prefix_hit_blocks", self.prefix_hits)):
+      counter.inc(s[key] - self._last[key])
+      self._last[key] = s[key]
+    now = time.perf_counter()
+    if now - self._window_start >= 1.0:
+      self.tokens_per_s.set(self._window_tokens / (now - self._window_start))
+      self._window_start, self._window_tokens = now, 0

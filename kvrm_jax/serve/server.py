@@ -1,0 +1,130 @@
+"""`kvrm-serve` / scripts/serve.py: flags, engine, warm-up, then uvicorn until SIGTERM or SIGINT.
+
+On SIGTERM the server stops admitting (new requests get 503, the listening socket closes), lets
+in-flight requests finish for up to --shutdown-timeout seconds, aborts what is left, frees the
+engine thread and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import uvicorn
+
+from kvrm_jax.serve.engine_loop import (EngineLoop, UserError, add_runtime_args, load_model, load_preset,
+                                        make_engine, preset_names, run_main, warm_up)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--served-model-name", help="the `model` clients must send (default: the checkpoint folder's name)")
+  p.add_argument("--max-len", type=int, default=None,
+                 help="context of one request, prompt + output tokens (default: min(model context, 4096))")
+  p.add_argument("--max-queue", type=int, default=256,
+                 help="requests waiting beyond the --max-slots running ones; more get 429 with Retry-After")
+  p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                 help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+  p.add_argument("--preset", choices=preset_names(), help="serve this model shape with random weights instead "
+                 "of a checkpoint (benchmarks; prompts as token ids, the text is meaningless)")
+  p.add_argument("--no-warmup", action="store_true", help="do not compile every step shape before listening")
+  p.add_argument("--log-level", default="warning", help="uvicorn log level (debug | info | warning | error)")
+  add_runtime_args(p, max_slots_help="decode batch (default 16)",
+                   num_blocks_help="KV pool blocks (default: every slot can hold --max-len tokens)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  return run_main(lambda a: serve(parse_args(a)), argv)
+
+
+def serve(args) -> int:
+  if args.max_queue < 0:
+    raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+  if args.shutdown_timeout < 0:
+    raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+  if not 0 < args.port < 65536:
+    raise UserError(f"--port must be in [1, 65535], got {args.port}")
+  if args.block_size <= 0:
+    raise UserError(f"--block-size must be positive, got {args.block_size}")
+  from kvrm_jax.serve.app import create_app
+  from kvrm_jax.serve.metrics import Metrics
+
+  t0 = time.perf_counter()
+  if args.preset and args.checkpoint:
+    raise UserError("give --checkpoint or --preset, not both")
+  cfg, model, tok, mesh, dtype, path = load_preset(args) if args.preset else load_model(args)
+  max_len = args.max_len or min(cfg.max_position, 4096)
+  if not 1 < max_len <= cfg.max_position:
+    raise UserError(f"--max-len must be in [2, {cfg.max_position}] (the model context), got {max_len}")
+  mb = math.ceil(max_len / args.block_size)
+  slots = args.max_slots or 16
+  engine = make_engine(args, cfg, model, tok, mesh, dtype, max_slots=slots, num_blocks=args.num_blocks or slots * mb + 1,
+                       max_blocks_per_seq=mb)
+  if not args.no_warmup:
+    warm_up(engine)
+  name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
+  metrics = Metrics()
+  loop = EngineLoop(engine, max_queue=args.max_queue, metrics=metrics)
+  app = create_app(loop, tok, name, metrics=metrics, shutdown_timeout=args.shutdown_timeout)
+  # Our drain ends every stream before uvicorn closes connections; its own timeout is a backstop.
+  config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+  def drain():
+    app.state.draining = True
+    clean = loop.drain(args.shutdown_timeout)
+    print(f"[serve] shutting down: {'every request finished' if clean else 'requests left were aborted'}",
+          file=sys.stderr, flush=True)
+
+  server = _Server(config, drain)
+  print(f"[serve] {name} ({dtype}, {engine.kind}, {slots} slots, {engine.rt.num_blocks} blocks of "
+        f"{engine.rt.block_size}, context {loop.context_limit}) ready in {time.perf_counter() - t0:.1f} s on "
+        f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+  server.run()
+  if loop.error is not None:
+    print(f"error: the engine loop failed: {loop.error!r}", file=sys.stderr)
+    return 1
+  return 0
+
+
+class _Server(uvicorn.Server):
+  """uvicorn's server with our shutdown: on the first SIGTERM/SIGINT `drain` runs in a thread (new
+  requests get 503, in-flight ones finish or are aborted), then uvicorn shuts down; a second signal
+  exits at once. The process ends with status 0 (uvicorn would re-raise the signal after its own
+  graceful shutdown, ending the process with -15)."""
+
+  def __init__(self, config, drain):
+    super().__init__(config)
+    self._drain, self._draining = drain, False
+
+  @contextlib.contextmanager
+  def capture_signals(self):
+    old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      yield
+    finally:
+      for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+  def handle_exit(self, sig, frame) -> None:
+    if self._draining:
+      super().handle_exit(sig, frame)
+      return
+    self._draining = True
+
+    def run():
+      self._drain()
+      self.should_exit = True
+    threading.Thread(target=run, name="kvrm-drain", daemon=True).start()
+
+
+if __name__ == "__main__":
+  sys.exit(main())

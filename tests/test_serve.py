@@ -1,0 +1,390 @@
+"""The OpenAI-compatible server (kvrm_jax/serve, scripts/serve.py), driven by the official `openai`
+client against a real server process on a loopback port: greedy tokens equal decode.py's, streams
+equal non-streamed answers, concurrency and disconnects leave the KV pool whole, bad input gets a
+400 with a clear message, overload a 429, SIGTERM a clean exit."""
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from kvrm_jax.serve.detok import IncrementalDetokenizer, TextStream, full_text
+from kvrm_jax.serve.engine_loop import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "smollm2"
+MAX_LEN = 256  # context per request of the test servers
+SLOTS = 4
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+
+
+def _decode_cli():
+  spec = importlib.util.spec_from_file_location("decode_cli_serve", os.path.join(ROOT, "scripts", "decode.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+# ---------------------------------------------------------------------------- detokenizer (no server)
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_ckpt):
+  return load_tokenizer(smollm2_ckpt)
+
+
+def test_incremental_detokenizer_never_breaks_a_character(tok):
+  text = "naïve café — 東京タワー is 333 m tall 🗼🎉, Ελληνικά και русский! 👩‍👩‍👧"
+  ids = tok.encode(text)
+  det = IncrementalDetokenizer(tok)
+  pieces = [det.add([i]) for i in ids]
+  pieces.append(det.flush())
+  assert "".join(pieces) == tok.decode(ids) == text
+  assert all("\ufffd" not in p for p in pieces)
+  # The text has characters split over several byte-level tokens: some steps must hold text back.
+  held = sum(1 for i in range(1, len(ids) + 1) if "\ufffd" in tok.decode(ids[:i]))
+  assert held > 0 and pieces.count("") >= held
+
+
+def test_text_stream_cuts_at_the_first_stop_string_and_holds_back_its_prefix(tok):
+  text = "one two three STOP four five"
+  ids = tok.encode(text)
+  ts = TextStream(tok, stop=("STOP", "never"))
+  out = []
+  for i in ids:
+    piece = ts.add([i])
+    out.append(piece)
+    assert "S" not in piece or "STOP" not in "".join(out)  # the stop string itself never goes out
+  out.append(ts.finish())
+  assert "".join(out) == "one two three " and ts.stopped
+  assert full_text(tok, ids, ("STOP",)) == ("one two three ", True)
+  assert full_text(tok, ids, ("absent",)) == (text, False)
+  # Without a stop string in the text everything is emitted, the held-back tail at the end.
+  ts = TextStream(tok, stop=("zzzz",))
+  assert "".join([ts.add([i]) for i in ids] + [ts.finish()]) == text and not ts.stopped
+
+
+def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
+  for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
+                      (["--port", "70000"], "--port must be in"),
+                      (["--checkpoint", str(tmp_path / "missing")], str(tmp_path / "missing")),
+                      (["--preset", "tiny", "--checkpoint", str(tmp_path)], "not both")):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *flags], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and text in r.stderr, (flags, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- a real server process
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Server:
+  """scripts/serve.py in a subprocess on a free loopback port."""
+
+  def __init__(self, ckpt, log_path, *extra):
+    self.port = _free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.log_path = log_path
+    self.log = open(log_path, "w")
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--checkpoint", str(ckpt), "--port",
+         str(self.port), "--served-model-name", MODEL, "--max-len", str(MAX_LEN), "--dtype", "float32", *extra],
+        stdout=self.log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+      assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.tail()}"
+      with contextlib.suppress(httpx.HTTPError):
+        if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+          return
+      time.sleep(0.5)
+    self.close()
+    raise AssertionError(f"server not healthy after 240 s:\n{self.tail()}")
+
+  def tail(self) -> str:
+    self.log.flush()
+    with open(self.log_path) as f:
+      return f.read()[-4000:]
+
+  def client(self):
+    from openai import OpenAI
+    return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+  def metric(self, name: str) -> float:
+    text = httpx.get(self.url + "/metrics", timeout=10).text
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.M)
+    return float(m.group(1)) if m else 0.0
+
+  def wait_metric(self, name: str, value: float, timeout: float = 20.0) -> float:
+    deadline = time.monotonic() + timeout
+    while (v := self.metric(name)) != value and time.monotonic() < deadline:
+      time.sleep(0.1)
+    return v
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait(30)
+    self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_ckpt, tmp_path_factory):
+  s = Server(smollm2_ckpt, tmp_path_factory.mktemp("serve") / "server.log", "--max-slots", str(SLOTS),
+             "--max-queue", "64")
+  yield s
+  s.close()
+
+
+@pytest.mark.slow
+def test_greedy_completions_equal_decode_py(server, smollm2_ckpt, tmp_path, capsys):
+  """Same prompts, same runtime sizes: the server's greedy text and token counts are decode.py's."""
+  out = tmp_path / "decode.json"
+  argv = ["--checkpoint", str(smollm2_ckpt), "--max-new-tokens", "12", "--dtype", "float32", "--quiet",
+          "--max-slots", str(SLOTS), "--output-json", str(out)] + sum((["--prompt", p] for p in PROMPTS), [])
+  assert _decode_cli().main(argv) == 0, capsys.readouterr().err
+  ref = json.loads(out.read_text())["results"]
+  client = server.client()
+  for p, r in zip(PROMPTS, ref):
+    resp = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+    c = resp.choices[0]
+    assert c.text == r["text"], p
+    assert resp.usage.completion_tokens == len(r["output_ids"])
+    assert resp.usage.prompt_tokens == len(r["prompt_ids"])
+    assert c.finish_reason == {"eos": "stop", "length": "length"}[r["finish_reason"]]
+    # A prompt given as token ids is the same request.
+    again = client.completions.create(model=MODEL, prompt=r["prompt_ids"], max_tokens=12, temperature=0)
+    assert again.choices[0].text == r["text"]
+
+
+@pytest.mark.slow
+def test_streamed_chat_equals_non_streamed(server):
+  client = server.client()
+  for kw in ({"temperature": 0}, {"temperature": 0.8, "top_p": 0.9, "seed": 7, "extra_body": {"top_k": 20}}):
+    msgs = [{"role": "user", "content": "Say good morning in Japanese and in Greek."}]
+    full = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, **kw)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == full.choices[0].message.content and text
+    assert reasons == [full.choices[0].finish_reason]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert all("\ufffd" not in (c.choices[0].delta.content or "") for c in chunks if c.choices)
+
+
+@pytest.mark.slow
+def test_stop_string_ends_the_text_before_it(server):
+  client = server.client()
+  full = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+  text = full.choices[0].text
+  stop = text.strip().split()[1]  # a word from the middle of the greedy answer
+  cut = text[:text.index(stop)]
+  r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
+  assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+  streamed = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                            stop=stop, stream=True))
+  assert "".join(c.choices[0].text for c in streamed if c.choices) == cut
+  assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_32_concurrent_streams_finish_and_the_pool_is_whole(server):
+  from openai import AsyncOpenAI
+  start_blocks = server.metric("kvrm_kv_blocks_used")
+  n_tok = [3 + i % 8 for i in range(32)]
+
+  async def one(client, i):
+    stream = await client.completions.create(
+        model=MODEL, prompt=PROMPTS[i % 3], max_tokens=n_tok[i], temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    text, usage, reason = "", None, None
+    async for c in stream:
+      if c.choices:
+        text += c.choices[0].text
+        reason = c.choices[0].finish_reason or reason
+      if c.usage:
+        usage = c.usage
+    return text, usage.completion_tokens, reason
+
+  async def run_all():
+    async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
+      return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(32))), 300)
+
+  res = asyncio.run(run_all())
+  assert [r[1] for r in res] == n_tok
+  assert all(r[2] == "length" for r in res)
+  # Greedy: a shorter answer of the same prompt is a prefix of a longer one.
+  for p in range(3):
+    texts = sorted((r[0] for i, r in enumerate(res) if i % 3 == p), key=len)
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+  assert server.wait_metric("kvrm_kv_blocks_used", start_blocks) == start_blocks
+  assert server.metric("kvrm_running_requests") == 0 and server.metric("kvrm_queued_requests") == 0
+
+
+@pytest.mark.slow
+def test_a_client_dropped_mid_stream_frees_its_blocks(server):
+  start_blocks = server.metric("kvrm_kv_blocks_used")
+  aborted = server.metric('kvrm_requests_total{finish_reason="abort"}')
+  body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 200, "stream": True, "ignore_eos": True}
+  with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+    assert r.status_code == 200
+    lines = r.iter_lines()
+    assert next(line for line in lines if line.startswith("data:"))
+    assert server.metric("kvrm_kv_blocks_used") > start_blocks  # it holds blocks while it streams
+  # The connection is closed here, long before 200 tokens.
+  assert server.wait_metric('kvrm_requests_total{finish_reason="abort"}', aborted + 1) == aborted + 1
+  assert server.wait_metric("kvrm_kv_blocks_used", start_blocks) == start_blocks
+
+
+BAD = [  # (endpoint, JSON body or raw text, substring of the message, param)
+    ("completions", {"model": "gpt-4", "prompt": "hi"}, "unknown model 'gpt-4'", "model"),
+    ("completions", {"model": MODEL, "prompt": ""}, "prompt is empty", "prompt"),
+    ("completions", {"model": MODEL, "prompt": []}, "prompt is empty", "prompt"),
+    ("chat/completions", {"model": MODEL, "messages": []}, "messages is empty", "messages"),
+    ("completions", {"model": MODEL, "prompt": "word " * 400}, "the context is 256 tokens", "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "greater than or equal to 1", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, "greater than or equal to 1", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 300}, "exceeds the context of 256", "max_tokens"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000},
+     "exceeds the context of 256", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "greater than or equal to 0", "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": 3}, "less than or equal to 2", "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, "greater than 0", "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_k": -2}, "greater than or equal to -1", "top_k"),
+    ("completions", {"model": MODEL, "prompt": "hi", "seed": -1}, "greater than or equal to 0", "seed"),
+    ("completions", {"model": MODEL, "prompt": "hi", "n": 2}, "n=2 is not supported", "n"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 1}, "logprobs is not supported", "logprobs"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+     "logprobs is not supported", "logprobs"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, "stop strings must not be empty", "stop"),
+    ("completions", {"model": MODEL, "prompt": ["a", "b"]}, "batched prompts", "prompt"),
+    ("completions", {"model": MODEL, "prompt": [10**9]}, "token ids must be in", None),
+    ("completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": 0.5}, "frequency_penalty is not", None),
+    ("completions", {"model": MODEL, "prompt": "hi", "bogus": 1}, "Extra inputs are not permitted", "bogus"),
+    ("completions", {"prompt": "hi"}, "model: Field required", "model"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role",
+     "messages.0.role"),
+    ("chat/completions", {"model": MODEL, "messages": "hi"}, "messages", "messages"),
+    ("completions", '{"model": "smollm2", "prompt": ', "malformed JSON body", None),
+    ("completions", "[1, 2", "malformed JSON body", None),
+]
+
+
+@pytest.mark.slow
+def test_bad_input_gets_a_400_with_a_clear_message(server):
+  for endpoint, body, text, param in BAD:
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
+    r = httpx.post(f"{server.url}/v1/{endpoint}", timeout=30, **kw)
+    assert r.status_code == 400, (body, r.status_code, r.text)
+    err = r.json()["error"]
+    assert text in err["message"], (body, err)
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+      assert err["param"] == param, (body, err)
+  # The official client raises its BadRequestError with our message.
+  import openai
+  with pytest.raises(openai.BadRequestError, match="unknown model"):
+    server.client().completions.create(model="nope", prompt="hi")
+  r = httpx.get(server.url + "/v1/nothing-here", timeout=10)
+  assert r.status_code == 404 and "error" in r.json()
+  assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # still serving
+
+
+@pytest.mark.slow
+def test_models_and_metrics(server):
+  models = server.client().models.list()
+  assert [m.id for m in models.data] == [MODEL]
+  text = httpx.get(server.url + "/metrics", timeout=10).text
+  for name in ("kvrm_queued_requests", "kvrm_running_requests", "kvrm_kv_blocks_used", "kvrm_kv_blocks_free",
+               "kvrm_generation_tokens_per_second", "kvrm_time_to_first_token_seconds_bucket",
+               "kvrm_inter_token_latency_seconds_bucket", "kvrm_preemptions_total",
+               "kvrm_prefix_cache_hit_blocks_total"):
+    assert name in text, name
+  assert server.metric("kvrm_kv_blocks_used") + server.metric("kvrm_kv_blocks_free") == SLOTS * MAX_LEN // 16
+
+
+@pytest.mark.slow
+def test_overload_gets_429_then_sigterm_exits_cleanly(smollm2_ckpt, tmp_path):
+  """2 slots + a queue of 1: a 4th request in flight gets 429 with Retry-After. SIGTERM with a
+  request still streaming: the stream ends (aborted after --shutdown-timeout), the process exits 0."""
+  import openai
+  srv = Server(smollm2_ckpt, tmp_path / "server.log", "--max-slots", "2", "--max-queue", "1",
+               "--shutdown-timeout", "0.5", "--no-warmup")
+  try:
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 240, "stream": True, "ignore_eos": True}
+    with contextlib.ExitStack() as stack:
+      for _ in range(3):  # 2 running + 1 queued: the server is full
+        r = stack.enter_context(httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60))
+        assert r.status_code == 200
+      r = httpx.post(srv.url + "/v1/completions", json=dict(body, stream=False), timeout=30)
+      assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+      assert "max-queue" in r.json()["error"]["message"]
+      with pytest.raises(openai.RateLimitError):
+        srv.client().completions.create(model=MODEL, prompt="hi", max_tokens=4)
+    # Those three streams were dropped: the server takes requests again.
+    assert srv.wait_metric("kvrm_kv_blocks_used", 0) == 0
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+      lines = r.iter_lines()
+      assert next(line for line in lines if line.startswith("data:"))
+      t0 = time.monotonic()
+      srv.proc.send_signal(signal.SIGTERM)
+      rest = [line for line in lines if line.startswith("data:")]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "abort"
+    assert srv.proc.wait(30) == 0
+    assert time.monotonic() - t0 < 15
+    with pytest.raises(httpx.ConnectError):
+      httpx.get(srv.url + "/health", timeout=2)
+    assert "requests left were aborted" in srv.tail()
+    assert "Traceback" not in srv.tail()
+  finally:
+    srv.close()
+
+
+@pytest.mark.slow
+def test_bench_serve_against_the_server(server, tmp_path):
+  """The HTTP load generator: a family and a JSONL trace whose hash_ids share a first block; every
+  request completes with its token count, and the shared blocks show as prefix-cache hits."""
+  spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(ROOT, "scripts", "bench_serve.py"))
+  bench_serve = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench_serve)
+  trace = tmp_path / "trace.jsonl"
+  rows = [{"timestamp": 400 * i, "input_length": 40, "output_length": 3 + i % 3, "hash_ids": [7, 100 + i, 200 + i]}
+          for i in range(6)]
+  trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out, report = tmp_path / "serve.json", tmp_path / "results.md"
+  argv = ["--url", server.url, "--families", "uniform", "--num-requests", "6", "--max-len", "64",
+          "--trace", str(trace), "--hash-block-size", "16", "--out-json", str(out), "--report", str(report), "--quiet"]
+  assert bench_serve.main(argv) == 0
+  obj = json.loads(out.read_text())
+  assert [r["name"] for r in obj["runs"]] == ["uniform", "trace"]
+  for run in obj["runs"]:
+    m = run["results"]
+    assert (m["completed"], m["errors"], m["wrong_token_counts"]) == (6, 0, 0), m["error_samples"]
+    assert m["ttft_ms"]["p50"] > 0 and m["itl_ms"]["p50"] > 0 and m["tokens_per_s"] > 0
+  trace_run = obj["runs"][1]["results"]
+  assert trace_run["generated_tokens"] == sum(r["output_length"] for r in rows)
+  # Block 7 (16 tokens, one engine block) is shared by all six prompts; the other blocks by none.
+  assert trace_run["prefix_cache_hits"] == {"value": 5.0, "unit": "blocks"}
+  assert obj["runs"][0]["results"]["prefix_cache_hits"]["value"] == 0
+  assert "Serving over HTTP" in report.read_text()
+  assert bench_serve.main(["--from-json", str(out), "--report", str(report)]) == 0

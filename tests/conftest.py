@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 def pytest_collection_modifyitems(config, items):
   if jax.default_backend() == "gpu":
     return
-  skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run through the device tool: pytest -m gpu)")
+  skip = pytest.mark.skip(reason="needs an NVIDIA GPU (on a GPU machine: make test-gpu)")
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)

@@ -7,7 +7,7 @@ Extensions (as in vLLM): `top_k` (0 or -1 = off) and `ignore_eos`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -90,22 +90,8 @@ class _Choice(BaseModel):
   logprobs: None = None
 
 
-class _Response(BaseModel):
-  id: str
-  created: int
-  model: str
-
-
 class CompletionChoice(_Choice):
   text: str
-
-
-class CompletionResponse(_Response):
-  """A completion, and each streamed chunk of one."""
-
-  object: Literal["text_completion"] = "text_completion"
-  choices: list[CompletionChoice]
-  usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -117,12 +103,6 @@ class ChatChoice(_Choice):
   message: AssistantMessage
 
 
-class ChatCompletionResponse(_Response):
-  object: Literal["chat.completion"] = "chat.completion"
-  choices: list[ChatChoice]
-  usage: Usage
-
-
 class Delta(BaseModel):
   role: Literal["assistant"] | None = None
   content: str | None = None
@@ -132,10 +112,30 @@ class ChatChunkChoice(_Choice):
   delta: Delta
 
 
-class ChatCompletionChunk(_Response):
-  object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-  choices: list[ChatChunkChoice]
+C = TypeVar("C", bound=_Choice)
+
+
+class _Response(BaseModel, Generic[C]):
+  id: str
+  created: int
+  model: str
+  choices: list[C]
   usage: Usage | None = None
+
+
+class CompletionResponse(_Response[CompletionChoice]):
+  """A completion, and each streamed chunk of one."""
+
+  object: Literal["text_completion"] = "text_completion"
+
+
+class ChatCompletionResponse(_Response[ChatChoice]):
+  object: Literal["chat.completion"] = "chat.completion"
+  usage: Usage
+
+
+class ChatCompletionChunk(_Response[ChatChunkChoice]):
+  object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
 
 
 class ModelCard(BaseModel):

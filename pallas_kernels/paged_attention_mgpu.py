@@ -88,7 +88,7 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
                  o_ref,      # S > 1: [B, Hkv, S, QP, D] f32; S == 1: [B*Hq, D] q.dtype (GMEM)
                  lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
                  *, table: bool, part: KVPartition, qp: int, g: int, head_dim: int, dtype,
-                 sm_scale: float, stages: int, ablate: str | None = None):
+                 sm_scale: float, stages: int):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
@@ -207,11 +207,6 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         return m_new, l_i, acc, p.astype(dtype)
 
-      def issue_refill(j, slot):  # the slot just read takes the stream's chunk j + stages
-        @pl.when(j + stages < n_w)
-        def _refill():
-          issue(j + stages, slot)
-
       def body(j, carry):
         acc, m_i, l_i = carry
         slot = lax.rem(j, jnp.int32(stages))
@@ -220,21 +215,13 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         with jax.named_scope("wait_k"):
           plgpu.barrier_wait(k_bars.at[buf])
 
-        if ablate == "math":  # measurement only (ABLATE_ENV): the data path without any math
-          plgpu.barrier_wait(v_bars.at[buf])
-          issue_refill(j, slot)
-          return acc, m_i, l_i
-
         def qk_scope(acc_ref):
           plgpu.wgmma(acc_ref, q_smem.at[w], _transpose(k_smem.at[buf]))
           return acc_ref[...]
         with jax.named_scope("qk"):
           qk = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, T), jnp.float32))
         with jax.named_scope("softmax"):
-          if ablate == "softmax":  # measurement only: scores straight into P V
-            m_new, p16 = m_i, qk.astype(dtype)
-          else:
-            m_new, l_i, acc, p16 = softmax(qk, m_i, l_i, acc, rem_tok)
+          m_new, l_i, acc, p16 = softmax(qk, m_i, l_i, acc, rem_tok)
         with jax.named_scope("wait_v"):
           plgpu.barrier_wait(v_bars.at[buf])
 
@@ -251,7 +238,9 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         with jax.named_scope("pv"):
           acc = pl.run_state(pv)(plgpu.ACC.init(acc))
 
-        issue_refill(j, slot)
+        @pl.when(j + stages < n_w)
+        def _refill():  # the slot just read takes the stream's chunk j + stages
+          issue(j + stages, slot)
         return acc, m_new, l_i
 
       acc0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, D), jnp.float32), plgpu.Layout.WGMMA)
@@ -355,10 +344,9 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
   if B * Hq < qp:  # the one TMA box must fit inside the array
     rows = jnp.pad(rows, ((0, qp - B * Hq), (0, 0)))
   table = isinstance(plan, tuple)
-  ablate = _ablation()
   kernel = functools.partial(_decode_kernel, table=table, has_base=base is not None, part=part,
                              qp=qp, g=g, head_dim=D, dtype=q.dtype, sm_scale=sm_scale,
-                             stages=stages, ablate=ablate)
+                             stages=stages)
   o_type = (jax.ShapeDtypeStruct((B * Hq, D), q.dtype) if S == 1
             else jax.ShapeDtypeStruct((B, Hkv, S, qp, D), jnp.float32))
   threads = dict(num_threads=ns, thread_name="wg") if ns > 1 else {}
@@ -369,7 +357,7 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
       grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True, **_profile_params()),
       kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}"
-                  + ("_table" if table else "") + (f"_no_{ablate}" if ablate else ""),
+                  + ("_table" if table else ""),
       **threads,
   )
   if not table:
@@ -384,26 +372,11 @@ PROFILE_ENV = "KVRM_MOSAIC_PROFILE_DIR"
 def _profile_params() -> dict:
   """With $KVRM_MOSAIC_PROFILE_DIR set, every call writes Mosaic GPU's on-device trace (per
   program and warpgroup: the plan, K and V waits, the write) as Perfetto JSON into that folder;
-  scripts/profile_kernel.py summarises it. A developer hook: it slows the kernel a little."""
+  open it in Perfetto (ui.perfetto.dev). A developer hook: it slows the kernel a little."""
   path = os.environ.get(PROFILE_ENV)
   if not path:
     return {}
   return dict(profile_space=512, profile_dir=path, profile_bounds_check=True)
-
-
-ABLATE_ENV = "KVRM_MOSAIC_ABLATE"
-ABLATIONS = ("math", "softmax")
-
-
-def _ablation() -> str | None:
-  """With $KVRM_MOSAIC_ABLATE = "math" (no wgmma, no softmax: the plan, the copies, the waits
-  and the write alone) or "softmax" (the scores go into P V as they are), calls trace a kernel
-  that gives WRONG results, for scripts/bench_kernels.py --ablate to time what the kernel's math
-  costs. A developer hook, read when a call is traced; unset, the kernel is the real one."""
-  mode = os.environ.get(ABLATE_ENV) or None
-  if mode is not None and mode not in ABLATIONS:
-    raise ValueError(f"${ABLATE_ENV}={mode!r}: expected one of {', '.join(ABLATIONS)} or unset")
-  return mode
 
 
 MAX_SMEM_BYTES = 232448  # H100 / H200: what Mosaic GPU reports as available per block

@@ -30,8 +30,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the report's default place: docs/
 
 BATCHES = (8, 64, 256)
 LENGTHS = (512, 2048, 8192)
@@ -41,7 +40,6 @@ BLOCK = 16
 MAX_GROUPS = 8
 L2_BYTES = 50e6
 JAX_SETTINGS = ((16, 8), (4, 16), (2, 16))  # (k_splits, pages_per_compute_block)
-ABLATIONS = ("math", "softmax")  # paged_attention_mgpu.ABLATIONS (not imported: no jax needed)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -185,7 +183,7 @@ def rel_err(a, b):
 # ----------------------------------------------------------------------------- benchmark
 
 def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_backend="mosaic",
-                 skip_xla=False, ablate=()):
+                 skip_xla=False):
   import jax
   import jax.numpy as jnp
   from pallas_kernels.paged_attention import (paged_decode_attention,
@@ -222,9 +220,6 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
   out["ours"] = best
   out["ours_tried"] = tried
   out["ours_backend"] = ours_backend
-  if best is not None and ablate:
-    out["ours_ablate"] = time_ablations(timer, args, best["variant"], ours_backend, ablate, iters,
-                                        log)
   if best is not None:
     # The descriptor plan: the same tile reading descriptor rows built outside the call
     # (partition.build_descriptors from the transfer groups), what the Mosaic kernel falls back
@@ -287,32 +282,6 @@ def bench_config(timer, inp, layout, variants, jax_settings, iters, log, ours_ba
   return out
 
 
-def time_ablations(timer, call_args, variant, backend, modes, iters, log):
-  """The best tile again with parts of its math removed (paged_attention_mgpu.ABLATE_ENV; the
-  results are wrong by design): what the call would cost if that math were free."""
-  import jax
-  from pallas_kernels import paged_attention_mgpu as mgpu
-  from pallas_kernels.paged_attention import paged_decode_attention
-  tile = dict(backend=backend, chunk_tokens=variant["chunk_tokens"],
-              num_splits=variant["num_splits"], streams=variant["streams"])
-  out = {}
-  for mode in modes:
-    # The variable is read when a call is traced: the jit caches (the public wrapper's too) must
-    # not hand back the real kernel's trace, nor keep the ablated one afterwards.
-    os.environ[mgpu.ABLATE_ENV] = mode
-    jax.clear_caches()
-    try:
-      f = jax.jit(lambda *a, st=variant["stages"]: paged_decode_attention(*a, stages=st, **tile))
-      out[mode] = timer(f, call_args, iters)
-      log(f"    ours without {mode}: {out[mode]['ms']:.4f} ms kernels {out[mode].get('kernel_us')}")
-    except Exception as e:  # noqa: BLE001
-      log(f"    ours without {mode}: FAILED {repr(e)[:300]}")
-    finally:
-      del os.environ[mgpu.ABLATE_ENV]
-      jax.clear_caches()
-  return out
-
-
 def parse_variants(s):
   """"auto" or "chunk_tokens:stages[:num_splits[:streams]]", comma separated ->
   [(ct, st, splits, streams)], None = the kernel's default choice ("auto": every tile arg)."""
@@ -365,8 +334,7 @@ def run(args):
         for layout in args.layouts.split(","):
           log(f"[{time.time() - t0:6.1f}s] heads={hq}/{hkv} d={D} B={B} L={L} {layout} R={inp['R']}")
           r = bench_config(timer, inp, layout, variants, () if args.skip_jax else JAX_SETTINGS,
-                           args.iters, log, ours_backend=args.ours_backend, skip_xla=args.skip_xla,
-                           ablate=[m for m in args.ablate.split(",") if m])
+                           args.iters, log, ours_backend=args.ours_backend, skip_xla=args.skip_xla)
           r.update(hq=hq, hkv=hkv, d=D, B=B, L=L, layout=layout, kv_bytes=inp["kv_bytes"],
                    rotations=inp["R"], one_pass=floor)
           results.append(r)
@@ -385,10 +353,10 @@ def _tbps(r, key, nbytes):
 
 
 def target_summary(res, ceil):
-  """DESIGN.md section 10 targets, checked against the measured rows."""
+  """The kernel targets, checked against the measured rows."""
   ok = [r for r in res if r.get("ours")]
   name = lambda r: f"{r['hq']}/{r['hkv']} B={r['B']} L={r['L']} {r['layout']}"  # noqa: E731
-  out = ["## Targets (DESIGN.md section 10), from the rows above", ""]
+  out = ["## Targets, from the rows above", ""]
   big = [r for r in ok if r["B"] >= 64 and r["L"] >= 2048]
   if big and ceil:
     pct = [(100 * _tbps(r, "ours", r["kv_bytes"]) / ceil, name(r)) for r in big]
@@ -430,29 +398,6 @@ def target_summary(res, ceil):
   out.append("* Times are device time (CUPTI); wall-clock per call of back-to-back dispatch is "
              "in the JSON (`wall_ms`) and is 2-10x larger for the smallest configs for every "
              "method (Python dispatch, launch gaps).")
-  return out
-
-
-def ablation_table(res):
-  """Rows timed with --ablate: the call with parts of the kernel's math removed, beside the 2x
-  budget, so that a row whose call without any math is already over budget shows it."""
-  rows = [r for r in res if r.get("ours_ablate")]
-  if not rows:
-    return []
-  us = lambda t: f"{t['ms'] * 1e3:.2f}" if t else "-"  # noqa: E731
-  out = ["", "## What the kernel's math costs (ablation)", "",
-         "The best tile of the row timed again with `--ablate`: without the softmax (scores go "
-         "into P V as they are) and without any math (no wgmma, no softmax: the plan, the K/V "
-         "copies and their waits, the normalisation and the write, and the split combine). Their "
-         "results are wrong by design; the times say what the call would cost if that math were "
-         "free. Times in us.", "",
-         "| heads q/kv, d | B | L | layout | call | without softmax | without any math | "
-         "JAX | 2x needs |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
-    a, j = r["ours_ablate"], r.get("jax")
-    out.append(f"| {r['hq']}/{r['hkv']}, {r['d']} | {r['B']} | {r['L']} | {r['layout']} | "
-               f"{us(r['ours'])} | {us(a.get('softmax'))} | {us(a.get('math'))} | {us(j)} | "
-               + (f"{j['ms'] * 500:.2f} |" if j else "- |"))
   return out
 
 
@@ -509,7 +454,7 @@ def write_docs(data, md_path, png_path, json_rel):
                  f"{f(o)} | {g(to)} | {pct} | {f(j)} | {g(tj)} | {sp} | {f(pre)} | "
                  f"{f(r.get('one_pass'))} | {f(x)} | "
                  f"{g(tx)} | {tile} |")
-  lines += ["", *target_summary(res, ceil), *ablation_table(res)]
+  lines += ["", *target_summary(res, ceil)]
   # fragmented vs contiguous
   lines += ["", "Fragmented vs contiguous (ours, time ratio):", ""]
   by = {(r["hq"], r["B"], r["L"], r["layout"]): r for r in res}
@@ -571,14 +516,9 @@ def main():
   p.add_argument("--ours-backend", default="mosaic", help="mosaic or triton")
   p.add_argument("--skip-jax", action="store_true")
   p.add_argument("--skip-xla", action="store_true")
-  p.add_argument("--ablate", default="", help="math,softmax: also time the best tile with that "
-                 "math removed (wrong results; what the math costs)")
   p.add_argument("--md", default=os.path.join(ROOT, "docs", "kernels.md"))
   p.add_argument("--png", default=os.path.join(ROOT, "docs", "kernels.png"))
   args = p.parse_args()
-  bad = [m for m in args.ablate.split(",") if m and m not in ABLATIONS]
-  if bad:
-    p.error(f"--ablate {','.join(bad)}: expected a comma-separated subset of {','.join(ABLATIONS)}")
   if args.from_json:  # one file, or several runs (e.g. one per head shape) to merge
     paths = args.from_json.split(",")
     runs = []

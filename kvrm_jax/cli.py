@@ -14,6 +14,15 @@ class UserError(Exception):
   """Bad arguments or inputs (a user mistake, never a traceback)."""
 
 
+def parse_choices(text: str, choices, flag: str) -> list[str]:
+  """A comma list of distinct names out of `choices` (`--engines kvrm,static`); UserError otherwise."""
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  bad = [n for n in names if n not in choices]
+  if bad or not names or len(set(names)) != len(names):
+    raise UserError(f"{flag} must be a comma list of {', '.join(choices)}, got {text!r}")
+  return names
+
+
 def run_main(fn, argv) -> int:
   """Call fn(argv); UserError becomes one `error:` line and exit code 2."""
   try:

@@ -27,66 +27,20 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
+from kvrm_jax import bench as bc
 
-FAMILIES = ("uniform", "mixed", "longtail", "shared-prefix")
 KIND = "bench_decode"
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   w = p.add_argument_group("workload")
-  w.add_argument("--families", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
+  w.add_argument("--families", default=",".join(bc.FAMILIES), help=f"comma list of {', '.join(bc.FAMILIES)}")
   w.add_argument("--num-requests", type=int, default=48, help="requests per family")
   w.add_argument("--max-wall", type=float, default=None,
                  help="stop a run after this many seconds (its unfinished requests are counted as such)")
   bc.add_engine_args(p)
   return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------- workloads
-
-
-def make_workload(family: str, n: int, max_len: int, vocab: int, rng: np.random.Generator) -> list[tuple[list, int]]:
-  """n requests (prompt token ids, forced output length) of one family; prompt + output <= max_len."""
-  L = max_len
-  ids = lambda k: rng.integers(3, vocab, int(k)).tolist()  # noqa: E731
-  uni = lambda lo, hi: int(rng.integers(max(1, int(lo)), max(2, int(hi)) + 1))  # noqa: E731
-  out = []
-  if family == "uniform":
-    for _ in range(n):
-      out.append((uni(L / 32, L / 16), uni(L / 32, L / 16)))
-  elif family == "mixed":
-    p = np.clip(rng.lognormal(np.log(L / 16), 1.0, n), 4, 3 * L // 4).astype(int)
-    o = np.clip(rng.lognormal(np.log(L / 32), 0.8, n), 4, L // 4).astype(int)
-    out = list(zip(p.tolist(), o.tolist()))
-  elif family == "longtail":
-    n_long = max(1, n // 16)
-    long = set(rng.choice(n, n_long, replace=False).tolist())
-    for i in range(n):
-      if i in long:
-        out.append((uni(L / 2, 3 * L / 4), uni(L / 16, L / 8)))
-      else:
-        out.append((uni(L / 64, L / 16), uni(L / 64, L / 16)))
-  elif family == "shared-prefix":
-    system = ids(L // 4)
-    work = []
-    for i in range(n):
-      q, o = uni(L / 64, L / 16), uni(L / 32, L / 16)
-      work.append((system + ids(q) if i % 8 else ids(L // 4 + q), o))
-    return [(p[:max_len - o], o) for p, o in work]
-  else:
-    raise bc.UserError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-  return [(ids(min(p, max_len - o)), o) for p, o in out]
-
-
-def describe(work) -> dict:
-  p = np.array([len(x) for x, _ in work])
-  o = np.array([n for _, n in work])
-  def st(a):
-    return {"mean": float(a.mean()), "p50": float(np.median(a)), "max": int(a.max()), "total": int(a.sum())}
-  return {"num_requests": len(work), "prompt_tokens": st(p), "output_tokens": st(o)}
 
 
 # ----------------------------------------------------------------------------- running
@@ -115,15 +69,6 @@ def run_offline(runner: bc.Runner, work, desc: str, quiet: bool, max_wall: float
   return runner.finish(rids, rejected, mark, t0, t_end)
 
 
-def parse_families(text: str) -> list[str]:
-  """--families: a comma list of distinct FAMILIES names (UserError otherwise)."""
-  fams = [f.strip() for f in text.split(",") if f.strip()]
-  bad = [f for f in fams if f not in FAMILIES]
-  if bad or not fams or len(set(fams)) != len(fams):
-    raise bc.UserError(f"--families must be a comma list of {', '.join(FAMILIES)}, got {text!r}")
-  return fams
-
-
 def main(argv=None) -> int:
   return bc.run_main(_main, argv)
 
@@ -133,7 +78,7 @@ def _main(argv) -> int:
   if args.from_json:
     return bc.regenerate(args, KIND, render, print_summary)
   bc.compile_cache.from_args(args)
-  families = parse_families(args.families)
+  families = bc.parse_families(args.families)
   if args.num_requests < 1:
     raise bc.UserError("--num-requests must be >= 1")
   kinds = bc.parse_engines(args.engines)
@@ -144,7 +89,7 @@ def _main(argv) -> int:
   cfg, model, source = bc.load_model(args.model, dtype)
   t_init = time.perf_counter() - t_init
   budget = bc.plan_budget(cfg, args, dtype)
-  workloads = {f: make_workload(f, args.num_requests, budget.max_len, cfg.vocab_size,
+  workloads = {f: bc.make_workload(f, args.num_requests, budget.max_len, cfg.vocab_size,
                                 np.random.default_rng([args.seed, i])) for i, f in enumerate(families)}
   print(f"[bench_decode] {env['device']} | {args.model} {dtype} | budget {budget.budget_blocks} blocks "
         f"({budget.budget_bytes / 1e9:.3g} GB), max_len {budget.max_len} | slots: static {budget.static_slots}, "
@@ -170,7 +115,7 @@ def _main(argv) -> int:
          "note": bc.default_note(env) if args.note is None else args.note,
          "model_init_s": t_init, "command": bc.command_line("bench_decode.py", argv), "env": env,
          "model": bc.model_info(cfg, model, dtype, source), "budget": budget.to_dict(), "engines": engines,
-         "workloads": {f: dict(describe(workloads[f]), description=DESCRIPTIONS[f]) for f in families},
+         "workloads": {f: dict(bc.describe(workloads[f]), description=bc.DESCRIPTIONS[f]) for f in families},
          "results": results}
   if args.out_json:
     bc.write_json(args.out_json, obj)
@@ -181,13 +126,6 @@ def _main(argv) -> int:
 
 
 # ----------------------------------------------------------------------------- report
-
-DESCRIPTIONS = {
-    "uniform": "short prompts and outputs, uniform in [L/32, L/16]",
-    "mixed": "log-normal prompts (median L/16, sigma 1) and outputs (median L/32, sigma 0.8)",
-    "longtail": "1 in 16 requests has a long history (prompt L/2..3L/4, output L/16..L/8); the rest L/64..L/16",
-    "shared-prefix": "7 in 8 requests share one L/4-token system prompt, then L/64..L/16 tokens; outputs L/32..L/16",
-}
 
 
 def title(obj: dict) -> str:

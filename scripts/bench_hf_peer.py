@@ -35,9 +35,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
-import bench_decode as bd  # noqa: E402
+from kvrm_jax import bench as bc
 
 KIND = "bench_hf_peer"
 MODELS = ("tiny", "smollm2-135m", "llama3-8b")
@@ -49,7 +47,7 @@ COMPARED = ("kvrm", "static")  # bench_decode engines shown beside HF's with --c
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   w = p.add_argument_group("workload (bench_decode's)")
-  w.add_argument("--families", "--family", default="mixed", help=f"comma list of {', '.join(bd.FAMILIES)}")
+  w.add_argument("--families", "--family", default="mixed", help=f"comma list of {', '.join(bc.FAMILIES)}")
   w.add_argument("--num-requests", type=int, default=48, help="requests per family")
   w.add_argument("--max-wall", type=float, default=None,
                  help="stop a run after this many seconds (its unfinished requests are counted as such)")
@@ -58,13 +56,9 @@ def parse_args(argv=None):
   g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="default: bfloat16 on CUDA, float32 on CPU")
   g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cuda | cuda:N | cpu")
-  g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (HF's block / page size)")
-  g.add_argument("--max-len", type=int, default=None,
-                 help="per-sequence context limit the workload is shaped by (default as bench_decode: "
-                      "min(model context, 512) for tiny/smollm2, 4096 for llama3-8b)")
-  b = g.add_mutually_exclusive_group()
-  b.add_argument("--kv-budget-blocks", type=int, help="HF's num_blocks (KV pool size in blocks)")
-  b.add_argument("--kv-budget-gb", type=float, help="KV pool size in GB (1e9 bytes), K and V of all layers")
+  bc.add_budget_args(g, max_len=None, block_help="tokens per KV block (HF's block / page size)",
+                     max_len_help="per-sequence context limit the workload is shaped by",
+                     blocks_help="HF's num_blocks (KV pool size in blocks)")
   h = p.add_argument_group("HF continuous batching")
   h.add_argument("--attn", default="sdpa", choices=ATTNS,
                  help="sdpa: HF's paged SDPA path, kept even where flash-attn is installed; eager: paged|eager; "
@@ -74,15 +68,8 @@ def parse_args(argv=None):
   h.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
                  help="HF's use_cuda_graph (auto: HF decides; off with a masked attention like sdpa)")
   h.add_argument("--no-prefix-sharing", action="store_true", help="allow_block_sharing=False (default: HF's True)")
-  o = p.add_argument_group("output")
-  o.add_argument("--seed", type=int, default=0, help="workload seed (as bench_decode's) and weight init seed")
-  o.add_argument("--out-json", help="write the raw results here")
-  o.add_argument("--report", help="markdown report to create or update (its PNG goes next to it)")
+  o = bc.add_output_args(p, seed_help="workload seed (as bench_decode's) and weight init seed", label_stem="hfpeer")
   o.add_argument("--compare-json", help="a bench_decode raw JSON whose engines to show beside HF in the report")
-  o.add_argument("--from-json", help="regenerate --report from this raw JSON without running anything")
-  o.add_argument("--label", help="section key in the report and PNG name stem (default: hfpeer-<device>-<model>)")
-  o.add_argument("--note", help="scale note shown in the section title (default on CPU: 'smoke scale')")
-  o.add_argument("--quiet", action="store_true", help="no progress bar")
   bc.compile_cache.add_args(p)
   return p.parse_args(argv)
 
@@ -96,7 +83,7 @@ def plan_budget(cfg, args, dtype: str) -> bc.Budget:
 
 def workloads(families: list[str], n: int, max_len: int, vocab: int, seed: int) -> dict:
   """bench_decode's requests: family i of --families draws from default_rng([seed, i])."""
-  return {f: bd.make_workload(f, n, max_len, vocab, np.random.default_rng([seed, i])) for i, f in enumerate(families)}
+  return {f: bc.make_workload(f, n, max_len, vocab, np.random.default_rng([seed, i])) for i, f in enumerate(families)}
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -420,7 +407,7 @@ def _main(argv) -> int:
   if args.from_json:
     return bc.regenerate(args, KIND, render, print_summary)
   bc.compile_cache.from_args(args)
-  families = bd.parse_families(args.families)
+  families = bc.parse_families(args.families)
   if args.num_requests < 1:
     raise bc.UserError("--num-requests must be >= 1")
   if args.max_batch_tokens < 1:
@@ -476,7 +463,7 @@ def _main(argv) -> int:
          "model": model_info(cfg, model, dtype),
          "budget": {k: v for k, v in budget.to_dict().items() if k not in ("static_slots", "kvrm_slots")},
          "engines": engines, "max_wall_s": args.max_wall,
-         "workloads": {f: dict(bd.describe(work[f]), description=bd.DESCRIPTIONS[f]) for f in families},
+         "workloads": {f: dict(bc.describe(work[f]), description=bc.DESCRIPTIONS[f]) for f in families},
          "results": results}
   if compare is not None:
     obj["compare"] = compare_excerpt(compare, args.compare_json, obj)

@@ -4,7 +4,7 @@ and packing the committed descriptor, at N active slots, with no device work in 
 
   python scripts/bench_host.py --slots 256 --steps 2000 --out-json docs/raw/host.json
 
-Writes a markdown table to stdout (and the JSON); docs/host.md records a run.
+Writes a markdown table to stdout (and the JSON); docs/step.md ("Host overhead") records a run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def measure(slots: int, steps: int, block_size: int, prompt_len: int, max_groups: int, seed: int = 0) -> dict:

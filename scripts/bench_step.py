@@ -39,8 +39,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvrm_jax import bench as bc
+
 
 from kvrm_jax import compile_cache  # noqa: E402
 
@@ -360,7 +360,6 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
     jax.block_until_ready(tokens)
     row["back_to_back_ms"] = 1e3 * (time.perf_counter() - t) / args.back_to_back
   if args.profile:
-    from cupti_timings import kernel_timings
 
     def profiled():
       import jax
@@ -371,7 +370,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
       return (time.perf_counter() - t) / args.profile
 
     try:
-      wall_s, timings = kernel_timings(profiled)
+      wall_s, timings = bc.kernel_timings(profiled)
       if not timings:
         raise RuntimeError("CUPTI returned no kernel timings")
       prof = aggregate(timings, args.profile, matmul_weight_bytes(eng.state, cfg), copy_tb_s)

@@ -27,8 +27,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
+from kvrm_jax import bench as bc
 
 from kvrm_jax import compile_cache  # noqa: E402
 from kvrm_jax.cli import UserError, run_main  # noqa: E402

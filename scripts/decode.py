@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvrm_jax import compile_cache  # noqa: E402
 from kvrm_jax.cli import (UserError, add_runtime_args, check_runtime_args, check_writable, load_weights,  # noqa: E402

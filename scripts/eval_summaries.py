@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 INSTRUCTIONS = [
     "Write a very long, detailed story about a lighthouse keeper who finds a message in a bottle.",

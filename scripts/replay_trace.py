@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Replay a production trace (arrival times + token counts) through KV-RM and the static baseline.
 
-  python scripts/replay_trace.py --trace /work/shared/traces/AzureLLMInferenceTrace_conv.csv \\
+  python scripts/replay_trace.py --trace traces/AzureLLMInferenceTrace_conv.csv \\
       --start 1850 --duration 20 --time-scale 4 --token-scale 0.25 --out-json docs/raw/replay.json \\
       --report docs/results.md
   python scripts/replay_trace.py --trace A.csv --start 1850 --trace B.jsonl --start 840 --duration 40 ...
@@ -31,8 +31,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
+from kvrm_jax import bench as bc
 
 KIND = "replay_trace"
 
@@ -41,8 +40,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   t = p.add_argument_group("trace")
   t.add_argument("--trace", action="append", default=[],
-                 help="trace file (.csv or .jsonl), or a short name (conv, code) looked up in $KVRM_TRACES, "
-                      "shared/traces, .cache/traces and ../shared/traces; repeatable")
+                 help="trace file (.csv or .jsonl), or a short name (conv, code) looked up in the folder "
+                      "$KVRM_TRACES; repeatable")
   t.add_argument("--start", action="append", type=float, default=[],
                  help="window start, seconds from the trace's first request (once for all traces, or once per --trace)")
   t.add_argument("--duration", action="append", type=float, default=[],
@@ -58,86 +57,13 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- traces
-
-
-def trace_dirs() -> list[str]:
-  """Where short trace names (`conv`, `code`) are looked up: $KVRM_TRACES, then the workspace's traces."""
-  dirs = [os.environ.get("KVRM_TRACES"), os.path.join(bc.ROOT, "shared", "traces"),
-          os.path.join(bc.ROOT, ".cache", "traces"), os.path.join(os.path.dirname(bc.ROOT), "shared", "traces")]
-  return [d for d in dirs if d]
-
-
-def resolve_trace(path: str) -> str:
-  """A trace file path, or a short name: `conv` -> .../AzureLLMInferenceTrace_conv.csv."""
-  if os.path.isfile(path) or os.sep in path:
-    return path
-  for d in trace_dirs():
-    for name in (path, f"AzureLLMInferenceTrace_{path}.csv"):
-      if os.path.isfile(os.path.join(d, name)):
-        return os.path.join(d, name)
-  raise bc.UserError(f"no trace {path!r}: not a file, nor a trace name in {', '.join(trace_dirs())}")
-
-
-def parse_timestamp(text: str) -> float:
-  """`2023-11-16 18:15:46.6805900` (any number of fractional digits) -> POSIX seconds (UTC)."""
-  text = text.strip()
-  main, _, frac = text.partition(".")
-  dt = datetime.datetime.strptime(main.replace("T", " "), "%Y-%m-%d %H:%M:%S").replace(tzinfo=datetime.timezone.utc)
-  return dt.timestamp() + (int(frac) / 10 ** len(frac) if frac else 0.0)
-
-
-def load_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(arrival seconds from the first request, prompt tokens, output tokens), sorted by arrival."""
-  ts, ctx, gen = [], [], []
-  try:
-    with open(path, encoding="utf-8", newline="") as f:
-      if path.endswith((".jsonl", ".json")):
-        for i, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            o = json.loads(line)
-            ts.append(float(o["timestamp"]) / 1e3)
-            ctx.append(int(o["input_length"]))
-            gen.append(int(o["output_length"]))
-          except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise bc.UserError(f"{path}:{i}: need JSON with timestamp (ms), input_length, output_length: {e}") from None
-      else:
-        rows = csv.reader(f)
-        head = [h.strip().lower() for h in next(rows, [])]
-        try:
-          it, ic, ig = head.index("timestamp"), head.index("contexttokens"), head.index("generatedtokens")
-        except ValueError:
-          raise bc.UserError(f"{path}: need CSV columns TIMESTAMP, ContextTokens, GeneratedTokens, "
-                             f"got {head}") from None
-        for i, r in enumerate(rows, 2):
-          if not r:
-            continue
-          try:
-            ts.append(parse_timestamp(r[it]))
-            ctx.append(int(r[ic]))
-            gen.append(int(r[ig]))
-          except (ValueError, IndexError) as e:
-            raise bc.UserError(f"{path}:{i}: bad row {r}: {e}") from None
-  except OSError as e:
-    raise bc.UserError(f"cannot read trace {path}: {e}") from None
-  if not ts:
-    raise bc.UserError(f"trace {path} has no requests")
-  ts, ctx, gen = np.array(ts), np.array(ctx), np.array(gen)
-  order = np.argsort(ts, kind="stable")
-  return ts[order] - ts[order][0], ctx[order], gen[order]
-
-
-def trace_name(path: str) -> str:
-  stem = os.path.splitext(os.path.basename(path))[0]
-  return re.sub(r"\W+", "-", re.sub(r"(?i)^azurellminferencetrace_?", "", stem)).strip("-").lower() or "trace"
+# ----------------------------------------------------------------------------- windows
 
 
 def select(path: str, start: float, duration: float | None, args, max_len: int, vocab: int, seed: int) -> dict:
   """The replay of one window: requests (replay arrival s, prompt ids, output n) and what was done to them."""
-  path = resolve_trace(path)
-  ts, ctx, gen = load_trace(path)
+  path = bc.resolve_trace(path)
+  ts, ctx, gen = bc.load_trace(path)
   end = ts[-1] + 1e-9 if duration is None else start + duration
   idx = np.nonzero((ts >= start) & (ts < end))[0]
   if args.max_requests is not None:
@@ -172,7 +98,7 @@ def select(path: str, start: float, duration: float | None, args, max_len: int, 
   p_tok = np.array([len(r[1]) for r in reqs])
   o_tok = np.array([r[2] for r in reqs])
   return {
-      "name": trace_name(path), "file": os.path.basename(path), "trace_requests": int(len(ts)),
+      "name": bc.trace_name(path), "file": os.path.basename(path), "trace_requests": int(len(ts)),
       "trace_span_s": float(ts[-1]), "start": start, "duration": duration, "time_scale": args.time_scale,
       "token_scale": args.token_scale, "max_prompt": max_prompt, "max_output": max_output,
       "selected": len(reqs), "clipped": clipped,

@@ -7,6 +7,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_ENABLE_X64", "0")
 os.environ.setdefault("KVRM_JAX_COMPILE_CACHE", "off")  # the scripts' persistent cache stays off in tests
 
+import json  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -42,3 +44,21 @@ def smollm2_ckpt(tmp_path_factory):
   from kvrm_jax.checkpoint import ensure_bundled_checkpoint
   _needs_bundled_model()
   return ensure_bundled_checkpoint(tmp_path_factory.mktemp("cache"), progress=False)
+
+
+@pytest.fixture
+def trace_files(tmp_path):
+  """(Azure CSV, JSONL) traces: the CSV holds 12 requests over ~3 trace seconds with a burst of 6
+  inside 0.3 s and one prompt longer than the context; the JSONL 6 requests."""
+  csv_path = tmp_path / "AzureLLMInferenceTrace_test.csv"
+  rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+  times = [0.0, 0.5, 1.0, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 2.0, 2.5, 2.9]
+  for i, t in enumerate(times):
+    ctx = 1000 if i == 3 else 10 + 7 * i
+    rows.append(f"2023-11-16 18:15:{46 + int(t):02d}.{int(round((t % 1) * 1e7)):07d},{ctx},{3 + i % 5}")
+  csv_path.write_text("\n".join(rows) + "\n")
+  jsonl_path = tmp_path / "burst.jsonl"
+  lines = [json.dumps({"timestamp": 1000 * t, "input_length": 20 + i, "output_length": 4 + i % 3,
+                       "hash_ids": [1, 2]}) for i, t in enumerate([0.0, 0.1, 0.12, 0.14, 0.9, 1.4])]
+  jsonl_path.write_text("\n".join(lines) + "\n")
+  return csv_path, jsonl_path

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from kvrm_jax import bench as bc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -100,36 +102,8 @@ def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
   assert (md2.parent / "results_decode-test_kv.png").is_file()
 
 
-def write_traces(tmp_path):
-  csv_path = tmp_path / "AzureLLMInferenceTrace_test.csv"
-  rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
-  # 12 requests over ~3 trace seconds with a burst of 6 inside 0.3 s; one prompt longer than the context.
-  times = [0.0, 0.5, 1.0, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 2.0, 2.5, 2.9]
-  for i, t in enumerate(times):
-    ctx = 1000 if i == 3 else 10 + 7 * i
-    rows.append(f"2023-11-16 18:15:{46 + int(t):02d}.{int(round((t % 1) * 1e7)):07d},{ctx},{3 + i % 5}")
-  csv_path.write_text("\n".join(rows) + "\n")
-  jsonl_path = tmp_path / "burst.jsonl"
-  lines = [json.dumps({"timestamp": 1000 * t, "input_length": 20 + i, "output_length": 4 + i % 3,
-                       "hash_ids": [1, 2]}) for i, t in enumerate([0.0, 0.1, 0.12, 0.14, 0.9, 1.4])]
-  jsonl_path.write_text("\n".join(lines) + "\n")
-  return csv_path, jsonl_path
-
-
-def test_trace_parsing(tmp_path):
-  a = replay_trace.parse_timestamp("2023-11-16 18:15:46.6805900")
-  b = replay_trace.parse_timestamp("2023-11-16 18:15:46")
-  assert a - b == pytest.approx(0.68059)
-  csv_path, jsonl_path = write_traces(tmp_path)
-  ts, ctx, gen = replay_trace.load_trace(str(csv_path))
-  assert len(ts) == 12 and ts[0] == 0 and ts[-1] == pytest.approx(2.9) and ctx[3] == 1000
-  ts, ctx, gen = replay_trace.load_trace(str(jsonl_path))
-  assert list(ctx) == [20, 21, 22, 23, 24, 25] and ts[3] == pytest.approx(0.14)
-  assert replay_trace.trace_name(str(csv_path)) == "test"
-
-
-def test_replay_trace_end_to_end_and_report_from_json(tmp_path, capsys):
-  csv_path, jsonl_path = write_traces(tmp_path)
+def test_replay_trace_end_to_end_and_report_from_json(tmp_path, capsys, trace_files):
+  csv_path, jsonl_path = trace_files
   out, md = tmp_path / "raw" / "replay.json", tmp_path / "results.md"
   argv = SMALL + ["--trace", str(csv_path), "--start", "0.4", "--duration", "10", "--max-requests", "10",
                   "--trace", str(jsonl_path), "--start", "0", "--time-scale", "2", "--max-prompt", "96",
@@ -183,7 +157,7 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   extension stands in for the jax CUDA plugin's on CPU), the weight-copy count of the dumped HLO."""
   import jax
   bench_step = load("bench_step")
-  import cupti_timings  # scripts/ is on sys.path once bench_step is loaded
+  from kvrm_jax.bench import cupti
 
   launches = [("nvjet_tst_64x8_64x16_TNT", 0.30), ("paged_decode_mgpu_c128_st2", 0.05),
               ("loop_dynamic_slice_fusion_3", 0.02), ("loop_dynamic_slice_fusion_4", 0.02),
@@ -197,7 +171,7 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
     def _cupti_get_timings(self, finalize):
       return launches * 2  # the 2 profiled steps
 
-  monkeypatch.setattr(cupti_timings, "cupti_ext", FakeExt)
+  monkeypatch.setattr(cupti, "cupti_ext", FakeExt)
   out = tmp_path / "step.json"
   argv = ["--model", "tiny", "--dtype", "float32", "--batches", "4", "--context", "64", "--warmup", "1",
           "--iters", "2", "--layer-loop", "scan", "unroll", "--profile", "2", "--dump-hlo", str(tmp_path / "hlo"),
@@ -240,10 +214,6 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   assert (tmp_path / "hlo" / "decode_unroll_b4_c64_xla_gpu_enable_triton_gemm_false.hlo.txt").stat().st_size > 0
   assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false]" in text and "| matmul | 0.300 |" in text
 
-  monkeypatch.setattr(cupti_timings, "cupti_ext", lambda: None)
-  with pytest.raises(RuntimeError, match="no CUPTI"):
-    cupti_timings.kernel_timings(lambda: None)
-
 
 # ----------------------------------------------------------------------------- the HF transformers peer
 
@@ -268,9 +238,9 @@ def test_hf_peer_end_to_end_and_report_from_json(tmp_path, capsys):
   assert obj["budget"]["budget_blocks"] == 40 and obj["budget"]["max_len"] == 128
   for i, fam in enumerate(fams):
     # bench_decode's requests for the same flags: family i of --families seeded with [seed, i]
-    expected = bench_decode.make_workload(fam, 5, 128, 256, np.random.default_rng([0, i]))
+    expected = bc.make_workload(fam, 5, 128, 256, np.random.default_rng([0, i]))
     w = obj["workloads"][fam]
-    assert {k: v for k, v in w.items() if k != "description"} == bench_decode.describe(expected)
+    assert {k: v for k, v in w.items() if k != "description"} == bc.describe(expected)
     m = obj["results"][fam]["hf"]
     for key in HF_METRICS:
       assert key in m, key
@@ -346,8 +316,6 @@ def test_bench_kernels_variants_and_report(tmp_path):
                         row(8, "contiguous", 0.0114, 0.0164, one_pass_ms=0.0090)]),
           dict(meta=dict(meta, date="d2"), ceiling=dict(torch=dict(tbps=3.0)),
                results=[row(64, "contiguous", 0.040, 0.062, streams=2)])]
-  # the later run also timed its row without the softmax and without any math
-  runs[1]["results"][0]["ours_ablate"] = dict(softmax=dict(ms=0.0371), math=dict(ms=0.0333))
   paths = []
   for i, r in enumerate(runs):
     paths.append(str(tmp_path / f"run{i}.json"))
@@ -371,53 +339,3 @@ def test_bench_kernels_variants_and_report(tmp_path):
   # 100.7 MB in 40 us = 2.52 TB/s = 84% of 3.0; the fragmented row: 51 us = 66%
   assert "min 66% (9/3 B=64 L=2048 fragmented) -> MISSED" in text
   assert "d ; d2" in text
-  ablated = [ln for ln in text.split("## What the kernel's math costs")[1].splitlines()
-             if ln.startswith("| 9/3")]
-  assert ablated == ["| 9/3, 64 | 64 | 2048 | contiguous | 40.00 | 37.10 | 33.30 | 62.00 | 31.00 |"]
-  from pallas_kernels import paged_attention_mgpu as mgpu  # the script keeps its own copy
-  assert bench_kernels.ABLATIONS == mgpu.ABLATIONS
-
-
-def test_kernel_ablation_variable_is_checked(monkeypatch):
-  """$KVRM_MOSAIC_ABLATE: unset is the real kernel; a mode it does not know is a clear error."""
-  from pallas_kernels import paged_attention_mgpu as mgpu
-  monkeypatch.delenv(mgpu.ABLATE_ENV, raising=False)
-  assert mgpu._ablation() is None
-  monkeypatch.setenv(mgpu.ABLATE_ENV, "softmax")
-  assert mgpu._ablation() == "softmax"
-  monkeypatch.setenv(mgpu.ABLATE_ENV, "wgmma")
-  with pytest.raises(ValueError, match="expected one of math, softmax"):
-    mgpu._ablation()
-
-
-def test_profile_kernel_summary_of_a_trace():
-  """profile_kernel.py's per-program phases from a Mosaic trace: region times are cycles / 1e3
-  after the program's first event; program starts are global-timer microseconds."""
-  profile_kernel = load("profile_kernel")
-
-  def prog(tid, sm, t0, marks):  # marks: (name, begin, end) in cycles after t0 (us)
-    evs = []
-    for name, b, e in marks:
-      evs += [dict(name=name, ph="B", ts=t0 + b / 1e3, pid=sm, tid=tid),
-              dict(name=name, ph="E", ts=t0 + e / 1e3, pid=sm, tid=tid)]
-    return evs
-  # two chunks: wait_k runs twice per program
-  common = [("issue_plan", 0, 100), ("wait_plan", 100, 1100), ("wait_k", 1200, 2200),
-            ("wait_v", 2300, 2400), ("wait_k", 2500, 2600)]
-  trace = dict(traceEvents=prog(1, 1, 10.0, common + [("write", 3000, 3500)])
-               + prog(2, 2, 10.5, common + [("write", 3000, 4500)]))
-  s = profile_kernel.summarise(trace)
-  assert (s["programs"], s["sms"]) == (2, 2)
-  assert s["start_spread_max_us"] == pytest.approx(0.5)
-  assert s["plan_done_at_cycles"] == pytest.approx(1100)
-  assert s["wait_k_cycles"] == pytest.approx(1100) and s["wait_v_cycles"] == pytest.approx(100)
-  assert s["write_cycles"] == pytest.approx(1000)  # median of 500 and 1500
-  assert s["end_at_cycles"] == pytest.approx(4000)
-  # the timeline: regions in order of first start; a repeated region spans its first start to its
-  # last end and totals both runs
-  tl = {e["region"]: e for e in s["timeline"]}
-  assert [e["region"] for e in s["timeline"]] == ["issue_plan", "wait_plan", "wait_k", "wait_v",
-                                                   "write"]
-  assert (tl["wait_k"]["first_start"], tl["wait_k"]["last_end"]) == pytest.approx((1200, 2600))
-  assert tl["wait_k"]["total"] == pytest.approx(1100) and tl["write"]["last_end"] == pytest.approx(4000)
-  assert tl["write"]["programs"] == 2

@@ -92,8 +92,8 @@ def resolve_model(args):
 
   import jax
 
-  from kvrm_jax import checkpoint as ckpt
-  from kvrm_jax import sharding
+  from kvrm_jax.model import checkpoint as ckpt
+  from kvrm_jax.step import sharding
 
   dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
   try:
@@ -117,8 +117,8 @@ def resolve_model(args):
 def load_weights(path, cfg, mesh, dtype: str):
   """(cfg, model) of a resolved checkpoint, restored straight into the mesh's shardings unless the
   heads need padding first (a line with its time on stderr)."""
-  from kvrm_jax import checkpoint as ckpt
-  from kvrm_jax import sharding
+  from kvrm_jax.model import checkpoint as ckpt
+  from kvrm_jax.step import sharding
   try:
     with phase(f"loading checkpoint {path}"):
       shardings = None if sharding.padded_config(cfg, mesh.size) != cfg else sharding.named_shardings(mesh)
@@ -138,7 +138,7 @@ def load_model(args):
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):
   """(RuntimeConfig, summaries) of the runtime flags; UserError for impossible sizes."""
   from kvrm_jax.config import RuntimeConfig
-  from kvrm_jax.summaries import SummaryConfig
+  from kvrm_jax.sched.summaries import SummaryConfig
   try:
     summaries = SummaryConfig.parse(args.summaries) if args.summaries else None
     rt = RuntimeConfig(block_size=args.block_size, num_blocks=num_blocks, max_slots=max_slots,

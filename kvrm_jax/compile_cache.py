@@ -22,7 +22,7 @@ ENV = "KVRM_JAX_COMPILE_CACHE"
 
 def default_dir() -> Path:
   """`$KVRM_JAX_COMPILE_CACHE` (unless `off`), else `<bundled model cache folder>/xla`."""
-  from kvrm_jax.checkpoint import default_cache_dir
+  from kvrm_jax.model.checkpoint import default_cache_dir
   v = os.environ.get(ENV)
   return Path(v) if v and v != "off" else default_cache_dir() / "xla"
 

@@ -129,8 +129,8 @@ class RuntimeConfig:
   watermark_blocks: blocks admission keeps free for the growth of running sequences.
   layer_loop: "scan" runs the layers under `lax.scan` over the stacked weights; "unroll" runs a
     Python loop with static per-layer weight slices (same math, one compile L times larger);
-    "auto": unroll on GPU, scan elsewhere (kvrm_jax/step.py `unrolled`).
-  host_blocks: blocks of the pinned-host KV tier (kvrm_jax/tier.py), the null extent included;
+    "auto": unroll on GPU, scan elsewhere (kvrm_jax/step/steps.py `unrolled`).
+  host_blocks: blocks of the pinned-host KV tier (kvrm_jax/sched/tier.py), the null extent included;
     0 = no host tier. Host blocks are handed out in extents of host_extent blocks: one extent is
     one host<->device transfer (a coalesced group).
   max_swap_extents: extents swapped out and in per step (each direction).

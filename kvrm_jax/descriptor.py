@@ -1,9 +1,11 @@
-"""The committed per-step descriptor: every input that changes from step to step, packed on the host
+"""The committed per-step descriptor, the one meeting point of the host half (kvrm_jax/sched/) and
+the device half (kvrm_jax/step/): every input that changes from step to step, packed on the host
 into one int32 buffer and one float32 buffer whose sizes depend only on the RuntimeConfig.
 
-Host side (numpy): a `*Layout` names the fields and their shapes; `pack` writes a dict of arrays
-into the two buffers. Device side: `unpack` slices them back (static offsets) into a registered
-dataclass. One `device_put` of the (ints, floats) pair per step is the only host->device transfer.
+Every layout (decode, prefill, the host tier's swap) and its host builder live here. A `Layout`
+names the fields and their shapes; the builders fill them from the scheduler's plan and slots and
+`pack` writes them into the two buffers; on the device `unpack` slices them back (static offsets).
+One `device_put` of the (ints, floats) pair per step is the only host->device transfer.
 """
 
 from __future__ import annotations
@@ -119,3 +121,99 @@ def prefill_layout(rt: RuntimeConfig, chunk: int) -> Layout:
           ("top_p", (p,)),  # [P]
           ("fold_w", (max(rt.max_folds, 1), 2)),  # [F, 2]
       ))
+
+
+def swap_layout(rt: RuntimeConfig) -> Layout:
+  """The host tier's swap op: extents copied out then in, each with its device blocks."""
+  x, r = max(rt.max_swap_extents, 1), rt.host_extent
+  return Layout(ints=(("out_ext", (x,)), ("out_blocks", (x, r)), ("in_ext", (x,)), ("in_blocks", (x, r)),
+                      ("counts", (2,))), floats=())
+
+
+# ----------------------------------------------------------------------------- host builders
+# `slots` is the scheduler's Slots (kvrm_jax/sched/slots.py): the per-slot arrays these read.
+
+
+def put_block_ops(d, moves, folds) -> None:
+  """Write block copies and summary folds into a descriptor's padded lists."""
+  if moves:
+    d["moves"][:len(moves)] = moves
+  if folds:
+    f = np.asarray(folds, np.float64)
+    d["folds"][:len(folds)] = f[:, :2].astype(np.int32)
+    d["fold_w"][:len(folds)] = f[:, 2:]
+
+
+def build_prefill(rt: RuntimeConfig, rows, slots, moves=(), folds=()):
+  """(chunk bucket, (ints, floats)) of a prefill step over rows (request, start, n)."""
+  n_max = max(n for _, _, n in rows)
+  chunk = next(b for b in rt.prefill_buckets if b >= n_max)
+  layout = prefill_layout(rt, chunk)
+  d = layout.new()
+  bs = rt.block_size
+  d["top_p"][:] = 1.0
+  for i, (req, start, n) in enumerate(rows):
+    s = req.slot
+    pos = np.arange(start, start + n)
+    d["tokens"][i, :n] = req.all_ids[start:start + n]
+    d["positions"][i, :n] = pos
+    d["write_slots"][i, :n] = slots.bt[s][pos // bs] * bs + pos % bs
+    d["block_tables"][i] = slots.bt[s]
+    d["lengths"][i] = start + n
+    d["last_index"][i] = n - 1
+    d["temperature"][i], d["top_p"][i], d["top_k"][i], d["seeds"][i] = (
+        slots.temp[s], slots.topp[s], slots.topk[s], slots.seed[s])
+  put_block_ops(d, moves, folds)
+  return chunk, layout.pack(d)
+
+
+def build_decode(layout: Layout, rt: RuntimeConfig, slots, decode_slots, moves=(), folds=(), host_reads=()):
+  """(ints, floats) of the decode step, vectorized over `decode_slots` ([n] int32).
+
+  host_reads: per decoding slot with blocks on the host tier, (slot, its placed extents, its host
+  blocks), the order in which the step stages them."""
+  d = layout.new()
+  bs = rt.block_size
+  if len(decode_slots):
+    pos = slots.pos[decode_slots]
+    rel = pos - slots.table_start(decode_slots)  # position within the exact (table) history
+    d["tokens"][decode_slots] = slots.tok[decode_slots]
+    d["positions"][decode_slots] = pos
+    d["lengths"][decode_slots] = rel + 1
+    d["write_slots"][decode_slots] = slots.bt[decode_slots, rel // bs] * bs + pos % bs
+  active = d["lengths"] > 0
+  # Rows of free slots are zero; rows of prefilling slots are valid tables read with length 0.
+  d["block_tables"][:] = slots.bt
+  d["groups"][:] = slots.groups
+  d["num_groups"][:] = np.where(active, slots.ngroups, 0)
+  d["temperature"][:], d["top_p"][:], d["top_k"][:], d["seeds"][:] = slots.temp, slots.topp, slots.topk, slots.seed
+  d["summary_slots"][:], d["summary_counts"][:] = slots.summary_slots(), slots.sum_counts
+  if rt.max_host_reads:
+    _put_host_reads(d, rt.host_extent, host_reads)
+  put_block_ops(d, moves, folds)
+  return layout.pack(d)
+
+
+def _put_host_reads(d, extent: int, host_reads) -> None:
+  """The extents the decode step stages per layer, and each slot's staged rows."""
+  n = 0
+  for slot, extents, blocks in host_reads:
+    row = {}
+    for e in extents:
+      d["host_reads"][n] = e
+      row[e] = n * extent
+      n += 1
+    d["host_table"][slot, :len(blocks)] = [row[b // extent] + b % extent for b in blocks]
+    d["host_count"][slot] = len(blocks)
+  d["host_n"][0] = n
+
+
+def build_swap(layout: Layout, outs, ins) -> np.ndarray:
+  """The swap op's ints: extents copied out, then in, each with its device blocks."""
+  d = layout.new()
+  for key, lst in (("out", outs), ("in", ins)):
+    for i, (e, blocks, _) in enumerate(lst):
+      d[f"{key}_ext"][i] = e
+      d[f"{key}_blocks"][i, :len(blocks)] = blocks
+  d["counts"][:] = len(outs), len(ins)
+  return layout.pack(d)[0]

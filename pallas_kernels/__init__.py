@@ -1,9 +1,21 @@
-"""Pallas kernels of the KV-RM runtime: paged decode attention and block copy."""
-from pallas_kernels.block_copy import copy_blocks, copy_blocks_reference
-from pallas_kernels.paged_attention import (paged_decode_attention,
-                                            paged_decode_attention_reference)
-from pallas_kernels.partition import KVPartition, build_descriptors, make_transfer_groups
+"""Pallas kernels of the KV-RM runtime: paged decode attention and block copy.
 
-__all__ = ["copy_blocks", "copy_blocks_reference", "paged_decode_attention",
-           "paged_decode_attention_reference", "KVPartition", "build_descriptors",
-           "make_transfer_groups"]
+The names below load their module on first use (PEP 562), so that the host half can import the
+plain-Python `pallas_kernels.runs` without JAX.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "copy_blocks": "block_copy", "copy_blocks_reference": "block_copy",
+    "paged_decode_attention": "paged_attention", "paged_decode_attention_reference": "paged_attention",
+    "KVPartition": "partition", "build_descriptors": "partition", "make_transfer_groups": "partition",
+    "coalesce_runs": "runs",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'pallas_kernels' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"pallas_kernels.{_EXPORTS[name]}"), name)

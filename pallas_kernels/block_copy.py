@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 SMEM_BUDGET = 96 * 1024  # bytes for one program's K + V staging
 
@@ -46,7 +47,6 @@ def _copy_kernel(moves_ref,  # [M, 2] int32 (GMEM)
                  buf,        # [2, hc, bs, D] SMEM
                  bars,       # [2] barriers
                  *, hc: int):
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   m, l, j = lax.axis_index("m"), lax.axis_index("l"), lax.axis_index("j")
   src = moves_ref[m, 0]
   dst = moves_ref[m, 1]
@@ -64,7 +64,6 @@ def _copy_kernel(moves_ref,  # [M, 2] int32 (GMEM)
 
 
 def _copy_mosaic(k_pool, v_pool, moves):
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   L, Hkv, N, bs, D = k_pool.shape
   M = moves.shape[0]
   per_head = bs * D * k_pool.dtype.itemsize

@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import paged_attention_mgpu as mgpu
 from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartition,
-                                      build_descriptors, combine_splits, merge_partials,
+                                      build_descriptors, combine_splits, merge_lse,
                                       normalize_stream)
 
 BACKENDS = ("auto", "reference", "interpret", "mosaic", "triton")
@@ -92,7 +94,7 @@ def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of 
     o, lse = normalize_stream(acc, m_i, l_i)
     outs.append(o)
     lses.append(lse)
-  o, lse = merge_partials(outs, lses) if ns > 1 else (outs[0], lses[0])
+  o, lse = merge_lse(outs, lses) if ns > 1 else (outs[0], lses[0])
   o_ref[...] = o
   lse_ref[...] = lse
 
@@ -111,7 +113,6 @@ def _generic_call(desc,   # [B, S, W] int32
                              gather_only=(not interpret) if gather_only is None else gather_only)
   params = {}
   if not interpret:
-    from jax.experimental.pallas import triton as pltriton
     params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
                                                         num_stages=num_stages)
   return pl.pallas_call(
@@ -229,7 +230,6 @@ def _plan(q, k_pool, block_tables, backend, interpret, chunk_tokens, num_splits,
   B, Hq, D = q.shape
   Hkv, _, bs, _ = k_pool.shape
   if backend == "mosaic":
-    from pallas_kernels import paged_attention_mgpu as mgpu
     if not mgpu.mgpu_supported(q.dtype, D, Hq // Hkv, bs):
       backend = "triton" if jax.default_backend() == "gpu" else "reference"
   if backend == "reference":
@@ -258,7 +258,6 @@ def _mosaic_tile(B, Hkv, D, bs, MB, chunk_tokens, num_splits, streams):
   48-79 (up to 2048 tokens); below that, or for longer contexts, splits for about 264 programs.
   Splits are merged by a combine. Chunks of 128 tokens, or 64 where 128 would not fit shared
   memory at 2 stages."""
-  from pallas_kernels import paged_attention_mgpu as mgpu
   programs = B * Hkv
   if num_splits is None and streams is None:
     short = MB * bs <= 2048
@@ -305,7 +304,6 @@ def _table_plan(backend, block_tables) -> bool:
   """Whether the kernel reads lengths and block tables itself (no descriptor kernel)."""
   if backend != "mosaic":
     return False
-  from pallas_kernels import paged_attention_mgpu as mgpu
   return mgpu.table_plan_ok(block_tables.shape[1])
 
 
@@ -404,7 +402,6 @@ def _paged_decode_attention(q,             # [B, Hq, D]
                      f"(expected int32[{B}, {part.num_splits}, {part.desc_width}]): build it with "
                      "decode_descriptors() and the same static args")
   if backend == "mosaic":
-    from pallas_kernels import paged_attention_mgpu as mgpu
     mgpu.check_smem(part, D, stages, jnp.dtype(q.dtype).itemsize)
     o, lse = mgpu.decode_partials_mgpu(desc, base, q, k_pool.reshape(Hkv, N * bs, D),
                                        v_pool.reshape(Hkv, N * bs, D), part=part,

@@ -15,7 +15,7 @@
 # straight from the flat [B*Hq, D] q, so rows past G hold the next heads' q (or TMA's zero fill
 # past the end) and give outputs nobody reads; no padded copy of q is made.
 # S = Q K^T and O += P V run on the tensor cores, online softmax in registers. The warpgroups'
-# partial results meet in SMEM and warpgroup 0 merges them (partition.merge_partials).
+# partial results meet in SMEM and warpgroup 0 merges them (partition.merge_lse).
 # Output: with S > 1, per split o normalised by its own sum (f32) and base-2 lse, merged by
 # partition.combine_splits; with S == 1 the G final rows in q.dtype, straight into [B*Hq, D]
 # (one kernel per call: no descriptor build, no combine, no convert).
@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.partition import (DESC_COLS, DESC_LENGTH, DESC_SRC, KVPartition,
-                                      merge_partials, normalize_stream,
+                                      merge_lse, normalize_stream,
                                       table_chunk_source)
 
 WG_ROWS = 64  # wgmma tile height: q rows of one kv head, zero padded
@@ -278,7 +278,7 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
       if ns == 1:
         write(o, lse, o_smem, lse_smem)
         return
-      merge_o, merge_lse, merge_bar = merge
+      merge_o, merge_l, merge_bar = merge
 
       # Entering this scope synchronised the warpgroups, so every ring is idle and these
       # buffers may reuse its memory. Streams 1.. hand their partials to stream 0 through
@@ -286,7 +286,7 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
       @pl.when(w > 0)
       def _hand_over():
         merge_o.at[w - 1][...] = o
-        merge_lse.at[w - 1][...] = lse
+        merge_l.at[w - 1][...] = lse
         plgpu.barrier_arrive(merge_bar)
 
       @pl.when(w == 0)
@@ -295,8 +295,8 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         os_, lses = [o], [lse]
         for i in range(ns - 1):
           os_.append(_load(merge_o.at[i], plgpu.Layout.WGMMA))
-          lses.append(_load(merge_lse.at[i], plgpu.Layout.WGMMA.reduce(1)))
-        write(*merge_partials(os_, lses), o_smem, lse_smem)
+          lses.append(_load(merge_l.at[i], plgpu.Layout.WGMMA.reduce(1)))
+        write(*merge_lse(os_, lses), o_smem, lse_smem)
 
     merge = ()
     if ns > 1:

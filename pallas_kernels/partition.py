@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from pallas_kernels.runs import coalesce_runs
+
 # Row layout of a descriptor: [length, src[0:cps], blocks[0:cps*chunk_blocks], pad].
 DESC_LENGTH = 0
 DESC_SRC = 1
@@ -171,14 +173,13 @@ def combine_splits(o, lse):
   """
   if o.shape[2] == 1:
     return o[:, :, 0], lse[:, :, 0]
-  return merge_partials([o[:, :, i] for i in range(o.shape[2])],
-                        [lse[:, :, i] for i in range(o.shape[2])])
+  return merge_lse([o[:, :, i] for i in range(o.shape[2])], [lse[:, :, i] for i in range(o.shape[2])])
 
 
 def normalize_stream(acc, m, l):
   """(o, lse) of one online-softmax stream: acc [R, D] f32 unnormalised output, m [R] its running
   max and l [R] its sum (base-2 exponents). Empty rows (l == 0) get o = 0 and lse = -inf.
-  Both kernels end every stream with it before `merge_partials`."""
+  Both kernels end every stream with it before `merge_lse`."""
   has = l > 0
   safe = jnp.where(has, l, jnp.ones_like(l))
   o = acc / lax.broadcast_in_dim(safe, acc.shape, (0,))
@@ -186,21 +187,24 @@ def normalize_stream(acc, m, l):
   return o, jnp.where(has, m + jnp.log(safe) * (1 / math.log(2)), jnp.full_like(m, -jnp.inf))
 
 
-def merge_partials(os, lses):
-  """Merges normalised partial attentions: os[i] [..., R, D], lses[i] [..., R] base-2 log-sum-exp
-  (-inf = empty). Returns (o [..., R, D], lse [..., R]); all-empty rows get o = 0, lse = -inf.
-  The split combine and the kernels' in-program stream merge share it."""
+def merge_lse(os, lses, *, base2: bool = True):
+  """Merges normalised partial attentions over disjoint keys by their log-sum-exp: os[i] [..., R, D],
+  lses[i] [..., R] (-inf = empty), base 2 (the kernels) or natural (base2=False: the engine's host
+  tier and summary rows). Returns (o [..., R, D], lse [..., R]); all-empty rows get o = 0 and
+  lse = -inf, and a side without keys leaves the other's o bit for bit. The split combine, the
+  kernels' in-program stream merge, the host tier and the summaries all use it."""
+  exp, log = (jnp.exp2, jnp.log2) if base2 else (jnp.exp, jnp.log)
   # A floor instead of isfinite (which Mosaic GPU does not lower): all-empty rows then weigh
-  # exp2(-inf) = 0 instead of NaN.
+  # exp(-inf) = 0 instead of NaN.
   mx = jnp.maximum(functools.reduce(jnp.maximum, lses), -1e30)
-  ws = [jnp.exp2(l - mx) for l in lses]
+  ws = [exp(l - mx) for l in lses]
   den = functools.reduce(jnp.add, ws)
   num = functools.reduce(jnp.add, [o * lax.broadcast_in_dim(w, o.shape, tuple(range(w.ndim)))
                                    for o, w in zip(os, ws)])
   has = den > 0
   safe = jnp.where(has, den, jnp.ones_like(den))
   out = num / lax.broadcast_in_dim(safe, num.shape, tuple(range(safe.ndim)))
-  return out, jnp.where(has, mx + jnp.log2(safe), jnp.full_like(mx, -jnp.inf))
+  return out, jnp.where(has, mx + log(safe), jnp.full_like(mx, -jnp.inf))
 
 
 def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_size: int,
@@ -214,14 +218,7 @@ def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_si
   groups = np.zeros((B, max_groups, 3), np.int32)
   num_groups = np.zeros((B,), np.int32)
   for b in range(B):
-    nblk = _cdiv(int(lengths[b]), block_size)
-    runs = []
-    for j in range(nblk):
-      p = int(block_tables[b, j])
-      if runs and runs[-1][0] + runs[-1][2] == p:
-        runs[-1][2] += 1
-      else:
-        runs.append([p, j, 1])
+    runs = coalesce_runs([int(p) for p in block_tables[b, :_cdiv(int(lengths[b]), block_size)]])
     if 0 < len(runs) <= max_groups:
       groups[b, :len(runs)] = runs
       num_groups[b] = len(runs)
@@ -229,4 +226,4 @@ def make_transfer_groups(block_tables: np.ndarray, lengths: np.ndarray, block_si
 
 
 __all__ = ["KVPartition", "chunk_sources", "table_chunk_source", "build_descriptors",
-           "combine_splits", "normalize_stream", "merge_partials", "make_transfer_groups"]
+           "combine_splits", "normalize_stream", "merge_lse", "make_transfer_groups"]

@@ -10,7 +10,6 @@ orbax checkpoint folder.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -21,7 +20,7 @@ def main(argv=None) -> int:
   p.add_argument("dst", help="output checkpoint folder")
   p.add_argument("--bundled", action="store_true", help="convert the bundled SmolLM2-135M-Instruct GGUF")
   args = p.parse_args(argv)
-  from kvrm_jax import checkpoint as ckpt
+  from kvrm_jax.model import checkpoint as ckpt
   try:
     src = ckpt.bundled_gguf_path() if args.bundled else args.src
     if not src:

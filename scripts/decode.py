@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
-
-from kvrm_jax import compile_cache  # noqa: E402
-from kvrm_jax.cli import (UserError, add_runtime_args, check_runtime_args, check_writable, load_weights,  # noqa: E402
+from kvrm_jax import compile_cache
+from kvrm_jax.cli import (UserError, add_runtime_args, check_runtime_args, check_writable, load_weights,
                           resolve_model, run_main, runtime_config)
 
 
@@ -84,8 +82,8 @@ def run(args) -> int:
   if args.output_json:
     check_writable(args.output_json)
   compile_cache.from_args(args)
-  from kvrm_jax.engine import Engine, RequestError
-  from kvrm_jax.sequence import SamplingParams
+  from kvrm_jax.engine import Engine
+  from kvrm_jax.sched.request import RequestError, SamplingParams
 
   # Everything a user can get wrong is checked before the slow phases (and their lines) start.
   try:

@@ -1,5 +1,6 @@
 """Test setup: two forced host devices on CPU (sharding tests), GPU-only tests skipped on CPU,
-and shared fixtures (the bundled SmolLM2 checkpoint, converted once per session)."""
+and what the tests share: the tiny random-weight model and random prompts (`from conftest import
+TINY, random_prompts`), the bundled SmolLM2 checkpoint (converted once per session), trace files."""
 
 import os
 
@@ -10,7 +11,14 @@ os.environ.setdefault("KVRM_JAX_COMPILE_CACHE", "off")  # the scripts' persisten
 import json  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from kvrm_jax.config import ModelConfig  # noqa: E402
+from kvrm_jax.model.llama import Llama  # noqa: E402
+
+TINY = ModelConfig.from_name("tiny")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,12 +32,24 @@ def pytest_collection_modifyitems(config, items):
 
 def _needs_bundled_model():
   """Skip (with the one-line reason) where the bundled model or the GGUF reader is not installed."""
-  from kvrm_jax.checkpoint import CheckpointError, bundled_gguf_path
+  from kvrm_jax.model.checkpoint import CheckpointError, bundled_gguf_path
   pytest.importorskip("gguf", reason="the GGUF reader is not installed (pip install gguf)")
   try:
     return bundled_gguf_path()
   except CheckpointError as e:
     pytest.skip(str(e))
+
+
+def random_prompts(seed, lengths, vocab: int = TINY.vocab_size) -> list[list[int]]:
+  """Prompts of these lengths, token ids drawn uniformly from [3, vocab) (no special tokens)."""
+  rng = np.random.default_rng(seed)
+  return [[int(t) for t in rng.integers(3, vocab, n)] for n in lengths]
+
+
+@pytest.fixture(scope="session")
+def model():
+  """The tiny preset with random weights (seed 0)."""
+  return Llama(TINY, rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +61,7 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def smollm2_ckpt(tmp_path_factory):
   """The bundled model converted to an orbax checkpoint folder, once per test session."""
-  from kvrm_jax.checkpoint import ensure_bundled_checkpoint
+  from kvrm_jax.model.checkpoint import ensure_bundled_checkpoint
   _needs_bundled_model()
   return ensure_bundled_checkpoint(tmp_path_factory.mktemp("cache"), progress=False)
 

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from kvrm_jax import reference
+from kvrm_jax.model import reference
 from kvrm_jax.config import ModelConfig, RuntimeConfig
-from kvrm_jax.engine import Engine, RequestError
-from kvrm_jax.model import Llama
-from kvrm_jax.sequence import SamplingParams
+from kvrm_jax.engine import Engine
+from kvrm_jax.sched.request import RequestError
+from kvrm_jax.model.llama import Llama
+from kvrm_jax.sched.request import SamplingParams
 
 CFG = ModelConfig.from_name("tiny")
 RT = RuntimeConfig(block_size=8, num_blocks=32, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8, 32))

@@ -1,4 +1,4 @@
-"""scripts/bench_decode.py, scripts/replay_trace.py and scripts/bench_hf_peer.py end to end on the
+"""The benchmark scripts (entry points of kvrm_jax/bench/) end to end on the
 tiny model (CPU, small): every request accounted for, the raw JSON carries the metrics, the report
 regenerates from it."""
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kvrm_jax import bench as bc
+from kvrm_jax.bench import hf_report, kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -265,9 +266,9 @@ def test_hf_peer_end_to_end_and_report_from_json(tmp_path, capsys):
   dec = {"kind": "bench_decode", "label": "d", "command": "python scripts/bench_decode.py", "model": obj["model"],
          "env": {"date": "today", "device": "cpu"}, "budget": obj["budget"], "workloads": obj["workloads"],
          "results": {f: {"kvrm": obj["results"][f]["hf"]} for f in fams}}
-  obj["compare"] = bench_hf_peer.compare_excerpt(dec, "decode.json", obj)
+  obj["compare"] = hf_report.compare_excerpt(dec, "decode.json", obj)
   md3 = tmp_path / "cmp.md"
-  bench_hf_peer.render(obj, str(md3))
+  hf_report.render(obj, str(md3))
   body = section(md3.read_text(), "hf-test")
   assert "| mixed | kvrm (bench_decode) |" in body and "same model, KV budget and requests" in body
 
@@ -297,7 +298,7 @@ def test_bench_kernels_variants_and_report(tmp_path):
   """bench_kernels.py: the variant syntax, and the report regenerated from a run's JSON (two
   runs merged, the later row winning) with its target lines."""
   bench_kernels = load("bench_kernels")
-  assert bench_kernels.parse_variants("auto,128:2:auto,64:3:1:4,64:2") == [
+  assert kernels.parse_variants("auto,128:2:auto,64:3:1:4,64:2") == [
       (None, 2, None, None), (128, 2, None, 1), (64, 3, 1, 4), (64, 2, None, 1)]
 
   def row(B, layout, ours_ms, jax_ms, streams=1, one_pass_ms=None):

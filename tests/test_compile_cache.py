@@ -18,7 +18,7 @@ import json, sys
 import jax, jax.numpy as jnp
 from jax import monitoring
 from kvrm_jax import compile_cache
-from kvrm_jax.step import sample
+from kvrm_jax.step.sampling import sample
 
 events = []
 monitoring.register_event_listener(lambda name, **kw: events.append(name))

@@ -173,7 +173,7 @@ def test_non_finite_weights_end_with_an_error_line(smollm2_ckpt, tmp_path):
   import numpy as np
   import orbax.checkpoint as ocp
 
-  from kvrm_jax import checkpoint as ckpt
+  from kvrm_jax.model import checkpoint as ckpt
   with ocp.StandardCheckpointer() as c:
     w = {k: np.asarray(v) for k, v in c.restore(smollm2_ckpt / "params").items()}
   w["final_norm"][:] = np.nan
@@ -234,7 +234,7 @@ def test_api_damaged_checkpoint_is_a_value_error_naming_it(smollm2_ckpt, tmp_pat
 
 def test_bundled_cache_without_checksums_is_converted_again(smollm2_ckpt, tmp_path):
   """The bundled model's cache from before checksums is not trusted: it counts as not converted."""
-  from kvrm_jax import checkpoint as ckpt
+  from kvrm_jax.model import checkpoint as ckpt
   dst, ready = ckpt.bundled_checkpoint_dir(tmp_path)
   assert not ready
   _damaged_copy(smollm2_ckpt, dst, lambda ck: None)

@@ -59,3 +59,12 @@ def test_every_raw_file_is_cited_and_every_citation_exists():
   missing = sorted({m.rstrip(".") for m in re.findall(r"docs/raw/[\w.\-]+", texts)} -
                    {f"docs/raw/{name}" for name in raw})
   assert not missing, f"cited but not in docs/raw/: {missing}"
+
+
+def test_readme_python_imports_resolve():
+  """The README's Python example imports what the package provides."""
+  text = read(os.path.join(ROOT, "README.md"))
+  cells = re.findall(r"```python\n(.*?)```", text, re.S)
+  imports = [ln for cell in cells for ln in cell.splitlines() if re.match(r"(from \S+ )?import ", ln)]
+  assert len(imports) >= 3
+  exec(compile("\n".join(imports), "README.md imports", "exec"), {})

@@ -4,25 +4,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kvrm_jax import reference
-from kvrm_jax.config import ModelConfig, RuntimeConfig
-from kvrm_jax.engine import Engine, RequestError
-from kvrm_jax.model import Llama
-from kvrm_jax.sequence import SamplingParams
+from conftest import TINY, random_prompts
 
-CFG = ModelConfig.from_name("tiny")
+from kvrm_jax.config import RuntimeConfig
+from kvrm_jax.engine import Engine
+from kvrm_jax.model import reference
+from kvrm_jax.model.llama import Llama
+from kvrm_jax.sched.request import RequestError
+from kvrm_jax.sched.request import SamplingParams
+
+CFG = TINY
 RT = RuntimeConfig(block_size=8, num_blocks=96, max_slots=4, max_blocks_per_seq=16, max_groups=2, max_moves=4,
                    prefill_buckets=(8, 32))
 
 
-@pytest.fixture(scope="module")
-def model():
-  return Llama(CFG, rngs=nnx.Rngs(0))
-
-
-def prompts(seed, lengths):
-  rng = np.random.default_rng(seed)
-  return [[int(t) for t in rng.integers(3, CFG.vocab_size, n)] for n in lengths]
+prompts = random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +41,7 @@ def test_greedy_matches_dense_reference(model, mixed, kind):
   s = eng.summary()
   assert s["decode_compiles"] == 1
   assert s["prefill_compiles"] == 2  # both buckets were needed (the 70-token prompt takes 32-chunks)
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
 def test_pool_too_small_forces_preemption_same_output(model, mixed):
@@ -57,7 +53,7 @@ def test_pool_too_small_forces_preemption_same_output(model, mixed):
   assert eng.stats.preemptions > 0
   assert [o.output_ids for o in outs] == ref
   assert eng.summary()["decode_compiles"] == 1
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
 def test_poisoned_freed_blocks_do_not_change_outputs(model, mixed):
@@ -110,7 +106,7 @@ def test_streaming_api_and_mid_flight_admission(model):
 
 
 def eng_model(eng):
-  from kvrm_jax.model import merge
+  from kvrm_jax.model.llama import merge
   return merge(eng.graphdef, eng.state)
 
 
@@ -158,8 +154,8 @@ def test_soak_random_eos_everything_accounted(model):
   reqs = list(eng.requests.values())
   assert len(reqs) == n and all(r.done and r.finish_reason in ("eos", "length") for r in reqs)
   assert all(1 <= len(r.output_ids) <= r.sampling.max_new_tokens for r in reqs)
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
-  eng.allocator.check_invariants()
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
+  eng.sched.allocator.check_invariants()
   assert eng.compiles.decode == 1 and eng.compiles.prefill == 1
 
 
@@ -201,12 +197,12 @@ def test_abort_frees_everything(model):
   rids = [eng.add_request(p, SamplingParams(max_new_tokens=50, ignore_eos=True)) for p in prompts(9, (30, 5, 12, 7, 9, 40))]
   for _ in range(3):
     eng.step()
-  assert any(eng.requests[r].slot is not None for r in rids) and eng.waiting
+  assert any(eng.requests[r].slot is not None for r in rids) and eng.sched.waiting
   assert all(eng.abort(r) for r in rids)
   assert not eng.has_work() and not eng.abort(rids[0])
   assert all(eng.requests[r].finish_reason == "aborted" for r in rids)
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
-  eng.allocator.check_invariants()
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
+  eng.sched.allocator.check_invariants()
 
 
 def test_xla_options_reach_the_compiled_steps():
@@ -214,7 +210,7 @@ def test_xla_options_reach_the_compiled_steps():
   option fails at the first step's compile, so it cannot be silently ignored)."""
   import dataclasses
 
-  from kvrm_jax import step as step_lib
+  from kvrm_jax.step import steps as step_lib
   from kvrm_jax.config import parse_xla_options
   assert parse_xla_options("xla_gpu_enable_triton_gemm=false, xla_foo=3,xla_bar=x") == (
       ("xla_gpu_enable_triton_gemm", False), ("xla_foo", 3), ("xla_bar", "x"))
@@ -323,8 +319,8 @@ def _feature_engine(feature, model):
   backend (reference attention on CPU, the Pallas kernels on a GPU); batches run one after another."""
   import jax
 
-  from kvrm_jax import sharding
-  from kvrm_jax.summaries import SummaryConfig
+  from kvrm_jax.step import sharding
+  from kvrm_jax.sched.summaries import SummaryConfig
   base = dict(block_size=8, max_slots=4, max_blocks_per_seq=16, max_groups=2, max_moves=4, prefill_buckets=(8, 32))
   ps = prompts(0, (5, 17, 40, 3, 70, 16, 9))
   sps = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (20, 7, 13, 20, 5, 11, 16)]

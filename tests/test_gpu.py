@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kvrm_jax import step as step_lib
+from conftest import random_prompts
+
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
-from kvrm_jax.model import Llama
-from kvrm_jax.sequence import SamplingParams
+from kvrm_jax.model.llama import Llama
+from kvrm_jax.sched.request import SamplingParams
+from kvrm_jax.step import steps as step_lib
 
 pytestmark = pytest.mark.gpu
 
@@ -23,8 +25,7 @@ RT = dict(block_size=16, num_blocks=96, max_slots=4, max_blocks_per_seq=16, max_
 
 
 def _prompts(n_vocab, lengths, seed=0):
-  rng = np.random.default_rng(seed)
-  return [[int(t) for t in rng.integers(3, n_vocab, n)] for n in lengths]
+  return random_prompts(seed, lengths, vocab=n_vocab)
 
 
 def test_float32_greedy_tokens_equal_cpu_reference():
@@ -73,7 +74,7 @@ def test_bfloat16_mosaic_logits_close_to_reference(plan, monkeypatch):
 def test_host_tier_on_gpu_same_tokens():
   """The host tier on the GPU (pinned_host pools, placement staging inside the step, swaps):
   greedy float32 tokens equal the tier-off engine's on a pool large enough to need no tier."""
-  from kvrm_jax import tier
+  from kvrm_jax.step import tier
   cfg = ModelConfig.from_name("tiny")
   model = Llama(cfg, rngs=nnx.Rngs(0))
   ps = _prompts(cfg.vocab_size, (5, 17, 40, 3, 70, 16, 9))

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from kvrm_jax import sampling
-from kvrm_jax.step import sample
+from kvrm_jax.step.sampling import sample
 
 
 def ref_kept(x, k, p):

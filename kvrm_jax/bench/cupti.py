@@ -3,14 +3,15 @@ scripts/bench_kernels.py's `Timer`), for the bench scripts."""
 
 from __future__ import annotations
 
+try:  # the extension exists only with the jax CUDA plugin
+  from jax._src.lib import mosaic_gpu as _mosaic_gpu_lib
+except Exception:  # noqa: BLE001
+  _mosaic_gpu_lib = None
+
 
 def cupti_ext():
   """The extension with `_cupti_init()` / `_cupti_get_timings(finalize)`, or None (no CUDA plugin)."""
-  try:  # imported here: the extension only exists with the jax CUDA plugin, absent on CPU
-    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
-    return mosaic_gpu_lib._mosaic_gpu_ext
-  except Exception:  # noqa: BLE001
-    return None
+  return getattr(_mosaic_gpu_lib, "_mosaic_gpu_ext", None)
 
 
 def kernel_timings(run):

@@ -12,20 +12,21 @@ import gc
 import math
 import shlex
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvrm_jax import checkpoint as ckpt
 from kvrm_jax import compile_cache
-from kvrm_jax import sharding
-from kvrm_jax import step as step_lib
 from kvrm_jax.cli import UserError, parse_choices
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
-from kvrm_jax.model import Llama
+from kvrm_jax.model import checkpoint as ckpt
+from kvrm_jax.model.llama import Llama
+from kvrm_jax.step import sharding
+from kvrm_jax.step.attention import resolve_attention
 
 MODELS = ("tiny", "smollm2-135m", "llama3-8b", "bundled")
 ENGINES = ("kvrm", "static")
@@ -102,6 +103,31 @@ def command_line(script: str, argv) -> str:
 
 
 # ----------------------------------------------------------------------------- model and engines
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a benchmark run starts from: its model, dtype and equal-KV-budget plan."""
+
+  cfg: ModelConfig
+  model: Llama
+  source: str  # where the weights come from
+  dtype: str
+  budget: "Budget"
+  init_s: float  # model init (or checkpoint load) seconds
+
+
+def setup(args, script: str) -> Setup:
+  """Load the model of --model and plan the budget; prints one line about both."""
+  dtype = args.dtype or default_dtype()
+  t0 = time.perf_counter()
+  cfg, model, source = load_model(args.model, dtype)
+  init_s = time.perf_counter() - t0
+  budget = plan_budget(cfg, args, dtype)
+  print(f"[{script}] {jax.devices()[0].device_kind} | {args.model} {dtype} | budget {budget.budget_blocks} blocks "
+        f"({budget.budget_bytes / 1e9:.3g} GB), max_len {budget.max_len} | slots: static {budget.static_slots}, "
+        f"kvrm {budget.kvrm_slots}; model init {init_s:.1f} s", flush=True)
+  return Setup(cfg, model, source, dtype, budget, init_s)
 
 
 def default_dtype() -> str:
@@ -209,7 +235,7 @@ def build_engine(kind: str, cfg, model, budget: Budget, args, dtype: str):
 
 
 def attention_of(engine) -> str:
-  return step_lib.resolve_attention(engine.rt)
+  return resolve_attention(engine.rt)
 
 
 def engine_record(runner, runs: list[dict]) -> dict:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import re
 
+import matplotlib.pyplot as pyplot
 import numpy as np
 
 from kvrm_jax.bench.metrics import SPIKE_FACTOR
-from kvrm_jax.bench.results import read_json
-from kvrm_jax.cli import UserError
+from kvrm_jax.bench.results import read_json, write_json
+from kvrm_jax.cli import UserError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -179,12 +180,9 @@ COLORS = {"kvrm": "tab:blue", "static": "tab:orange"}
 
 
 def plt():
-  """matplotlib.pyplot on the file-only Agg backend. Imported on first use: matplotlib is the
-  optional `bench` extra, and reading or writing JSON must not need it."""
-  import matplotlib  # imported here, not for a cycle: an optional dependency
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as p
-  return p
+  """matplotlib.pyplot on the file-only Agg backend."""
+  pyplot.switch_backend("Agg")
+  return pyplot
 
 
 def plot_itl_cdf(ax, results: dict, title: str) -> None:
@@ -226,5 +224,27 @@ def regenerate(args, kind: str, render, print_summary) -> int:
   obj = read_json(args.from_json, kind)
   obj.update({k: v for k, v in (("label", args.label), ("note", args.note)) if v is not None})
   render(obj, args.report or os.path.join(ROOT, "docs", "results.md"))
+  print_summary(obj)
+  return 0
+
+
+def report_main(argv, parse_args, kind: str, render, print_summary, run) -> int:
+  """main() of a benchmark that writes a report section: `--from-json` regenerates the section
+  from saved raw results without running anything, otherwise `run(args, argv)`. A UserError ends
+  as one `error: ...` line and exit code 2."""
+  def go(argv) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+      return regenerate(args, kind, render, print_summary)
+    return run(args, argv)
+  return run_main(go, argv)
+
+
+def publish(args, obj: dict, render, print_summary) -> int:
+  """The end of a run: the raw JSON (--out-json), the report section (--report), a summary."""
+  if args.out_json:
+    write_json(args.out_json, obj)
+  if args.report:
+    render(obj, args.report)
   print_summary(obj)
   return 0

@@ -11,8 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvrm_jax.bench.metrics import SPIKE_FACTOR, cdf, compact, pct, ratio_of
-from kvrm_jax.engine import RequestError
-from kvrm_jax.sequence import SamplingParams
+from kvrm_jax.sched.request import RequestError, SamplingParams
 
 @dataclasses.dataclass
 class Mark:

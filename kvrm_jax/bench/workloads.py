@@ -76,6 +76,13 @@ def parse_families(text: str) -> list[str]:
   return parse_choices(text, FAMILIES, "--families")
 
 
+def family_args(args) -> list[str]:
+  """The workload flags of the family benchmarks: --families, checked, and --num-requests >= 1."""
+  if args.num_requests < 1:
+    raise UserError("--num-requests must be >= 1")
+  return parse_families(args.families)
+
+
 def resolve_trace(path: str) -> str:
   """A trace file path, or a short name looked up in $KVRM_TRACES: `conv` ->
   $KVRM_TRACES/AzureLLMInferenceTrace_conv.csv."""

@@ -17,8 +17,9 @@ import threading
 import time
 
 from kvrm_jax.cli import UserError, add_runtime_args, load_model, make_engine, run_main
-from kvrm_jax.engine import Engine, RequestError
-from kvrm_jax.sequence import SamplingParams
+from kvrm_jax.engine import Engine
+from kvrm_jax.sched.request import RequestError
+from kvrm_jax.sched.request import SamplingParams
 
 __all__ = ["Engine", "EngineLoop", "Event", "Handle", "Overloaded", "RequestError", "SamplingParams", "UserError",
            "add_runtime_args", "load_model", "load_preset", "load_tokenizer", "make_engine", "run_main", "warm_up"]
@@ -26,8 +27,8 @@ __all__ = ["Engine", "EngineLoop", "Event", "Handle", "Overloaded", "RequestErro
 
 def load_tokenizer(checkpoint=None, cache_dir=None):
   """The tokenizer of a checkpoint folder (default: the bundled SmolLM2 model)."""
-  from kvrm_jax import checkpoint as ckpt
-  from kvrm_jax.tokenizer import Tokenizer
+  from kvrm_jax.model import checkpoint as ckpt
+  from kvrm_jax.model.tokenizer import Tokenizer
   path = checkpoint or ckpt.ensure_bundled_checkpoint(cache_dir, progress=False)
   with open(f"{path}/tokenizer.json", encoding="utf-8") as f:
     return Tokenizer.from_json_str(f.read())
@@ -41,9 +42,9 @@ def load_preset(args):
   import jax.numpy as jnp
   from flax import nnx
 
-  from kvrm_jax import sharding
+  from kvrm_jax.step import sharding
   from kvrm_jax.config import ModelConfig
-  from kvrm_jax.model import Llama
+  from kvrm_jax.model.llama import Llama
   try:
     cfg = ModelConfig.from_name(args.preset)
     mesh = sharding.make_mesh(args.tp)

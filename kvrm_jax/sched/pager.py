@@ -1,4 +1,4 @@
-"""Host-side block pager: logical KV histories -> physical blocks of the device pool (DESIGN.md §2).
+"""Host-side block pager: logical KV histories -> physical blocks of the device pool (docs/architecture.md).
 
 Plain Python + numpy; no device arrays. The pool has `num_blocks` physical blocks of `block_size`
 tokens; block 0 is the reserved null block (padding): never allocated, never free-listed.
@@ -30,29 +30,11 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
+from pallas_kernels.runs import coalesce_runs
+
 
 class OutOfBlocks(Exception):
   """Not enough free physical blocks for the request (the scheduler should preempt or wait)."""
-
-
-def coalesce(block_table: Sequence[int]) -> list[tuple[int, int, int]]:
-  """Maximal runs of physically contiguous blocks of a block table, in logical order.
-
-  Returns (phys_start_block, logical_start_block, num_blocks) per run.
-  """
-  runs = []
-  start = n = 0
-  prev = -2
-  for i, b in enumerate(block_table):
-    if b != prev + 1:
-      if n:
-        runs.append((start, i - n, n))
-      start, n = b, 0
-    n += 1
-    prev = b
-  if n:
-    runs.append((start, len(block_table) - n, n))
-  return runs
 
 
 class _FreeRuns:
@@ -132,7 +114,7 @@ class _Seq:
     self.table = table  # physical block per logical block; len == ceil(n / block_size)
     self.n = n  # tokens
     self.cap = cap  # append() may grow n up to this in place (n itself while the last block is shared)
-    self.runs = runs  # coalesce(table), kept up to date
+    self.runs = runs  # coalesce_runs(table), kept up to date
     self.hashed = hashed  # leading blocks whose chained hash is known
     self.last_hash = last_hash  # chained hash of block hashed-1 (None: the chain root)
 
@@ -242,7 +224,7 @@ class BlockPager:
       self._ref[b] += 1
     table = hits + self._place(hits[-1] if hits else None, nb - len(hits))
     self._tail[table[-1]] += 1
-    seq = _Seq(table, len(toks), nb * self.block_size, coalesce(table), len(hits), h)
+    seq = _Seq(table, len(toks), nb * self.block_size, coalesce_runs(table), len(hits), h)
     self._seqs[seq_id] = seq
     if len(seq.runs) > 1:
       self._multi.add(seq_id)
@@ -263,7 +245,7 @@ class BlockPager:
       raise OutOfBlocks(f"{nb} blocks needed, {self._free.count} free")
     table = self._place(None, nb)
     self._tail[table[-1]] += 1
-    seq = _Seq(table, num_tokens, nb * self.block_size, coalesce(table), 0, None)
+    seq = _Seq(table, num_tokens, nb * self.block_size, coalesce_runs(table), 0, None)
     self._seqs[seq_id] = seq
     if len(seq.runs) > 1:
       self._multi.add(seq_id)
@@ -379,7 +361,7 @@ class BlockPager:
     seq.n -= k
     seq.cap -= k
     seq.hashed = min(seq.hashed, logical_start)
-    seq.runs = coalesce(seq.table)
+    seq.runs = coalesce_runs(seq.table)
     if len(seq.runs) > 1:
       self._multi.add(seq_id)
     else:
@@ -411,7 +393,7 @@ class BlockPager:
     return self._ref[block]
 
   def runs(self, seq_id: Hashable) -> list[tuple[int, int, int]]:
-    """coalesce(block_table(seq_id)), cached: (phys_start_block, logical_start_block, num_blocks)."""
+    """coalesce_runs(block_table(seq_id)), cached: (phys_start_block, logical_start_block, num_blocks)."""
     return list(self._seqs[seq_id].runs)
 
   def seq_ids(self) -> list[Hashable]:
@@ -505,7 +487,7 @@ class BlockPager:
         assert 1 <= b < nb, (sid, "table entry out of range", b)
         owners[b] += 1
       tails[t[-1]] += 1
-      runs = coalesce(t)
+      runs = coalesce_runs(t)
       assert seq.runs == runs, (sid, seq.runs, runs)
       assert (len(runs) > 1) == (sid in self._multi), (sid, "multi-run set")
       assert 0 <= seq.hashed <= seq.n // self.block_size, (sid, seq.hashed)
@@ -771,7 +753,7 @@ class BlockPager:
       if plan.move(src, d):  # src was this plan's own dst: it never held data, free it again
         self._free.add(src, 1)
         self._freed.append(src)
-    seq.runs = coalesce(table)
+    seq.runs = coalesce_runs(table)
     if len(seq.runs) == 1:
       self._multi.discard(seq_id)
 

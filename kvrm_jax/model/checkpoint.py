@@ -21,9 +21,17 @@ import sys
 import zlib
 from pathlib import Path
 
+import gguf
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import load_file
+from tqdm import tqdm
 
 from kvrm_jax.config import ModelConfig
+from kvrm_jax.model import llama as model_lib
+from kvrm_jax.model.tokenizer import Tokenizer
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG_FILE, TOKENIZER_FILE, PARAMS_DIR = "kvrm_config.json", "tokenizer.json", "params"
@@ -52,7 +60,6 @@ def default_cache_dir() -> Path:
 def _progress(it, total, desc, enabled):
   if not enabled:
     return it
-  from tqdm import tqdm
   return tqdm(it, total=total, desc=desc, unit="layer", leave=False)
 
 
@@ -105,9 +112,7 @@ HF_NAMES = {
 
 def load_gguf(path: str, progress: bool = False):
   """Read a Llama-architecture GGUF file: (ModelConfig, {name: float32 array}, Tokenizer)."""
-  import gguf
 
-  from kvrm_jax.tokenizer import Tokenizer
 
   try:
     reader = gguf.GGUFReader(path)
@@ -155,9 +160,7 @@ def load_gguf(path: str, progress: bool = False):
 
 def load_hf_dir(path: str, progress: bool = False):
   """Read a Hugging Face Llama folder (config.json + *.safetensors): (ModelConfig, weights, Tokenizer)."""
-  from safetensors.numpy import load_file
 
-  from kvrm_jax.tokenizer import Tokenizer
 
   p = Path(path)
   cfg_path = p / "config.json"
@@ -208,7 +211,6 @@ def load_hf_dir(path: str, progress: bool = False):
 
 def save_checkpoint(dst, cfg: ModelConfig, weights: dict[str, np.ndarray], tokenizer=None) -> Path:
   """Write an orbax checkpoint folder (overwrites `dst/params` if present)."""
-  import orbax.checkpoint as ocp
 
   dst = Path(dst).absolute()
   dst.mkdir(parents=True, exist_ok=True)
@@ -275,11 +277,7 @@ def load_checkpoint(path, dtype="float32", shardings=None):
 
   `shardings`: optional {name: jax.sharding.Sharding}; orbax restores straight into them.
   """
-  import jax
-  import jax.numpy as jnp
-  import orbax.checkpoint as ocp
 
-  from kvrm_jax import model as model_lib
 
   p = Path(path).absolute()
   cfg = read_config(p)
@@ -331,7 +329,6 @@ def _ignore_orphaned_read_callbacks() -> None:
 
 def read_tokenizer(path):
   """The checkpoint's Tokenizer, or None if it has no tokenizer.json."""
-  from kvrm_jax.tokenizer import Tokenizer
 
   f = Path(path) / TOKENIZER_FILE
   if not f.is_file():

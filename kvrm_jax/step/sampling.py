@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvrm_jax.sched.request import NON_FINITE  # the token id of a row of non-finite logits
+
 # Rows with 1 <= top_k <= K_MAX take the lax.top_k route; the rest bisect.
 K_MAX = 64
 _BISECT_STEPS = 32  # exact over the 2**32 ordered keys of float32
@@ -97,7 +99,6 @@ def kept_mask(x, top_k, top_p):
   return x >= jnp.maximum(t_k, t_p)[:, None]
 
 
-NON_FINITE = -1  # the token sampled from a row of non-finite logits
 
 
 def sample(logits, temperature, top_k, top_p, seeds, counters):

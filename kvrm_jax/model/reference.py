@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvrm_jax import model as model_lib
+from kvrm_jax.model import llama as model_lib
 
 
 def _causal_attend(layer, q, k, v, cache):

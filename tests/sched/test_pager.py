@@ -1,5 +1,5 @@
 """BlockPager: unit tests per method, hypothesis state-machine tests against a simulated device pool,
-and a fragmentation/compaction workload. `python tests/test_pager.py` prints host timings."""
+and a fragmentation/compaction workload. `python tests/sched/test_pager.py` prints host timings."""
 
 import random
 import time
@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kvrm_jax.pager import BlockPager, OutOfBlocks, coalesce
+from kvrm_jax.sched.pager import BlockPager, OutOfBlocks
+from pallas_kernels.runs import coalesce_runs
 
 POISON = "poison"
 
@@ -77,12 +78,12 @@ def test_constructor_validation_and_sizes():
   p.check_invariants()
 
 
-def test_coalesce():
-  assert coalesce([]) == []
-  assert coalesce([7]) == [(7, 0, 1)]
-  assert coalesce([3, 4, 5, 9, 10, 2, 8]) == [(3, 0, 3), (9, 3, 2), (2, 5, 1), (8, 6, 1)]
-  assert coalesce([5, 4]) == [(5, 0, 1), (4, 1, 1)]  # descending is not contiguous
-  assert coalesce((1, 2, 3)) == [(1, 0, 3)]
+def test_coalesce_runs():
+  assert coalesce_runs([]) == []
+  assert coalesce_runs([7]) == [(7, 0, 1)]
+  assert coalesce_runs([3, 4, 5, 9, 10, 2, 8]) == [(3, 0, 3), (9, 3, 2), (2, 5, 1), (8, 6, 1)]
+  assert coalesce_runs([5, 4]) == [(5, 0, 1), (4, 1, 1)]  # descending is not contiguous
+  assert coalesce_runs((1, 2, 3)) == [(1, 0, 3)]
 
 
 def test_allocate_contiguous_and_errors():

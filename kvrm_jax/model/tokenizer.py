@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+import gguf
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
@@ -77,7 +78,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _gguf_metadata(path: str) -> dict[str, Any]:
-  import gguf  # local: only GGUF loading needs it
 
   reader = gguf.GGUFReader(path)
   return {k: f.contents() for k, f in reader.fields.items()

@@ -2,28 +2,21 @@
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from kvrm_jax import reference
-from kvrm_jax.config import ModelConfig, RuntimeConfig
+from conftest import TINY, random_prompts
+
+from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.engine import Engine
-from kvrm_jax.model import Llama
-from kvrm_jax.sequence import SamplingParams
-from kvrm_jax.summaries import SummaryConfig, fold_targets
+from kvrm_jax.model import reference
+from kvrm_jax.sched.request import SamplingParams
+from kvrm_jax.sched.summaries import SummaryConfig, fold_targets
 
-CFG = ModelConfig.from_name("tiny")
+CFG = TINY
 RT = RuntimeConfig(block_size=8, num_blocks=128, max_slots=4, max_blocks_per_seq=48, prefill_buckets=(8, 32),
                    max_summaries=4, max_folds=8)
 
 
-@pytest.fixture(scope="module")
-def model():
-  return Llama(CFG, rngs=nnx.Rngs(0))
-
-
-def _prompts(seed, lengths):
-  rng = np.random.default_rng(seed)
-  return [[int(t) for t in rng.integers(3, CFG.vocab_size, n)] for n in lengths]
+_prompts = random_prompts
 
 
 def test_window_covering_history_is_exact(model):
@@ -40,7 +33,7 @@ def test_bounded_blocks_and_no_recompile_when_switched_on(model):
   eng.generate(_prompts(1, (9,)), SamplingParams(max_new_tokens=4))  # summaries off: compiles the step
   assert eng.compiles.decode == 1
   sc = SummaryConfig(sink_blocks=1, window=24, max_entries=3)
-  eng.summaries = sc
+  eng.sched.summaries = sc
   bs = RT.block_size
   bound = sc.sink_blocks + -(-sc.window // bs) + 1
   ps = _prompts(2, (20, 3, 41))
@@ -51,13 +44,13 @@ def test_bounded_blocks_and_no_recompile_when_switched_on(model):
     for rid in rids:
       r = eng.requests[rid]
       if r.slot is not None and r.num_computed > 48:  # past the prompt (prompts fold as they decode)
-        worst = max(worst, len(eng.allocator.block_table(rid)))
-        assert len(r.sum_counts) <= sc.max_entries
+        worst = max(worst, len(eng.sched.allocator.block_table(rid)))
+        assert int((eng.sched.slots.sum_counts[r.slot] > 0).sum()) <= sc.max_entries
   assert eng.compiles.decode == 1
   assert eng.stats.folds > 0
   assert worst <= bound, (worst, bound)
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks  # summary blocks freed too
-  eng.allocator.check_invariants()
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks  # summary blocks freed too
+  eng.sched.allocator.check_invariants()
   assert all(len(eng.requests[r].output_ids) == n for r, n in zip(rids, (150, 200, 120)))
 
 
@@ -69,7 +62,7 @@ def test_summaries_and_drop_baseline_share_the_executable(model):
   outs = {}
   eng = Engine(CFG, model, RT, with_logits=True)
   for name, sc in [("exact", None), ("summ", SummaryConfig(1, 16, 4)), ("drop", SummaryConfig(1, 16, 0))]:
-    eng.summaries = sc
+    eng.sched.summaries = sc
     outs[name] = eng.generate(ps, sp)[0].output_ids
   assert eng.compiles.decode == 1
   assert eng.stats.folds > 0
@@ -81,8 +74,8 @@ def test_folded_block_of_identical_tokens_is_exact():
   summary row (mean key, log(count) bias): folding it must not change attention."""
   import jax.numpy as jnp
 
-  from kvrm_jax import step as step_lib
-  from kvrm_jax.model import matmul_precision
+  from kvrm_jax.model.llama import matmul_precision
+  from kvrm_jax.step import attention, block_ops, summaries
   rng = np.random.default_rng(0)
   kh, g, e, bs, n = 2, 3, 16, 8, 10
   k = rng.normal(size=(kh, 1, n, bs, e)).astype(np.float32)  # [K, L, N, bs, E]
@@ -93,13 +86,13 @@ def test_folded_block_of_identical_tokens_is_exact():
   k, v = jnp.asarray(k), jnp.asarray(v)
   full = {"block_tables": jnp.array([[1, 3, 5]]), "lengths": jnp.array([3 * bs])}
   with matmul_precision(jnp.float32):  # as inside a float32 step: exact float32 (no TF32 on GPUs)
-    o_exact, _ = step_lib.decode_attention("reference", q, k, v, 0, full)
+    o_exact, _ = attention.decode_attention("reference", q, k, v, 0, full)
     folds, w = jnp.array([[3, 7 * bs]]), jnp.array([[0.0, 1.0]])
-    kf, vf = step_lib.fold_blocks(k, folds, w), step_lib.fold_blocks(v, folds, w)
+    kf, vf = block_ops.fold_blocks(k, folds, w), block_ops.fold_blocks(v, folds, w)
     d = {"block_tables": jnp.array([[1, 5]]), "lengths": jnp.array([2 * bs]),
          "summary_slots": jnp.array([[7 * bs, 0]]), "summary_counts": jnp.array([[float(bs), 0.0]])}
-    o, lse = step_lib.decode_attention("reference", q, kf, vf, 0, d)
-    merged = step_lib.merge_summaries(o, lse, q, kf, vf, 0, d)
+    o, lse = attention.decode_attention("reference", q, kf, vf, 0, d)
+    merged = summaries.merge_summaries(o, lse, q, kf, vf, 0, d)
   assert float(jnp.linalg.norm(merged - o_exact) / jnp.linalg.norm(o_exact)) < 1e-5
   assert float(jnp.linalg.norm(o - o_exact) / jnp.linalg.norm(o_exact)) > 1e-3  # the summary matters
 

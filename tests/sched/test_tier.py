@@ -14,17 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from kvrm_jax import model as model_lib
-from kvrm_jax import reference, sharding, tier
-from kvrm_jax.config import ModelConfig, RuntimeConfig
-from kvrm_jax.engine import Engine, EngineStats
-from kvrm_jax.model import Llama
-from kvrm_jax.sequence import SamplingParams
-from kvrm_jax.summaries import SummaryConfig
+from conftest import TINY, random_prompts
 
-CFG = ModelConfig.from_name("tiny")
+from kvrm_jax.config import RuntimeConfig
+from kvrm_jax.engine import Engine
+from kvrm_jax.model import llama as model_lib
+from kvrm_jax.model import reference
+from kvrm_jax.sched import tier
+from kvrm_jax.sched.request import SamplingParams
+from kvrm_jax.sched.stats import EngineStats
+from kvrm_jax.sched.summaries import SummaryConfig
+from kvrm_jax.step import sharding
+from pallas_kernels.partition import merge_lse
+
+CFG = TINY
 BASE = dict(block_size=8, max_slots=4, max_blocks_per_seq=16, max_groups=2, max_moves=4, prefill_buckets=(32,))
 # The device pool (14 usable blocks) is too small for the mixed workload.
 RT_OFF = RuntimeConfig(num_blocks=15, **BASE)
@@ -39,14 +43,7 @@ RT_TIGHT = RuntimeConfig(block_size=8, num_blocks=9, max_slots=4, max_blocks_per
                          max_host_blocks_per_seq=4)
 
 
-@pytest.fixture(scope="module")
-def model():
-  return Llama(CFG, rngs=nnx.Rngs(0))
-
-
-def prompts(seed, lengths):
-  rng = np.random.default_rng(seed)
-  return [[int(t) for t in rng.integers(3, CFG.vocab_size, n)] for n in lengths]
+prompts = random_prompts
 
 
 def dense_greedy(model, ps, news, eos_ids=()):
@@ -99,9 +96,9 @@ def engine(model):
 
 
 def check(eng):
-  eng.allocator.check_invariants()
-  if eng.tier is not None:
-    eng.tier.check_invariants()
+  eng.sched.allocator.check_invariants()
+  if eng.sched.tier is not None:
+    eng.sched.tier.check_invariants()
 
 
 def run(eng, ps, sps, max_steps=2000):
@@ -130,9 +127,9 @@ def step_until(eng, rids, pred, max_steps=200):
 
 def assert_whole(eng):
   """The device pool and the host tier are free again, every extent accounted."""
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
-  eng.allocator.check_invariants()
-  t = eng.tier
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
+  eng.sched.allocator.check_invariants()
+  t = eng.sched.tier
   t.check_invariants()
   assert not t.records and t.num_free_extents == t.num_extents - 1 and t.num_used_blocks == 0
 
@@ -148,7 +145,7 @@ def placed(engine, mixed):
 
 
 def test_dense_reference_matches_reference_module(model):
-  """The padded, batched dense_greedy agrees with kvrm_jax.reference (logits and tokens)."""
+  """The padded, batched dense_greedy agrees with kvrm_jax.model.reference (logits and tokens)."""
   p = prompts(20, (6,))[0]
   assert dense_greedy(model, [p], [2]) == [reference.greedy_generate(model, p, 2)]
   ids = np.asarray(p + [0] * 26, np.int32)
@@ -203,11 +200,11 @@ def test_swap_min_tokens_falls_back_to_recompute(engine, mixed):
   """Requests shorter than swap_min_tokens are recomputed, not swapped: same tokens."""
   ps, sps, ref = mixed
   eng = engine(RT_SWAP)
-  eng.swap_min_tokens = 10**6
+  eng.sched.swap_min_tokens = 10**6
   try:
     outs, st = run(eng, ps, sps)
   finally:
-    eng.swap_min_tokens = 0
+    eng.sched.swap_min_tokens = 0
   assert outs == ref
   assert st.preemptions > 0 and st.swap_preemptions == 0 and st.swap_out_extents == st.swap_in_extents == 0
   assert_whole(eng)
@@ -264,10 +261,10 @@ def test_abort_swapped_out_request_frees_its_extents(engine, mixed):
   rids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
   victim = step_until(eng, rids, lambda r: r.swapped)
   assert victim is not None, "no request was swapped out"
-  free = eng.tier.num_free_extents
-  held = len(eng.tier.records[victim].extents)
+  free = eng.sched.tier.num_free_extents
+  held = len(eng.sched.tier.records[victim].extents)
   assert eng.abort(victim)
-  assert victim not in eng.tier.records and eng.tier.num_free_extents == free + held
+  assert victim not in eng.sched.tier.records and eng.sched.tier.num_free_extents == free + held
   check(eng)
   while eng.has_work():
     eng.step()
@@ -285,14 +282,14 @@ def test_abort_running_request_with_placed_blocks(engine, mixed):
   eng = engine(RT_PLACE)
   eng.stats = EngineStats()
   rids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
-  victim = step_until(eng, rids, lambda r: r.host_tokens and not r.done)
+  victim = step_until(eng, rids, lambda r: r.slot is not None and eng.sched.slots.host[r.slot] and not r.done)
   assert victim is not None, "no block was placed"
   req = eng.requests[victim]
-  assert req.slot is not None and victim in eng.tier.records
-  free, held = eng.tier.num_free_extents, len(eng.tier.records[victim].extents)
+  assert req.slot is not None and victim in eng.sched.tier.records
+  free, held = eng.sched.tier.num_free_extents, len(eng.sched.tier.records[victim].extents)
   assert eng.abort(victim)
-  assert victim not in eng.tier.records and eng.tier.num_free_extents == free + held
-  assert req.slot is None and not eng.allocator.has(victim)
+  assert victim not in eng.sched.tier.records and eng.sched.tier.num_free_extents == free + held
+  assert req.slot is None and not eng.sched.allocator.has(victim)
   check(eng)
   while eng.has_work():
     eng.step()
@@ -408,10 +405,10 @@ def test_engine_validation_summaries_on_existing_engine(engine):
   """Summaries cannot be switched on later, nor given per request."""
   eng = engine(RT_SWAP)
   with pytest.raises(ValueError, match="summaries"):
-    eng.summaries = SummaryConfig(window=16, max_entries=2)
+    eng.sched.summaries = SummaryConfig(window=16, max_entries=2)
   with pytest.raises(ValueError, match="summaries"):
     eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2), summaries=SummaryConfig(window=16, max_entries=2))
-  assert eng.summaries is None
+  assert eng.sched.summaries is None
 
 
 # ----------------------------------------------------------------------------- units
@@ -521,6 +518,11 @@ def test_placement_bound_empty():
   assert tier.placement_bound(0.0, 10.0, 1.0, 1.0)["bandwidth"] == math.inf
 
 
+def combine(o_a, lse_a, o_b, lse_b):
+  """The decode step's merge of the device part with the host tier's part."""
+  return merge_lse([o_a, o_b], [lse_a, lse_b], base2=False)
+
+
 def test_combine_equals_attention_over_all_keys():
   """Two partial attentions over a split key set merge to attention over all keys."""
   rng = np.random.default_rng(0)
@@ -536,10 +538,10 @@ def test_combine_equals_attention_over_all_keys():
                                  return_lse=True)
     ob, lb = model_lib.attention(q, k[:, :, cut:], v[:, :, cut:], jnp.asarray(full[:, cut:])[:, None],
                                  return_lse=True)
-  om, lm = tier.combine(oa[:, 0], la[:, 0], ob[:, 0], lb[:, 0])
+  om, lm = combine(oa[:, 0], la[:, 0], ob[:, 0], lb[:, 0])
   np.testing.assert_allclose(om, o[:, 0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lm, lse[:, 0], rtol=1e-5, atol=1e-6)
-  om2, _ = tier.combine(ob[:, 0], lb[:, 0], oa[:, 0], la[:, 0])  # symmetric
+  om2, _ = combine(ob[:, 0], lb[:, 0], oa[:, 0], la[:, 0])  # symmetric
   np.testing.assert_allclose(om2, o[:, 0], rtol=1e-5, atol=1e-6)
 
 
@@ -555,10 +557,10 @@ def test_combine_with_an_empty_side_is_exact():
   assert bool(jnp.all(jnp.isneginf(lb))) and not bool(jnp.any(ob))
   oa, la, ob, lb = oa[:, 0], la[:, 0], ob[:, 0], lb[:, 0]
   for args in ((oa, la, ob, lb), (ob, lb, oa, la)):
-    o, lse = tier.combine(*args)
+    o, lse = combine(*args)
     np.testing.assert_array_equal(np.asarray(o), np.asarray(oa))
     np.testing.assert_array_equal(np.asarray(lse), np.asarray(la))
-  o, lse = tier.combine(ob, lb, ob, lb)  # no keys at all: zeros, lse -inf
+  o, lse = combine(ob, lb, ob, lb)  # no keys at all: zeros, lse -inf
   assert not bool(jnp.any(o)) and bool(jnp.all(jnp.isneginf(lse)))
 
 
@@ -594,7 +596,7 @@ def test_request_longer_than_device_pool_resumes(engine):
     check(eng)
   try:
     if eng.requests[b].swapped:  # stuck: its whole KV must come back to a pool too small for it
-      assert eng.allocator.blocks_needed(eng.requests[b].num_computed) > eng.allocator.num_total_blocks
+      assert eng.sched.allocator.blocks_needed(eng.requests[b].num_computed) > eng.sched.allocator.num_total_blocks
     assert eng.requests[a].done and eng.requests[b].done, "a swapped-out request never resumed"
   finally:
     for r in (a, b):
@@ -617,10 +619,10 @@ def test_swapped_request_with_placed_extents_resumes(engine):
     check(eng)
   try:
     assert eng.stats.swap_preemptions > 0
-    rec = eng.tier.records.get(b)
+    rec = eng.sched.tier.records.get(b)
     if rec is not None:  # stuck: more extents than one step swaps in, though its blocks fit the pool
       assert len(rec.extents) > RT_TIGHT.max_swap_extents
-      assert eng.allocator.blocks_needed(eng.requests[b].num_computed) <= eng.allocator.num_total_blocks
+      assert eng.sched.allocator.blocks_needed(eng.requests[b].num_computed) <= eng.sched.allocator.num_total_blocks
     assert eng.requests[a].done and eng.requests[b].done, "a swapped-out request never resumed"
   finally:
     for r in (a, b):

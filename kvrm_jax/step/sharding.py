@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from kvrm_jax.model import llama as model_lib
 
 AXIS = "tp"
 
@@ -79,7 +85,6 @@ def padded_config(cfg, tp: int):
   padded heads' KV memory and compute (SmolLM2 at tp=2: 3 -> 4 KV heads, +33%). vLLM refuses
   such models instead.
   """
-  import dataclasses
   k = -(-cfg.num_kv_heads // tp) * tp
   f = -(-cfg.intermediate_size // tp) * tp
   if (k, f) == (cfg.num_kv_heads, cfg.intermediate_size):
@@ -89,7 +94,6 @@ def padded_config(cfg, tp: int):
 
 def pad_weights(cfg, new_cfg, w: dict):
   """Zero-pad the model's {name: array} weights (fused layout) from cfg's head/feature counts to new_cfg's."""
-  import jax.numpy as jnp
   if new_cfg == cfg:
     return dict(w)
   dk, df = new_cfg.num_kv_heads - cfg.num_kv_heads, new_cfg.intermediate_size - cfg.intermediate_size
@@ -115,3 +119,15 @@ def shard_swap(fn, mesh: Mesh):
   """Wrap the host tier's swap op fn(k_pool, v_pool, k_host, v_host, ints) -> the four pools."""
   pools = (POOL_SPEC, POOL_SPEC, HOST_POOL_SPEC, HOST_POOL_SPEC)
   return jax.shard_map(fn, mesh=mesh, in_specs=pools + (REPLICATED,), out_specs=pools, check_vma=False)
+
+
+def place_model(cfg, graphdef, state, mesh: Mesh):
+  """A model's (cfg, graphdef, state, state specs) on the mesh: heads that do not divide the mesh
+  are padded with inert zero heads first (`padded_config`), then every parameter is placed."""
+  padded = padded_config(cfg, mesh.size)
+  if padded != cfg:
+    w = pad_weights(cfg, padded, nnx.to_pure_dict(state))
+    graphdef, state = model_lib.split(model_lib.abstract_model(padded, w["wqkv"].dtype))
+    nnx.replace_by_pure_dict(state, w)
+    cfg = padded
+  return cfg, graphdef, place_state(state, mesh), state_specs(state)

@@ -1,4 +1,4 @@
-"""Requests and their sampling parameters (host-side state only)."""
+"""Requests, their sampling parameters and outputs (host-side state only)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class SamplingParams:
       raise ValueError(f"seed must be in [0, 2**31), got {self.seed}")
 
 
+NON_FINITE = -1  # the token id the decode step samples from a row of non-finite logits (ends the request)
+
+
 class Status(enum.Enum):
   WAITING = "waiting"
   PREFILL = "prefill"
@@ -62,12 +65,7 @@ class Request:
   output_ids: list[int] = dataclasses.field(default_factory=list)
   status: Status = Status.WAITING
   finish_reason: str | None = None
-  slot: int | None = None
-  num_computed: int = 0
-  capacity: int = 0  # tokens that fit in its block table (which excludes folded far history)
-  kv_offset: int = 0  # leading-history tokens folded into summaries/dropped (a multiple of block_size)
-  sum_base: int | None = None  # flat pool slot of its summary row 0 (its summary block)
-  sum_counts: list[int] = dataclasses.field(default_factory=list)  # tokens folded into each summary row
+  slot: int | None = None  # its decode slot; while it has one, kvrm_jax/sched/slots.py owns its KV state
   forced: list[int] | None = None  # teacher-forced output tokens
   summaries: object = None  # SummaryConfig of this request (None: the engine's)
   # Prefill target: tokens whose KV the prefill must compute. A fresh request computes its whole
@@ -79,12 +77,25 @@ class Request:
   token_times: list[float] = dataclasses.field(default_factory=list)
   finish_time: float | None = None
   admitted_time: float | None = None
-  # Host tier (kvrm_jax/tier.py): tokens of its blocks placed on the host (out of its block table),
-  # whether its KV is swapped out, whether its table ever left logical order (no prefix hashes).
-  host_tokens: int = 0
+  # Host tier (kvrm_jax/sched/tier.py): whether its KV is swapped out, whether its table ever left
+  # logical order (no prefix hashes).
   swapped: bool = False
   tiered: bool = False
   mass: object = None  # [blocks] accumulated attention mass per table block (attention policy)
+  _computed: int = dataclasses.field(default=0, repr=False)  # num_computed while out of a slot
+  _slots: object = dataclasses.field(default=None, repr=False)  # the Slots that hold it
+
+  @property
+  def num_computed(self) -> int:
+    """Tokens whose KV is computed (in the pool, or swapped out with it)."""
+    return int(self._slots.pos[self.slot]) if self.slot is not None else self._computed
+
+  @num_computed.setter
+  def num_computed(self, n: int) -> None:
+    if self.slot is not None:
+      self._slots.pos[self.slot] = n
+    else:
+      self._computed = n
 
   @property
   def all_ids(self) -> list[int]:
@@ -110,3 +121,7 @@ class RequestOutput:
   finished: bool
   finish_reason: str | None
   text: str | None = None
+
+
+class RequestError(ValueError):
+  """A request that can never be served (a user error: empty, too long, ...)."""

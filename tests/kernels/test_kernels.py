@@ -252,7 +252,7 @@ def test_stream_chunks_deal_every_chunk_once():
                             num_splits=1, streams=4).streams == 1
 
 
-def test_merge_partials_matches_joint_softmax():
+def test_merge_lse_matches_joint_softmax():
   rng = np.random.default_rng(3)
   s = rng.standard_normal((3, 40)) * 4             # [rows, keys] scores (base 2)
   v = rng.standard_normal((40, 6))
@@ -266,11 +266,11 @@ def test_merge_partials_matches_joint_softmax():
     os.append(jnp.asarray(np.where(den > 0, p / np.where(den > 0, den, 1), 0) @ v[idx], jnp.float32))
     with np.errstate(divide="ignore"):
       lses.append(jnp.asarray(np.log2(den[:, 0]), jnp.float32))  # -inf where empty
-  o, lse = partition.merge_partials(os, lses)
+  o, lse = partition.merge_lse(os, lses)
   p = np.where(keep, np.exp2(s), 0.0)
   np.testing.assert_allclose(np.asarray(o), (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(lse), np.log2(p.sum(-1)), rtol=1e-5)
-  o, lse = partition.merge_partials([jnp.zeros((2, 4))] * 2, [jnp.full((2,), -jnp.inf)] * 2)
+  o, lse = partition.merge_lse([jnp.zeros((2, 4))] * 2, [jnp.full((2,), -jnp.inf)] * 2)
   assert np.all(np.asarray(o) == 0) and np.all(np.asarray(lse) == -np.inf)
 
 

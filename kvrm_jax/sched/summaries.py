@@ -1,4 +1,4 @@
-"""Bounded far-history summaries (optional; DESIGN.md section 6), host-side policy.
+"""Bounded far-history summaries (optional), host-side policy and planning.
 
 A sequence keeps its first `sink_blocks` blocks and its last `window` tokens exact. Full blocks
 in between are folded into at most `max_entries` summary rows: the mean key and value of the
@@ -15,6 +15,8 @@ the summary rows (count 0 = unused) and the fold list (weight 0 = no-op).
 from __future__ import annotations
 
 import dataclasses
+
+from kvrm_jax.sched.pager import OutOfBlocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,3 +56,50 @@ def fold_targets(counts: list[int], n: int, max_entries: int) -> list[int]:
     by_count = sorted(range(len(counts)), key=lambda j: (counts[j], -j))
     out += by_count[:rest]
   return out
+
+
+def plan_folds(sched, decode) -> list[tuple[int, int, float, float]]:
+  """Fold (or drop) the full blocks between the sinks and the exact window of each decoding
+  request and free them; returns the step's folds (src block, dst flat slot, w_old, w_new).
+  `sched` is the Scheduler (kvrm_jax/sched/scheduler.py), whose slots and allocator this updates."""
+  sl, alloc = sched.slots, sched.allocator
+  bs = sched.rt.block_size
+  budget = sched.rt.max_folds
+  folds = []
+  for req in decode:
+    sc = req.summaries or sched.summaries
+    if sc is None:
+      continue
+    s = req.slot
+    folded = int(sl.folded[s])
+    total = req.num_computed + 1  # tokens once this step's token is written
+    nblocks = -(-(total - folded) // bs)
+    first_window = max(0, total - sc.window) // bs - folded // bs  # table index
+    excess = min(first_window, nblocks - 1) - sc.sink_blocks
+    if excess <= 0:
+      continue
+    n = excess
+    if sc.max_entries:
+      n = min(n, sc.max_entries, budget)
+      if n <= 0:
+        continue
+      if sl.sum_base[s] < 0:
+        try:
+          alloc.allocate(("sum", req.id), [0])
+        except OutOfBlocks:
+          continue  # stays exact for now; folds once blocks free up
+        sl.sum_base[s] = alloc.block_table(("sum", req.id))[0] * bs
+      base = int(sl.sum_base[s])
+      counts = [int(c) for c in sl.sum_counts[s] if c > 0]  # used rows are a prefix
+      for i, j in enumerate(fold_targets(counts, n, sc.max_entries)):
+        if j == len(counts):
+          counts.append(0)
+        c = counts[j]
+        folds.append((int(sl.bt[s, sc.sink_blocks + i]), base + j, c / (c + bs), bs / (c + bs)))
+        counts[j] = c + bs
+        sl.sum_counts[s, j] = c + bs
+      budget -= n
+    alloc.drop_blocks(req.id, sc.sink_blocks, n)
+    sl.folded[s] += n * bs
+    sched.refresh(req)
+  return folds

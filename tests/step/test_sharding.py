@@ -6,26 +6,25 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 
-from kvrm_jax import sharding
-from kvrm_jax.config import ModelConfig, RuntimeConfig
+from conftest import TINY, random_prompts
+
+from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.engine import Engine
-from kvrm_jax.model import Llama
-from kvrm_jax.sequence import SamplingParams
+from kvrm_jax.model.llama import Llama
+from kvrm_jax.sched.request import SamplingParams
+from kvrm_jax.step import sharding
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS is set in conftest)")
 
-TINY = ModelConfig.from_name("tiny")
 ODD = dataclasses.replace(TINY, name="odd", num_heads=9, num_kv_heads=3, intermediate_size=130)
 RT = RuntimeConfig(block_size=8, num_blocks=64, max_slots=4, max_blocks_per_seq=16, prefill_buckets=(8, 32))
 
 
 def _prompts():
-  rng = np.random.default_rng(0)
-  return [[int(t) for t in rng.integers(3, 256, n)] for n in (5, 17, 40, 3, 26)]
+  return random_prompts(0, (5, 17, 40, 3, 26), vocab=256)
 
 
 @pytest.mark.parametrize("cfg", [TINY, ODD], ids=["divisible", "padded-heads"])
@@ -62,7 +61,7 @@ def test_tp_larger_than_devices_is_refused():
 
 def test_decode_cli_tp2_on_smollm2(smollm2_ckpt, tmp_path, capsys):
   """The real checkpoint (9 q / 3 kv heads, padded to 4 kv heads at tp=2), mixed-length batch."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   spec = importlib.util.spec_from_file_location("decode_cli_tp", os.path.join(root, "scripts", "decode.py"))
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
@@ -87,9 +86,9 @@ def test_two_processes_multi_controller_equals_one(tmp_path):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = str(sock.getsockname()[1])
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, KVRM_TEST_PROMPTS=json.dumps(prompts))
-  procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "multihost_worker.py"), str(i), port,
+  procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "step", "multihost_worker.py"), str(i), port,
                              str(tmp_path / f"p{i}.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   for p in procs:

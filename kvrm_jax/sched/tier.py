@@ -1,4 +1,6 @@
-"""Heterogeneous memory tier: KV blocks in pinned host memory beside the device pool.
+"""Heterogeneous memory tier, host side: the extent allocator of the pinned-host pool, each
+request's host-resident blocks, and the placement policies (numpy only; the device side is
+kvrm_jax/step/tier.py).
 
 Every logical block of a request lives on one tier. Host blocks are handed out in *extents* of
 `host_extent` consecutive host blocks; an extent belongs to one request and is the unit of
@@ -11,14 +13,6 @@ transfer, so blocks cross the host<->device link as a few large copies instead o
   softmax statistics with the device part's (no approximation);
 * swap: preemption moves a running request's blocks to the host (one device->host copy per
   extent) and back when it resumes, instead of recomputing its prompt and outputs.
-
-Host pool: `[L, NH, K, bs, E]` (layer outermost, so one extent of one layer, and one extent of all
-layers' block rows, is contiguous per KV head shard); memory kind `pinned_host` where the backend
-has it. Device pool: `[K, L, N, bs, E]` (kvrm_jax/step.py).
-
-Host side (this module, numpy): `HostTier` (extent allocator, per-request host blocks) and the
-placement policies. Device side: `swap_blocks` (the jitted swap op) and `stage_layer` /
-`host_attention` (inside the decode step).
 """
 
 from __future__ import annotations
@@ -26,16 +20,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from kvrm_jax.config import ModelConfig, RuntimeConfig
+from kvrm_jax.config import RuntimeConfig
+from kvrm_jax.sched.request import Status
 
 POLICIES = ("recency", "attention")
-
-
-# ----------------------------------------------------------------------------- host side
 
 
 class OutOfHostBlocks(Exception):
@@ -193,116 +183,106 @@ def placement_bound(kv_bytes: float, hbm_bytes: float, hbm_bw: float, host_bw: f
           "bandwidth": kv_bytes / t if t > 0 else math.inf}
 
 
-# ----------------------------------------------------------------------------- device side
+# ----------------------------------------------------------------------------- scheduling with the tier
+# These run inside Scheduler.schedule() / finish_decode(); `sched` is the Scheduler (kvrm_jax/sched/
+# scheduler.py), whose slots, allocator and host tier they update.
 
 
-def host_pool_shape(cfg: ModelConfig, rt: RuntimeConfig) -> tuple[int, ...]:
-  return (cfg.num_layers, rt.host_extents * rt.host_extent, cfg.num_kv_heads, rt.block_size, cfg.head_dim)
+def staged_extents(sched, reqs) -> int:
+  """Host extents the decode step stages for these requests (in slots): their placed extents."""
+  return sum(len(sched.tier.placed(r.id)[0]) for r in reqs if sched.slots.host[r.slot])
 
 
-def host_memory_kind() -> str | None:
-  """`pinned_host` where the default device has it, else None (the device's default memory)."""
-  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-  return "pinned_host" if "pinned_host" in kinds else None
+def can_swap(sched, req) -> bool:
+  """Whether preempting `req` may swap its KV out (room and this round's budget) instead of dropping it."""
+  if sched.tier is None or req.status is not Status.RUNNING or req.num_computed < max(1, sched.swap_min_tokens):
+    return False
+  n = sched.tier.extents_for(len(sched.allocator.block_table(req.id)))
+  return n <= sched.tier.num_free_extents and len(sched.swap_out) + n <= sched.rt.max_swap_extents
 
 
-def init_host_pools(cfg: ModelConfig, rt: RuntimeConfig, mesh=None):
-  """Zero K and V host pools, built on the host (they may exceed the device memory)."""
-  from jax.sharding import NamedSharding, SingleDeviceSharding
-  kind = host_memory_kind()
-  if mesh is None:
-    sh = SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
-  else:
-    from kvrm_jax import sharding
-    sh = NamedSharding(mesh, sharding.HOST_POOL_SPEC, memory_kind=kind)
-  z = np.zeros(host_pool_shape(cfg, rt), jnp.dtype(rt.dtype))
-  return jax.device_put(z, sh), jax.device_put(z, sh)
+def swap_in(sched, req) -> bool:
+  """Resume a swapped-out request: fresh device blocks, its swapped extents copied back this
+  step. Blocks it had placed on the host stay there (the step keeps staging them)."""
+  rt, tier, sl = sched.rt, sched.tier, sched.slots
+  placed_ext, placed = tier.placed(req.id)
+  host_tokens = len(placed) * rt.block_size
+  n = sched.allocator.blocks_needed(req.num_computed - host_tokens)
+  reads = staged_extents(sched, sl.order)
+  if (sched.allocator.num_free_blocks - n - sl.growth_need() < rt.watermark_blocks
+      or len(sched.swap_in) + tier.swapped_extents(req.id) > rt.max_swap_extents
+      or (placed_ext and reads + len(placed_ext) > rt.max_host_reads)):
+    return False  # FCFS: wait for blocks (or for the next step's swap / read budget)
+  sched.waiting.popleft()
+  table = sched.allocator.allocate_blank(req.id, req.num_computed - host_tokens)
+  extents, blocks = tier.take(req.id)
+  r = tier.extent
+  dst = {e: [0] * r for e in extents}
+  for hb, b in zip(blocks, table):
+    dst[hb // r][hb % r] = b
+  sched.swap_in.extend((e, dst[e], req.id) for e in extents)
+  req.swapped, req.mass = False, None
+  s = sl.bind(req, req.num_computed, req.status)
+  sl.host[s] = host_tokens
+  req.prefill_target = req.num_computed
+  sched.refresh(req)
+  sl.mark_running(req)
+  return True
 
 
-def _to_host(x):
-  return jax.device_put(x, jax.memory.Space.Host) if host_memory_kind() else x
+def place_cold(sched) -> None:
+  """Placement: when this step's growth and the next admission need more blocks than are free,
+  move cold full blocks of running requests to host extents (the policy picks which), at most
+  max_swap_extents extents per step and within the step's host read budget."""
+  rt, tier, sl = sched.rt, sched.tier, sched.slots
+  bs, r = rt.block_size, tier.extent
+  run = np.flatnonzero(sl.running)
+  need = sl.growth_need()
+  if sched.waiting and sl.has_free and not sched.waiting[0].swapped:
+    need += sched.allocator.blocks_needed(sched.waiting[0].num_tokens)
+  deficit = need + rt.watermark_blocks - sched.allocator.num_free_blocks
+  reads = staged_extents(sched, (sl.reqs[i] for i in run))
+  while deficit > 0 and len(sched.swap_out) < rt.max_swap_extents and reads < rt.max_host_reads \
+      and tier.num_free_extents:
+    best, cands = None, None
+    for i in run:  # the running request with the most device blocks and room on the host
+      req = sl.reqs[i]
+      if req is None or req.status is not Status.RUNNING:
+        continue
+      nt = len(sched.allocator.block_table(req.id))
+      room = rt.max_host_blocks_per_seq - int(sl.host[i]) // bs
+      if nt > 1 and room > 0 and (best is None or nt > len(cands) + 1):
+        best, cands = req, np.arange(nt - 1)
+    if best is None:
+      return
+    s = best.slot
+    room = rt.max_host_blocks_per_seq - int(sl.host[s]) // bs
+    idx = pick_blocks(sched.tier_policy, cands, best.mass, min(r, room, len(cands)))
+    table = sched.allocator.block_table(best.id)
+    sched.swap_out.extend((e, b, best.id) for e, b in tier.store(best.id, [table[i] for i in idx], placed=True))
+    for i in idx[::-1]:
+      sched.allocator.drop_blocks(best.id, int(i), 1)
+    if best.mass is not None:
+      best.mass = np.delete(best.mass, idx)
+    sl.host[s] += len(idx) * bs
+    best.tiered = True
+    sched.refresh(best)
+    deficit -= len(idx)
+    reads += 1
+    sched.stats.placed_blocks += len(idx)
 
 
-def _to_device(x):
-  return jax.device_put(x, jax.memory.Space.Device) if host_memory_kind() else x
-
-
-def swap_blocks(k_pool, v_pool, k_host, v_host, ints, rt: RuntimeConfig):
-  """Swap-outs then swap-ins, one host copy per extent (all layers, this shard's KV heads).
-
-  pools: [K, L, N, bs, E]; host pools: [L, NH, K, bs, E]; ints: the packed `swap_layout`.
-  Outs run first: a device block freed by a swap-out may be the destination of a swap-in.
-  Padding rows of an extent's block list point at the null block 0.
-  """
-  d = swap_layout(rt).unpack(ints, jnp.zeros((0,), jnp.float32))
-  r = rt.host_extent
-
-  def out(i, pools):
-    kp, vp, kh, vh = pools
-    def put(pool, host):
-      x = pool[:, :, d["out_blocks"][i]].transpose(1, 2, 0, 3, 4)  # [L, R, K, bs, E]
-      return jax.lax.dynamic_update_slice(host, _to_host(x), (0, d["out_ext"][i] * r, 0, 0, 0))
-    return kp, vp, put(kp, kh), put(vp, vh)
-
-  def inn(i, pools):
-    kp, vp, kh, vh = pools
-    def get(pool, host):
-      nl, _, kh_, bs, e = host.shape
-      x = _to_device(jax.lax.dynamic_slice(host, (0, d["in_ext"][i] * r, 0, 0, 0), (nl, r, kh_, bs, e)))
-      return pool.at[:, :, d["in_blocks"][i]].set(x.transpose(2, 0, 1, 3, 4))
-    return get(kp, kh), get(vp, vh), kh, vh
-
-  pools = jax.lax.fori_loop(0, d["counts"][0], out, (k_pool, v_pool, k_host, v_host))
-  return jax.lax.fori_loop(0, d["counts"][1], inn, pools)
-
-
-def swap_layout(rt: RuntimeConfig):
-  from kvrm_jax.descriptor import Layout
-  x, r = max(rt.max_swap_extents, 1), rt.host_extent
-  return Layout(ints=(("out_ext", (x,)), ("out_blocks", (x, r)), ("in_ext", (x,)), ("in_blocks", (x, r)),
-                      ("counts", (2,))), floats=())
-
-
-def stage(host, layer, extents, n, extent_blocks: int):
-  """Host extents of one layer -> device rows [X * R, K, bs, E]: n copies, the rest zero."""
-  _, _, kh, bs, e = host.shape
-  x, r = extents.shape[0], extent_blocks
-
-  def body(i, staged):
-    blk = jax.lax.dynamic_slice(host, (layer, extents[i] * r, 0, 0, 0), (1, r, kh, bs, e))[0]
-    return jax.lax.dynamic_update_slice(staged, _to_device(blk), (i * r, 0, 0, 0))
-
-  return jax.lax.fori_loop(0, n, body, jnp.zeros((x * r, kh, bs, e), host.dtype))
-
-
-def host_attention(q, staged_k, staged_v, table, count, block_size: int):
-  """Exact attention of each slot over its staged host blocks -> (o [S, H, E] f32, lse [S, H]).
-
-  q: [S, H, E]; staged: [X * R, K, bs, E]; table: [S, Hm] staged row per host block; count: [S].
-  """
-  from kvrm_jax import model as model_lib
-  s, hm = table.shape
-  k = staged_k[table]  # [S, Hm, K, bs, E]
-  v = staged_v[table]
-  kh, e = k.shape[2], k.shape[-1]
-  k = k.transpose(0, 2, 1, 3, 4).reshape(s, kh, hm * block_size, e)
-  v = v.transpose(0, 2, 1, 3, 4).reshape(s, kh, hm * block_size, e)
-  mask = jnp.arange(hm * block_size)[None, :] < (count * block_size)[:, None]  # [S, Hm*bs]
-  o, lse = model_lib.attention(q[:, None], k, v, mask[:, None, :], return_lse=True)
-  return o[:, 0], lse[:, 0]
-
-
-def combine(o_a, lse_a, o_b, lse_b):
-  """Merge two partial attentions over disjoint keys: o [S, H, E], lse [S, H] -> (o, lse).
-
-  Where one side has no keys (lse -inf) the other side's o is returned exactly."""
-  m = jnp.maximum(lse_a, lse_b)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  wa = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - m), 0.0)
-  wb = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - m), 0.0)
-  den = wa + wb
-  o = (o_a.astype(jnp.float32) * wa[..., None] + o_b.astype(jnp.float32) * wb[..., None]) / \
-      jnp.where(den > 0, den, 1.0)[..., None]
-  o = jnp.where((wb == 0)[..., None], o_a.astype(jnp.float32), o)
-  lse = jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
-  return o, lse
+def update_mass(sched, decode, mass: np.ndarray) -> None:
+  """Attention policy: exponential moving average of each table block's attention mass.
+  mass: [S, MB] this step's mass per table block."""
+  sl, bs = sched.slots, sched.rt.block_size
+  for req in decode:
+    s = req.slot
+    n = (int(sl.pos[s]) - int(sl.table_start(s))) // bs + 1  # table blocks read
+    m = mass[s, :n]
+    if req.mass is None or len(req.mass) > n:
+      req.mass = m.copy()
+    else:
+      old = req.mass
+      req.mass = m.copy()
+      req.mass[:len(old)] = 0.8 * old + 0.2 * m[:len(old)]

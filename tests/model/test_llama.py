@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvrm_jax import checkpoint as ckpt
-from kvrm_jax import reference
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
-from kvrm_jax.model import checkpoint_shapes, checkpoint_weights, fuse_weights, unfuse_weights
-from kvrm_jax.sequence import SamplingParams
+from kvrm_jax.model import checkpoint as ckpt
+from kvrm_jax.model import reference
+from kvrm_jax.model.llama import checkpoint_shapes, checkpoint_weights, fuse_weights, unfuse_weights
+from kvrm_jax.sched.request import SamplingParams
 
 torch = pytest.importorskip("torch", reason="the reference stack (pip install -e '.[test]') is not installed")
 transformers = pytest.importorskip("transformers")
@@ -97,7 +97,7 @@ def test_hf_folder_import_with_llama3_rope(tmp_path):
 def test_checkpoint_roundtrip_and_dtype(tmp_path):
   from flax import nnx
 
-  from kvrm_jax.model import Llama
+  from kvrm_jax.model.llama import Llama
   cfg = ModelConfig.from_name("tiny")
   m = Llama(cfg, rngs=nnx.Rngs(3))
   weights = {k: np.asarray(v) for k, v in checkpoint_weights(m).items()}
@@ -147,8 +147,8 @@ def test_layer_loop_unroll_matches_scan(with_summaries):
 
   from flax import nnx
 
-  from kvrm_jax.model import Llama
-  from kvrm_jax.summaries import SummaryConfig
+  from kvrm_jax.model.llama import Llama
+  from kvrm_jax.sched.summaries import SummaryConfig
   cfg = ModelConfig.from_name("tiny")
   model = Llama(cfg, rngs=nnx.Rngs(5))
   rng = np.random.default_rng(5)

@@ -1,4 +1,4 @@
-"""kvrm_jax.tokenizer against HF transformers on the SmolLM2-135M-Instruct GGUF."""
+"""kvrm_jax.model.tokenizer against HF transformers on the SmolLM2-135M-Instruct GGUF."""
 
 import importlib.util
 import os
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers", reason="the reference tokenizer comes from HF transformers")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from kvrm_jax.tokenizer import Tokenizer  # noqa: E402
+from kvrm_jax.model.tokenizer import Tokenizer  # noqa: E402
 
 TEXTS = [
   "",

@@ -1,6 +1,6 @@
-"""One process of the 2-process (multi-controller) test in test_sharding.py (CPU, or one GPU each).
+"""One process of the 2-process (multi-controller) test in tests/step/test_sharding.py (CPU, or one GPU each).
 
-  python tests/multihost_worker.py PROCESS_ID PORT OUT_JSON
+  python tests/step/multihost_worker.py PROCESS_ID PORT OUT_JSON
 """
 
 import json
@@ -11,7 +11,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
 # On a machine with GPUs each process drives one of them (process i: GPU i), as one process per GPU
 # would in production; on CPU this has no effect.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", sys.argv[1])
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 
@@ -21,11 +21,11 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 
 from flax import nnx  # noqa: E402
 
-from kvrm_jax import sharding  # noqa: E402
 from kvrm_jax.config import ModelConfig, RuntimeConfig  # noqa: E402
 from kvrm_jax.engine import Engine  # noqa: E402
-from kvrm_jax.model import Llama  # noqa: E402
-from kvrm_jax.sequence import SamplingParams  # noqa: E402
+from kvrm_jax.model.llama import Llama  # noqa: E402
+from kvrm_jax.sched.request import SamplingParams  # noqa: E402
+from kvrm_jax.step import sharding  # noqa: E402
 
 cfg = ModelConfig.from_name("tiny")
 rt = RuntimeConfig(block_size=8, num_blocks=64, max_slots=4, max_blocks_per_seq=16, prefill_buckets=(8, 32))

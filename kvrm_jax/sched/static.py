@@ -1,15 +1,16 @@
 """The static-graph baseline's KV allocator: a dense reservation of `max_seq_len` tokens per slot.
 
-What a static executor does today: slot s owns blocks 1 + s*MB .. (s+1)*MB of the pool for its
-whole life (the pool holds exactly 1 + S*MB blocks), no paging, no sharing, no compaction. It
-answers the subset of the BlockPager interface the engine uses, so both run through the same
-engine and the same compiled step. The baseline attends with the same attention backend over its
+What a static executor does today: reservation r owns blocks 1 + r*MB .. (r+1)*MB of the pool
+(the pool holds exactly 1 + S*MB blocks), no paging, no sharing, no compaction. It answers the
+BlockPager interface the scheduler uses (a sequence takes the lowest free reservation, as it takes
+the lowest free slot), so both run through the same scheduler and the same compiled step. The baseline attends with the same attention backend over its
 reservation (masked by length), so a measured gain comes from how many sequences fit a KV budget,
 not from a slower kernel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from kvrm_jax.config import RuntimeConfig
@@ -17,13 +18,12 @@ from kvrm_jax.config import RuntimeConfig
 
 def static_runtime(rt: RuntimeConfig):
   """The baseline's runtime config: a pool of exactly one max_seq_len reservation per slot."""
-  import dataclasses
   return dataclasses.replace(rt, num_blocks=1 + rt.max_slots * rt.max_blocks_per_seq, max_moves=0,
                              enable_prefix_cache=False)
 
 
 class StaticReservation:
-  """Fixed per-slot reservations; `allocate` binds a sequence to the slot the engine chose."""
+  """Fixed per-slot reservations; `allocate` binds a sequence to the lowest free one."""
 
   def __init__(self, max_slots: int, max_blocks_per_seq: int, block_size: int):
     self.max_slots, self.mb, self.block_size = max_slots, max_blocks_per_seq, block_size
@@ -52,11 +52,12 @@ class StaticReservation:
   def can_allocate(self, token_ids: Sequence[int]) -> bool:
     return len(self._slot) < self.max_slots and 0 < len(token_ids) <= self.max_tokens
 
-  def allocate(self, seq_id, token_ids: Sequence[int], slot: int) -> int:
+  def allocate(self, seq_id, token_ids: Sequence[int]) -> int:
     if seq_id in self._slot:
       raise ValueError(f"sequence {seq_id!r} is already allocated")
-    if slot in self._slot.values():
-      raise ValueError(f"slot {slot} is already reserved")
+    if len(self._slot) >= self.max_slots:
+      raise ValueError(f"all {self.max_slots} reservations are taken")
+    slot = min(set(range(self.max_slots)) - set(self._slot.values()))
     if not 0 < len(token_ids) <= self.max_tokens:
       raise ValueError(f"{len(token_ids)} tokens do not fit a reservation of {self.max_tokens}")
     self._slot[seq_id], self._tokens[seq_id] = slot, len(token_ids)
@@ -92,6 +93,12 @@ class StaticReservation:
 
   def plan_compaction(self, max_groups: int, max_moves: int) -> list[tuple[int, int]]:
     return []
+
+  def allocate_blank(self, seq_id, num_tokens: int) -> list[int]:
+    raise ValueError("the static baseline has no host tier (RuntimeConfig.host_blocks needs the kvrm engine)")
+
+  def drop_blocks(self, seq_id, start: int, n: int) -> None:
+    raise ValueError("the static baseline keeps whole reservations (no summaries or host placement)")
 
   def freed_since_last_call(self) -> list[int]:
     return []

@@ -1,0 +1,285 @@
+"""End-to-end decode step time against the roofline (weights + KV bytes over measured bandwidth).
+
+B sequences of L tokens each are admitted straight into the pool (their KV is not computed: the
+step's cost does not depend on the values), then the engine's own schedule -> descriptor ->
+compiled decode step loop runs and each step is timed (dispatch to tokens on the host).
+
+  python scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048
+  python scripts/bench_step.py --model smollm2-135m --batches 64 --context 8192 --summaries sink=1,window=256,max=4
+  python scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 \
+      --layer-loop scan unroll --profile 5 --dump-hlo hlo/
+  python scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 64 128 --context 2048 --tp 1 2
+
+--layer-loop runs each variant of RuntimeConfig.layer_loop in the same process (rows labelled);
+--tp runs each tensor-parallel mesh size in the same process through jax.shard_map (rows labelled;
+without --tp the engine has no mesh; the roofline of a row is one device's share of the bytes);
+--xla-options does the same for RuntimeConfig.xla_options ("" = the defaults), e.g.
+  --xla-options "" "xla_gpu_enable_triton_gemm=false" compares XLA's Triton GEMMs with cuBLAS.
+--profile N runs N more decode steps under CUPTI (as scripts/bench_kernels.py does) and prints the
+device time per kernel per step (top 20), coarse buckets (matmul / attention / copies / other), the
+weight bandwidth the matmul time implies, and device vs wall time per step.
+--dump-hlo DIR saves the optimized HLO of each compiled decode step and counts the instructions that
+materialize a layer weight (weight-shaped dynamic-slice / slice / copy fusions).
+XLA_FLAGS is recorded in the JSON meta (compare e.g. --xla_gpu_enable_dynamic_slice_fusion=true runs).
+
+Writes JSON (--out-json) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvrm_jax import bench as bc
+from kvrm_jax.config import ModelConfig, RuntimeConfig, parse_xla_options
+from kvrm_jax.engine import Engine
+from kvrm_jax.model.llama import Llama
+from kvrm_jax.sched.request import SamplingParams
+from kvrm_jax.sched.summaries import SummaryConfig
+from kvrm_jax.step import sharding
+from kvrm_jax.bench.profile import aggregate, dump_hlo, matmul_weight_bytes, print_profile
+
+
+def copy_bandwidth() -> float | None:
+  """One large device-to-device copy, timed with CUDA events (bytes read + written), TB/s."""
+  try:  # imported here, not for a cycle: torch is optional (the `test` extra); None without it
+    import torch
+    if not torch.cuda.is_available():
+      return None
+  except ImportError:
+    return None
+  x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+  y = torch.empty_like(x)
+  for _ in range(3):
+    y.copy_(x)
+  ts = []
+  for _ in range(20):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    y.copy_(x)
+    b.record()
+    torch.cuda.synchronize()
+    ts.append(a.elapsed_time(b) / 1e3)
+  del x, y
+  torch.cuda.empty_cache()
+  return 2 * (1 << 30) / float(np.median(ts)) / 1e12
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+
+def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan", copy_tb_s=None,
+            xla_options="", tp=None) -> dict:
+  """One configuration; tp=None: the engine without a mesh, tp=N: jax.shard_map over N devices."""
+
+  bs = 16
+  # With summaries, time only the steady state: once the prompt's far history has been folded.
+  fold_steps = 0 if summaries is None else context // bs // max(1, summaries.max_entries) + 10
+  steps = args.warmup + args.iters + fold_steps
+  mb = -(-(context + steps + args.profile + 2) // bs)
+  rt = RuntimeConfig(block_size=bs, num_blocks=batch * (mb + 2) + 1, max_slots=batch, max_blocks_per_seq=mb,
+                     prefill_buckets=(64,), dtype=args.dtype, attention=args.attention,
+                     max_folds=4 * batch if summaries else 8, layer_loop=layer_loop,
+                     max_summaries=summaries.max_entries if summaries else 0,
+                     xla_options=parse_xla_options(xla_options))
+  mesh = None if tp is None else sharding.make_mesh(tp)
+  eng = Engine(cfg, model, rt, summaries=summaries, mesh=mesh)
+  rng = np.random.default_rng(0)
+  for _ in range(batch):
+    eng.add_request(rng.integers(3, cfg.vocab_size, context).tolist(),
+                    SamplingParams(max_new_tokens=steps + args.profile + 2, ignore_eos=True))
+  eng.sched.admit()
+  for req in list(eng.sched.slots.reqs):  # stand in for the prefill: the prompts' KV is "computed"
+    req.num_computed = req.prefill_target
+    req.output_ids.append(int(rng.integers(3, cfg.vocab_size)))
+    eng.sched.slots.mark_running(req)
+  last = {}
+
+  def step():
+    t0 = time.perf_counter()
+    plan = eng.schedule()
+    ints, floats = eng.build_decode_descriptor(plan)
+    t1 = time.perf_counter()
+    tokens, eng.k_pool, eng.v_pool = eng.compiled_decode()(eng.state, eng.k_pool, eng.v_pool,
+                                                           *eng.put_descriptor(ints, floats))
+    tok = np.asarray(tokens)
+    t2 = time.perf_counter()
+    eng.sched.finish_decode(plan, tok, t2, {})
+    last.update(ints=ints, floats=floats)
+    return plan, t0, t1, t2
+
+  times, host = [], []
+  folds_done_at, first_step_s = None, None
+  for i in range(steps):
+    plan, t0, t1, t2 = step()
+    if i == 0:
+      first_step_s = t2 - t0  # trace + compile + one step
+    if summaries is not None and not plan.folds and folds_done_at is None and i > 0:
+      folds_done_at = i
+    if i >= args.warmup and (summaries is None or folds_done_at is not None) and len(times) < args.iters:
+      times.append(t2 - t0)
+      host.append(t1 - t0)
+  itemsize = 2 if args.dtype == "bfloat16" else 4
+  # Bytes one device reads per step: its weight shards (replicated ones whole) and its KV heads.
+  ecfg = eng.cfg  # heads padded to a multiple of tp where they do not divide
+  tok_bytes = 2 * ecfg.num_layers * ecfg.num_kv_heads * ecfg.head_dim * itemsize // (tp or 1)
+  sl = eng.sched.slots
+  exact_tokens = [r.num_computed - int(sl.folded[r.slot]) for r in sl.reqs]
+  blocks = [len(eng.sched.allocator.block_table(r.id)) + int(sl.sum_base[r.slot] >= 0) for r in sl.reqs]
+  shards = [x.addressable_shards[0].data for x in __import__("jax").tree.leaves(eng.state)]  # one device's
+  weight_bytes = sum(x.size for x in shards) * itemsize
+  kv_read = sum(exact_tokens) * tok_bytes
+  row = {"tp": tp, "layer_loop": layer_loop, "xla_options": xla_options, "batch": batch,
+         "context": context,
+         "summaries": None if summaries is None else str(summaries),
+         "step_ms_median": 1e3 * float(np.median(times)) if times else None, "steps_timed": len(times),
+         "host_ms_median": 1e3 * float(np.median(host)) if host else None, "first_step_s": first_step_s,
+         "weight_bytes": weight_bytes, "kv_bytes_read": kv_read,
+         "kv_bytes_per_seq": float(np.mean(blocks)) * bs * tok_bytes, "blocks_per_seq": float(np.mean(blocks)),
+         "decode_compiles": eng.compiles.decode}
+  if args.back_to_back:
+    # The same descriptor dispatched N times with no host sync in between: the step time when the
+    # host neither waits for tokens nor builds descriptors (what a pipelined loop would reach).
+    ints, floats = eng.put_descriptor(last["ints"], last["floats"])
+    dec = eng.compiled_decode()
+    tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats)
+    jax.block_until_ready(tokens)
+    t = time.perf_counter()
+    for _ in range(args.back_to_back):
+      tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats)
+    jax.block_until_ready(tokens)
+    row["back_to_back_ms"] = 1e3 * (time.perf_counter() - t) / args.back_to_back
+  if args.profile:
+
+    def profiled():
+      t = time.perf_counter()
+      for _ in range(args.profile):
+        step()
+      jax.block_until_ready((eng.k_pool, eng.v_pool))
+      return (time.perf_counter() - t) / args.profile
+
+    try:
+      wall_s, timings = bc.kernel_timings(profiled)
+      if not timings:
+        raise RuntimeError("CUPTI returned no kernel timings")
+      prof = aggregate(timings, args.profile, matmul_weight_bytes(eng.state, cfg), copy_tb_s)
+      prof["wall_ms_per_step"] = 1e3 * wall_s
+    except Exception as e:  # noqa: BLE001
+      prof = {"error": str(e)[:300]}
+    row["profile"] = prof
+  if args.dump_hlo:
+    sfx = ("" if summaries is None else "_summaries") + ("_" + re.sub(r"\W+", "_", xla_options) if xla_options else "") \
+        + (f"_tp{tp}" if (tp or 1) > 1 else "")
+    path = os.path.join(args.dump_hlo, f"decode_{layer_loop}_b{batch}_c{context}{sfx}.hlo.txt")
+    row["hlo"] = dump_hlo(eng, path)
+  row["decode_compiles"] = eng.compiles.decode
+  return row
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="llama3-8b")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--batches", type=int, nargs="+", default=[64, 128])
+  p.add_argument("--context", type=int, nargs="+", default=[2048])
+  p.add_argument("--summaries", nargs="*", default=[], help="also run with these summary settings")
+  p.add_argument("--warmup", type=int, default=5)
+  p.add_argument("--iters", type=int, default=30)
+  p.add_argument("--attention", default="auto")
+  p.add_argument("--layer-loop", nargs="+", default=["auto"], choices=["auto", "scan", "unroll"],
+                 help="RuntimeConfig.layer_loop variants, each run in this process")
+  p.add_argument("--tp", type=int, nargs="+", default=[None],
+                 help="tensor-parallel mesh sizes, each run in this process (default: no mesh)")
+  p.add_argument("--xla-options", nargs="+", default=[""], metavar="NAME=VALUE,...",
+                 help="RuntimeConfig.xla_options variants, each run in this process (\"\" = defaults)")
+  p.add_argument("--back-to-back", type=int, default=0, metavar="N",
+                 help="also time N decode steps dispatched with no host sync between them")
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="after timing, N more decode steps under CUPTI: device time per kernel")
+  p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "
+                 "weight-shaped copy / dynamic-slice fusions")
+  p.add_argument("--out-json")
+  bc.compile_cache.add_args(p)
+  args = p.parse_args(argv)
+  try:
+    bc.compile_cache.from_args(args)
+  except bc.UserError as e:
+    p.error(str(e))
+
+
+  ndev = len(jax.devices())
+  for tp in args.tp:
+    if tp is not None and tp > ndev:
+      p.error(f"--tp {tp} needs {tp} devices; this machine has {ndev} ({jax.default_backend()})")
+  cfg = ModelConfig.from_name(args.model)
+  model = Llama(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
+  bw = copy_bandwidth()
+  meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+          "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "jax": jax.__version__,
+          "model": args.model, "dtype": args.dtype,
+          "copy_tb_s": bw, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "matmul_precision": jax.config.jax_default_matmul_precision,
+          "command": "python scripts/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+  rows = []
+  for ctx in args.context:
+    for b in args.batches:
+      for sc in [None] + [SummaryConfig.parse(s) for s in args.summaries]:
+        variants = [(tp, lo, xo) for tp in args.tp for lo in args.layer_loop for xo in args.xla_options]
+        for tp, loop, xo in variants:
+          try:
+            r = run_one(cfg, model, b, ctx, args, sc, loop, bw, xo, tp)
+          except Exception as e:  # noqa: BLE001  (e.g. out of memory: keep the other variants' rows)
+            r = {"tp": tp, "layer_loop": loop, "xla_options": xo, "batch": b, "context": ctx,
+                 "summaries": None if sc is None else str(sc), "error": f"{type(e).__name__}: {str(e)[:500]}"}
+          gc.collect()  # the previous engine's pools
+          if bw and r.get("step_ms_median"):
+            r["roofline_ms"] = 1e3 * (r["weight_bytes"] + r["kv_bytes_read"]) / (bw * 1e12)
+            r["vs_roofline"] = r["step_ms_median"] / r["roofline_ms"]
+          rows.append(r)
+          print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "hlo")}), file=sys.stderr, flush=True)
+          if "hlo" in r:
+            h = r["hlo"]
+            print(f"hlo {loop} b{b} c{ctx}: weight-shaped dynamic-slice {h['dynamic-slice']}, slice {h['slice']}, "
+                  f"copy {h['copy']} ({h['in_loop_bodies']} of them in while bodies: x layers at run time), "
+                  f"copies of whole [L, ...] stacks {h['stacked_copy']}; "
+                  f"slices fused into GEMMs {h['slice_fused_into_gemm']}, dynamic-slice fusions "
+                  f"{h['dynamic_slice_fusion']}, while loops (all) {h['while_loops']} -> {h['path']}", file=sys.stderr,
+                  flush=True)
+          if args.out_json:  # after every row: a later crash or timeout keeps what was measured
+            with open(args.out_json, "w") as f:
+              json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  print(f"{meta['date']}, {meta['device']}, jax {meta['jax']}, {args.model} {args.dtype}, copy ceiling "
+        f"{bw and round(bw, 2)} TB/s, XLA_FLAGS={meta['xla_flags'] or '(unset)'}\n`{meta['command']}`\n")
+  print("| tp | layer loop | XLA options | batch | context | summaries | step ms (median) | host ms | roofline ms | "
+        "step / roofline | KV bytes / seq | first step s | decode compiles |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for r in rows:
+    xo = r.get("xla_options") or "defaults"
+    if "error" in r:
+      print(f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
+            f"{r['summaries'] or 'off'} | error: {r['error'][:200]} | | | | | | |")
+      continue
+    print(f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
+          f"{r['summaries'] or 'off'} | {r['step_ms_median'] or float('nan'):.3f} | "
+          f"{r['host_ms_median'] or float('nan'):.3f} | {r.get('roofline_ms', float('nan')):.3f} | "
+          f"{r.get('vs_roofline', float('nan')):.2f} | "
+          f"{r['kv_bytes_per_seq'] / 2**20:.1f} MiB | {r['first_step_s']:.1f} | {r['decode_compiles']} |")
+  for r in rows:
+    if "profile" in r:
+      label = f"{r['layer_loop']} b{r['batch']} c{r['context']}" + (f" {r['summaries']}" if r["summaries"] else "") \
+          + (f" [{r['xla_options']}]" if r.get("xla_options") else "") \
+          + (f" tp={r['tp']} (CUPTI's kernels of every device)" if (r.get("tp") or 1) > 1 else "")
+      print_profile(label, r["profile"], r["step_ms_median"])
+  return 0
+

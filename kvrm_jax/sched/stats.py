@@ -1,0 +1,70 @@
+"""Engine statistics: counters and per-step series, and the summary of scripts/decode.py's JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """Cumulative counters and per-step series of one engine (benchmarks slice them per run)."""
+
+  decode_steps: int = 0
+  prefill_steps: int = 0
+  preemptions: int = 0  # recompute and swap
+  prefix_hit_blocks: int = 0  # prompt blocks found in the prefix cache
+  moves: int = 0  # block copies (copy-on-write + compaction)
+  folds: int = 0  # blocks folded into summary rows
+  peak_reserved_blocks: int = 0  # blocks held by admitted sequences
+  peak_live_tokens: int = 0  # tokens actually in the cache
+  # Per decode step: mean runs per decoding sequence, host µs (schedule + descriptors), device
+  # seconds of the step, reserved blocks and live tokens.
+  groups_per_seq: list[float] = dataclasses.field(default_factory=list)
+  host_us: list[float] = dataclasses.field(default_factory=list)
+  step_s: list[float] = dataclasses.field(default_factory=list)
+  reserved_series: list[int] = dataclasses.field(default_factory=list)
+  live_series: list[int] = dataclasses.field(default_factory=list)
+  # Host tier: blocks placed on the host, swap preemptions, extents copied out / in, and per decode
+  # step (extents swapped out, in, staged by the step per layer; host blocks in use).
+  placed_blocks: int = 0
+  swap_preemptions: int = 0
+  swap_out_extents: int = 0
+  swap_in_extents: int = 0
+  tier_series: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+  # Start-up: Engine() seconds; seconds of the steps that traced and compiled (their first run
+  # included); first step() call to first token (compiles included).
+  build_s: float = 0.0
+  compile_s: float = 0.0
+  first_token_s: float | None = None
+  _t_first_step: float | None = None
+
+
+def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, generated: int,
+            tier_policy: str | None) -> dict:
+  """The stats object of scripts/decode.py's JSON (the host tier's part only when it exists)."""
+  block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * rt.block_size * cfg.head_dim * itemsize
+  token_bytes = block_bytes // rt.block_size
+  return {
+      "engine": kind,
+      "decode_compiles": compiles.decode,
+      "prefill_compiles": compiles.prefill,
+      "steps": st.decode_steps,
+      "prefill_steps": st.prefill_steps,
+      "reserved_kv_bytes": st.peak_reserved_blocks * block_bytes,
+      "live_kv_bytes": st.peak_live_tokens * token_bytes,
+      "pool_kv_bytes": (rt.num_blocks - 1) * block_bytes,
+      "preemptions": st.preemptions,
+      "prefix_hit_blocks": st.prefix_hit_blocks,
+      "mean_groups_per_seq": float(np.mean(st.groups_per_seq)) if st.groups_per_seq else 0.0,
+      "block_moves": st.moves,
+      "host_us_per_step": float(np.median(st.host_us)) if st.host_us else 0.0,
+      "generated_tokens": generated,
+      "startup_s": {"engine_build": st.build_s, "compile": st.compile_s, "first_token": st.first_token_s},
+      **({} if tier_policy is None else {
+          "tier_policy": tier_policy, "host_pool_kv_bytes": (rt.host_extents - 1) * rt.host_extent * block_bytes,
+          "placed_blocks": st.placed_blocks, "swap_preemptions": st.swap_preemptions,
+          "swap_out_extents": st.swap_out_extents, "swap_in_extents": st.swap_in_extents,
+          "peak_host_blocks": max((t[3] for t in st.tier_series), default=0)}),
+  }

@@ -1,0 +1,199 @@
+"""The compiled steps: one decode step per runtime configuration, one prefill step per chunk bucket.
+
+    decode_step(state, k_pool, v_pool, ints, floats) -> (tokens [S], k_pool, v_pool)
+    prefill_step(state, k_pool, v_pool, ints, floats) -> (tokens [P], k_pool, v_pool)
+
+Pure functions of pytrees; the pools are donated; `ints, floats` are the packed descriptor
+(kvrm_jax/descriptor.py). Each layer writes its new K/V into the pool (step/block_ops.py) and
+attends over the paged history (step/attention.py), merging the host tier's blocks
+(step/tier.py) or the summary rows (step/summaries.py) when present; sampling is on device
+(step/sampling.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kvrm_jax import descriptor as desc_lib
+from kvrm_jax.config import ModelConfig, RuntimeConfig
+from kvrm_jax.model import llama as model_lib
+from kvrm_jax.step import sharding
+from kvrm_jax.step import tier
+from kvrm_jax.step.attention import block_mass, chunk_attention, decode_attention, decode_descriptors, resolve_attention
+from kvrm_jax.step.block_ops import block_ops, write_kv
+from kvrm_jax.step.sampling import sample
+from kvrm_jax.step.summaries import merge_summaries
+from pallas_kernels.partition import merge_lse
+
+
+def unrolled(rt: RuntimeConfig) -> bool:
+  """Layer loop: unrolled on GPU (auto), where XLA's GEMMs then read each layer's weights in place;
+  under `lax.scan` each layer's weight slice is first copied (measured on an H100: 9.5 of 25.6 ms
+  of a Llama-3-8B step, docs/step.md). scan compiles faster (CPU default)."""
+  if rt.layer_loop == "auto":
+    return jax.default_backend() == "gpu"
+  return rt.layer_loop == "unroll"
+
+
+# XLA compile options of the steps on GPU (RuntimeConfig.xla_options adds to / overrides them).
+DEFAULT_XLA_OPTIONS: dict[str, bool | int | float | str] = {}
+
+
+def compiler_options(rt: RuntimeConfig) -> dict | None:
+  """The steps' XLA compile options on this backend (None: XLA's defaults)."""
+  opts = dict(DEFAULT_XLA_OPTIONS) if jax.default_backend() == "gpu" else {}
+  opts.update(dict(rt.xla_options))
+  return opts or None
+
+
+def _reduce(tp_axis):
+  return None if tp_axis is None else (lambda y: jax.lax.psum(y, tp_axis))
+
+
+def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_logits: bool, tp_axis,
+            with_mass: bool, state, k_pool, v_pool, ints, floats, *host):
+  d = desc_lib.decode_layout(rt).unpack(ints, floats)
+  k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
+  model = model_lib.merge(graphdef, state)
+  mass_layer = cfg.num_layers - 1
+  # One descriptor for all layers: the kernels add each layer's block offset themselves.
+  desc = decode_descriptors(backend, k_pool, k_pool.shape[0] * cfg.q_per_kv, d)
+
+  def attend(layer, q, k, v, cache):
+    kp, vp, mass = cache
+    kp = write_kv(kp, layer, d["write_slots"], k)
+    vp = write_kv(vp, layer, d["write_slots"], v)
+    o, lse = decode_attention(backend, q, kp, vp, layer, d, desc)
+    if rt.max_host_reads:  # cold blocks on the host tier: stage this layer's extents, merge exactly
+      kh, vh = host
+
+      def with_host(o, lse):
+        sk = tier.stage(kh, layer, d["host_reads"], d["host_n"][0], rt.host_extent)
+        sv = tier.stage(vh, layer, d["host_reads"], d["host_n"][0], rt.host_extent)
+        oh, lseh = tier.host_attention(q, sk, sv, d["host_table"], d["host_count"], rt.block_size)
+        om, lsem = merge_lse([o, oh], [lse, lseh], base2=False)
+        return om.astype(o.dtype), lsem.astype(lse.dtype)
+
+      # Steps without host-resident blocks skip the staging and the extra attention entirely.
+      o, lse = jax.lax.cond(d["host_n"][0] > 0, with_host, lambda o, lse: (o, lse), o, lse)
+    if rt.max_summaries:
+      o = merge_summaries(o, lse, q, kp, vp, layer, d)
+    if with_mass:  # statistics for the attention-mass placement policy, from one layer
+      if isinstance(layer, int):  # unrolled layers
+        mass = block_mass(q, kp, layer, d) if layer == mass_layer else mass
+      else:
+        mass = jax.lax.cond(layer == mass_layer, lambda: block_mass(q, kp, layer, d), lambda: mass)
+    return o.astype(q.dtype), (kp, vp, mass)
+
+  mass0 = jnp.zeros(d["block_tables"].shape, jnp.float32)
+  logits, (k_pool, v_pool, mass) = model(d["tokens"], d["positions"], (k_pool, v_pool, mass0), attend,
+                                         reduce=_reduce(tp_axis), unroll=unrolled(rt))
+  tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["positions"] + 1)
+  tokens = jnp.where(d["lengths"] > 0, tokens, 0)
+  out = (tokens, k_pool, v_pool) + ((logits,) if with_logits else ())
+  if with_mass:
+    out += (mass if tp_axis is None else jax.lax.pmean(mass, tp_axis),)
+  return out
+
+
+def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk: int, with_logits: bool, tp_axis,
+             state, k_pool, v_pool, ints, floats):
+  d = desc_lib.prefill_layout(rt, chunk).unpack(ints, floats)
+  k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
+  p = rt.max_prefill_seqs
+  model = model_lib.merge(graphdef, state)
+  slots = d["write_slots"].reshape(-1)
+
+  def attend(layer, q, k, v, cache):
+    kp, vp = cache
+    kp = write_kv(kp, layer, slots, k)
+    vp = write_kv(vp, layer, slots, v)
+    o = chunk_attention(q.reshape(p, chunk, *q.shape[1:]), kp, vp, layer, d)
+    return o.reshape(q.shape), (kp, vp)
+
+  last = jnp.arange(p) * chunk + d["last_index"]
+  logits, (k_pool, v_pool) = model(d["tokens"].reshape(-1), d["positions"].reshape(-1), (k_pool, v_pool),
+                                   attend, logits_index=last, reduce=_reduce(tp_axis),
+                                   unroll=unrolled(rt))
+  # The sampled token's position (prefill rows hold no summaries: lengths == last position + 1).
+  tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["lengths"])
+  tokens = jnp.where(d["lengths"] > 0, tokens, 0)
+  return (tokens, k_pool, v_pool, logits) if with_logits else (tokens, k_pool, v_pool)
+
+
+class CompileCounter:
+  """Counts traces of the step functions (one trace = one compilation of a new executable)."""
+
+  def __init__(self):
+    self.decode = 0
+    self.prefill = 0
+
+
+def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: bool = False,
+                counter: CompileCounter | None = None, mesh=None, state_specs=None, with_mass: bool = False):
+  """Return (decode_step, prefill_step_for(chunk), counter); steps are jitted with donated pools.
+
+  With a `mesh`, each step is `jax.jit(jax.shard_map(step))` over the `tp` axis: params sharded
+  by `state_specs`, pools over KV heads, descriptor replicated.
+  With a host tier that the step reads (rt.max_host_reads), the decode step takes the host K and
+  V pools as two more (read-only) arguments. with_mass: the decode step also returns each table
+  block's attention mass [S, MB] (the attention placement policy's statistics).
+  """
+  backend = resolve_attention(rt)
+  counter = counter or CompileCounter()
+
+  def counted(fn, kind):
+    @functools.wraps(fn)
+    def inner(*args):  # runs when the step is traced (the model sets its matmul precision itself)
+      setattr(counter, kind, getattr(counter, kind) + 1)
+      return fn(*args)
+    return inner
+
+  tp_axis = None
+  wrap = lambda fn, kind: fn  # noqa: E731
+  if mesh is not None:
+    tp_axis = sharding.AXIS
+    n_host = 2 if rt.max_host_reads else 0
+    wrap = lambda fn, kind: sharding.shard_step(  # noqa: E731
+        fn, mesh, state_specs, int(with_logits) + int(with_mass and kind == "decode"),
+        n_host if kind == "decode" else 0)
+
+  def decode_step(state, k_pool, v_pool, ints, floats, *host):
+    """One decode step of every slot: (state, k_pool, v_pool, ints, floats[, k_host, v_host]) ->
+    (tokens [S] int32, k_pool, v_pool[, logits [S, V]][, mass [S, MB]]).
+
+    state: the model's parameter state (`engine.state`); k_pool, v_pool: the KV pools
+    [KH, L, N, bs, E] (donated: use the returned ones); ints, floats: the packed descriptor
+    (`engine.build_decode_descriptor(plan)`); k_host, v_host: the host tier's pools when the step
+    reads them (`engine.decode_host_args()`). tokens: each slot's sampled token (0 in empty slots,
+    NON_FINITE where the slot's logits were not finite). logits with `with_logits`, the
+    attention mass of each table block with `with_mass`. Compiled once per configuration.
+    """
+    return _decode(graphdef, cfg, rt, backend, with_logits, tp_axis, with_mass, state, k_pool, v_pool, ints,
+                   floats, *host)
+
+  opts = compiler_options(rt)
+  jitted = jax.jit(counted(wrap(decode_step, "decode"), "decode"), donate_argnums=(1, 2), compiler_options=opts)
+  jitted.__doc__ = decode_step.__doc__  # shard_map's wrapper (with a mesh) keeps no docstring
+
+  @functools.cache
+  def prefill_step(chunk: int):
+    if chunk not in rt.prefill_buckets:
+      raise ValueError(f"chunk {chunk} is not a prefill bucket {rt.prefill_buckets}")
+    pf = functools.partial(_prefill, graphdef, cfg, rt, backend, chunk, with_logits, tp_axis)
+    return jax.jit(counted(wrap(pf, "prefill"), "prefill"), donate_argnums=(1, 2), compiler_options=opts)
+
+  return jitted, prefill_step, counter
+
+
+def build_swap(rt: RuntimeConfig, mesh=None, out_shardings=None):
+  """The host tier's swap op: (k_pool, v_pool, k_host, v_host, ints) -> the four pools, donated.
+
+  out_shardings: the four pools' shardings; pass them so the host pools stay in host memory."""
+  fn = functools.partial(tier.swap_blocks, rt=rt)
+  if mesh is not None:
+    fn = sharding.shard_swap(fn, mesh)
+  return jax.jit(fn, donate_argnums=(0, 1, 2, 3), out_shardings=out_shardings)

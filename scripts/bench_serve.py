@@ -54,10 +54,8 @@ import time
 import numpy as np
 
 # The workload code of the in-process benchmarks, imported here and nowhere else in this script.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
-import bench_decode  # noqa: E402
-import replay_trace  # noqa: E402
+from kvrm_jax import bench as bc
+from kvrm_jax.bench import replay
 
 KIND = "bench_serve"
 PREFIX_METRICS = (("kvrm_prefix_cache_hit_blocks_total", "blocks"), ("vllm:prefix_cache_hits_total", "tokens"))
@@ -76,7 +74,7 @@ def parse_args(argv=None):
                  "/v1/models `vocab_size`, else 32000)")
   s.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
   w = p.add_argument_group("workload (bench_decode.py's families, or replay_trace.py's traces)")
-  w.add_argument("--families", help=f"comma list of {', '.join(bench_decode.FAMILIES)} (default: all, without --trace)")
+  w.add_argument("--families", help=f"comma list of {', '.join(bc.FAMILIES)} (default: all, without --trace)")
   w.add_argument("--num-requests", type=int, default=48, help="requests per family")
   w.add_argument("--max-len", type=int, help="prompt + output tokens of a request (default: the server's "
                  "max_model_len, at most 512)")
@@ -116,10 +114,10 @@ def hash_prompts(path: str, start: float, duration: float | None, args, lengths:
   with open(path, encoding="utf-8") as f:
     for line in f:
       if line.strip():
-        o = json.loads(line)  # replay_trace.load_trace has checked every line already
+        o = json.loads(line)  # bc.load_trace has checked every line already
         ts.append(float(o["timestamp"]) / 1e3)
         hashes.append(o.get("hash_ids"))
-  order = np.argsort(np.array(ts), kind="stable")  # the order of replay_trace.load_trace
+  order = np.argsort(np.array(ts), kind="stable")  # the order of bc.load_trace
   ts = np.array(ts)[order] - np.array(ts)[order][0]
   end = ts[-1] + 1e-9 if duration is None else start + duration
   idx = np.nonzero((ts >= start) & (ts < end))[0][:args.max_requests]
@@ -144,17 +142,17 @@ def build_runs(args, max_len: int, vocab: int) -> list[dict]:
   """[{name, description, requests: [(arrival s, prompt ids, output tokens)], ...}] in run order."""
   runs = []
   if args.families or not args.trace:
-    fams = bench_decode.parse_families(args.families or ",".join(bench_decode.FAMILIES))
+    fams = bc.parse_families(args.families or ",".join(bc.FAMILIES))
     for i, f in enumerate(fams):
-      work = bench_decode.make_workload(f, args.num_requests, max_len, vocab, np.random.default_rng([args.seed, i]))
-      runs.append({"name": f, "description": bench_decode.DESCRIPTIONS[f], "workload": bench_decode.describe(work),
+      work = bc.make_workload(f, args.num_requests, max_len, vocab, np.random.default_rng([args.seed, i]))
+      runs.append({"name": f, "description": bc.DESCRIPTIONS[f], "workload": bc.describe(work),
                    "_requests": [(0.0, p, n) for p, n in work]})
-  starts = replay_trace.per_trace(args.start, len(args.trace), "--start", 0.0)
-  durations = replay_trace.per_trace(args.duration, len(args.trace), "--duration", None)
+  starts = replay.per_trace(args.start, len(args.trace), "--start", 0.0)
+  durations = replay.per_trace(args.duration, len(args.trace), "--duration", None)
   for j, (path, st, du) in enumerate(zip(args.trace, starts, durations)):
-    t = replay_trace.select(path, st, du, args, max_len, vocab, args.seed + j)
+    t = replay.select(path, st, du, args, max_len, vocab, args.seed + j)
     reqs = t.pop("_requests")
-    shared = hash_prompts(replay_trace.resolve_trace(path), st, du, args, [len(r[1]) for r in reqs], vocab,
+    shared = hash_prompts(bc.resolve_trace(path), st, du, args, [len(r[1]) for r in reqs], vocab,
                           args.seed + j)
     if shared is not None:
       reqs = [(a, p, n) for (a, _, n), p in zip(reqs, shared)]

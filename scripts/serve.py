@@ -10,12 +10,9 @@ Endpoints: /v1/completions, /v1/chat/completions (stream: true for server-sent e
 /health, /metrics (Prometheus). `python scripts/serve.py --help` lists the flags.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kvrm_jax.serve.server import main  # noqa: E402
+from kvrm_jax.serve.server import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from kvrm_jax.model import reference
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
-from kvrm_jax.sched.request import RequestError
+from kvrm_jax.model import reference
 from kvrm_jax.model.llama import Llama
-from kvrm_jax.sched.request import SamplingParams
+from kvrm_jax.sched.request import RequestError, SamplingParams
 
 CFG = ModelConfig.from_name("tiny")
 RT = RuntimeConfig(block_size=8, num_blocks=32, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8, 32))
@@ -25,8 +24,8 @@ def model():
 
 
 def assert_whole(eng):
-  assert not eng.has_work() and not eng.waiting
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
+  assert not eng.has_work() and not eng.sched.waiting
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
 @pytest.mark.parametrize("kw, msg", [

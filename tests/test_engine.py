@@ -311,7 +311,7 @@ def test_steps_compile_once_whatever_the_tracing_context_later(model):
     while eng.has_work():
       eng.step()
   assert (eng.compiles.decode, eng.compiles.prefill) == (1, 1)
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
 def _feature_engine(feature, model):
@@ -362,7 +362,7 @@ def test_one_compile_per_step_under_each_feature(model, feature):
   assert exercised[feature]
   assert eng.compiles.decode == 1
   assert 1 <= eng.compiles.prefill <= len(used)
-  assert eng.allocator.num_free_blocks == eng.allocator.num_total_blocks
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
 def test_summary_reports_startup_split(model):

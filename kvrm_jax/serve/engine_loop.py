@@ -18,8 +18,7 @@ import time
 
 from kvrm_jax.cli import UserError, add_runtime_args, load_model, make_engine, run_main
 from kvrm_jax.engine import Engine
-from kvrm_jax.sched.request import RequestError
-from kvrm_jax.sched.request import SamplingParams
+from kvrm_jax.sched.request import RequestError, SamplingParams
 
 __all__ = ["Engine", "EngineLoop", "Event", "Handle", "Overloaded", "RequestError", "SamplingParams", "UserError",
            "add_runtime_args", "load_model", "load_preset", "load_tokenizer", "make_engine", "run_main", "warm_up"]
@@ -299,9 +298,9 @@ class EngineLoop:
   def snapshot(self) -> dict:
     """Engine counters for the metrics (read on the engine thread)."""
     eng = self.engine
-    waiting = len(eng.waiting)
+    waiting = len(eng.sched.waiting)
     return {"queued": waiting, "running": len(self._handles) - waiting,
-            "blocks_used": eng.allocator.num_used_blocks, "blocks_free": eng.allocator.num_free_blocks,
+            "blocks_used": eng.sched.allocator.num_used_blocks, "blocks_free": eng.sched.allocator.num_free_blocks,
             "preemptions": eng.stats.preemptions, "prefix_hit_blocks": eng.stats.prefix_hit_blocks}
 
 

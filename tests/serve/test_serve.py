@@ -21,7 +21,7 @@ import pytest
 from kvrm_jax.serve.detok import IncrementalDetokenizer, TextStream, full_text
 from kvrm_jax.serve.engine_loop import load_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = "smollm2"
 MAX_LEN = 256  # context per request of the test servers
 SLOTS = 4

@@ -16,7 +16,7 @@ from pallas_kernels.paged_attention import (paged_decode_attention,
 from pallas_kernels.partition import KVPartition, make_transfer_groups
 
 ON_GPU = jax.default_backend() == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU (run pytest -m gpu on one)")
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU (on a GPU machine: make test-gpu)")
 TOL = {np.float32: 1e-5, jnp.bfloat16: 1e-2}
 MAX_GROUPS = 3
 

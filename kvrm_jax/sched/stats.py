@@ -33,8 +33,8 @@ class EngineStats:
   swap_out_extents: int = 0
   swap_in_extents: int = 0
   tier_series: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
-  # Start-up: Engine() seconds; seconds of the steps that traced and compiled (their first run
-  # included); first step() call to first token (compiles included).
+  # Start-up: Engine() seconds; seconds spent lowering and compiling the steps' executables; first
+  # step() call to first token (compiles included).
   build_s: float = 0.0
   compile_s: float = 0.0
   first_token_s: float | None = None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kvrm_jax import sampling
+from kvrm_jax.step import sampling
 from kvrm_jax.step.sampling import sample
 
 

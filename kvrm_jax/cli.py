@@ -9,6 +9,14 @@ import os
 import sys
 import time
 
+import jax
+
+from kvrm_jax.config import RuntimeConfig
+from kvrm_jax.engine import Engine
+from kvrm_jax.model import checkpoint as ckpt
+from kvrm_jax.sched.summaries import SummaryConfig
+from kvrm_jax.step import sharding
+
 
 class UserError(Exception):
   """Bad arguments or inputs (a user mistake, never a traceback)."""
@@ -90,10 +98,6 @@ def resolve_model(args):
   the bundled model is converted on its first use (a line per phase on stderr)."""
   check_runtime_args(args)
 
-  import jax
-
-  from kvrm_jax.model import checkpoint as ckpt
-  from kvrm_jax.step import sharding
 
   dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
   try:
@@ -117,8 +121,6 @@ def resolve_model(args):
 def load_weights(path, cfg, mesh, dtype: str):
   """(cfg, model) of a resolved checkpoint, restored straight into the mesh's shardings unless the
   heads need padding first (a line with its time on stderr)."""
-  from kvrm_jax.model import checkpoint as ckpt
-  from kvrm_jax.step import sharding
   try:
     with phase(f"loading checkpoint {path}"):
       shardings = None if sharding.padded_config(cfg, mesh.size) != cfg else sharding.named_shardings(mesh)
@@ -137,8 +139,6 @@ def load_model(args):
 
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):
   """(RuntimeConfig, summaries) of the runtime flags; UserError for impossible sizes."""
-  from kvrm_jax.config import RuntimeConfig
-  from kvrm_jax.sched.summaries import SummaryConfig
   try:
     summaries = SummaryConfig.parse(args.summaries) if args.summaries else None
     rt = RuntimeConfig(block_size=args.block_size, num_blocks=num_blocks, max_slots=max_slots,
@@ -151,7 +151,6 @@ def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blo
 
 def make_engine(args, cfg, model, tok, mesh, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):
   """The Engine of the runtime flags (UserError for impossible sizes)."""
-  from kvrm_jax.engine import Engine
   rt, summaries = runtime_config(args, dtype, max_slots=max_slots, num_blocks=num_blocks,
                                  max_blocks_per_seq=max_blocks_per_seq)
   try:

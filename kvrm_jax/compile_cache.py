@@ -15,6 +15,10 @@ import argparse
 import os
 from pathlib import Path
 
+import jax
+
+from kvrm_jax.model.checkpoint import default_cache_dir
+
 from kvrm_jax.cli import UserError
 
 ENV = "KVRM_JAX_COMPILE_CACHE"
@@ -22,7 +26,6 @@ ENV = "KVRM_JAX_COMPILE_CACHE"
 
 def default_dir() -> Path:
   """`$KVRM_JAX_COMPILE_CACHE` (unless `off`), else `<bundled model cache folder>/xla`."""
-  from kvrm_jax.model.checkpoint import default_cache_dir
   v = os.environ.get(ENV)
   return Path(v) if v and v != "off" else default_cache_dir() / "xla"
 
@@ -30,8 +33,6 @@ def default_dir() -> Path:
 def enable(path=None) -> Path:
   """Store every compiled executable (no minimum compile time or size) under `path` (default:
   `default_dir()`), created if missing, and return the folder. Call before the first compile."""
-  import jax
-
   folder = Path(path) if path else default_dir()
   try:
     folder.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   sl = eng.sched.slots
   exact_tokens = [r.num_computed - int(sl.folded[r.slot]) for r in sl.reqs]
   blocks = [len(eng.sched.allocator.block_table(r.id)) + int(sl.sum_base[r.slot] >= 0) for r in sl.reqs]
-  shards = [x.addressable_shards[0].data for x in __import__("jax").tree.leaves(eng.state)]  # one device's
+  shards = [x.addressable_shards[0].data for x in jax.tree.leaves(eng.state)]  # one device's
   weight_bytes = sum(x.size for x in shards) * itemsize
   kv_read = sum(exact_tokens) * tok_bytes
   row = {"tp": tp, "layer_loop": layer_loop, "xla_options": xla_options, "batch": batch,

@@ -16,6 +16,16 @@ import queue
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvrm_jax.config import PRESETS, ModelConfig
+from kvrm_jax.model import checkpoint as ckpt
+from kvrm_jax.model.llama import Llama
+from kvrm_jax.model.tokenizer import Tokenizer
+from kvrm_jax.step import sharding
+
 from kvrm_jax.cli import UserError, add_runtime_args, load_model, make_engine, run_main
 from kvrm_jax.engine import Engine
 from kvrm_jax.sched.request import RequestError, SamplingParams
@@ -26,8 +36,6 @@ __all__ = ["Engine", "EngineLoop", "Event", "Handle", "Overloaded", "RequestErro
 
 def load_tokenizer(checkpoint=None, cache_dir=None):
   """The tokenizer of a checkpoint folder (default: the bundled SmolLM2 model)."""
-  from kvrm_jax.model import checkpoint as ckpt
-  from kvrm_jax.model.tokenizer import Tokenizer
   path = checkpoint or ckpt.ensure_bundled_checkpoint(cache_dir, progress=False)
   with open(f"{path}/tokenizer.json", encoding="utf-8") as f:
     return Tokenizer.from_json_str(f.read())
@@ -37,13 +45,6 @@ def load_preset(args):
   """Like kvrm_jax.cli.load_model, for a model shape with random weights (`--preset`, benchmarks):
   (cfg, model, tokenizer, mesh, dtype, name). Text goes through the bundled tokenizer; ids past its
   vocabulary decode to nothing, so send prompts as token ids."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from kvrm_jax.step import sharding
-  from kvrm_jax.config import ModelConfig
-  from kvrm_jax.model.llama import Llama
   try:
     cfg = ModelConfig.from_name(args.preset)
     mesh = sharding.make_mesh(args.tp)
@@ -57,7 +58,6 @@ def load_preset(args):
 
 
 def preset_names() -> list[str]:
-  from kvrm_jax.config import PRESETS
   return sorted(PRESETS)
 
 

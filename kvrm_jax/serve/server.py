@@ -18,8 +18,10 @@ import time
 
 import uvicorn
 
+from kvrm_jax.serve.app import create_app
 from kvrm_jax.serve.engine_loop import (EngineLoop, UserError, add_runtime_args, load_model, load_preset,
                                         make_engine, preset_names, run_main, warm_up)
+from kvrm_jax.serve.metrics import Metrics
 
 
 def parse_args(argv=None):
@@ -55,8 +57,6 @@ def serve(args) -> int:
     raise UserError(f"--port must be in [1, 65535], got {args.port}")
   if args.block_size <= 0:
     raise UserError(f"--block-size must be positive, got {args.block_size}")
-  from kvrm_jax.serve.app import create_app
-  from kvrm_jax.serve.metrics import Metrics
 
   t0 = time.perf_counter()
   if args.preset and args.checkpoint:

@@ -253,16 +253,10 @@ def test_two_device_mesh_with_tier(model, mixed):
 # ----------------------------------------------------------------------------- abort
 
 
-def test_abort_swapped_out_request_frees_its_extents(engine, mixed):
-  """A request aborted while swapped out gives its extents back; the others finish exactly."""
-  ps, sps, ref = mixed
-  eng = engine(RT_SWAP)
-  eng.stats = EngineStats()
-  rids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
-  victim = step_until(eng, rids, lambda r: r.swapped)
-  assert victim is not None, "no request was swapped out"
-  free = eng.sched.tier.num_free_extents
-  held = len(eng.sched.tier.records[victim].extents)
+def abort_and_finish(eng, rids, ref, victim):
+  """Abort `victim`: its host extents are free at once; the others then finish exactly and both tiers
+  are whole."""
+  free, held = eng.sched.tier.num_free_extents, len(eng.sched.tier.records[victim].extents)
   assert eng.abort(victim)
   assert victim not in eng.sched.tier.records and eng.sched.tier.num_free_extents == free + held
   check(eng)
@@ -272,8 +266,19 @@ def test_abort_swapped_out_request_frees_its_extents(engine, mixed):
   for r, out in zip(rids, ref):
     if r != victim:
       assert eng.requests[r].output_ids == out
-  assert eng.requests[victim].finish_reason == "aborted"
   assert_whole(eng)
+
+
+def test_abort_swapped_out_request_frees_its_extents(engine, mixed):
+  """A request aborted while swapped out gives its extents back; the others finish exactly."""
+  ps, sps, ref = mixed
+  eng = engine(RT_SWAP)
+  eng.stats = EngineStats()
+  rids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
+  victim = step_until(eng, rids, lambda r: r.swapped)
+  assert victim is not None, "no request was swapped out"
+  abort_and_finish(eng, rids, ref, victim)
+  assert eng.requests[victim].finish_reason == "aborted"
 
 
 def test_abort_running_request_with_placed_blocks(engine, mixed):
@@ -286,18 +291,8 @@ def test_abort_running_request_with_placed_blocks(engine, mixed):
   assert victim is not None, "no block was placed"
   req = eng.requests[victim]
   assert req.slot is not None and victim in eng.sched.tier.records
-  free, held = eng.sched.tier.num_free_extents, len(eng.sched.tier.records[victim].extents)
-  assert eng.abort(victim)
-  assert victim not in eng.sched.tier.records and eng.sched.tier.num_free_extents == free + held
+  abort_and_finish(eng, rids, ref, victim)
   assert req.slot is None and not eng.sched.allocator.has(victim)
-  check(eng)
-  while eng.has_work():
-    eng.step()
-    check(eng)
-  for r, out in zip(rids, ref):
-    if r != victim:
-      assert eng.requests[r].output_ids == out
-  assert_whole(eng)
 
 
 # ----------------------------------------------------------------------------- soak

@@ -11,6 +11,7 @@ One `device_put` of the (ints, floats) pair per step is the only host->device tr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -64,6 +65,7 @@ class Layout:
     return out
 
 
+@functools.cache  # layouts are immutable: built once per configuration, not per step
 def decode_layout(rt: RuntimeConfig) -> Layout:
   s, mb, g, m = rt.max_slots, rt.max_blocks_per_seq, rt.max_groups, rt.max_moves
   return Layout(
@@ -101,6 +103,7 @@ def _host_read_fields(rt: RuntimeConfig) -> Fields:
   )
 
 
+@functools.cache  # layouts are immutable: built once per configuration, not per step
 def prefill_layout(rt: RuntimeConfig, chunk: int) -> Layout:
   p, mb = rt.max_prefill_seqs, rt.max_blocks_per_seq
   return Layout(

@@ -96,8 +96,9 @@ class Scheduler:
           forced_output: Sequence[int] | None = None, summaries: SummaryConfig | None = None) -> int:
     """Queue a request (see Engine.add_request); raises RequestError if it can never be served."""
     sampling = sampling or SamplingParams()
-    ids = list(prompt_ids) if not isinstance(prompt_ids, (str, bytes)) and isinstance(prompt_ids, Iterable) else [""]
-    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids):  # no silent int(1.5) or int(True)
+    is_seq = isinstance(prompt_ids, Iterable) and not isinstance(prompt_ids, (str, bytes))
+    ids = list(prompt_ids) if is_seq else []
+    if not is_seq or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids):  # no int(1.5)
       raise RequestError(f"prompt_ids must be a sequence of integer token ids, got {prompt_ids!r:.80} "
                          "(text prompts go through generate() or the tokenizer)")
     ids = [int(t) for t in ids]

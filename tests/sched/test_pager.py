@@ -6,12 +6,14 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kvrm_jax.sched.pager import BlockPager, OutOfBlocks
-from pallas_kernels.runs import coalesce_runs
+pytest.importorskip("hypothesis", reason="the pager tests need hypothesis (pip install -e '.[test]')")
+from hypothesis import HealthCheck, event, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule  # noqa: E402
+
+from kvrm_jax.sched.pager import BlockPager, OutOfBlocks  # noqa: E402
+from pallas_kernels.runs import coalesce_runs  # noqa: E402
 
 POISON = "poison"
 

@@ -15,11 +15,14 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
-from kvrm_jax.serve.detok import IncrementalDetokenizer, TextStream, full_text
-from kvrm_jax.serve.engine_loop import load_tokenizer
+for _pkg in ("fastapi", "uvicorn", "pydantic", "prometheus_client", "openai"):
+  pytest.importorskip(_pkg, reason=f"the server tests need {_pkg} (pip install -e '.[serve,test]')")
+httpx = pytest.importorskip("httpx", reason="the server tests need httpx (pip install -e '.[serve]')")
+
+from kvrm_jax.serve.detok import IncrementalDetokenizer, TextStream, full_text  # noqa: E402
+from kvrm_jax.serve.engine_loop import load_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = "smollm2"

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
-from kvrm_jax.step import sampling
-from kvrm_jax.step.sampling import sample
+stats = pytest.importorskip("scipy.stats", reason="the sampling tests need scipy (pip install -e '.[test]')")
+
+from kvrm_jax.step import sampling  # noqa: E402
+from kvrm_jax.step.sampling import sample  # noqa: E402
 
 
 def ref_kept(x, k, p):

@@ -1,6 +1,7 @@
 """Test setup: two forced host devices on CPU (sharding tests), GPU-only tests skipped on CPU,
 and what the tests share: the tiny random-weight model and random prompts (`from conftest import
-TINY, random_prompts`), the bundled SmolLM2 checkpoint (converted once per session), trace files."""
+TINY, random_prompts`), the environment of a child process (`child_env`), the bundled
+SmolLM2 checkpoint (converted once per session), trace files."""
 
 import os
 
@@ -19,6 +20,14 @@ from kvrm_jax.config import ModelConfig  # noqa: E402
 from kvrm_jax.model.llama import Llama  # noqa: E402
 
 TINY = ModelConfig.from_name("tiny")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**extra) -> dict:
+  """The environment of a test's child process: this one's, with the project first on PYTHONPATH
+  (kept: what the parent found there, e.g. packages installed with --target) and `extra` on top."""
+  path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+  return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def pytest_collection_modifyitems(config, items):

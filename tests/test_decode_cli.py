@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("decode_cli", os.path.join(ROOT, "scripts", "decode.py"))
 decode_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(decode_cli)
@@ -72,7 +72,7 @@ def test_bad_input_is_one_clear_line(case, smollm2_ckpt, tmp_path, capsys):
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  env = child_env()
   p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "decode.py"), "--checkpoint",
                       str(tmp_path / "nope"), "--prompt", "hi"], capture_output=True, text=True, timeout=300, env=env)
   assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")

@@ -1,10 +1,9 @@
 """The host half imports no JAX: every module of kvrm_jax.sched loads with jax blocked."""
 
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import child_env
 
 PROBE = """
 import importlib, pkgutil, sys
@@ -19,7 +18,7 @@ print(" ".join(sorted(mods)))
 
 
 def test_sched_modules_import_without_jax():
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  env = child_env()
   p = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120)
   assert p.returncode == 0, p.stderr[-2000:]
   loaded = {m.rsplit(".", 1)[1] for m in p.stdout.split()}

@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx", reason="the server tests need httpx (pip in
 from kvrm_jax.serve.detok import IncrementalDetokenizer, TextStream, full_text  # noqa: E402
 from kvrm_jax.serve.engine_loop import load_tokenizer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import ROOT, child_env  # noqa: E402
 MODEL = "smollm2"
 MAX_LEN = 256  # context per request of the test servers
 SLOTS = 4
@@ -83,7 +83,7 @@ def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
                       (["--checkpoint", str(tmp_path / "missing")], str(tmp_path / "missing")),
                       (["--preset", "tiny", "--checkpoint", str(tmp_path)], "not both")):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *flags], capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+                       text=True, timeout=120, env=child_env())
     assert r.returncode == 2 and r.stderr.startswith("error: ") and text in r.stderr, (flags, r.stderr)
     assert "Traceback" not in r.stderr
 
@@ -105,7 +105,7 @@ class Server:
     self.url = f"http://127.0.0.1:{self.port}"
     self.log_path = log_path
     self.log = open(log_path, "w")
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    env = child_env(PYTHONUNBUFFERED="1")
     self.proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--checkpoint", str(ckpt), "--port",
          str(self.port), "--served-model-name", MODEL, "--max-len", str(MAX_LEN), "--dtype", "float32", *extra],

@@ -9,7 +9,7 @@ import jax
 import pytest
 from flax import nnx
 
-from conftest import TINY, random_prompts
+from conftest import ROOT, TINY, child_env, random_prompts
 
 from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.engine import Engine
@@ -61,8 +61,7 @@ def test_tp_larger_than_devices_is_refused():
 
 def test_decode_cli_tp2_on_smollm2(smollm2_ckpt, tmp_path, capsys):
   """The real checkpoint (9 q / 3 kv heads, padded to 4 kv heads at tp=2), mixed-length batch."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  spec = importlib.util.spec_from_file_location("decode_cli_tp", os.path.join(root, "scripts", "decode.py"))
+  spec = importlib.util.spec_from_file_location("decode_cli_tp", os.path.join(ROOT, "scripts", "decode.py"))
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
   res = {}
@@ -86,9 +85,8 @@ def test_two_processes_multi_controller_equals_one(tmp_path):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = str(sock.getsockname()[1])
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, KVRM_TEST_PROMPTS=json.dumps(prompts))
-  procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "step", "multihost_worker.py"), str(i), port,
+  env = child_env(KVRM_TEST_PROMPTS=json.dumps(prompts))
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "step", "multihost_worker.py"), str(i), port,
                              str(tmp_path / f"p{i}.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   for p in procs:

@@ -1,9 +1,11 @@
 """JAX's persistent compilation cache for the command-line tools (on by default there).
 
-The compiled steps are stored under `<cache folder>/xla` (the cache folder of the bundled model:
-`$KVRM_JAX_CACHE` or `~/.cache/kvrm-jax`), or under `$KVRM_JAX_COMPILE_CACHE`, or `--compile-cache
-DIR`; `--no-compile-cache` (or `KVRM_JAX_COMPILE_CACHE=off`) turns it off. A second start with the same model, runtime shapes, jax
-version and device compiles nothing: its executables are read back from the folder.
+The compiled steps are stored under, first found: `--compile-cache DIR`, `$KVRM_JAX_COMPILE_CACHE`,
+jax's own `$JAX_COMPILATION_CACHE_DIR`, else `<cache folder>/xla` (the cache folder of the bundled
+model: `$KVRM_JAX_CACHE` or `~/.cache/kvrm-jax`). `--no-compile-cache` (or
+`KVRM_JAX_COMPILE_CACHE=off`) turns it off, jax's own folder included. A second start with the same
+model, runtime shapes, jax version and device compiles nothing: its executables are read back from
+the folder.
 
 The library itself never turns the cache on: `enable` is called by `scripts/decode.py` and the
 benchmark scripts at start-up, before anything is compiled.
@@ -17,17 +19,20 @@ from pathlib import Path
 
 import jax
 
-from kvrm_jax.model.checkpoint import default_cache_dir
-
 from kvrm_jax.cli import UserError
+from kvrm_jax.model.checkpoint import default_cache_dir
 
 ENV = "KVRM_JAX_COMPILE_CACHE"
 
 
 def default_dir() -> Path:
-  """`$KVRM_JAX_COMPILE_CACHE` (unless `off`), else `<bundled model cache folder>/xla`."""
+  """`$KVRM_JAX_COMPILE_CACHE` (unless `off`), else jax's configured folder
+  (`$JAX_COMPILATION_CACHE_DIR`), else `<bundled model cache folder>/xla`."""
   v = os.environ.get(ENV)
-  return Path(v) if v and v != "off" else default_cache_dir() / "xla"
+  if v and v != "off":
+    return Path(v)
+  jax_dir = jax.config.jax_compilation_cache_dir
+  return Path(jax_dir) if jax_dir else default_cache_dir() / "xla"
 
 
 def enable(path=None) -> Path:
@@ -57,6 +62,7 @@ def from_args(args) -> Path | None:
   """`enable` unless --no-compile-cache; the folder used, or None when off. A folder that cannot
   be created is a `UserError` (one `error:` line from the tools)."""
   if args.no_compile_cache or (not args.compile_cache and os.environ.get(ENV) == "off"):
+    jax.config.update("jax_enable_compilation_cache", False)  # also a folder set by jax's own variable
     return None
   try:
     return enable(args.compile_cache)

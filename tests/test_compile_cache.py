@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from kvrm_jax import compile_cache
+from conftest import child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kvrm_jax import compile_cache
 
 CHILD = """
 import json, sys
@@ -35,8 +35,10 @@ print(json.dumps({"folder": str(folder), "hits": events.count("/jax/compilation_
 def run_child(argv, env_extra):
   code = ("import argparse\nfrom kvrm_jax import compile_cache\np = argparse.ArgumentParser()\n"
           f"compile_cache.add_args(p)\ncompile_cache_args = p.parse_args({argv!r})\n" + CHILD)
-  env = dict(os.environ, PYTHONPATH=ROOT, **env_extra)
+  env = child_env(**env_extra)
   env.pop("XLA_FLAGS", None)
+  if "JAX_COMPILATION_CACHE_DIR" not in env_extra:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # e.g. set on a GPU machine: each test says what it wants
   p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr
   return json.loads(p.stdout.strip().splitlines()[-1])
@@ -62,12 +64,18 @@ def test_second_process_hits_the_cache(tmp_path):
   assert moved["folder"] == str(other) and moved["misses"] >= 1 and files_under(other) >= 1
 
 
-def test_off_by_flag_or_env(tmp_path):
+def test_off_by_flag_or_env_and_jax_own_folder(tmp_path):
   env = {"KVRM_JAX_CACHE": str(tmp_path / "cache"), "KVRM_JAX_COMPILE_CACHE": ""}
   off = run_child(["--no-compile-cache"], env)
   assert off["folder"] == "None" and not (tmp_path / "cache").exists()
   off = run_child([], dict(env, KVRM_JAX_COMPILE_CACHE="off"))
   assert off["folder"] == "None" and not (tmp_path / "cache").exists()
+  # jax's own variable names the default folder, and the flag turns that off too
+  jax_dir = tmp_path / "jax-own"
+  used = run_child([], dict(env, JAX_COMPILATION_CACHE_DIR=str(jax_dir)))
+  assert used["folder"] == str(jax_dir) and used["misses"] >= 1 and files_under(jax_dir) >= 1
+  off = run_child(["--no-compile-cache"], dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-off")))
+  assert off["folder"] == "None" and off["hits"] == 0 and not (tmp_path / "jax-off").exists()
 
 
 def test_unusable_folder_is_one_clear_error(tmp_path):

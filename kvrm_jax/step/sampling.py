@@ -12,8 +12,11 @@ The token is then drawn by Gumbel-max over the kept set in vocabulary order,
 `jax.random.categorical(key, where(kept, x, -inf))`, with key = fold_in(key(seed), position).
 
 Two routes find the thresholds, both exact (no sort of V columns):
-  * top_k in 1..K_MAX: `lax.top_k(x, K_MAX)` gives the k-th value (the top-k threshold) and the
-    candidates; top-p is decided among those K_MAX candidates.
+  * top_k in 1..K_MAX: the K_MAX largest values of x (`top_window`) give the k-th value (the top-k
+    threshold) and the candidates; top-p is decided among those K_MAX candidates. `top_window`
+    takes the K_MAX chunks of CHUNK columns with the largest maxima and runs `lax.top_k` on their
+    K_MAX * CHUNK values only: XLA's GPU backend lowers a `lax.top_k` with k > 16 to a sort of its
+    whole input, which over V columns would be the full sort this module avoids.
   * top_k 0 or > K_MAX: a bisection over the float32 bit patterns of x (32 steps, each one masked
     reduction over V) finds the smallest threshold whose predicate holds; it only runs (lax.cond)
     when a row of the batch needs it.
@@ -28,7 +31,26 @@ from kvrm_jax.sched.request import NON_FINITE  # the token id of a row of non-fi
 
 # Rows with 1 <= top_k <= K_MAX take the lax.top_k route; the rest bisect.
 K_MAX = 64
+CHUNK = 128  # columns per chunk of top_window's first stage
 _BISECT_STEPS = 32  # exact over the 2**32 ordered keys of float32
+
+
+def top_window(x, k, chunk: int = CHUNK):
+  """The k largest values of each row, descending (ties repeated), as `lax.top_k(x, k)[0]`, without
+  a sort over V: [B, V] -> [B, k].
+
+  Exact: let L be the k-th largest of the chunk maxima. At least k values are >= L, so the k-th
+  largest value t >= L, and every value > L lies in a chunk whose maximum is > L (fewer than k such
+  chunks, all taken). If t > L, all k values >= t are in the taken chunks; if t == L, the taken
+  chunks hold every value > L and one value == L per taken chunk with maximum L, k or more in all."""
+  b, v = x.shape
+  n_chunks = -(-v // chunk)
+  if n_chunks < 4 * k:  # small vocabularies: one top_k over the row is no larger
+    return jax.lax.top_k(x, k)[0]
+  xp = jnp.pad(x, ((0, 0), (0, n_chunks * chunk - v)), constant_values=-jnp.inf).reshape(b, n_chunks, chunk)
+  _, chunks = jax.lax.top_k(jnp.max(xp, axis=-1), k)  # [B, k] chunk ids
+  cand = jnp.take_along_axis(xp, chunks[:, :, None], axis=1).reshape(b, k * chunk)
+  return jax.lax.top_k(cand, k)[0]
 
 
 def _order_key(x):
@@ -59,9 +81,10 @@ def _bisect(x, pred):
   return _from_order_key(hi)
 
 
-def kept_mask(x, top_k, top_p):
+def kept_mask(x, top_k, top_p, chunk: int = CHUNK):
   """The kept set of each row (definition in the module docstring). x: [B, V] f32 scaled logits;
-  top_k: [B] int32 (0 = off); top_p: [B] f32 in (0, 1] (1 = off) -> [B, V] bool."""
+  top_k: [B] int32 (0 = off); top_p: [B] f32 in (0, 1] (1 = off) -> [B, V] bool. `chunk`: columns
+  per chunk of `top_window`."""
   b, v = x.shape
   kmax = min(K_MAX, v)
   neg_inf = jnp.full((b,), -jnp.inf, jnp.float32)
@@ -69,7 +92,7 @@ def kept_mask(x, top_k, top_p):
   p_on = top_p < 1.0  # [B]
   e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # [B, V] unnormalised probabilities
 
-  vals, _ = jax.lax.top_k(x, kmax)  # [B, kmax] descending
+  vals = top_window(x, kmax, chunk)  # [B, kmax] descending
   t_k_win = jnp.take_along_axis(vals, jnp.clip(top_k - 1, 0, kmax - 1)[:, None], axis=-1)[:, 0]
 
   def bisect_k():  # k-th largest value for top_k > kmax: count(x > t) < k

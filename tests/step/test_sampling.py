@@ -1,5 +1,8 @@
 """On-device sampling (kvrm_jax/sampling.py) against a NumPy reference of its definition."""
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,11 +38,13 @@ def random_rows(rng, b, v, ties):
 
 
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("v", [40, 700])
-def test_kept_set_matches_reference(v, ties):
+@pytest.mark.parametrize("v,chunk", [(40, sampling.CHUNK), (700, sampling.CHUNK), (700, 2)])
+def test_kept_set_matches_reference(v, chunk, ties):
+  """chunk 2 at v 700 takes top_window's chunked route (350 chunks of 2 columns)."""
   rng = np.random.default_rng(v + ties)
   x, k, p = random_rows(rng, 96, v, ties)
-  got = np.asarray(jax.jit(sampling.kept_mask)(jnp.asarray(x), jnp.asarray(k), jnp.asarray(p)))
+  got = np.asarray(jax.jit(functools.partial(sampling.kept_mask, chunk=chunk))(jnp.asarray(x), jnp.asarray(k),
+                                                                               jnp.asarray(p)))
   checked = 0
   for i in range(len(x)):
     want, margin = ref_kept(x[i], int(k[i]), float(p[i]))
@@ -48,6 +53,25 @@ def test_kept_set_matches_reference(v, ties):
     checked += 1
     assert (got[i] == want).all(), (i, k[i], p[i], np.flatnonzero(got[i] != want))
   assert checked >= 80
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "flat"])
+def test_top_window_equals_a_full_sort(kind):
+  """The chunked route (V = 40,000, not a multiple of CHUNK) gives the K_MAX largest values with
+  their multiplicities, ties across chunks and -inf columns included."""
+  rng = np.random.default_rng(len(kind))
+  b, v = 3, 40_000
+  x = rng.normal(size=(b, v)).astype(np.float32)
+  if kind == "ties":
+    x = rng.integers(0, 4, size=(b, v)).astype(np.float32)  # ~10,000 columns tied at the top
+    x[1, rng.choice(v, 30, replace=False)] = 9.0  # 30 above the tie: the threshold falls inside it
+  elif kind == "flat":
+    x[:] = 1.5
+  x[:, rng.choice(v, 1000, replace=False)] = -np.inf
+  assert -(-v // sampling.CHUNK) >= 4 * sampling.K_MAX  # the chunked route is the one under test
+  got = np.asarray(jax.jit(sampling.top_window, static_argnums=1)(jnp.asarray(x), sampling.K_MAX))
+  want = -np.sort(-x, axis=-1)[:, :sampling.K_MAX]
+  assert (got == want).all()
 
 
 def test_ties_at_threshold_kept_together():
@@ -118,11 +142,15 @@ def test_greedy_rows_unaffected_and_key_is_seed_and_position():
 
 
 def test_no_sort_over_the_vocabulary():
-  b, v = 4, 4096
-  args = (jnp.zeros((b, v)), jnp.ones(b), jnp.zeros(b, jnp.int32), jnp.full(b, 0.9), jnp.zeros(b, jnp.int32),
+  """Neither the program nor what the backend compiles sorts V columns: on CPU the top-k's are
+  TopK calls, on a GPU XLA sorts the top_k inputs (>16 of them kept), which top_window keeps to
+  K_MAX * CHUNK columns."""
+  b, v = 4, 40_000
+  args = (jnp.zeros((b, v)), jnp.ones(b), jnp.full(b, 50, jnp.int32), jnp.full(b, 0.9), jnp.zeros(b, jnp.int32),
           jnp.zeros(b, jnp.int32))
   lowered = jax.jit(sample).lower(*args)
   assert "stablehlo.sort" not in lowered.as_text()
   assert "chlo.top_k" in lowered.as_text()  # the top-k route is there
-  compiled = lowered.compile().as_text()
-  assert " sort(" not in compiled
+  sorts = [line for line in lowered.compile().as_text().splitlines() if " sort(" in line]
+  widest = max((int(d) for line in sorts for d in re.findall(r"\[\d+,(\d+)\]", line.split(" sort(")[0])), default=0)
+  assert widest <= sampling.K_MAX * sampling.CHUNK < v, sorts

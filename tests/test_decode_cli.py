@@ -224,6 +224,22 @@ def test_damaged_checkpoint_without_checksums_is_a_warning_and_one_error_line(sm
   assert lines[1].startswith(f"error: cannot restore parameters from {ck}") and len(lines[1]) < 500, lines[1]
 
 
+def test_cancelled_orbax_reads_are_not_logged(caplog):
+  """asyncio's "never retrieved" records of orbax's cancelled array reads (each with TensorStore's
+  spec: thousands of stderr lines when a GPU restore fails) are dropped; its other records are not."""
+  import logging
+
+  from kvrm_jax.model import checkpoint as ckpt
+  ckpt._ignore_orphaned_read_callbacks()
+  log = logging.getLogger("asyncio")
+  orphan = Exception("Encountered error while reading array index: (slice(0, 30, 1),). See full TensorStore "
+                     "details: <spec>.")
+  with caplog.at_level(logging.ERROR):
+    log.error("Task exception was never retrieved", exc_info=(Exception, orphan, None))
+    log.error("Task exception was never retrieved", exc_info=(ValueError, ValueError("other"), None))
+  assert [r.exc_info[1].args[0] for r in caplog.records if r.name == "asyncio"] == ["other"]
+
+
 def test_api_damaged_checkpoint_is_a_value_error_naming_it(smollm2_ckpt, tmp_path):
   from kvrm_jax.config import RuntimeConfig
   from kvrm_jax.engine import Engine

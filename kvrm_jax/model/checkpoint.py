@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -287,6 +288,7 @@ def load_checkpoint(path, dtype="float32", shardings=None):
   shardings = shardings or {}
   shapes = model_lib.checkpoint_shapes(cfg)
   target = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=shardings.get(k)) for k, shape in shapes.items()}
+  _ignore_orphaned_read_callbacks()  # before: asyncio may log the cancelled reads while restore unwinds
   with ocp.StandardCheckpointer() as ckptr:
     try:
       stored = ckptr.metadata(p / PARAMS_DIR).item_metadata
@@ -299,11 +301,21 @@ def load_checkpoint(path, dtype="float32", shardings=None):
     except CheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds (with spec dumps) for damaged folders
-      _ignore_orphaned_read_callbacks()
       # The first line, without TensorStore's multi-line spec dump.
       first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0][:300]
       raise CheckpointError(f"cannot restore parameters from {p / PARAMS_DIR}: {type(e).__name__}: {first}") from None
   return cfg, model_lib.from_weights(cfg, restored, jdt), tok
+
+
+_ORBAX_READ_ERROR = "Encountered error while reading array index"
+
+
+class _OrphanedReadFilter(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" records of orbax's cancelled array reads."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and str(exc).startswith(_ORBAX_READ_ERROR))
 
 
 def _ignore_orphaned_read_callbacks() -> None:
@@ -312,9 +324,15 @@ def _ignore_orphaned_read_callbacks() -> None:
   When one array fails, orbax closes its asyncio loop while TensorStore still completes the other
   reads; each completion calls `loop.call_soon_threadsafe` on the closed loop from a TensorStore
   thread and lands in sys.unraisablehook as a bare RuntimeError("Event loop is closed") traceback.
-  Orbax offers no handle to cancel or await those reads (closing the checkpointer does not), so
-  this drops exactly that error and passes everything else to the previous hook.
+  The reads still in flight are cancelled, and orbax wraps each cancellation into an exception
+  carrying TensorStore's whole spec (`Encountered error while reading array index ...`) that no one
+  retrieves: asyncio logs each with its traceback (thousands of lines where a GPU reads many
+  arrays at once). Orbax offers no handle to cancel or await those reads (closing the
+  checkpointer does not), so this drops exactly those two kinds and passes everything else on.
   """
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _OrphanedReadFilter) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_OrphanedReadFilter())
   prev = sys.unraisablehook
   if getattr(prev, "_kvrm_orphaned_reads", False):
     return

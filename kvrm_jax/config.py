@@ -137,6 +137,14 @@ class RuntimeConfig:
   max_host_reads: host extents the decode step stages per layer (cold blocks of running
     sequences kept on the host); 0 = every block a step reads is on the device.
   max_host_blocks_per_seq: host-resident blocks one running sequence may have.
+  step_tokens: token budget of one mixed step; 0 (the default) runs a step's prompt chunks as a
+    separate padded prefill call before the decode call. > 0: every engine step is one device
+    call holding each running sequence's decode token plus prompt chunks (first come, first
+    served; a long prompt split across steps) packed into query tiles of `tile` tokens, at most
+    step_tokens tokens in all (decode tokens + tiles * tile). The tile counts compiled are
+    `tile_buckets` (one executable each, compiled when first used); a step with no prompt work is
+    the decode step. Must be >= max_slots + tile (every step has room for one tile).
+  tile: query tokens per tile of a mixed step; each tile belongs to one sequence's chunk.
   xla_options: extra XLA compile options of the decode and prefill steps, ((name, value), ...),
     e.g. (("xla_gpu_enable_triton_gemm", False),); on top of step.DEFAULT_XLA_OPTIONS (GPU).
     `parse_xla_options("name=value,...")` reads them from a command line.
@@ -163,6 +171,8 @@ class RuntimeConfig:
   max_swap_extents: int = 0
   max_host_reads: int = 0
   max_host_blocks_per_seq: int = 0
+  step_tokens: int = 0
+  tile: int = 64
   xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
 
   def __post_init__(self):
@@ -204,6 +214,30 @@ class RuntimeConfig:
       raise ValueError("max_host_reads needs max_swap_extents > 0 (blocks reach the host through swap-out copies)")
     if bool(self.max_host_reads) != bool(self.max_host_blocks_per_seq):
       raise ValueError("max_host_reads and max_host_blocks_per_seq are set together (both 0 or both > 0)")
+    if self.tile <= 0:
+      raise ValueError(f"tile must be positive, got {self.tile}")
+    if self.step_tokens < 0 or (self.step_tokens and self.step_tokens < self.max_slots + self.tile):
+      raise ValueError(f"step_tokens must be 0 (separate prefill calls) or >= max_slots + tile = "
+                       f"{self.max_slots + self.tile}, got {self.step_tokens}")
+
+  @property
+  def max_tiles(self) -> int:
+    """Most query tiles one mixed step holds (its decode tokens aside): what step_tokens leaves,
+    at most what max_slots prompts of max_seq_len tokens can fill."""
+    if not self.step_tokens:
+      return 0
+    return min((self.step_tokens - self.max_slots) // self.tile, self.max_slots * -(-self.max_seq_len // self.tile))
+
+  @property
+  def tile_buckets(self) -> tuple[int, ...]:
+    """Tile counts of the mixed step's executables: powers of two up to max_tiles, and max_tiles."""
+    if not self.step_tokens:
+      return ()
+    out, n = [], 1
+    while n < self.max_tiles:
+      out.append(n)
+      n *= 2
+    return tuple(out) + (self.max_tiles,)
 
   @property
   def host_extents(self) -> int:

@@ -2,7 +2,7 @@
 the device half (kvrm_jax/step/): every input that changes from step to step, packed on the host
 into one int32 buffer and one float32 buffer whose sizes depend only on the RuntimeConfig.
 
-Every layout (decode, prefill, the host tier's swap) and its host builder live here. A `Layout`
+Every layout (decode, prefill, mixed, the host tier's swap) and its host builder live here. A `Layout`
 names the fields and their shapes; the builders fill them from the scheduler's plan and slots and
 `pack` writes them into the two buffers; on the device `unpack` slices them back (static offsets).
 One `device_put` of the (ints, floats) pair per step is the only host->device transfer.
@@ -126,6 +126,63 @@ def prefill_layout(rt: RuntimeConfig, chunk: int) -> Layout:
       ))
 
 
+@functools.cache  # layouts are immutable: built once per configuration, not per step
+def mixed_layout(rt: RuntimeConfig, n_tiles: int) -> Layout:
+  """The decode step's fields (one token per slot), then `n_tiles` query tiles of rt.tile prompt
+  tokens, each tile of one sequence (`t_` fields). Block copies and folds are the decode part's."""
+  n, q, mb = n_tiles, rt.tile, rt.max_blocks_per_seq
+  dec = decode_layout(rt)
+  return Layout(
+      ints=dec.ints + (
+          ("t_tokens", (n, q)),  # [N, Q] prompt tokens, 0-padded
+          ("t_positions", (n, q)),  # [N, Q]
+          ("t_write_slots", (n, q)),  # [N, Q] flat pool slot per token; padding -> null block
+          ("t_block_tables", (n, mb)),  # [N, MB] the whole table of the tile's sequence
+          ("t_lengths", (n,)),  # [N] KV length after the tile's last token; 0 = unused tile
+          ("t_last_index", (n,)),  # [N] index in the tile of its last real token
+          ("t_top_k", (n,)),  # [N] the tile's sequence's sampling (used where its prompt ends)
+          ("t_seeds", (n,)),
+      ),
+      floats=dec.floats + (
+          ("t_temperature", (n,)),
+          ("t_top_p", (n,)),
+      ))
+
+
+def tile_bucket(rt: RuntimeConfig, tiles: int) -> int:
+  """The smallest mixed-step tile count that holds `tiles` tiles."""
+  return next(b for b in rt.tile_buckets if b >= tiles)
+
+
+def build_mixed(rt: RuntimeConfig, rows, slots, decode_slots, moves=(), folds=(), host_reads=()):
+  """(tile bucket, (ints, floats), last tile of each row) of a mixed step: the decode fields of
+  `decode_slots` (as build_decode) and the prompt chunks `rows` (request, start, n) cut into tiles."""
+  q, bs = rt.tile, rt.block_size
+  tiles = sum(-(-n // q) for _, _, n in rows)
+  n_tiles = tile_bucket(rt, tiles)
+  layout = mixed_layout(rt, n_tiles)
+  d = layout.new()
+  _fill_decode(d, rt, slots, decode_slots, moves, folds, host_reads)
+  d["t_top_p"][:] = 1.0
+  last_tile, i = [], 0
+  for req, start, n in rows:
+    s = req.slot
+    for a in range(start, start + n, q):
+      m = min(q, start + n - a)
+      pos = np.arange(a, a + m)
+      d["t_tokens"][i, :m] = req.all_ids[a:a + m]
+      d["t_positions"][i, :m] = pos
+      d["t_write_slots"][i, :m] = slots.bt[s][pos // bs] * bs + pos % bs
+      d["t_block_tables"][i] = slots.bt[s]
+      d["t_lengths"][i] = a + m
+      d["t_last_index"][i] = m - 1
+      d["t_temperature"][i], d["t_top_p"][i], d["t_top_k"][i], d["t_seeds"][i] = (
+          slots.temp[s], slots.topp[s], slots.topk[s], slots.seed[s])
+      i += 1
+    last_tile.append(i - 1)
+  return n_tiles, layout.pack(d), last_tile
+
+
 def swap_layout(rt: RuntimeConfig) -> Layout:
   """The host tier's swap op: extents copied out then in, each with its device blocks."""
   x, r = max(rt.max_swap_extents, 1), rt.host_extent
@@ -176,6 +233,12 @@ def build_decode(layout: Layout, rt: RuntimeConfig, slots, decode_slots, moves=(
   host_reads: per decoding slot with blocks on the host tier, (slot, its placed extents, its host
   blocks), the order in which the step stages them."""
   d = layout.new()
+  _fill_decode(d, rt, slots, decode_slots, moves, folds, host_reads)
+  return layout.pack(d)
+
+
+def _fill_decode(d, rt: RuntimeConfig, slots, decode_slots, moves, folds, host_reads) -> None:
+  """The decode fields of descriptor `d` (build_decode, and the decode part of build_mixed)."""
   bs = rt.block_size
   if len(decode_slots):
     pos = slots.pos[decode_slots]
@@ -194,7 +257,6 @@ def build_decode(layout: Layout, rt: RuntimeConfig, slots, decode_slots, moves=(
   if rt.max_host_reads:
     _put_host_reads(d, rt.host_extent, host_reads)
   put_block_ops(d, moves, folds)
-  return layout.pack(d)
 
 
 def _put_host_reads(d, extent: int, host_reads) -> None:

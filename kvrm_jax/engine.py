@@ -68,10 +68,10 @@ class Engine:
     self.cfg = cfg
     self.k_pool, self.v_pool = init_pools(cfg, rt, sharding=pool_sharding)
     self.with_mass = bool(rt.max_host_reads) and tier_policy == "attention"
-    self.decode_step, self._prefill_step, self.compiles = step_lib.build_steps(
+    self.decode_step, self._prefill_step, self._mixed_step, self.compiles = step_lib.build_steps(
         self.graphdef, cfg, rt, with_logits=with_logits, mesh=mesh, state_specs=specs, with_mass=self.with_mass)
     self.dlayout = desc_lib.decode_layout(rt)
-    self._executables: dict = {}  # ("decode",) / ("prefill", chunk) -> the step's AOT executable
+    self._executables: dict = {}  # ("decode",) / ("prefill", chunk) / ("mixed", tiles) -> AOT executable
     if rt.host_blocks:
       self.k_host, self.v_host = init_host_pools(cfg, rt, mesh)
       self.swap_step = step_lib.build_swap(rt, mesh, tuple(x.sharding for x in (
@@ -132,19 +132,21 @@ class Engine:
       if self.sched.swap_out or self.sched.swap_in:
         plan.swaps = self._run_swaps(*self.sched.take_swaps())  # before any step reads or writes those blocks
       self.sched.tier.end_round()
-    if plan.prefill_rows:
+    mixed = bool(plan.prefill_rows) and bool(self.rt.step_tokens)  # else: a prefill call, then a decode call
+    if mixed:
+      self._mixed(plan, events, host)
+    elif plan.prefill_rows:
       t1 = time.perf_counter()
       # Block copies run at the start of whichever step runs first, before any KV is read.
       chunk, (ints, floats) = desc_lib.build_prefill(self.rt, plan.prefill_rows, self.sched.slots, plan.moves,
                                                      plan.folds)
       host += time.perf_counter() - t1
-      tokens, logits = self._run(self._executable(("prefill", chunk), self._prefill_step(chunk),
-                                                  desc_lib.prefill_layout(self.rt, chunk)), ints, floats)
+      tokens, logits = self._run(self._prefill_exe(chunk), ints, floats)
       self.stats.prefill_steps += 1
       firsts = self.sched.finish_prefill(plan, tokens, logits, time.perf_counter(), events)
       if logits is not None:
         self.last_logits.update(firsts)
-    if plan.decode:
+    if plan.decode and not mixed:
       t1 = time.perf_counter()
       self.sched.record_memory(plan)
       first = not plan.prefill_rows
@@ -164,6 +166,40 @@ class Engine:
     if self.rt.debug_poison_freed and (freed := self.sched.allocator.freed_since_last_call()):
       self.k_pool, self.v_pool = poison_blocks(self.k_pool, self.v_pool, freed)  # debug: NaN where freed
     return events
+
+  def _mixed(self, plan: StepPlan, events: dict, host: float) -> None:
+    """One mixed step: every decode row and the plan's prompt chunks in one device call, one sync."""
+    t1 = time.perf_counter()
+    self.sched.record_memory(plan)
+    sl, tier = self.sched.slots, self.sched.tier
+    host_reads = [(r.slot, *tier.placed(r.id)) for r in plan.decode if sl.host[r.slot]] if tier else ()
+    n_tiles, (ints, floats), last_tile = desc_lib.build_mixed(self.rt, plan.prefill_rows, sl, plan.decode_slots,
+                                                              plan.moves, plan.folds, host_reads)
+    self.stats.host_us.append((host + time.perf_counter() - t1) * 1e6)
+    td = time.perf_counter()
+    tokens, logits = self._run(self._mixed_exe(n_tiles), ints, floats, self.decode_host_args())
+    now = time.perf_counter()
+    self.stats.step_s.append(now - td)
+    self.stats.mixed_steps += 1
+    self.stats.prefill_steps += 1
+    self.stats.moves += len(plan.moves)
+    self.stats.folds += len(plan.folds)
+    s = self.rt.max_slots
+    rows = np.asarray(last_tile, np.int64) + s  # each prompt chunk's last tile, in the step's outputs
+    firsts = self.sched.finish_prefill(plan, tokens[rows], None if logits is None else logits[rows], now, events)
+    if logits is not None:
+      self.last_logits.update(firsts)
+      self.last_logits.update({r.id: logits[r.slot] for r in plan.decode})
+    if plan.decode:
+      self.stats.decode_steps += 1
+      self.sched.finish_decode(plan, tokens[:s], now, events, _host(self._mass) if self.with_mass else None)
+
+  def warmup_prompt_lengths(self) -> list[int]:
+    """Prompt lengths whose first steps compile every prompt executable: one per prefill bucket
+    (separate prefill calls), or one per tile bucket (mixed steps)."""
+    if self.rt.step_tokens:
+      return [b * self.rt.tile for b in self.rt.tile_buckets]
+    return list(self.rt.prefill_buckets)
 
   def schedule(self) -> StepPlan:
     """The host half's plan of the next step (admission, growth, preemption, folds, compaction)."""
@@ -195,6 +231,24 @@ class Engine:
       self.stats.compile_s += time.perf_counter() - t0
     return exe
 
+  def _prefill_exe(self, chunk: int):
+    return self._executable(("prefill", chunk), self._prefill_step(chunk), desc_lib.prefill_layout(self.rt, chunk))
+
+  def _mixed_exe(self, n_tiles: int):
+    return self._executable(("mixed", n_tiles), self._mixed_step(n_tiles), desc_lib.mixed_layout(self.rt, n_tiles),
+                            self.decode_host_args())
+
+  def compile_all(self) -> float:
+    """Compile every executable the steps can use before the first request: the decode step and
+    each prefill bucket, or each tile bucket with mixed steps. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    self.compiled_decode()
+    for n in self.rt.tile_buckets:
+      self._mixed_exe(n)
+    for c in () if self.rt.step_tokens else self.rt.prefill_buckets:
+      self._prefill_exe(c)
+    return time.perf_counter() - t0
+
   def compiled_decode(self):
     """The decode step's executable as `step()` runs it: `(state, k_pool, v_pool, ints, floats,
     *decode_host_args()) -> (tokens, k_pool, v_pool, ...)`, descriptor from `put_descriptor`."""
@@ -203,7 +257,7 @@ class Engine:
   def _run(self, exe, ints, floats, host=()):
     out = exe(self.state, self.k_pool, self.v_pool, *self.put_descriptor(ints, floats), *host)  # one transfer
     tokens, self.k_pool, self.v_pool = out[:3]
-    if host and self.with_mass:
+    if self.with_mass and len(out) > 3 + self.with_logits:
       self._mass = out[-1]
     return _host(tokens), (_host(out[3]) if self.with_logits else None)  # the one D2H sync
 

@@ -1,5 +1,7 @@
 """The KV-RM engine and the static baseline on a tiny random model, against the dense reference."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -314,9 +316,10 @@ def test_steps_compile_once_whatever_the_tracing_context_later(model):
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
-def _feature_engine(feature, model):
+def _feature_engine(feature, model, step_tokens=0):
   """(engine, batches of (prompts, sampling)) that exercise one runtime feature on the default
-  backend (reference attention on CPU, the Pallas kernels on a GPU); batches run one after another."""
+  backend (reference attention on CPU, the Pallas kernels on a GPU); batches run one after another.
+  step_tokens > 0: mixed steps of that many tokens, in tiles of 8."""
   import jax
 
   from kvrm_jax.step import sharding
@@ -325,6 +328,7 @@ def _feature_engine(feature, model):
   ps = prompts(0, (5, 17, 40, 3, 70, 16, 9))
   sps = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (20, 7, 13, 20, 5, 11, 16)]
   kw = {}
+  mixed = lambda rt: dataclasses.replace(rt, step_tokens=step_tokens, tile=8) if step_tokens else rt  # noqa: E731
   if feature == "tier":  # 14 usable device blocks: cold blocks are placed on the host
     rt = RuntimeConfig(num_blocks=15, host_blocks=64, host_extent=2, max_swap_extents=8, max_host_reads=8,
                        max_host_blocks_per_seq=8, debug_poison_freed=True, **base)
@@ -340,10 +344,10 @@ def _feature_engine(feature, model):
     shared = prompts(12, (24,))[0]
     ps = [shared + p for p in prompts(13, (3, 9, 5, 12))]
     sps = sps[:len(ps)]
-    return Engine(CFG, model, rt), [(ps[:1], sps[:1]), (ps[1:], sps[1:])]
+    return Engine(CFG, model, mixed(rt)), [(ps[:1], sps[:1]), (ps[1:], sps[1:])]
   else:  # sharding: every device of the backend (2 forced host devices on CPU, all GPUs on a GPU machine)
     rt, kw = RuntimeConfig(num_blocks=96, **base), dict(mesh=sharding.make_mesh(len(jax.devices())))
-  return Engine(CFG, model, rt, **kw), [(ps, sps)]
+  return Engine(CFG, model, mixed(rt), **kw), [(ps, sps)]
 
 
 @pytest.mark.parametrize("feature", ["tier", "summaries", "compaction", "prefix", "sharding"])
@@ -363,6 +367,61 @@ def test_one_compile_per_step_under_each_feature(model, feature):
   assert eng.compiles.decode == 1
   assert 1 <= eng.compiles.prefill <= len(used)
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
+
+
+@pytest.mark.parametrize("feature", ["tier", "summaries", "compaction", "prefix", "sharding"])
+def test_mixed_step_equals_split_steps_under_each_feature(model, feature):
+  """One device call per step (decode rows + prompt tiles, RuntimeConfig.step_tokens) decodes
+  what the separate prefill and decode calls do, under each feature; its executables are the
+  tile buckets used (and the decode step for steps without prompt work), no prefill step."""
+  split, batches = _feature_engine(feature, model)
+  mixed, _ = _feature_engine(feature, model, step_tokens=split.rt.max_slots + 3 * 8)
+  assert mixed.rt.tile_buckets == (1, 2, 3)
+  for ps, sps in batches:
+    want = [o.output_ids for o in split.generate(ps, sps)]
+    assert [o.output_ids for o in mixed.generate(ps, sps)] == want
+  st = mixed.stats
+  exercised = {"tier": st.placed_blocks > 0, "summaries": st.folds > 0, "compaction": st.moves > 0,
+               "prefix": st.prefix_hit_blocks > 0, "sharding": mixed.mesh is not None}
+  assert exercised[feature] and st.mixed_steps > 0 and st.mixed_steps == st.prefill_steps
+  assert mixed.compiles.prefill == 0 and mixed.compiles.decode <= 1
+  assert 1 <= mixed.compiles.mixed == len([k for k in mixed._executables if k[0] == "mixed"]) <= 3
+  assert mixed.sched.allocator.num_free_blocks == mixed.sched.allocator.num_total_blocks
+
+
+def test_mixed_step_splits_a_long_prompt_without_stalling_decode(model):
+  """Token budget: running sequences decode every step while a 100-token prompt is computed in
+  chunks of at most 2 tiles (16 tokens) per step; sampled tokens equal the separate calls' (the key
+  is the seed and position, whatever the step)."""
+  rt = dataclasses.replace(RT, step_tokens=RT.max_slots + 2 * 8, tile=8)
+  assert rt.tile_buckets == (1, 2)
+  eng = Engine(CFG, model, rt)
+  sp = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
+  short = [eng.add_request(p, sp) for p in prompts(20, (3, 6))]
+  while any(not eng.requests[r].output_ids for r in short):
+    eng.step()
+  long_prompt = prompts(21, (100,))[0]
+  rid = eng.add_request(long_prompt, sp)
+  prompt_steps = 0
+  while not eng.requests[rid].output_ids:
+    prompt_steps += 1
+    events = eng.step()
+    assert all(r in events for r in short)  # every running sequence got its token this step
+  assert prompt_steps == 7  # ceil(100 / 16)
+  while eng.has_work():
+    eng.step()
+  assert eng.compiles.prefill == 0 and eng.compiles.mixed <= 2 and eng.compiles.decode == 1
+  split = Engine(CFG, model, RT).generate(prompts(20, (3, 6)) + [long_prompt], sp)
+  assert [eng.requests[r].output_ids for r in short + [rid]] == [o.output_ids for o in split]
+
+
+def test_mixed_step_sizes_are_checked():
+  with pytest.raises(ValueError, match="step_tokens must be 0 .* or >= max_slots \\+ tile = 12"):
+    RuntimeConfig(max_slots=4, tile=8, step_tokens=11)
+  with pytest.raises(ValueError, match="tile must be positive"):
+    RuntimeConfig(tile=0, step_tokens=64)
+  assert RuntimeConfig(max_slots=4, tile=8, step_tokens=4 + 8 * 20).tile_buckets == (1, 2, 4, 8, 16, 20)
+  assert RuntimeConfig(max_slots=4, tile=8).tile_buckets == ()
 
 
 def test_summary_reports_startup_split(model):

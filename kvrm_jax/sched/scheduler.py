@@ -229,9 +229,7 @@ class Scheduler:
     if self.rt.max_host_reads:
       tier_lib.place_cold(self)
     self.admit()
-    biggest = self.rt.prefill_buckets[-1]
-    rows = [(r, r.num_computed, min(biggest, r.prefill_target - r.num_computed))
-            for r in sl.prefilling[:self.rt.max_prefill_seqs]]
+    rows = self._prefill_rows()
     moves, preempted = [], []
     run = np.flatnonzero(sl.running)
     # Most sequences have room in their last block; only those at a block boundary touch the pager,
@@ -263,6 +261,24 @@ class Scheduler:
     if len(moves) > max(self.rt.max_moves, 0):
       raise RuntimeError(f"{len(moves)} block copies exceed max_moves={self.rt.max_moves}")
     return StepPlan(rows, decode, moves, preempted, folds, run.astype(np.int32))
+
+  def _prefill_rows(self) -> list[tuple[Request, int, int]]:
+    """This step's prompt chunks (request, start, n), first admitted first. Split steps: up to
+    max_prefill_seqs rows of at most the largest prefill bucket. Mixed steps: chunks filling up to
+    max_tiles query tiles; a chunk ends on a tile boundary unless it ends its prompt."""
+    sl, rt = self.slots, self.rt
+    if not rt.step_tokens:
+      biggest = rt.prefill_buckets[-1]
+      return [(r, r.num_computed, min(biggest, r.prefill_target - r.num_computed))
+              for r in sl.prefilling[:rt.max_prefill_seqs]]
+    rows, tiles = [], rt.max_tiles
+    for r in sl.prefilling:
+      if tiles == 0:
+        break
+      n = min(r.prefill_target - r.num_computed, tiles * rt.tile)
+      rows.append((r, r.num_computed, n))
+      tiles -= -(-n // rt.tile)
+    return rows
 
   def take_swaps(self) -> tuple[list, list]:
     """This round's host tier copies (swap-outs, swap-ins), handed to the device once."""

@@ -11,8 +11,9 @@ import numpy as np
 class EngineStats:
   """Cumulative counters and per-step series of one engine (benchmarks slice them per run)."""
 
-  decode_steps: int = 0
-  prefill_steps: int = 0
+  decode_steps: int = 0  # steps with decode rows (mixed steps included)
+  prefill_steps: int = 0  # steps with prompt work (mixed steps included)
+  mixed_steps: int = 0  # one-call steps of decode rows and prompt tiles (RuntimeConfig.step_tokens)
   preemptions: int = 0  # recompute and swap
   prefix_hit_blocks: int = 0  # prompt blocks found in the prefix cache
   moves: int = 0  # block copies (copy-on-write + compaction)
@@ -50,8 +51,10 @@ def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, gen
       "engine": kind,
       "decode_compiles": compiles.decode,
       "prefill_compiles": compiles.prefill,
+      "mixed_compiles": compiles.mixed,
       "steps": st.decode_steps,
       "prefill_steps": st.prefill_steps,
+      "mixed_steps": st.mixed_steps,
       "reserved_kv_bytes": st.peak_reserved_blocks * block_bytes,
       "live_kv_bytes": st.peak_live_tokens * token_bytes,
       "pool_kv_bytes": (rt.num_blocks - 1) * block_bytes,

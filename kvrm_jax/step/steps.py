@@ -1,7 +1,9 @@
-"""The compiled steps: one decode step per runtime configuration, one prefill step per chunk bucket.
+"""The compiled steps: one decode step per runtime configuration, one prefill step per chunk bucket,
+one mixed step per tile bucket (RuntimeConfig.step_tokens > 0).
 
     decode_step(state, k_pool, v_pool, ints, floats) -> (tokens [S], k_pool, v_pool)
     prefill_step(state, k_pool, v_pool, ints, floats) -> (tokens [P], k_pool, v_pool)
+    mixed_step(state, k_pool, v_pool, ints, floats) -> (tokens [S + N], k_pool, v_pool)
 
 Pure functions of pytrees; the pools are donated; `ints, floats` are the packed descriptor
 (kvrm_jax/descriptor.py). Each layer writes its new K/V into the pool (step/block_ops.py) and
@@ -53,19 +55,13 @@ def _reduce(tp_axis):
   return None if tp_axis is None else (lambda y: jax.lax.psum(y, tp_axis))
 
 
-def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_logits: bool, tp_axis,
-            with_mass: bool, state, k_pool, v_pool, ints, floats, *host):
-  d = desc_lib.decode_layout(rt).unpack(ints, floats)
-  k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
-  model = model_lib.merge(graphdef, state)
+def _decode_rows(cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_mass: bool, d, desc, host):
+  """One layer's attention of the decode rows (one token per slot) over pools that already hold
+  this step's K/V: (layer, q [S, H, E], kp, vp, mass) -> (o [S, H, E], mass). Merges the host
+  tier's blocks and the summary rows when the configuration has them."""
   mass_layer = cfg.num_layers - 1
-  # One descriptor for all layers: the kernels add each layer's block offset themselves.
-  desc = decode_descriptors(backend, k_pool, k_pool.shape[0] * cfg.q_per_kv, d)
 
-  def attend(layer, q, k, v, cache):
-    kp, vp, mass = cache
-    kp = write_kv(kp, layer, d["write_slots"], k)
-    vp = write_kv(vp, layer, d["write_slots"], v)
+  def rows(layer, q, kp, vp, mass):
     o, lse = decode_attention(backend, q, kp, vp, layer, d, desc)
     if rt.max_host_reads:  # cold blocks on the host tier: stage this layer's extents, merge exactly
       kh, vh = host
@@ -86,7 +82,26 @@ def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_lo
         mass = block_mass(q, kp, layer, d) if layer == mass_layer else mass
       else:
         mass = jax.lax.cond(layer == mass_layer, lambda: block_mass(q, kp, layer, d), lambda: mass)
-    return o.astype(q.dtype), (kp, vp, mass)
+    return o.astype(q.dtype), mass
+
+  return rows
+
+
+def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_logits: bool, tp_axis,
+            with_mass: bool, state, k_pool, v_pool, ints, floats, *host):
+  d = desc_lib.decode_layout(rt).unpack(ints, floats)
+  k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
+  model = model_lib.merge(graphdef, state)
+  # One descriptor for all layers: the kernels add each layer's block offset themselves.
+  desc = decode_descriptors(backend, k_pool, k_pool.shape[0] * cfg.q_per_kv, d)
+  rows = _decode_rows(cfg, rt, backend, with_mass, d, desc, host)
+
+  def attend(layer, q, k, v, cache):
+    kp, vp, mass = cache
+    kp = write_kv(kp, layer, d["write_slots"], k)
+    vp = write_kv(vp, layer, d["write_slots"], v)
+    o, mass = rows(layer, q, kp, vp, mass)
+    return o, (kp, vp, mass)
 
   mass0 = jnp.zeros(d["block_tables"].shape, jnp.float32)
   logits, (k_pool, v_pool, mass) = model(d["tokens"], d["positions"], (k_pool, v_pool, mass0), attend,
@@ -124,17 +139,57 @@ def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk:
   return (tokens, k_pool, v_pool, logits) if with_logits else (tokens, k_pool, v_pool)
 
 
+def _mixed(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, n_tiles: int, with_logits: bool, tp_axis,
+           with_mass: bool, state, k_pool, v_pool, ints, floats, *host):
+  """The decode step's rows (one token per slot) and n_tiles query tiles of prompt tokens in one
+  forward pass over S + n_tiles * tile tokens; tokens [S + n_tiles]: by slot, then by tile."""
+  d = desc_lib.mixed_layout(rt, n_tiles).unpack(ints, floats)
+  k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
+  s, qt = rt.max_slots, rt.tile
+  model = model_lib.merge(graphdef, state)
+  desc = decode_descriptors(backend, k_pool, k_pool.shape[0] * cfg.q_per_kv, d)
+  rows = _decode_rows(cfg, rt, backend, with_mass, d, desc, host)
+  tiles = {"block_tables": d["t_block_tables"], "positions": d["t_positions"], "lengths": d["t_lengths"]}
+  write = jnp.concatenate([d["write_slots"], d["t_write_slots"].reshape(-1)])
+
+  def attend(layer, q, k, v, cache):
+    kp, vp, mass = cache
+    kp = write_kv(kp, layer, write, k)  # every token's K/V first: a tile reads its own chunk from the pool
+    vp = write_kv(vp, layer, write, v)
+    od, mass = rows(layer, q[:s], kp, vp, mass)
+    ot = chunk_attention(q[s:].reshape(n_tiles, qt, *q.shape[1:]), kp, vp, layer, tiles)
+    return jnp.concatenate([od, ot.reshape(-1, *q.shape[1:]).astype(q.dtype)]), (kp, vp, mass)
+
+  tokens_in = jnp.concatenate([d["tokens"], d["t_tokens"].reshape(-1)])
+  positions_in = jnp.concatenate([d["positions"], d["t_positions"].reshape(-1)])
+  last = jnp.concatenate([jnp.arange(s), s + jnp.arange(n_tiles) * qt + d["t_last_index"]])
+  mass0 = jnp.zeros(d["block_tables"].shape, jnp.float32)
+  logits, (k_pool, v_pool, mass) = model(tokens_in, positions_in, (k_pool, v_pool, mass0), attend,
+                                         logits_index=last, reduce=_reduce(tp_axis), unroll=unrolled(rt))
+  cat = lambda a, b: jnp.concatenate([d[a], d[b]])  # noqa: E731
+  # A decode row samples position+1; a tile its last token's position+1 (= its KV length).
+  tokens = sample(logits, cat("temperature", "t_temperature"), cat("top_k", "t_top_k"), cat("top_p", "t_top_p"),
+                  cat("seeds", "t_seeds"), jnp.concatenate([d["positions"] + 1, d["t_lengths"]]))
+  tokens = jnp.where(cat("lengths", "t_lengths") > 0, tokens, 0)
+  out = (tokens, k_pool, v_pool) + ((logits,) if with_logits else ())
+  if with_mass:
+    out += (mass if tp_axis is None else jax.lax.pmean(mass, tp_axis),)
+  return out
+
+
 class CompileCounter:
   """Counts traces of the step functions (one trace = one compilation of a new executable)."""
 
   def __init__(self):
     self.decode = 0
     self.prefill = 0
+    self.mixed = 0
 
 
 def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: bool = False,
                 counter: CompileCounter | None = None, mesh=None, state_specs=None, with_mass: bool = False):
-  """Return (decode_step, prefill_step_for(chunk), counter); steps are jitted with donated pools.
+  """Return (decode_step, prefill_step_for(chunk), mixed_step_for(n_tiles), counter); steps are
+  jitted with donated pools. The mixed step takes the decode step's arguments (host pools too).
 
   With a `mesh`, each step is `jax.jit(jax.shard_map(step))` over the `tp` axis: params sharded
   by `state_specs`, pools over KV heads, descriptor replicated.
@@ -158,8 +213,8 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     tp_axis = sharding.AXIS
     n_host = 2 if rt.max_host_reads else 0
     wrap = lambda fn, kind: sharding.shard_step(  # noqa: E731
-        fn, mesh, state_specs, int(with_logits) + int(with_mass and kind == "decode"),
-        n_host if kind == "decode" else 0)
+        fn, mesh, state_specs, int(with_logits) + int(with_mass and kind != "prefill"),
+        n_host if kind != "prefill" else 0)
 
   def decode_step(state, k_pool, v_pool, ints, floats, *host):
     """One decode step of every slot: (state, k_pool, v_pool, ints, floats[, k_host, v_host]) ->
@@ -186,7 +241,14 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     pf = functools.partial(_prefill, graphdef, cfg, rt, backend, chunk, with_logits, tp_axis)
     return jax.jit(counted(wrap(pf, "prefill"), "prefill"), donate_argnums=(1, 2), compiler_options=opts)
 
-  return jitted, prefill_step, counter
+  @functools.cache
+  def mixed_step(n_tiles: int):
+    if n_tiles not in rt.tile_buckets:
+      raise ValueError(f"{n_tiles} tiles is not a mixed-step bucket {rt.tile_buckets}")
+    mf = functools.partial(_mixed, graphdef, cfg, rt, backend, n_tiles, with_logits, tp_axis, with_mass)
+    return jax.jit(counted(wrap(mf, "mixed"), "mixed"), donate_argnums=(1, 2), compiler_options=opts)
+
+  return jitted, prefill_step, mixed_step, counter
 
 
 def build_swap(rt: RuntimeConfig, mesh=None, out_shardings=None):

@@ -74,6 +74,7 @@ def add_runtime_args(p: argparse.ArgumentParser, *, max_slots_help: str, num_blo
   p.add_argument("--max-slots", type=int, default=None, help=max_slots_help)
   p.add_argument("--num-blocks", type=int, default=None, help=num_blocks_help)
   p.add_argument("--attention", default="auto", help="auto | reference | pallas | interpret")
+  add_step_args(p)
   p.add_argument("--tp", default="1", help="tensor-parallel mesh size, or 'all' local devices; heads that do not "
                  "divide are padded with inert zero heads (docs/sharding.md)")
   p.add_argument("--summaries", help="bounded far-history summaries, e.g. sink=1,window=256,max=4 (off by "
@@ -137,13 +138,26 @@ def load_model(args):
   return cfg, model, tok, mesh, dtype, path
 
 
+def add_step_args(p) -> None:
+  """--step-tokens / --tile: the mixed step (RuntimeConfig.step_tokens, .tile)."""
+  p.add_argument("--step-tokens", type=int, default=0,
+                 help="one device call per engine step: decode tokens + prompt tiles, at most this many tokens "
+                 "(>= max slots + tile); 0 (default): separate padded prefill and decode calls")
+  p.add_argument("--tile", type=int, default=64, help="prompt tokens per query tile of a mixed step")
+
+
+def step_kwargs(args) -> dict:
+  """RuntimeConfig keywords of --step-tokens / --tile."""
+  return {"step_tokens": args.step_tokens, "tile": args.tile}
+
+
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):
   """(RuntimeConfig, summaries) of the runtime flags; UserError for impossible sizes."""
   try:
     summaries = SummaryConfig.parse(args.summaries) if args.summaries else None
     rt = RuntimeConfig(block_size=args.block_size, num_blocks=num_blocks, max_slots=max_slots,
                        max_blocks_per_seq=max_blocks_per_seq, dtype=dtype, attention=args.attention,
-                       max_summaries=summaries.max_entries if summaries else 0)
+                       max_summaries=summaries.max_entries if summaries else 0, **step_kwargs(args))
   except ValueError as e:
     raise UserError(str(e)) from None
   return rt, summaries

@@ -49,6 +49,9 @@ def check_engines(obj):
   assert b["kvrm_slots"] == 8
   rts = {k: e["runtime"] for k, e in obj["engines"].items()}
   assert rts["kvrm"]["num_blocks"] == b["budget_blocks"] + 1  # + the null block
+  if "kvrm-mixed" in rts:  # the same pool and slots, one mixed step per engine step
+    assert rts["kvrm-mixed"]["num_blocks"] == rts["kvrm"]["num_blocks"]
+    assert rts["kvrm-mixed"]["step_tokens"] == rts["kvrm"]["max_slots"] + 2048 and rts["kvrm"]["step_tokens"] == 0
   assert rts["static"]["num_blocks"] == 1 + b["static_slots"] * b["max_blocks_per_seq"] <= b["budget_blocks"] + 1
   for e in obj["engines"].values():
     assert e["decode_compiles"] == 1
@@ -81,7 +84,7 @@ def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
   check_engines(obj)
   assert set(obj["results"]) == {"uniform", "mixed", "longtail", "shared-prefix"}
   for fam, per in obj["results"].items():
-    assert set(per) == {"kvrm", "static"}
+    assert set(per) == {"kvrm", "kvrm-mixed", "static"}
     w = obj["workloads"][fam]
     assert w["num_requests"] == 6 and w["prompt_tokens"]["max"] + w["output_tokens"]["max"] <= 2 * 128
     for m in per.values():

@@ -29,7 +29,8 @@ from kvrm_jax.step import sharding
 from kvrm_jax.step.attention import resolve_attention
 
 MODELS = ("tiny", "smollm2-135m", "llama3-8b", "bundled")
-ENGINES = ("kvrm", "static")
+ENGINES = ("kvrm", "kvrm-mixed", "static")  # kvrm-mixed: the KV-RM engine with mixed steps (--step-tokens)
+MIXED_PROMPT_TOKENS = 2048  # kvrm-mixed's prompt tokens per step when --step-tokens is not given
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -41,7 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
                  help="preset shape with random weights, or `bundled` (the real SmolLM2-135M checkpoint)")
   g.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="default: bfloat16 on GPU, float32 on CPU")
-  g.add_argument("--engines", default="kvrm,static", help="comma list of kvrm, static (run one after the other)")
+  g.add_argument("--engines", default="kvrm,kvrm-mixed,static",
+                 help="comma list of kvrm (separate prefill and decode calls), kvrm-mixed (one mixed step per "
+                 "engine step), static (the static-graph baseline), run one after the other")
   add_budget_args(g, max_len=max_len, block_help="tokens per KV block",
                   max_len_help="per-sequence context limit (prompt + output); the static baseline reserves this "
                   "many tokens per slot",
@@ -52,6 +55,10 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
   g.add_argument("--prefill-buckets", default=None, help="comma list of prefill chunk sizes (default: the runtime's)")
   g.add_argument("--max-prefill-seqs", type=int, default=None, help="prompt chunks per prefill step")
   g.add_argument("--attention", default="auto", help="KV-RM attention backend: auto | reference | pallas | interpret")
+  g.add_argument("--step-tokens", type=int, default=0,
+                 help=f"kvrm-mixed: tokens per engine step (decode tokens + prompt tiles; default: its slots + "
+                 f"{MIXED_PROMPT_TOKENS})")
+  g.add_argument("--tile", type=int, default=64, help="kvrm-mixed: prompt tokens per query tile")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
                  "devices, or 'all' local devices; the KV budget is the whole mesh's (default: no mesh)")
   compile_cache.add_args(g)
@@ -176,7 +183,7 @@ class Budget:
     return self.budget_blocks * self.block_bytes
 
   def slots(self, kind: str) -> int:
-    return self.kvrm_slots if kind == "kvrm" else self.static_slots
+    return self.static_slots if kind == "static" else self.kvrm_slots
 
   def to_dict(self) -> dict:
     return dict(dataclasses.asdict(self), budget_bytes=self.budget_bytes)
@@ -216,11 +223,13 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
   if args.max_prefill_seqs:
     kw["max_prefill_seqs"] = args.max_prefill_seqs
   slots = budget.slots(kind)
-  num_blocks = budget.budget_blocks + 1 if kind == "kvrm" else 1 + slots * budget.max_blocks_per_seq
+  if kind == "kvrm-mixed":
+    kw.update(step_tokens=args.step_tokens or slots + MIXED_PROMPT_TOKENS, tile=args.tile)
+  num_blocks = 1 + slots * budget.max_blocks_per_seq if kind == "static" else budget.budget_blocks + 1
   try:
     return RuntimeConfig(block_size=budget.block_size, num_blocks=num_blocks, max_slots=slots,
                          max_blocks_per_seq=budget.max_blocks_per_seq, dtype=dtype,
-                         attention=args.attention if kind == "kvrm" else "auto", **kw)
+                         attention="auto" if kind == "static" else args.attention, **kw)
   except ValueError as e:
     raise UserError(str(e)) from None
 
@@ -231,7 +240,8 @@ def build_engine(kind: str, cfg, model, budget: Budget, args, dtype: str):
     mesh = None if tp is None else sharding.make_mesh(tp)
   except sharding.ShardingError as e:
     raise UserError(str(e)) from None
-  return Engine(cfg, model, runtime_for(kind, budget, args, dtype), kind=kind, mesh=mesh)
+  return Engine(cfg, model, runtime_for(kind, budget, args, dtype), kind="static" if kind == "static" else "kvrm",
+                mesh=mesh)
 
 
 def attention_of(engine) -> str:
@@ -243,7 +253,7 @@ def engine_record(runner, runs: list[dict]) -> dict:
   eng = runner.engine
   during = {k: sum(m["compiles_during_run"][k] for m in runs) for k in ("decode", "prefill")}
   return {"runtime": dataclasses.asdict(eng.rt), "attention": attention_of(eng), "warmup_s": runner.warmup_s,
-          "decode_compiles": eng.compiles.decode, "prefill_compiles": eng.compiles.prefill,
+          "decode_compiles": eng.compiles.decode, "prefill_compiles": eng.compiles.prefill + eng.compiles.mixed,
           "compiles_during_runs": during}
 
 

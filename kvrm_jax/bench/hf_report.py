@@ -8,7 +8,7 @@ from kvrm_jax import bench as bc
 
 
 ENGINE = "hf"
-COMPARED = ("kvrm", "static")  # bench_decode engines shown beside HF's with --compare-json
+COMPARED = ("kvrm", "kvrm-mixed", "static")  # bench_decode engines shown beside HF's with --compare-json
 
 
 # ----------------------------------------------------------------------------- bench_decode beside HF

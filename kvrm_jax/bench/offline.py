@@ -142,6 +142,10 @@ def render(obj: dict, md_path: str) -> None:
                 f"{'met' if sp >= bc.TARGETS['mixed_speedup'] else 'not met'}); KV-RM peak reserved / live KV "
                 f"{r:.2f}x (target <= {bc.TARGETS['reserved_over_live']}x: "
                 f"{'met' if r <= bc.TARGETS['reserved_over_live'] else 'not met'}).\n")
+  if "mixed" in res and {"kvrm-mixed", "static"} <= set(res["mixed"]):
+    m, s = res["mixed"]["kvrm-mixed"], res["mixed"]["static"]
+    sp = m["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else 0.0
+    body.append(f"Mixed steps (mixed family): {m['tokens_per_s']:.0f} output tokens/s, {sp:.2f}x static.\n")
   body.append(plots(obj, md_path))
   bc.update_report(md_path, label, "\n".join(body))
 

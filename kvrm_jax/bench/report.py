@@ -124,11 +124,12 @@ def meta_lines(obj: dict) -> str:
   ]
   for k, e in rts.items():
     rt = e["runtime"]
-    lines.append(f"- {k}: attention `{e['attention']}`, prefill buckets {rt['prefill_buckets']} x "
-                 f"{rt['max_prefill_seqs']} rows, max_groups {rt['max_groups']}, max_moves {rt['max_moves']}, "
-                 f"warm-up {e['warmup_s']:.1f} s; compiles decode {e['decode_compiles']}, prefill "
+    steps = (f"mixed steps of {rt['step_tokens']} tokens (prompt tiles of {rt['tile']})" if rt.get("step_tokens")
+             else f"prefill buckets {rt['prefill_buckets']} x {rt['max_prefill_seqs']} rows")
+    lines.append(f"- {k}: attention `{e['attention']}`, {steps}, max_groups {rt['max_groups']}, max_moves {rt['max_moves']}, "
+                 f"warm-up {e['warmup_s']:.1f} s; compiles decode {e['decode_compiles']}, prompt steps "
                  f"{e['prefill_compiles']} (during the timed runs: decode {e['compiles_during_runs']['decode']}, "
-                 f"prefill {e['compiles_during_runs']['prefill']})")
+                 f"prompt steps {e['compiles_during_runs']['prefill']})")
   lines.append(f"- command: `{obj['command']}`")
   if env["backend"] == "cpu":
     lines.append("- CPU caveat: smoke numbers that check the pipeline, not performance claims. On a CPU every "
@@ -176,7 +177,7 @@ def table(rows: list[str], prefix=(), extra=()) -> str:
   return "| " + " | ".join(head) + " |\n|" + " --- |" * len(head) + "\n" + "\n".join(rows) + "\n"
 
 
-COLORS = {"kvrm": "tab:blue", "static": "tab:orange"}
+COLORS = {"kvrm": "tab:blue", "kvrm-mixed": "tab:green", "static": "tab:orange"}
 
 
 def plt():

@@ -28,7 +28,7 @@ class Mark:
   decode_steps: int
   prefill_steps: int
   decode_compiles: int
-  prefill_compiles: int
+  prefill_compiles: int  # executables of steps with prompt work: prefill and mixed
 
 
 class Runner:
@@ -55,24 +55,26 @@ class Runner:
     return events
 
   def warmup(self, max_len: int, vocab: int) -> float:
-    """Compile the decode step and every prefill bucket before anything is timed."""
+    """Compile the decode step and every prefill (or mixed-step) bucket before anything is timed."""
     eng = self.engine
     t0 = time.perf_counter()
     rng = np.random.default_rng(12345)
-    for b in eng.rt.prefill_buckets:
+    for b in eng.warmup_prompt_lengths():
       n = min(b, max_len - 2)
       if n < 1:
         continue
       rid = eng.add_request(rng.integers(3, vocab, n).tolist(), SamplingParams(max_new_tokens=2, ignore_eos=True))
       while not eng.requests[rid].done:
         eng.step()
+    eng.compile_all()  # buckets the warm-up prompts did not reach (several prompts in one step)
     self.warmup_s = time.perf_counter() - t0
     return self.warmup_s
 
   def mark(self) -> Mark:
     st, c = self.engine.stats, self.engine.compiles
     return Mark(len(self.steps), len(st.host_us), len(st.step_s), len(st.reserved_series), len(st.groups_per_seq),
-                st.moves, st.preemptions, st.prefix_hit_blocks, st.decode_steps, st.prefill_steps, c.decode, c.prefill)
+                st.moves, st.preemptions, st.prefix_hit_blocks, st.decode_steps, st.prefill_steps, c.decode,
+                c.prefill + c.mixed)
 
   def add(self, prompt, max_new_tokens: int, arrival: float, rids: list[int]) -> bool:
     """Queue one forced-length request (appended to rids); False if the engine rejects it."""
@@ -143,7 +145,7 @@ class Runner:
         "prefix_hit_blocks": st.prefix_hit_blocks - mark.prefix_hits,
         "host_us": pct(host, (50, 99)),
         "compiles_during_run": {"decode": eng.compiles.decode - mark.decode_compiles,
-                                "prefill": eng.compiles.prefill - mark.prefill_compiles},
+                                "prefill": eng.compiles.prefill + eng.compiles.mixed - mark.prefill_compiles},
         "series": {
             "steps": compact([[s[0] - t_start, s[1] * 1e3, s[2], int(s[4])] for s in steps], 1, series_points),
             "kv": compact([list(k) for k in kv], 1, series_points // 4),

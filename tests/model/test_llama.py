@@ -1,5 +1,6 @@
 """The model and checkpoints against HF transformers (the independent reference)."""
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -58,7 +59,8 @@ def test_prefill_logits_match_hf(ours, hf_model):
 
 
 def test_engine_greedy_matches_hf_generate(ours, hf_model):
-  """8 varied prompts x 32 new tokens, decoded together (mixed lengths) by both engines."""
+  """8 varied prompts x 32 new tokens, decoded together (mixed lengths) by both engines, the KV-RM
+  engine with separate prefill calls and with mixed steps."""
   cfg, model, tok = ours
   ids = [tok.encode(p) for p in PROMPTS]
   expected = []
@@ -69,10 +71,13 @@ def test_engine_greedy_matches_hf_generate(ours, hf_model):
     gen = out[0, len(x):].tolist()
     expected.append(gen)
   rt = RuntimeConfig(block_size=16, num_blocks=64, max_slots=4, max_blocks_per_seq=4, prefill_buckets=(16, 32))
-  for kind in ("kvrm", "static"):
-    outs = Engine(cfg, model, rt, tokenizer=tok, kind=kind).generate(ids, SamplingParams(max_new_tokens=32))
+  mixed = dataclasses.replace(rt, step_tokens=4 + 2 * 8, tile=8)  # prompts split over steps, in tiles of 8
+  for kind, r in (("kvrm", rt), ("kvrm", mixed), ("static", rt)):
+    eng = Engine(cfg, model, r, tokenizer=tok, kind=kind)
+    outs = eng.generate(ids, SamplingParams(max_new_tokens=32))
     for o, e, p in zip(outs, expected, PROMPTS):
-      assert o.output_ids == e, (kind, p, tok.decode(o.output_ids), tok.decode(e))
+      assert o.output_ids == e, (kind, r.step_tokens, p, tok.decode(o.output_ids), tok.decode(e))
+    assert (eng.stats.mixed_steps > 0) == (r is mixed)
 
 
 def test_hf_folder_import_with_llama3_rope(tmp_path):

@@ -298,7 +298,8 @@ def test_abort_running_request_with_placed_blocks(engine, mixed):
 # ----------------------------------------------------------------------------- soak
 
 
-SOAKS = {"place": RT_PLACE, "swap": RT_SWAP}
+SOAKS = {"place": RT_PLACE, "swap": RT_SWAP,
+         "place-mixed": dataclasses.replace(RT_PLACE, step_tokens=RT_PLACE.max_slots + 4 * 8, tile=8)}
 
 
 @pytest.fixture(scope="module")
@@ -349,11 +350,12 @@ def test_soak_everything_accounted(soak):
   assert (st.placed_blocks > 0) == bool(eng.rt.max_host_reads)
   assert any(r in aborted and eng.requests[r].tiered for r in rids)  # aborts hit tiered requests too
   assert eng.compiles.decode == 1
+  assert (eng.stats.mixed_steps > 0) == bool(eng.rt.step_tokens) and eng.compiles.mixed <= len(eng.rt.tile_buckets)
   assert_whole(eng)
 
 
 @pytest.mark.parametrize(
-    "soak", ["place", "swap"], indirect=True)
+    "soak", ["place", "swap", "place-mixed"], indirect=True)
 def test_soak_outputs_match_dense_reference(model, soak):
   """With NaN-poisoned freed blocks the soak's tokens are the dense reference's (prefixes for the
   aborted requests)."""

@@ -66,6 +66,8 @@ def check_run(m, n_requests, output_tokens):
   assert m["completed"] == n_requests and m["rejected"] == 0 and m["unfinished"] == 0
   assert m["generated_tokens"] == output_tokens  # forced lengths: both engines do the same work
   assert m["tokens_per_s"] > 0 and m["steps"] > 0
+  if output_tokens == n_requests:  # one token each (prefill only): no inter-token latency, no decode step
+    return
   for k in ("p50", "p90", "p99", "max"):
     assert m["itl_ms"][k] is not None and m["itl_ms"][k] >= 0
   assert m["kv"]["peak_reserved_bytes"] >= m["kv"]["peak_live_bytes"] > 0
@@ -74,7 +76,7 @@ def check_run(m, n_requests, output_tokens):
 
 def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
   out, md = tmp_path / "raw" / "decode.json", tmp_path / "docs" / "results.md"
-  argv = SMALL + ["--families", "uniform,mixed,longtail,shared-prefix", "--num-requests", "6",
+  argv = SMALL + ["--families", "uniform,mixed,longtail,shared-prefix,prefill", "--num-requests", "6",
                   "--out-json", str(out), "--report", str(md), "--label", "decode-test"]
   assert bench_decode.main(argv) == 0, capsys.readouterr().err
   obj = json.loads(out.read_text())
@@ -82,7 +84,14 @@ def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
   for key in ("date", "device", "backend", "jax"):
     assert key in obj["env"]
   check_engines(obj)
-  assert set(obj["results"]) == {"uniform", "mixed", "longtail", "shared-prefix"}
+  assert set(obj["results"]) == {"uniform", "mixed", "longtail", "shared-prefix", "prefill"}
+  pf = obj["workloads"]["prefill"]
+  assert pf["output_tokens"]["max"] == 1 and pf["prompt_tokens"]["max"] == 128 // 2 and pf["matmul_tflops"] > 0
+  mi = obj["model"]  # matmul FLOPs at least 2 per weight per prompt token (embedding and LM head aside)
+  assert pf["flops"] >= 2 * (mi["params"] - 2 * mi["vocab"] * mi["hidden"]) * 6 * 64
+  for m in obj["results"]["prefill"].values():
+    assert m["prompt_tokens"] == 6 * 64 and m["prompt_tokens_per_s"] > 0
+    assert m["step_ms_with_prompt"]["p50"] is not None
   for fam, per in obj["results"].items():
     assert set(per) == {"kvrm", "kvrm-mixed", "static"}
     w = obj["workloads"][fam]

@@ -160,6 +160,32 @@ def model_info(cfg, model, dtype: str, source: str) -> dict:
           "vocab": cfg.vocab_size, "context": cfg.max_position}
 
 
+def prompt_flops(cfg, lengths) -> float:
+  """FLOPs of computing prompts of these lengths with one output token each: the layers' matmuls
+  per token, causal attention per prompt (QK^T and PV over n(n+1)/2 pairs), the LM head once."""
+  d, h, kh, e, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  per_token = 2 * cfg.num_layers * (d * (h + 2 * kh) * e + h * e * d + 3 * d * i)
+  n = np.asarray(lengths, np.float64)
+  attn = 4 * cfg.num_layers * h * e * (n * (n + 1) / 2)
+  return float(per_token * n.sum() + attn.sum() + 2 * d * cfg.vocab_size * len(n))
+
+
+def matmul_tflops(dtype: str, iters: int = 10) -> float:
+  """This device's measured dense matmul rate in `dtype` (median of `iters` n x n x n products, n =
+  8192 on a GPU, 1024 elsewhere; float32 at the exact precision the engine uses), in TFLOP/s."""
+  n = 8192 if jax.default_backend() == "gpu" else 1024
+  prec = jax.lax.Precision.HIGHEST if dtype == "float32" else None
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=prec))
+  a = jnp.ones((n, n), dtype)
+  f(a, a).block_until_ready()
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(ts)) / 1e12
+
+
 def kv_block_bytes(cfg, block_size: int, dtype: str) -> int:
   """Bytes of one block of K and V over all layers."""
   itemsize = 2 if dtype == "bfloat16" else 4

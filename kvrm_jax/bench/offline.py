@@ -96,12 +96,15 @@ def _run(args, argv) -> int:
     del runner
     bc.free_device_memory()
 
+  workload_info = {f: dict(bc.describe(workloads[f]), description=bc.DESCRIPTIONS[f]) for f in families}
+  if "prefill" in families:  # prompt throughput against this device's matmul rate, measured now
+    workload_info["prefill"]["flops"] = bc.prompt_flops(cfg, [len(p) for p, _ in workloads["prefill"]])
+    workload_info["prefill"]["matmul_tflops"] = bc.matmul_tflops(dtype)
   obj = {"kind": KIND, "label": args.label or bc.default_label("decode", env, args.model),
          "note": bc.default_note(env) if args.note is None else args.note,
          "model_init_s": su.init_s, "command": bc.command_line("bench_decode.py", argv), "env": env,
          "model": bc.model_info(cfg, model, dtype, su.source), "budget": budget.to_dict(), "engines": engines,
-         "workloads": {f: dict(bc.describe(workloads[f]), description=bc.DESCRIPTIONS[f]) for f in families},
-         "results": results}
+         "workloads": workload_info, "results": results}
   return bc.publish(args, obj, render, print_summary)
 
 
@@ -142,6 +145,16 @@ def render(obj: dict, md_path: str) -> None:
                 f"{'met' if sp >= bc.TARGETS['mixed_speedup'] else 'not met'}); KV-RM peak reserved / live KV "
                 f"{r:.2f}x (target <= {bc.TARGETS['reserved_over_live']}x: "
                 f"{'met' if r <= bc.TARGETS['reserved_over_live'] else 'not met'}).\n")
+  if "prefill" in res and "flops" in obj["workloads"]["prefill"]:
+    w = obj["workloads"]["prefill"]
+    body.append(f"Prefill only ({w['num_requests']} prompts x {w['prompt_tokens']['max']} tokens, one output token; "
+                f"matmul rate measured in this run: {w['matmul_tflops']:.3g} TFLOP/s):\n")
+    for k in kinds:
+      m = res["prefill"][k]
+      tf = w["flops"] / m["wall_s"] / 1e12
+      body.append(f"- {k}: {m['prompt_tokens_per_s']:.0f} prompt tokens/s, {tf:.3g} TFLOP/s = "
+                  f"{100 * tf / w['matmul_tflops']:.0f} % of the matmul rate")
+    body.append("")
   if "mixed" in res and {"kvrm-mixed", "static"} <= set(res["mixed"]):
     m, s = res["mixed"]["kvrm-mixed"], res["mixed"]["static"]
     sp = m["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else 0.0

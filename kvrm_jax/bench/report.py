@@ -196,7 +196,10 @@ def plot_itl_cdf(ax, results: dict, title: str) -> None:
   ax.set_ylabel("CDF")
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  else:  # one token per request (prefill only)
+    ax.text(0.5, 0.5, "no inter-token latency", ha="center", transform=ax.transAxes)
 
 
 def plot_kv(ax, results: dict, budget_bytes: float, title: str) -> None:

@@ -111,6 +111,8 @@ class Runner:
     e2e = [(r.finish_time - r.arrival) * 1e3 for r in done]
     steps = self.steps[mark.steps:]
     dur = np.array([s[1] for s in steps]) * 1e3
+    with_prompt = np.array([bool(s[4]) for s in steps], bool)
+    prompt_tokens = sum(len(r.prompt_ids) for r in reqs if r.first_token_time is not None)
     med = float(np.median(dur)) if len(dur) else 0.0
     spikes = dur > SPIKE_FACTOR * med if len(dur) else np.zeros(0, bool)
     kv = [(s[0] - t_start, s[5] * self.block_bytes, s[6] * self.token_bytes) for s in steps if s[5] is not None]
@@ -130,6 +132,9 @@ class Runner:
         "steps": len(steps), "prefill_steps": st.prefill_steps - mark.prefill_steps,
         "decode_steps": st.decode_steps - mark.decode_steps,
         "step_ms": dict(pct(dur, (50, 90, 99, 100)), mean=float(dur.mean()) if len(dur) else None),
+        # steps with prompt work (a prefill call, or a mixed step) and decode-only steps
+        "step_ms_with_prompt": pct(dur[with_prompt], (50, 99)), "step_ms_decode_only": pct(dur[~with_prompt], (50, 99)),
+        "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": prompt_tokens / wall,
         "decode_device_ms": pct(dev, (50, 99)),
         "spikes": {"threshold_ms": SPIKE_FACTOR * med, "count": int(spikes.sum()),
                    "fraction": float(spikes.mean()) if len(dur) else 0.0,

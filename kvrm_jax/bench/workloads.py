@@ -1,7 +1,8 @@
 """Benchmark workloads: synthetic request families and production-trace windows.
 
 Families (`make_workload`): uniform short; mixed-length (log-normal prompt and output lengths);
-long-tail (a few very long histories among short ones); shared-prefix (a chat system prompt).
+long-tail (a few very long histories among short ones); shared-prefix (a chat system prompt);
+prefill (long prompts, one output token: prompt throughput).
 Traces (`load_trace`): Azure LLM inference CSV (`TIMESTAMP, ContextTokens, GeneratedTokens`,
 timestamps like `2023-11-16 18:15:46.6805900`) or JSONL with `timestamp` (milliseconds),
 `input_length` and `output_length` per line (other fields ignored).
@@ -19,12 +20,13 @@ import numpy as np
 
 from kvrm_jax.cli import UserError, parse_choices
 
-FAMILIES = ("uniform", "mixed", "longtail", "shared-prefix")
+FAMILIES = ("uniform", "mixed", "longtail", "shared-prefix", "prefill")
 DESCRIPTIONS = {
     "uniform": "short prompts and outputs, uniform in [L/32, L/16]",
     "mixed": "log-normal prompts (median L/16, sigma 1) and outputs (median L/32, sigma 0.8)",
     "longtail": "1 in 16 requests has a long history (prompt L/2..3L/4, output L/16..L/8); the rest L/64..L/16",
     "shared-prefix": "7 in 8 requests share one L/4-token system prompt, then L/64..L/16 tokens; outputs L/32..L/16",
+    "prefill": "prefill only: prompts of min(L/2, 2048) tokens, one output token each",
 }
 TRACES_ENV = "KVRM_TRACES"  # folder of trace files, for short names such as `conv`
 
@@ -57,6 +59,8 @@ def make_workload(family: str, n: int, max_len: int, vocab: int, rng: np.random.
       q, o = uni(L / 64, L / 16), uni(L / 32, L / 16)
       work.append((system + ids(q) if i % 8 else ids(L // 4 + q), o))
     return [(p[:max_len - o], o) for p, o in work]
+  elif family == "prefill":
+    out = [(min(L // 2, 2048), 1)] * n
   else:
     raise UserError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
   return [(ids(min(p, max_len - o)), o) for p, o in out]

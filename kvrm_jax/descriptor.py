@@ -149,40 +149,6 @@ def mixed_layout(rt: RuntimeConfig, n_tiles: int) -> Layout:
       ))
 
 
-def tile_bucket(rt: RuntimeConfig, tiles: int) -> int:
-  """The smallest mixed-step tile count that holds `tiles` tiles."""
-  return next(b for b in rt.tile_buckets if b >= tiles)
-
-
-def build_mixed(rt: RuntimeConfig, rows, slots, decode_slots, moves=(), folds=(), host_reads=()):
-  """(tile bucket, (ints, floats), last tile of each row) of a mixed step: the decode fields of
-  `decode_slots` (as build_decode) and the prompt chunks `rows` (request, start, n) cut into tiles."""
-  q, bs = rt.tile, rt.block_size
-  tiles = sum(-(-n // q) for _, _, n in rows)
-  n_tiles = tile_bucket(rt, tiles)
-  layout = mixed_layout(rt, n_tiles)
-  d = layout.new()
-  _fill_decode(d, rt, slots, decode_slots, moves, folds, host_reads)
-  d["t_top_p"][:] = 1.0
-  last_tile, i = [], 0
-  for req, start, n in rows:
-    s = req.slot
-    for a in range(start, start + n, q):
-      m = min(q, start + n - a)
-      pos = np.arange(a, a + m)
-      d["t_tokens"][i, :m] = req.all_ids[a:a + m]
-      d["t_positions"][i, :m] = pos
-      d["t_write_slots"][i, :m] = slots.bt[s][pos // bs] * bs + pos % bs
-      d["t_block_tables"][i] = slots.bt[s]
-      d["t_lengths"][i] = a + m
-      d["t_last_index"][i] = m - 1
-      d["t_temperature"][i], d["t_top_p"][i], d["t_top_k"][i], d["t_seeds"][i] = (
-          slots.temp[s], slots.topp[s], slots.topk[s], slots.seed[s])
-      i += 1
-    last_tile.append(i - 1)
-  return n_tiles, layout.pack(d), last_tile
-
-
 def swap_layout(rt: RuntimeConfig) -> Layout:
   """The host tier's swap op: extents copied out then in, each with its device blocks."""
   x, r = max(rt.max_swap_extents, 1), rt.host_extent
@@ -210,21 +176,49 @@ def build_prefill(rt: RuntimeConfig, rows, slots, moves=(), folds=()):
   chunk = next(b for b in rt.prefill_buckets if b >= n_max)
   layout = prefill_layout(rt, chunk)
   d = layout.new()
-  bs = rt.block_size
   d["top_p"][:] = 1.0
   for i, (req, start, n) in enumerate(rows):
-    s = req.slot
-    pos = np.arange(start, start + n)
-    d["tokens"][i, :n] = req.all_ids[start:start + n]
-    d["positions"][i, :n] = pos
-    d["write_slots"][i, :n] = slots.bt[s][pos // bs] * bs + pos % bs
-    d["block_tables"][i] = slots.bt[s]
-    d["lengths"][i] = start + n
-    d["last_index"][i] = n - 1
-    d["temperature"][i], d["top_p"][i], d["top_k"][i], d["seeds"][i] = (
-        slots.temp[s], slots.topp[s], slots.topk[s], slots.seed[s])
+    _put_chunk(d, "", i, req, start, n, slots, rt.block_size)
   put_block_ops(d, moves, folds)
   return chunk, layout.pack(d)
+
+
+def _put_chunk(d, prefix: str, i: int, req, start: int, n: int, slots, bs: int) -> None:
+  """Row i of a prefill descriptor (prefix "") or tile i of a mixed one ("t_"): tokens start..start+n
+  of the request's prompt, their pool slots, its block table, KV length and sampling parameters."""
+  s = req.slot
+  pos = np.arange(start, start + n)
+  d[prefix + "tokens"][i, :n] = req.all_ids[start:start + n]
+  d[prefix + "positions"][i, :n] = pos
+  d[prefix + "write_slots"][i, :n] = slots.bt[s][pos // bs] * bs + pos % bs
+  d[prefix + "block_tables"][i] = slots.bt[s]
+  d[prefix + "lengths"][i] = start + n
+  d[prefix + "last_index"][i] = n - 1
+  for f, per_slot in (("temperature", slots.temp), ("top_p", slots.topp), ("top_k", slots.topk), ("seeds", slots.seed)):
+    d[prefix + f][i] = per_slot[s]
+
+
+def tile_bucket(rt: RuntimeConfig, tiles: int) -> int:
+  """The smallest mixed-step tile count that holds `tiles` tiles."""
+  return next(b for b in rt.tile_buckets if b >= tiles)
+
+
+def build_mixed(rt: RuntimeConfig, rows, slots, decode_slots, moves=(), folds=(), host_reads=()):
+  """(tile bucket, (ints, floats), last tile of each row) of a mixed step: the decode fields of
+  `decode_slots` (as build_decode) and the prompt chunks `rows` (request, start, n) cut into tiles."""
+  q = rt.tile
+  n_tiles = tile_bucket(rt, sum(-(-n // q) for _, _, n in rows))
+  layout = mixed_layout(rt, n_tiles)
+  d = layout.new()
+  _fill_decode(d, rt, slots, decode_slots, moves, folds, host_reads)
+  d["t_top_p"][:] = 1.0
+  last_tile, i = [], 0
+  for req, start, n in rows:
+    for a in range(start, start + n, q):
+      _put_chunk(d, "t_", i, req, a, min(q, start + n - a), slots, rt.block_size)
+      i += 1
+    last_tile.append(i - 1)
+  return n_tiles, layout.pack(d), last_tile
 
 
 def build_decode(layout: Layout, rt: RuntimeConfig, slots, decode_slots, moves=(), folds=(), host_reads=()):

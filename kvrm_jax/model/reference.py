@@ -30,13 +30,18 @@ def _forward(graphdef, state, ids):
 
 
 def greedy_generate(model: model_lib.Llama, prompt_ids, max_new_tokens: int, eos_ids=()) -> list[int]:
-  """Greedy continuation of one prompt; stops after an EOS (included)."""
+  """Greedy continuation of one prompt; stops after an EOS (included). Each step runs the whole
+  sequence padded at its end to a power of two (causal: the padding changes no earlier row), so
+  a generation compiles a few lengths instead of one per token."""
   graphdef, state = model_lib.split(model)
   ids = list(prompt_ids)
   out = []
   for _ in range(max_new_tokens):
-    logits = _forward(graphdef, state, jnp.asarray(ids, jnp.int32))
-    tok = int(jnp.argmax(logits[-1]))
+    n = len(ids)
+    padded = np.zeros(max(16, 1 << (n - 1).bit_length()), np.int32)
+    padded[:n] = ids
+    logits = _forward(graphdef, state, jnp.asarray(padded))
+    tok = int(jnp.argmax(logits[n - 1]))
     out.append(tok)
     ids.append(tok)
     if tok in eos_ids:

@@ -350,40 +350,38 @@ def _feature_engine(feature, model, step_tokens=0):
   return Engine(CFG, model, mixed(rt), **kw), [(ps, sps)]
 
 
-@pytest.mark.parametrize("feature", ["tier", "summaries", "compaction", "prefix", "sharding"])
-def test_one_compile_per_step_under_each_feature(model, feature):
-  """The one-compile promise under each feature, on whatever backend runs the suite: one decode
-  executable, one prefill executable per bucket used, with the feature really exercised."""
-  eng, batches = _feature_engine(feature, model)
-  used = set()
-  for ps, sps in batches:
-    assert all(o.finished for o in eng.generate(ps, sps))
-    used |= {next((b for b in eng.rt.prefill_buckets if b >= len(p)), max(eng.rt.prefill_buckets)) for p in ps}
+def _exercised(feature, eng) -> bool:
   st = eng.stats
-  exercised = {"tier": st.placed_blocks > 0, "summaries": st.folds > 0,  # tier: the step stages host extents
-               "compaction": st.moves > 0, "prefix": st.prefix_hit_blocks > 0,
-               "sharding": eng.mesh is not None}
-  assert exercised[feature]
+  return {"tier": st.placed_blocks > 0, "summaries": st.folds > 0,  # tier: the step stages host extents
+          "compaction": st.moves > 0, "prefix": st.prefix_hit_blocks > 0, "sharding": eng.mesh is not None}[feature]
+
+
+@pytest.mark.parametrize("feature", ["tier", "summaries", "compaction", "prefix", "sharding"])
+def test_one_compile_per_step_and_mixed_steps_under_each_feature(model, feature):
+  """The one-compile promise under each feature, on whatever backend runs the suite: one decode
+  executable, one prefill executable per bucket used, with the feature really exercised.
+
+  Then mixed steps (one device call per step: decode rows + prompt tiles, RuntimeConfig.step_tokens)
+  decode what those separate prefill and decode calls did; their executables are the tile buckets
+  used (and the decode step for steps without prompt work), no prefill step."""
+  eng, batches = _feature_engine(feature, model)
+  used, want = set(), []
+  for ps, sps in batches:
+    outs = eng.generate(ps, sps)
+    assert all(o.finished for o in outs)
+    want.append([o.output_ids for o in outs])
+    used |= {next((b for b in eng.rt.prefill_buckets if b >= len(p)), max(eng.rt.prefill_buckets)) for p in ps}
+  assert _exercised(feature, eng)
   assert eng.compiles.decode == 1
   assert 1 <= eng.compiles.prefill <= len(used)
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
-
-@pytest.mark.parametrize("feature", ["tier", "summaries", "compaction", "prefix", "sharding"])
-def test_mixed_step_equals_split_steps_under_each_feature(model, feature):
-  """One device call per step (decode rows + prompt tiles, RuntimeConfig.step_tokens) decodes
-  what the separate prefill and decode calls do, under each feature; its executables are the
-  tile buckets used (and the decode step for steps without prompt work), no prefill step."""
-  split, batches = _feature_engine(feature, model)
-  mixed, _ = _feature_engine(feature, model, step_tokens=split.rt.max_slots + 3 * 8)
+  mixed, _ = _feature_engine(feature, model, step_tokens=eng.rt.max_slots + 3 * 8)
   assert mixed.rt.tile_buckets == (1, 2, 3)
-  for ps, sps in batches:
-    want = [o.output_ids for o in split.generate(ps, sps)]
-    assert [o.output_ids for o in mixed.generate(ps, sps)] == want
+  for (ps, sps), w in zip(batches, want):
+    assert [o.output_ids for o in mixed.generate(ps, sps)] == w
   st = mixed.stats
-  exercised = {"tier": st.placed_blocks > 0, "summaries": st.folds > 0, "compaction": st.moves > 0,
-               "prefix": st.prefix_hit_blocks > 0, "sharding": mixed.mesh is not None}
-  assert exercised[feature] and st.mixed_steps > 0 and st.mixed_steps == st.prefill_steps
+  assert _exercised(feature, mixed) and st.mixed_steps > 0 and st.mixed_steps == st.prefill_steps
   assert mixed.compiles.prefill == 0 and mixed.compiles.decode <= 1
   assert 1 <= mixed.compiles.mixed == len([k for k in mixed._executables if k[0] == "mixed"]) <= 3
   assert mixed.sched.allocator.num_free_blocks == mixed.sched.allocator.num_total_blocks

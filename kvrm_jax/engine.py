@@ -170,7 +170,8 @@ class Engine:
   def _mixed(self, plan: StepPlan, events: dict, host: float) -> None:
     """One mixed step: every decode row and the plan's prompt chunks in one device call, one sync."""
     t1 = time.perf_counter()
-    self.sched.record_memory(plan)
+    if plan.decode:
+      self.sched.record_memory(plan)  # per step with decode rows, as the decode step records it
     sl, tier = self.sched.slots, self.sched.tier
     host_reads = [(r.slot, *tier.placed(r.id)) for r in plan.decode if sl.host[r.slot]] if tier else ()
     n_tiles, (ints, floats), last_tile = desc_lib.build_mixed(self.rt, plan.prefill_rows, sl, plan.decode_slots,

@@ -195,13 +195,6 @@ class Engine:
       self.stats.decode_steps += 1
       self.sched.finish_decode(plan, tokens[:s], now, events, _host(self._mass) if self.with_mass else None)
 
-  def warmup_prompt_lengths(self) -> list[int]:
-    """Prompt lengths whose first steps compile every prompt executable: one per prefill bucket
-    (separate prefill calls), or one per tile bucket (mixed steps)."""
-    if self.rt.step_tokens:
-      return [b * self.rt.tile for b in self.rt.tile_buckets]
-    return list(self.rt.prefill_buckets)
-
   def schedule(self) -> StepPlan:
     """The host half's plan of the next step (admission, growth, preemption, folds, compaction)."""
     return self.sched.schedule()

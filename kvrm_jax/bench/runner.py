@@ -59,14 +59,14 @@ class Runner:
     eng = self.engine
     t0 = time.perf_counter()
     rng = np.random.default_rng(12345)
-    for b in eng.warmup_prompt_lengths():
+    for b in eng.rt.prefill_buckets:
       n = min(b, max_len - 2)
       if n < 1:
         continue
       rid = eng.add_request(rng.integers(3, vocab, n).tolist(), SamplingParams(max_new_tokens=2, ignore_eos=True))
       while not eng.requests[rid].done:
         eng.step()
-    eng.compile_all()  # buckets the warm-up prompts did not reach (several prompts in one step)
+    eng.compile_all()  # what the warm-up prompts did not reach (mixed steps: tile buckets of several prompts)
     self.warmup_s = time.perf_counter() - t0
     return self.warmup_s
 

@@ -65,7 +65,7 @@ def warm_up(engine: Engine) -> None:
   """Compile the decode step and every prefill (or mixed-step) bucket before the first client waits on it."""
   limit = min(engine.rt.max_seq_len, engine.cfg.max_position)
   vocab = engine.cfg.vocab_size
-  for i, b in enumerate(engine.warmup_prompt_lengths()):
+  for i, b in enumerate(engine.rt.prefill_buckets):
     n = min(b, limit - 2)
     if n < 1:
       continue
@@ -75,7 +75,7 @@ def warm_up(engine: Engine) -> None:
     while engine.output(rid).finish_reason is None:
       engine.step()
     _forget(engine, rid)
-  engine.compile_all()  # buckets the warm-up prompts did not reach (several prompts in one step)
+  engine.compile_all()  # what the warm-up prompts did not reach (mixed steps: tile buckets of several prompts)
 
 
 class Overloaded(Exception):

@@ -223,17 +223,19 @@ def test_block_by_block_extents_same_tokens_more_transfers(engine, mixed, swappe
 # ----------------------------------------------------------------------------- backends and meshes
 
 
-def test_pallas_interpret_path_with_placement(model):
-  """The Pallas kernel path (interpret mode) merges the host part exactly too."""
+@pytest.mark.parametrize("step_tokens", [0, 2 + 2 * 8])
+def test_pallas_interpret_path_with_placement(model, step_tokens):
+  """The Pallas kernel path (interpret mode) merges the host part exactly too, with separate
+  prefill calls and with mixed steps (decode rows through the kernel beside prompt tiles)."""
   ps = prompts(8, (19, 5))
   news = [10, 10]
   rt = RuntimeConfig(block_size=8, num_blocks=6, max_slots=2, max_blocks_per_seq=4, max_groups=2, max_moves=2,
                      prefill_buckets=(32,), attention="interpret", host_blocks=8, host_extent=2, max_swap_extents=2,
-                     max_host_reads=2, max_host_blocks_per_seq=2)
+                     max_host_reads=2, max_host_blocks_per_seq=2, step_tokens=step_tokens, tile=8)
   eng = Engine(CFG, model, rt)
   outs, st = run(eng, ps, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news])
   assert outs == dense_greedy(model, ps, news)
-  assert st.placed_blocks > 0
+  assert st.placed_blocks > 0 and (st.mixed_steps > 0) == bool(step_tokens)
   assert_whole(eng)
 
 

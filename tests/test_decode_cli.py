@@ -186,26 +186,28 @@ def test_non_finite_weights_end_with_an_error_line(smollm2_ckpt, tmp_path):
   assert [r["output_ids"] for r in json.loads(out.read_text())["results"]] == [[], []]
 
 
-def test_prompts_file_format_follows_its_extension(smollm2_ckpt, tmp_path):
+def test_prompts_file_format_follows_its_extension(tmp_path):
   """A plain-text line that starts with `{` is a prompt; .jsonl files (or --prompts-format jsonl) are JSONL."""
   txt, jl = tmp_path / "p.txt", tmp_path / "p.jsonl"
   txt.write_text('{"prompt": "not JSON here"} is the text\n')
   jl.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n")
-  ck = ["--checkpoint", str(smollm2_ckpt), "--max-new-tokens", "1", "--quiet"]
   for args, want in ((["--prompts-file", str(txt)], '{"prompt": "not JSON here"} is the text'),
                      (["--prompts-file", str(jl)], "The capital of France is"),
                      (["--prompts-file", str(txt), "--prompts-format", "text"], '{"prompt": "not JSON here"} is the text')):
-    p = _decode(ck + args + ["--output-json", str(tmp_path / "o.json")])
-    assert p.returncode == 0, p.stderr
-    assert [r["prompt"] for r in json.loads((tmp_path / "o.json").read_text())["results"]] == [want]
-  p = _decode(ck + ["--prompts-file", str(txt), "--prompts-format", "jsonl"])
-  assert p.returncode == 2 and p.stderr.startswith(f"error: {txt}:1: invalid JSON"), p.stderr
+    assert decode_cli.read_prompts(decode_cli.parse_args(args)) == [want]
+  with pytest.raises(decode_cli.UserError, match=f"{re.escape(str(txt))}:1: invalid JSON"):
+    decode_cli.read_prompts(decode_cli.parse_args(["--prompts-file", str(txt), "--prompts-format", "jsonl"]))
 
 
-def test_phase_lines_off_a_terminal(smollm2_ckpt):
-  """Loading and the first token each say what happened and how long it took, also in a log."""
-  p = _decode(["--checkpoint", str(smollm2_ckpt), "--prompt", "hi", "--max-new-tokens", "2", "--quiet"])
+def test_jsonl_prompts_and_phase_lines_off_a_terminal(smollm2_ckpt, tmp_path):
+  """End to end through a subprocess: a JSONL prompts file is decoded; loading and the first token
+  each say what happened and how long it took, also in a log."""
+  jl = tmp_path / "p.jsonl"
+  jl.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n")
+  p = _decode(["--checkpoint", str(smollm2_ckpt), "--prompts-file", str(jl), "--max-new-tokens", "2", "--quiet",
+               "--output-json", str(tmp_path / "o.json")])
   assert p.returncode == 0, p.stderr
+  assert [r["prompt"] for r in json.loads((tmp_path / "o.json").read_text())["results"]] == ["The capital of France is"]
   assert re.search(rf"^loading checkpoint {re.escape(str(smollm2_ckpt))} \.\.\. \d+\.\d s$", p.stderr, re.M), p.stderr
   assert re.search(r"^first token after \d+\.\d s", p.stderr, re.M), p.stderr
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from kvrm_jax.sched.request import NON_FINITE  # the token id of a row of non-finite logits
 
-# Rows with 1 <= top_k <= K_MAX take the lax.top_k route; the rest bisect.
+# Rows with 1 <= top_k <= K_MAX take the top-k window route; the rest bisect.
 K_MAX = 64
 CHUNK = 128  # columns per chunk of top_window's first stage
 _BISECT_STEPS = 32  # exact over the 2**32 ordered keys of float32

@@ -11,7 +11,7 @@ of `engine.build_decode_descriptor(plan)` (docs/notebook.md drives it by hand).
 from __future__ import annotations
 
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,12 @@ from kvrm_jax.step.tier import init_host_pools
 def _host(x) -> np.ndarray:
   """A replicated output to host; across processes (multi-host) each reads its local copy."""
   return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
+def _step_name(key: tuple) -> str:
+  if key[0] == "decode":
+    return "decode step"
+  return f"prefill step ({key[1]} tokens)" if key[0] == "prefill" else f"mixed step ({key[1]} tiles)"
 
 
 class Engine:
@@ -72,6 +78,8 @@ class Engine:
         self.graphdef, cfg, rt, with_logits=with_logits, mesh=mesh, state_specs=specs, with_mass=self.with_mass)
     self.dlayout = desc_lib.decode_layout(rt)
     self._executables: dict = {}  # ("decode",) / ("prefill", chunk) / ("mixed", tiles) -> AOT executable
+    # Called as on_compile(name, seconds) after each executable is compiled (start-up progress).
+    self.on_compile: Callable[[str, float], None] | None = None
     if rt.host_blocks:
       self.k_host, self.v_host = init_host_pools(cfg, rt, mesh)
       self.swap_step = step_lib.build_swap(rt, mesh, tuple(x.sharding for x in (
@@ -222,7 +230,10 @@ class Engine:
       t0 = time.perf_counter()
       ints, floats = self.put_descriptor(*layout.pack(layout.new()))
       exe = self._executables[key] = fn.lower(self.state, self.k_pool, self.v_pool, ints, floats, *host).compile()
-      self.stats.compile_s += time.perf_counter() - t0
+      dt = time.perf_counter() - t0
+      self.stats.compile_s += dt
+      if self.on_compile is not None:
+        self.on_compile(_step_name(key), dt)
     return exe
 
   def _prefill_exe(self, chunk: int):

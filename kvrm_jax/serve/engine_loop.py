@@ -61,8 +61,12 @@ def preset_names() -> list[str]:
   return sorted(PRESETS)
 
 
-def warm_up(engine: Engine) -> None:
-  """Compile the decode step and every prefill (or mixed-step) bucket before the first client waits on it."""
+def warm_up(engine: Engine, log=None) -> None:
+  """Compile the decode step and every prefill (or mixed-step) bucket before the first client waits on it.
+
+  log(line): told each executable compiled and its seconds (compiles can take minutes on a busy GPU host)."""
+  if log is not None:
+    engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
   limit = min(engine.rt.max_seq_len, engine.cfg.max_position)
   vocab = engine.cfg.vocab_size
   for i, b in enumerate(engine.rt.prefill_buckets):

@@ -70,7 +70,9 @@ def serve(args) -> int:
   engine = make_engine(args, cfg, model, tok, mesh, dtype, max_slots=slots, num_blocks=args.num_blocks or slots * mb + 1,
                        max_blocks_per_seq=mb)
   if not args.no_warmup:
-    warm_up(engine)
+    print(f"[serve] warm-up: compiling the decode step and every {'tile' if engine.rt.step_tokens else 'prefill'} "
+          "bucket before listening", file=sys.stderr, flush=True)
+    warm_up(engine, log=lambda line: print(f"[serve] {line}", file=sys.stderr, flush=True))
   name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
   metrics = Metrics()
   loop = EngineLoop(engine, max_queue=args.max_queue, metrics=metrics)

@@ -139,16 +139,20 @@ def load_model(args):
 
 
 def add_step_args(p) -> None:
-  """--step-tokens / --tile: the mixed step (RuntimeConfig.step_tokens, .tile)."""
+  """--step-tokens / --tile / --prompt-attention: the mixed step (RuntimeConfig.step_tokens, .tile) and
+  how prompt chunks attend (.prompt_attention)."""
   p.add_argument("--step-tokens", type=int, default=0,
                  help="one device call per engine step: decode tokens + prompt tiles, at most this many tokens "
                  "(>= max slots + tile); 0 (default): separate padded prefill and decode calls")
   p.add_argument("--tile", type=int, default=64, help="prompt tokens per query tile of a mixed step")
+  p.add_argument("--prompt-attention", default="auto",
+                 help="how prompt chunks attend: gather (XLA gather + einsum) | kernel (the paged tile kernel: "
+                 "Mosaic GPU on Hopper) | auto (gather)")
 
 
 def step_kwargs(args) -> dict:
-  """RuntimeConfig keywords of --step-tokens / --tile."""
-  return {"step_tokens": args.step_tokens, "tile": args.tile}
+  """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention."""
+  return {"step_tokens": args.step_tokens, "tile": args.tile, "prompt_attention": args.prompt_attention}
 
 
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):

@@ -145,6 +145,12 @@ class RuntimeConfig:
     `tile_buckets` (one executable each, compiled when first used); a step with no prompt work is
     the decode step. Must be >= max_slots + tile (every step has room for one tile).
   tile: query tokens per tile of a mixed step; each tile belongs to one sequence's chunk.
+  prompt_attention: how prompt chunks (prefill rows, mixed-step tiles) attend to their history:
+    "gather" gathers each chunk's whole block table and runs one masked einsum (XLA); "kernel"
+    runs the paged tile kernel of the attention backend (pallas_kernels.paged_tile_attention:
+    Mosaic GPU on Hopper, Triton on other GPUs, interpret mode with attention="interpret", the
+    jnp reference with "reference"), which reads each chunk's keys up to its last position only;
+    "auto" is "gather".
   xla_options: extra XLA compile options of the decode and prefill steps, ((name, value), ...),
     e.g. (("xla_gpu_enable_triton_gemm", False),); on top of step.DEFAULT_XLA_OPTIONS (GPU).
     `parse_xla_options("name=value,...")` reads them from a command line.
@@ -173,6 +179,7 @@ class RuntimeConfig:
   max_host_blocks_per_seq: int = 0
   step_tokens: int = 0
   tile: int = 64
+  prompt_attention: str = "auto"  # "auto" | "gather" | "kernel"
   xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
 
   def __post_init__(self):
@@ -197,6 +204,8 @@ class RuntimeConfig:
       raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
     if self.attention not in ("auto", "reference", "pallas", "interpret"):
       raise ValueError(f"unknown attention backend {self.attention!r}")
+    if self.prompt_attention not in ("auto", "gather", "kernel"):
+      raise ValueError(f"unknown prompt_attention {self.prompt_attention!r} (auto | gather | kernel)")
     if self.layer_loop not in ("auto", "scan", "unroll"):
       raise ValueError(f"unknown layer_loop {self.layer_loop!r} (auto | scan | unroll)")
     for f in ("host_blocks", "max_swap_extents", "max_host_reads", "max_host_blocks_per_seq"):

@@ -32,14 +32,24 @@ MAX_STREAMS = 4  # Mosaic warpgroups per program
 LOG2E = math.log2(math.e)
 
 
-def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of this split
-                    base_ref,  # [DESC_COLS] int32: block offset added to every block id (word 0)
-                    q_ref,     # [QP, D]
-                    k_ref,     # [N, bs, D]
-                    v_ref,     # [N, bs, D]
-                    o_ref,     # [QP, D] f32
-                    lse_ref,   # [QP] f32
-                    *, part: KVPartition, sm_scale: float, gather_only: bool):
+def _generic_kernel(*refs, causal_g: int = 0, **kw):
+  if causal_g:  # query tiles: the first ref holds the tile's first position
+    start_ref, refs = refs[0], refs[1:]
+    _generic_body(*refs, start=start_ref[0], causal_g=causal_g, **kw)
+  else:
+    _generic_body(*refs, start=None, causal_g=0, **kw)
+
+
+def _generic_body(desc_ref,  # [W] int32: length, chunk sources, block ids of this split
+                  base_ref,  # [DESC_COLS] int32: block offset added to every block id (word 0)
+                  q_ref,     # [QP, D]
+                  k_ref,     # [N, bs, D]
+                  v_ref,     # [N, bs, D]
+                  o_ref,     # [QP, D] f32
+                  lse_ref,   # [QP] f32
+                  *, part: KVPartition, sm_scale: float, gather_only: bool, start, causal_g: int):
+  # causal_g > 0: the QP rows are query tokens of one sequence at positions start, start + 1, ...,
+  # causal_g rows (q heads) per token; row r sees keys <= start + r // causal_g (and < length).
   cb, cps, T = part.chunk_blocks, part.chunks_per_split, part.chunk_tokens
   QP, D = q_ref.shape
   split = pl.program_id(2)
@@ -74,8 +84,12 @@ def _generic_kernel(desc_ref,  # [W] int32: length, chunk sources, block ids of 
     tok = (first + i) * T + lax.broadcasted_iota(jnp.int32, (T,), 0)
     valid = tok < length
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)  # [QP, T]
+    ok = valid[None, :]
+    if causal_g:  # key <= start + r // g  <=>  (key - start) * g <= r  (integers)
+      rows = lax.broadcasted_iota(jnp.int32, (QP, T), 0)
+      ok = ok & ((tok[None, :] - start) * causal_g <= rows)
     # where, not a multiply: freed blocks may hold NaN.
-    s = jnp.where(valid[None, :], s * scale_log2, -jnp.inf)
+    s = jnp.where(ok, s * scale_log2, -jnp.inf)
     m_new = jnp.maximum(m_i, s.max(axis=-1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -105,20 +119,25 @@ def _generic_call(desc,   # [B, S, W] int32
                   k_pool,  # [Hkv, N, bs, D]
                   v_pool,  # [Hkv, N, bs, D]
                   *, part: KVPartition, sm_scale: float, interpret: bool,
-                  num_warps: int = 4, num_stages: int = 2, gather_only: bool | None = None):
+                  num_warps: int = 4, num_stages: int = 2, gather_only: bool | None = None,
+                  starts=None, causal_g: int = 0):
+  # starts [B] int32 with causal_g > 0: query tiles (see _generic_body), one split, one stream.
   B, Hkv, QP, D = q4.shape
   _, N, bs, _ = k_pool.shape
   S, W = part.num_splits, part.desc_width
-  kernel = functools.partial(_generic_kernel, part=part, sm_scale=sm_scale,
+  kernel = functools.partial(_generic_kernel, part=part, sm_scale=sm_scale, causal_g=causal_g,
                              gather_only=(not interpret) if gather_only is None else gather_only)
   params = {}
   if not interpret:
     params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
                                                         num_stages=num_stages)
+  first = ()
+  if causal_g:
+    first = (pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),)
   return pl.pallas_call(
       kernel,
       grid=(B, Hkv, S),
-      in_specs=[
+      in_specs=[*first,
           pl.BlockSpec((None, None, W), lambda b, h, s: (b, s, 0)),
           pl.BlockSpec((DESC_COLS,), lambda b, h, s: (0,)),
           pl.BlockSpec((None, None, QP, D), lambda b, h, s: (b, h, 0, 0)),
@@ -132,9 +151,9 @@ def _generic_call(desc,   # [B, S, W] int32
       out_shape=[jax.ShapeDtypeStruct((B, Hkv, S, QP, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, S, QP), jnp.float32)],
       interpret=interpret,
-      name=f"paged_decode_generic_c{part.chunk_tokens}_s{S}",
+      name=f"paged_{'tile' if causal_g else 'decode'}_generic_c{part.chunk_tokens}_s{S}",
       **params,
-  )(desc, base, q4, k_pool, v_pool)
+  )(*(() if not causal_g else (starts.reshape(B, 1),)), desc, base, q4, k_pool, v_pool)
 
 
 def _resolve_backend(backend: str) -> str:
@@ -426,3 +445,165 @@ def _paged_decode_attention(q,             # [B, Hq, D]
 
 
 paged_decode_attention.__doc__ = _paged_decode_attention.__doc__
+
+
+# ----------------------------------------------------------------------------- query tiles
+
+def _check_tile_args(q, k_pool, v_pool, starts, lengths, block_tables):
+  if q.ndim != 4:
+    raise ValueError(f"q must be [N, Tq, Hq, D], got shape {q.shape}")
+  N = q.shape[0]
+  _check_args(q[:, 0], k_pool, v_pool, lengths, block_tables, None, None)
+  if starts.shape != (N,) or starts.dtype != jnp.int32:
+    raise ValueError(f"starts must be int32 [N={N}], got {starts.dtype} {starts.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def paged_tile_attention_reference(q,             # [N, Tq, Hq, D]
+                                   k_pool,        # [Hkv, P, bs, D]
+                                   v_pool,        # [Hkv, P, bs, D]
+                                   starts,        # [N] int32
+                                   lengths,       # [N] int32
+                                   block_tables,  # [N, MB] int32
+                                   *, sm_scale=None):
+  """Pure-jnp `paged_tile_attention` (gather + einsum, f32 math, exact: HIGHEST precision)."""
+  _check_tile_args(q, k_pool, v_pool, starts, lengths, block_tables)
+  N, Tq, Hq, D = q.shape
+  Hkv, _, bs, _ = k_pool.shape
+  G, MB = Hq // Hkv, block_tables.shape[1]
+  scale = (1.0 / math.sqrt(D)) if sm_scale is None else sm_scale
+  k = k_pool[:, block_tables].reshape(Hkv, N, MB * bs, D)
+  v = v_pool[:, block_tables].reshape(Hkv, N, MB * bs, D)
+  key = jnp.arange(MB * bs)
+  pos = starts[:, None] + jnp.arange(Tq)[None, :]                                      # [N, Tq]
+  ok = (key[None, None, :] <= pos[:, :, None]) & (key[None, None, :] < lengths[:, None, None])  # [N, Tq, T]
+  hi = jax.lax.Precision.HIGHEST
+  q5 = q.reshape(N, Tq, Hkv, G, D)
+  s = jnp.einsum("nqkgd,kntd->nqkgt", q5, k, preferred_element_type=jnp.float32, precision=hi) * scale
+  s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  v = jnp.where((key[None, :] < lengths[:, None])[None, :, :, None], v, jnp.zeros_like(v))
+  o = jnp.einsum("nqkgt,kntd->nqkgd", p, v.astype(jnp.float32), precision=hi)
+  o = o / jnp.where(l > 0, l, 1.0)
+  return o.reshape(N, Tq, Hq, D).astype(q.dtype)
+
+
+def split_tiles(starts, lengths, block_tables, sub: int, u: int):
+  """Each tile of u * sub tokens as u tiles of sub tokens: (starts, lengths, block tables) [N * u].
+  A piece's length stops at its last token (start + sub); a piece of padding only gets length 0."""
+  st = (starts[:, None] + sub * jnp.arange(u, dtype=jnp.int32)[None, :]).reshape(-1)
+  ln = jnp.repeat(lengths, u)
+  ln = jnp.where(st < ln, jnp.minimum(ln, st + sub), 0)
+  return st, ln, jnp.repeat(block_tables, u, axis=0)
+
+
+def program_rows(q, kv_heads: int):
+  """q [N, t, Hq, D] -> [N, Hkv * t * G, D]: the rows of (tile n, kv head h) together, token-major
+  (row r of that group: token r // G, q head h * G + r % G), as the Mosaic kernel reads them."""
+  N, t, Hq, D = q.shape
+  G = Hq // kv_heads
+  return q.reshape(N, t, kv_heads, G, D).transpose(0, 2, 1, 3, 4).reshape(N, kv_heads * t * G, D)
+
+
+def from_program_rows(o, kv_heads: int, t: int):
+  """The inverse of program_rows: [N, Hkv * t * G, D] -> [N, t, Hq, D]."""
+  N, R, D = o.shape
+  G = R // (kv_heads * t)
+  return o.reshape(N, kv_heads, t, G, D).transpose(0, 2, 1, 3, 4).reshape(N, t, kv_heads * G, D)
+
+
+def tile_backend(q_shape, dtype, k_shape, max_blocks: int, *, backend="auto", interpret=False) -> str:
+  """What `paged_tile_attention` runs for these shapes: "mosaic" (Hopper, bf16/f16, D % 64 == 0,
+  64 divisible by the q heads per kv head and Tq by 64 / that, MB % 4 == 0), "triton" (other
+  GPUs, or Hopper shapes the Mosaic kernel does not take), "interpret" or "reference"."""
+  backend = "interpret" if interpret else _resolve_backend(backend)
+  N, Tq, Hq, D = q_shape
+  Hkv, _, bs, _ = k_shape
+  G = Hq // Hkv
+  if backend == "mosaic":
+    ok = (mgpu.mgpu_supported(dtype, D, G, bs) and mgpu.WG_ROWS % G == 0
+          and Tq % (mgpu.WG_ROWS // G) == 0 and mgpu.table_plan_ok(max_blocks))
+    if not ok:
+      backend = "triton"
+  return backend
+
+
+def paged_tile_attention(q, k_pool, v_pool, starts, lengths, block_tables, *, block_offset=0, **kw):
+  if isinstance(block_offset, (int, np.integer)):
+    block_offset = None if block_offset == 0 else _offset_row(block_offset)
+  return _paged_tile_attention(q, k_pool, v_pool, starts, lengths, block_tables,
+                               block_offset=block_offset, **kw)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens", "stages",
+                                             "num_warps"))
+def _paged_tile_attention(q,             # [N, Tq, Hq, D]
+                          k_pool,        # [Hkv, P, bs, D]
+                          v_pool,        # [Hkv, P, bs, D]
+                          starts,        # [N] int32
+                          lengths,       # [N] int32
+                          block_tables,  # [N, MB] int32
+                          *, block_offset=None, sm_scale=None, backend="auto", interpret=False,
+                          chunk_tokens=None, stages=2, num_warps=4):
+  """Causal attention of query tiles over a paged KV pool (prompt chunks of a prefill or mixed step).
+
+  Tile n holds Tq query tokens of one sequence at positions starts[n], starts[n] + 1, ...; token i
+  attends to keys 0 .. starts[n] + i of block table row n (its own K/V already written there) and
+  to none at or past lengths[n] (the KV length after the tile's last real token; tokens past it are
+  padding, with finite rows nobody should read; lengths[n] == 0: an unused tile, zeros).
+  GQA: q head h reads kv head h // (Hq // Hkv). block_offset as in paged_decode_attention.
+
+  Mosaic GPU (Hopper): the decode kernel with causal rows: one program per 64 / G tokens of a tile
+  and kv head (64 wgmma rows = tokens x the G q heads of that kv head), one split, streaming the
+  table's chunks up to the tokens' last position. The generic kernel (Triton on other GPUs,
+  interpret mode in CPU tests) runs one program per tile and kv head. Returns [N, Tq, Hq, D]."""
+  _check_tile_args(q, k_pool, v_pool, starts, lengths, block_tables)
+  N, Tq, Hq, D = q.shape
+  Hkv, P, bs, _ = k_pool.shape
+  G, MB = Hq // Hkv, block_tables.shape[1]
+  scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
+  backend = tile_backend(q.shape, q.dtype, k_pool.shape, MB, backend=backend, interpret=interpret)
+  base = None
+  if block_offset is not None:
+    block_offset = jnp.asarray(block_offset, jnp.int32)
+    base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset
+  if backend == "reference":
+    tables = block_tables if base is None else block_tables + base[0]
+    return paged_tile_attention_reference(q, k_pool, v_pool, starts, lengths, tables, sm_scale=scale)
+  if backend == "mosaic":
+    sub = mgpu.WG_ROWS // G  # tokens per program
+    u = Tq // sub
+    st, ln, tables = split_tiles(starts, lengths, block_tables, sub, u)
+    rows = program_rows(q.reshape(N * u, sub, Hq, D), Hkv)
+    if chunk_tokens is None:
+      chunk_tokens = 128
+      part = KVPartition.choose(batch=N * u, kv_heads=Hkv, block_size=bs, max_blocks=MB,
+                                chunk_tokens=chunk_tokens, num_splits=1)
+      if mgpu.smem_bytes(part, D, stages) > mgpu.MAX_SMEM_BYTES:
+        chunk_tokens = 64
+    part = KVPartition.choose(batch=N * u, kv_heads=Hkv, block_size=bs, max_blocks=MB,
+                              chunk_tokens=chunk_tokens, num_splits=1)
+    mgpu.check_smem(part, D, stages, jnp.dtype(q.dtype).itemsize)
+    plan = lax.optimization_barrier((ln, tables, st))  # arrays of their own (see _paged_decode_attention)
+    o, _ = mgpu.decode_partials_mgpu(plan, base, rows, k_pool.reshape(Hkv, P * bs, D),
+                                     v_pool.reshape(Hkv, P * bs, D), part=part, sm_scale=scale,
+                                     stages=stages, causal_g=G)
+    return from_program_rows(o, Hkv, sub).reshape(N, Tq, Hq, D)
+  part = KVPartition.choose(batch=N, kv_heads=Hkv, block_size=bs, max_blocks=MB,
+                            chunk_tokens=chunk_tokens or 64, num_splits=1)
+  desc = build_descriptors(lengths, block_tables, jnp.zeros((N, 1, 3), jnp.int32),
+                           jnp.zeros((N,), jnp.int32), part)  # per-block reads through the table
+  r = Tq * G
+  qp = max(16, 1 << (r - 1).bit_length())  # tl.dot needs >= 16 rows (a power of two)
+  q4 = program_rows(q, Hkv).reshape(N, Hkv, r, D)
+  q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - r), (0, 0)))
+  o, _ = _generic_call(desc, _offset_row(0) if base is None else base, q4, k_pool, v_pool, part=part,
+                       sm_scale=scale, interpret=(backend == "interpret"), num_warps=num_warps,
+                       starts=starts, causal_g=G)
+  return from_program_rows(o[:, :, 0, :r].reshape(N, Hkv * r, D), Hkv, Tq).astype(q.dtype)
+
+
+paged_tile_attention.__doc__ = _paged_tile_attention.__doc__

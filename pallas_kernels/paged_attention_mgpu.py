@@ -73,13 +73,13 @@ def _load(ref, layout):
 _LOAD_NO_IDX = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
-def _decode_kernel(*refs, table: bool, has_base: bool, **kw):
-  n_plan = 2 if table else 1
+def _decode_kernel(*refs, table: bool, has_base: bool, causal_g: int = 0, **kw):
+  n_plan = (3 if causal_g else 2) if table else 1
   plan_refs, rest = refs[:n_plan], refs[n_plan:]
-  _decode_body(plan_refs, *(rest if has_base else (None, *rest)), table=table, **kw)
+  _decode_body(plan_refs, *(rest if has_base else (None, *rest)), table=table, causal_g=causal_g, **kw)
 
 
-def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
+def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB][, starts [B]]) int32;
                              # else (desc [B, S, W/64, 64] int32,)
                  base_ref,   # [64] int32 (GMEM): word 0 is added to every block id; None: 0
                  q_ref,      # [B*Hq, D] (GMEM): row (b*Hkv + h)*G + g
@@ -88,7 +88,10 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
                  o_ref,      # S > 1: [B, Hkv, S, QP, D] f32; S == 1: [B*Hq, D] q.dtype (GMEM)
                  lse_ref,    # [B, Hkv, S, QP] f32 (GMEM)
                  *, table: bool, part: KVPartition, qp: int, g: int, head_dim: int, dtype,
-                 sm_scale: float, stages: int):
+                 sm_scale: float, stages: int, causal_g: int = 0):
+  # causal_g > 0 (query tiles; table plan, one split, one stream): the program's g rows are query
+  # tokens of one sequence at positions start, start + 1, ..., causal_g rows (q heads) per token;
+  # row r sees keys <= start + r // causal_g (and < length).
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
@@ -117,11 +120,12 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
     # Named scopes are the regions of the on-device trace (PROFILE_ENV); without it they are free.
     with jax.named_scope("issue_plan"):
       if table:
-        len_ref, bt_ref = plan_refs
+        len_ref, bt_ref = plan_refs[:2]
         (bt_smem,) = plan_smem
         # One scalar load from GMEM per thread, in flight with the copies. (A TMA of 4 lengths
         # out of a longer [B] array raised an illegal instruction on the H100.)
         length = len_ref[b]
+        start = plan_refs[2][b] if causal_g else None
         for p in range(pieces):
           plgpu.copy_gmem_to_smem(bt_ref.at[b, pl.ds(s * (cps * cb) + p * piece, piece)],
                                   bt_smem.at[w, p, pl.ds(0, piece)], plan_bars.at[w])
@@ -192,12 +196,18 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         q_smem.at[w][...] = _load(q_stage.at[w], plgpu.Layout.WGMMA)
         plgpu.commit_smem()
 
-      def softmax(qk, m_i, l_i, acc, rem_tok):  # online softmax of one chunk's raw scores
+      def softmax(qk, m_i, l_i, acc, rem_tok, rel0):  # online softmax of one chunk's raw scores
         def mask(qk):  # where, not a multiply: freed blocks may hold NaN
           cols = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, T), 1, layout=plgpu.Layout.WGMMA)
-          return jnp.where(cols < rem_tok, qk, -jnp.inf)
-        # Only a sequence's last chunk is partial: full chunks skip the compare and select.
-        qk = lax.cond(rem_tok < T, mask, lambda x: x, qk)
+          qk = jnp.where(cols < rem_tok, qk, -jnp.inf)
+          if causal_g:  # key <= start + r // g  <=>  (key - start) * g <= r  (integers)
+            rows = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, T), 0, layout=plgpu.Layout.WGMMA)
+            qk = jnp.where((cols + rel0) * causal_g <= rows, qk, -jnp.inf)
+          return qk
+        # Only a sequence's last chunk is partial (decode rows; query tiles: the chunks past the
+        # tile's first position): the other chunks skip the compares and selects.
+        partial = rel0 + (T - 1) > 0 if causal_g else rem_tok < T
+        qk = lax.cond(partial, mask, lambda x: x, qk)
         # The scale is positive, so it commutes with the row max: scale the max once per row and
         # each score once inside the exponent (a multiply-add), not every score before the max.
         m_new = jnp.maximum(m_i, qk.max(axis=1) * scale_log2)
@@ -211,7 +221,9 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         acc, m_i, l_i = carry
         slot = lax.rem(j, jnp.int32(stages))
         buf = w * stages + slot
-        rem_tok = length - (first + w + j * ns) * T  # valid tokens of this chunk (may exceed T)
+        chunk0 = (first + w + j * ns) * T  # the chunk's first key
+        rem_tok = length - chunk0  # valid tokens of this chunk (may exceed T)
+        rel0 = chunk0 - start if causal_g else None
         with jax.named_scope("wait_k"):
           plgpu.barrier_wait(k_bars.at[buf])
 
@@ -221,7 +233,7 @@ def _decode_body(plan_refs,  # table: (lengths [B], block_tables [B, MB]) int32;
         with jax.named_scope("qk"):
           qk = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, T), jnp.float32))
         with jax.named_scope("softmax"):
-          m_new, l_i, acc, p16 = softmax(qk, m_i, l_i, acc, rem_tok)
+          m_new, l_i, acc, p16 = softmax(qk, m_i, l_i, acc, rem_tok, rel0)
         with jax.named_scope("wait_v"):
           plgpu.barrier_wait(v_bars.at[buf])
 
@@ -328,13 +340,18 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
                          q,      # [B, Hq, D]
                          k_flat,  # [Hkv, N*bs, D]
                          v_flat,  # [Hkv, N*bs, D]
-                         *, part: KVPartition, sm_scale: float, stages: int = 2):
+                         *, part: KVPartition, sm_scale: float, stages: int = 2, causal_g: int = 0):
   """Runs the Mosaic GPU kernel; returns (o, lse [B, Hkv, S, QP] f32 base 2), QP = q heads per kv
   head rounded up to 8 (rows past that count are not meaningful).
 
   S > 1: o [B, Hkv, S, QP, D] f32, each split normalised by its own sum (merge with
   partition.combine_splits). S == 1: o [B, Hq, D] in q.dtype, final.
+  causal_g > 0: query tiles (paged_attention.paged_tile_attention): plan (lengths, block_tables,
+  starts), q [B, Hkv * 64, D] holds 64 / causal_g consecutive query tokens per (tile, kv head),
+  causal_g q heads each; one split, one stream.
   """
+  if causal_g and (not isinstance(plan, tuple) or len(plan) != 3 or part.num_splits != 1 or part.streams != 1):
+    raise ValueError("query tiles take the table plan with starts, one split and one stream")
   B, Hq, D = q.shape
   Hkv = k_flat.shape[0]
   g = Hq // Hkv
@@ -346,7 +363,7 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
   table = isinstance(plan, tuple)
   kernel = functools.partial(_decode_kernel, table=table, has_base=base is not None, part=part,
                              qp=qp, g=g, head_dim=D, dtype=q.dtype, sm_scale=sm_scale,
-                             stages=stages)
+                             stages=stages, causal_g=causal_g)
   o_type = (jax.ShapeDtypeStruct((B * Hq, D), q.dtype) if S == 1
             else jax.ShapeDtypeStruct((B, Hkv, S, qp, D), jnp.float32))
   threads = dict(num_threads=ns, thread_name="wg") if ns > 1 else {}
@@ -356,7 +373,7 @@ def decode_partials_mgpu(plan,   # (lengths [B], block_tables [B, MB]) int32 (ta
       grid=(B, Hkv, S),
       grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True, **_profile_params()),
-      kernel_name=f"paged_decode_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}"
+      kernel_name=f"paged_{'tile' if causal_g else 'decode'}_mgpu_c{part.chunk_tokens}_st{stages}_w{ns}"
                   + ("_table" if table else ""),
       **threads,
   )
@@ -406,9 +423,13 @@ def check_smem(part: KVPartition, head_dim: int, stages: int, itemsize: int = 2)
         f"{', '.join(fixes[:-1])} or {fixes[-1]} (or leave the tile to the default)")
 
 
+def available() -> bool:
+  """Whether this jax has what the kernels use: predicated TMA copies arrived in jax 0.11."""
+  return "predicate" in inspect.signature(plgpu.copy_gmem_to_smem).parameters
+
+
 def mgpu_supported(q_dtype, head_dim: int, q_per_kv: int, block_size: int) -> bool:
-  # Predicated TMA copies (copy_gmem_to_smem(predicate=...)) arrived in jax 0.11.
-  if "predicate" not in inspect.signature(plgpu.copy_gmem_to_smem).parameters:
+  if not available():
     return False
   return (jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
           and head_dim % 64 == 0 and q_per_kv <= WG_ROWS and block_size % 8 == 0)

@@ -182,16 +182,20 @@ def test_mixed_length_reserved_kv_close_to_live(model):
   assert ratios["static"] > 1.5 * ratios["kvrm"]
 
 
-def test_pallas_kernel_path_in_interpret_mode_matches(model):
+@pytest.mark.parametrize("step_tokens,prompt_attention", [(0, "gather"), (0, "kernel"), (2 + 2 * 8, "kernel")])
+def test_pallas_kernel_path_in_interpret_mode_matches(model, step_tokens, prompt_attention):
   """The engine's kernel path (layer-offset block ids into the [K, L*N] pool view, lse merge,
-  block-copy kernel) in Pallas interpret mode decodes what the reference path decodes."""
+  block-copy kernel; prompt chunks through the paged tile kernel, in prefill calls or mixed-step
+  tiles) in Pallas interpret mode decodes what the reference path decodes."""
   ps = prompts(8, (5, 19))
   sp = SamplingParams(max_new_tokens=6)
   rt = RuntimeConfig(block_size=8, num_blocks=24, max_slots=2, max_blocks_per_seq=4, max_groups=2, max_moves=2,
-                     prefill_buckets=(32,), attention="interpret")
+                     prefill_buckets=(32,), attention="interpret", step_tokens=step_tokens, tile=8,
+                     prompt_attention=prompt_attention)
   ref = [reference.greedy_generate(model, p, 6, CFG.eos_ids) for p in ps]
   eng = Engine(CFG, model, rt)
   assert [o.output_ids for o in eng.generate(ps, sp)] == ref
+  assert (eng.stats.mixed_steps > 0) == bool(step_tokens)
 
 
 def test_abort_frees_everything(model):
@@ -319,7 +323,7 @@ def test_steps_compile_once_whatever_the_tracing_context_later(model):
 def _feature_engine(feature, model, step_tokens=0):
   """(engine, batches of (prompts, sampling)) that exercise one runtime feature on the default
   backend (reference attention on CPU, the Pallas kernels on a GPU); batches run one after another.
-  step_tokens > 0: mixed steps of that many tokens, in tiles of 8."""
+  step_tokens > 0: mixed steps of that many tokens, in tiles of 8, through the paged tile kernel."""
   import jax
 
   from kvrm_jax.step import sharding
@@ -328,7 +332,8 @@ def _feature_engine(feature, model, step_tokens=0):
   ps = prompts(0, (5, 17, 40, 3, 70, 16, 9))
   sps = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (20, 7, 13, 20, 5, 11, 16)]
   kw = {}
-  mixed = lambda rt: dataclasses.replace(rt, step_tokens=step_tokens, tile=8) if step_tokens else rt  # noqa: E731
+  mixed = lambda rt: (dataclasses.replace(rt, step_tokens=step_tokens, tile=8, prompt_attention="kernel")  # noqa: E731
+                      if step_tokens else rt)
   if feature == "tier":  # 14 usable device blocks: cold blocks are placed on the host
     rt = RuntimeConfig(num_blocks=15, host_blocks=64, host_extent=2, max_swap_extents=8, max_host_reads=8,
                        max_host_blocks_per_seq=8, debug_poison_freed=True, **base)
@@ -420,6 +425,8 @@ def test_mixed_step_sizes_are_checked():
     RuntimeConfig(tile=0, step_tokens=64)
   assert RuntimeConfig(max_slots=4, tile=8, step_tokens=4 + 8 * 20).tile_buckets == (1, 2, 4, 8, 16, 20)
   assert RuntimeConfig(max_slots=4, tile=8).tile_buckets == ()
+  with pytest.raises(ValueError, match="unknown prompt_attention 'flash' \\(auto \\| gather \\| kernel\\)"):
+    RuntimeConfig(prompt_attention="flash")
 
 
 def test_summary_reports_startup_split(model):

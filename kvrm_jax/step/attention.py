@@ -76,6 +76,18 @@ def chunk_attention(q, k_pool, v_pool, layer, d):
   return model_lib.attention(q, k, v, mask)
 
 
+def tile_attention(backend: str, prompt_attention: str, q, k_pool, v_pool, layer, d):
+  """Prompt chunks: q [N, C, H, E] (tile n: C consecutive tokens of one sequence, from position
+  d['positions'][n, 0]) attend causally to their history through d['block_tables'] up to
+  d['lengths'] (RuntimeConfig.prompt_attention: the paged tile kernel, or chunk_attention)."""
+  if prompt_attention != "kernel":
+    return chunk_attention(q, k_pool, v_pool, layer, d)
+  (kf, offset), (vf, _) = layer_view(k_pool, layer, 0), layer_view(v_pool, layer, 0)
+  kw = _attention_backend(backend) if backend in ("pallas", "interpret") else dict(backend="reference")
+  return paged_attention.paged_tile_attention(q, kf, vf, d["positions"][:, 0], d["lengths"], d["block_tables"],
+                                              block_offset=offset, **kw)
+
+
 def block_mass(q, k_pool, layer, d):
   """Softmax mass of each table block, mean over this shard's heads: [S, MB] f32 (one layer)."""
   k = gather_history(k_pool, layer, d["block_tables"]).astype(jnp.float32)  # [S, K, MB*bs, E]

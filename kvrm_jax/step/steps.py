@@ -24,7 +24,7 @@ from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.model import llama as model_lib
 from kvrm_jax.step import sharding
 from kvrm_jax.step import tier
-from kvrm_jax.step.attention import block_mass, chunk_attention, decode_attention, decode_descriptors, resolve_attention
+from kvrm_jax.step.attention import block_mass, decode_attention, decode_descriptors, resolve_attention, tile_attention
 from kvrm_jax.step.block_ops import block_ops, write_kv
 from kvrm_jax.step.sampling import sample
 from kvrm_jax.step.summaries import merge_summaries
@@ -126,7 +126,7 @@ def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk:
     kp, vp = cache
     kp = write_kv(kp, layer, slots, k)
     vp = write_kv(vp, layer, slots, v)
-    o = chunk_attention(q.reshape(p, chunk, *q.shape[1:]), kp, vp, layer, d)
+    o = tile_attention(backend, rt.prompt_attention, q.reshape(p, chunk, *q.shape[1:]), kp, vp, layer, d)
     return o.reshape(q.shape), (kp, vp)
 
   last = jnp.arange(p) * chunk + d["last_index"]
@@ -157,7 +157,7 @@ def _mixed(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, n_tiles:
     kp = write_kv(kp, layer, write, k)  # every token's K/V first: a tile reads its own chunk from the pool
     vp = write_kv(vp, layer, write, v)
     od, mass = rows(layer, q[:s], kp, vp, mass)
-    ot = chunk_attention(q[s:].reshape(n_tiles, qt, *q.shape[1:]), kp, vp, layer, tiles)
+    ot = tile_attention(backend, rt.prompt_attention, q[s:].reshape(n_tiles, qt, *q.shape[1:]), kp, vp, layer, tiles)
     return jnp.concatenate([od, ot.reshape(-1, *q.shape[1:]).astype(q.dtype)]), (kp, vp, mass)
 
   tokens_in = jnp.concatenate([d["tokens"], d["t_tokens"].reshape(-1)])

@@ -231,7 +231,8 @@ def test_pallas_interpret_path_with_placement(model, step_tokens):
   news = [10, 10]
   rt = RuntimeConfig(block_size=8, num_blocks=6, max_slots=2, max_blocks_per_seq=4, max_groups=2, max_moves=2,
                      prefill_buckets=(32,), attention="interpret", host_blocks=8, host_extent=2, max_swap_extents=2,
-                     max_host_reads=2, max_host_blocks_per_seq=2, step_tokens=step_tokens, tile=8)
+                     max_host_reads=2, max_host_blocks_per_seq=2, step_tokens=step_tokens, tile=8,
+                     prompt_attention="kernel")
   eng = Engine(CFG, model, rt)
   outs, st = run(eng, ps, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news])
   assert outs == dense_greedy(model, ps, news)

@@ -229,6 +229,35 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false]" in text and "| matmul | 0.300 |" in text
 
 
+def test_bench_step_steps_with_prompt_work(tmp_path, capsys):
+  """--prompt-tokens: decode rows plus the last P tokens of a prompt, as one mixed step and as a
+  prefill call then the decode call, for each prompt attention; FLOPs of the chunk counted once."""
+  bench_step = load("bench_step")
+  from kvrm_jax.bench import engines
+  from kvrm_jax.config import ModelConfig
+  out = tmp_path / "prompt.json"
+  argv = ["--model", "tiny", "--dtype", "float32", "--batches", "3", "--context", "160", "--warmup", "0",
+          "--iters", "2", "--prompt-tokens", "96", "200", "--prompt-attention", "gather", "kernel", "--out-json",
+          str(out)]
+  assert bench_step.main(argv) == 0
+  text = capsys.readouterr().out
+  rows = json.loads(out.read_text())["prompt_rows"]
+  ok = [r for r in rows if r["prompt_tokens"] == 96]
+  assert [(r["mode"], r["prompt_attention"]) for r in ok] == [
+      ("mixed", "gather"), ("mixed", "kernel"), ("split", "gather"), ("split", "kernel")]
+  cfg = ModelConfig.from_name("tiny")
+  chunk = engines.prompt_flops(cfg, [160]) - engines.prompt_flops(cfg, [160 - 96])  # the chunk's own work
+  heads = 2 * cfg.hidden_size * cfg.vocab_size * (3 + 1)  # an LM head row per sampled token
+  decode = engines.layer_flops_per_token(cfg) * 3 + heads
+  for r in ok:
+    assert "error" not in r and r["steps_timed"] == 2 and r["step_ms_median"] > 0
+    assert r["flops"] == pytest.approx(chunk + decode)
+    assert r["compiles"] == ({"decode": 0, "prefill": 0, "mixed": 1} if r["mode"] == "mixed"
+                             else {"decode": 1, "prefill": 1, "mixed": 0})
+  assert all("--prompt-tokens 200 > --context 160" in r["error"] for r in rows if r["prompt_tokens"] == 200)
+  assert "| mixed | kernel | 3 | 160 | 96 |" in text
+
+
 # ----------------------------------------------------------------------------- the HF transformers peer
 
 HF_SMALL = ["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--block-size", "8", "--max-len", "128",

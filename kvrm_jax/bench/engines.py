@@ -162,14 +162,23 @@ def model_info(cfg, model, dtype: str, source: str) -> dict:
           "vocab": cfg.vocab_size, "context": cfg.max_position}
 
 
+def layer_flops_per_token(cfg) -> int:
+  """FLOPs of the layers' matmuls (q, k, v, o, gate, up, down) for one token."""
+  d, h, kh, e, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  return 2 * cfg.num_layers * (d * (h + 2 * kh) * e + h * e * d + 3 * d * i)
+
+
+def attention_flops_per_key(cfg) -> int:
+  """FLOPs of one query token against one key (QK^T and PV), all layers and heads."""
+  return 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+
+
 def prompt_flops(cfg, lengths) -> float:
   """FLOPs of computing prompts of these lengths with one output token each: the layers' matmuls
   per token, causal attention per prompt (QK^T and PV over n(n+1)/2 pairs), the LM head once."""
-  d, h, kh, e, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-  per_token = 2 * cfg.num_layers * (d * (h + 2 * kh) * e + h * e * d + 3 * d * i)
   n = np.asarray(lengths, np.float64)
-  attn = 4 * cfg.num_layers * h * e * (n * (n + 1) / 2)
-  return float(per_token * n.sum() + attn.sum() + 2 * d * cfg.vocab_size * len(n))
+  attn = attention_flops_per_key(cfg) * (n * (n + 1) / 2)
+  return float(layer_flops_per_token(cfg) * n.sum() + attn.sum() + 2 * cfg.hidden_size * cfg.vocab_size * len(n))
 
 
 def matmul_tflops(dtype: str, iters: int = 10) -> float:

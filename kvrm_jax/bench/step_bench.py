@@ -18,6 +18,15 @@ without --tp the engine has no mesh; the roofline of a row is one device's share
 --profile N runs N more decode steps under CUPTI (as scripts/bench_kernels.py does) and prints the
 device time per kernel per step (top 20), coarse buckets (matmul / attention / copies / other), the
 weight bandwidth the matmul time implies, and device vs wall time per step.
+--prompt-tokens P ... adds rows of steps with prompt work: B decode rows of L tokens plus the last P
+tokens of an L-token prompt (attending to the L - P before them), as one mixed step (--modes mixed)
+and as a prefill call of that chunk followed by the decode call (--modes split, two syncs), for each
+--prompt-attention (gather | kernel). Each replays the same descriptors (the cost depends on shapes
+and lengths, not values), dispatch to tokens; its roofline is the larger of the bytes (weights once,
+the decode rows' KV, the prompt's history) over the copy ceiling and the FLOPs over the bf16 matmul
+rate measured in the same run. --profile N gives their CUPTI breakdown too.
+  python scripts/bench_step.py --model llama3-8b --dtype bfloat16 --batches 148 --context 512 2048 \
+      --prompt-tokens 512 2048 --prompt-attention gather kernel --profile 3
 --dump-hlo DIR saves the optimized HLO of each compiled decode step and counts the instructions that
 materialize a layer weight (weight-shaped dynamic-slice / slice / copy fusions).
 XLA_FLAGS is recorded in the JSON meta (compare e.g. --xla_gpu_enable_dynamic_slice_fusion=true runs).
@@ -187,6 +196,124 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   return row
 
 
+def _prompt_cost(cfg, batch: int, context: int, prompt_tokens: int, tok_bytes: int) -> tuple[float, float]:
+  """(FLOPs, KV bytes) of a step that computes the last `prompt_tokens` of a `context`-token prompt
+  beside `batch` decode rows of `context` tokens: every row's matmuls, the chunk's causal attention
+  over its history, the LM head per sampled row; the decode rows' KV and the prompt's history read once."""
+  keys = np.arange(context - prompt_tokens + 1, context + 1, dtype=np.float64)  # keys each chunk token sees
+  flops = bc.engines.layer_flops_per_token(cfg) * (prompt_tokens + batch) \
+      + bc.engines.attention_flops_per_key(cfg) * keys.sum() + 2 * cfg.hidden_size * cfg.vocab_size * (batch + 1)
+  return float(flops), float((batch + 1) * context * tok_bytes)
+
+
+def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention, args, copy_tb_s=None,
+               mm_tflops=None) -> dict:
+  """A step with prompt work (see --prompt-tokens): mode "mixed" (one mixed step) or "split" (a
+  prefill call, then the decode call); the same descriptors replayed args.iters times."""
+  from kvrm_jax import descriptor as desc_lib
+  bs, tile, slots = 16, 64, batch + 1
+  if prompt_tokens > context:
+    raise ValueError(f"--prompt-tokens {prompt_tokens} > --context {context}")
+  mb = -(-(context + 2) // bs)
+  kw = (dict(step_tokens=slots + -(-prompt_tokens // tile) * tile, tile=tile) if mode == "mixed"
+        else dict(prefill_buckets=(prompt_tokens,), max_prefill_seqs=1))
+  rt = RuntimeConfig(block_size=bs, num_blocks=slots * (mb + 2) + 1, max_slots=slots, max_blocks_per_seq=mb,
+                     dtype=args.dtype, attention=args.attention, prompt_attention=prompt_attention, **kw)
+  eng = Engine(cfg, model, rt)
+  rng = np.random.default_rng(0)
+  for _ in range(slots):
+    eng.add_request(rng.integers(3, cfg.vocab_size, context).tolist(), SamplingParams(max_new_tokens=4, ignore_eos=True))
+  eng.sched.admit()
+  *running, prompt = list(eng.sched.slots.reqs)
+  for req in running:  # stand in for their prefill (as run_one)
+    req.num_computed = req.prefill_target
+    req.output_ids.append(int(rng.integers(3, cfg.vocab_size)))
+    eng.sched.slots.mark_running(req)
+  prompt.num_computed = context - prompt_tokens  # its history is "computed"; this step computes the rest
+  plan = eng.schedule()
+  assert [(r.id, s, n) for r, s, n in plan.prefill_rows] == [(prompt.id, context - prompt_tokens, prompt_tokens)]
+  sl = eng.sched.slots
+  t0 = time.perf_counter()
+  if mode == "mixed":
+    n_tiles, (ints, floats), _ = desc_lib.build_mixed(rt, plan.prefill_rows, sl, plan.decode_slots)
+    calls = [(eng._mixed_exe(n_tiles), ints, floats)]
+  else:
+    chunk, (pi, pf) = desc_lib.build_prefill(rt, plan.prefill_rows, sl, [], [])
+    di, df = eng.build_decode_descriptor(plan, [], [])
+    calls = [(eng._prefill_exe(chunk), pi, pf), (eng.compiled_decode(), di, df)]
+
+  def step():
+    for exe, ints, floats in calls:
+      tokens, eng.k_pool, eng.v_pool = exe(eng.state, eng.k_pool, eng.v_pool, *eng.put_descriptor(ints, floats))[:3]
+      np.asarray(tokens)  # each call's sync, as the engine's step
+
+  step()
+  first_step_s = time.perf_counter() - t0  # compile + one step
+  for _ in range(args.warmup):
+    step()
+  times = []
+  for _ in range(args.iters):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  itemsize = 2 if args.dtype == "bfloat16" else 4
+  tok_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+  weight_bytes = sum(x.size for x in jax.tree.leaves(eng.state)) * itemsize
+  flops, kv_bytes = _prompt_cost(cfg, batch, context, prompt_tokens, tok_bytes)
+  step_ms = 1e3 * float(np.median(times))
+  row = {"mode": mode, "prompt_attention": prompt_attention, "batch": batch, "context": context,
+         "prompt_tokens": prompt_tokens, "step_ms_median": step_ms, "steps_timed": len(times),
+         "first_step_s": first_step_s, "weight_bytes": weight_bytes, "kv_bytes_read": kv_bytes, "flops": flops,
+         "prompt_tokens_per_s": prompt_tokens / (step_ms / 1e3),
+         "compiles": {"decode": eng.compiles.decode, "prefill": eng.compiles.prefill, "mixed": eng.compiles.mixed}}
+  if copy_tb_s:
+    row["memory_ms"] = 1e3 * (weight_bytes + kv_bytes) / (copy_tb_s * 1e12)
+  if mm_tflops:
+    row["compute_ms"] = 1e3 * flops / (mm_tflops * 1e12)
+  if row.get("memory_ms") or row.get("compute_ms"):
+    row["roofline_ms"] = max(row.get("memory_ms") or 0.0, row.get("compute_ms") or 0.0)
+    row["vs_roofline"] = step_ms / row["roofline_ms"]
+  if args.profile:
+
+    def profiled():
+      t = time.perf_counter()
+      for _ in range(args.profile):
+        step()
+      return (time.perf_counter() - t) / args.profile
+
+    try:
+      wall_s, timings = bc.kernel_timings(profiled)
+      if not timings:
+        raise RuntimeError("CUPTI returned no kernel timings")
+      prof = aggregate(timings, args.profile, matmul_weight_bytes(eng.state, cfg), copy_tb_s)
+      prof["wall_ms_per_step"] = 1e3 * wall_s
+    except Exception as e:  # noqa: BLE001
+      prof = {"error": str(e)[:300]}
+    row["profile"] = prof
+  return row
+
+
+def _print_prompt_rows(rows) -> None:
+  print("\nSteps with prompt work (B decode rows + the last P tokens of an L-token prompt):\n")
+  print("| mode | prompt attention | batch | context | prompt tokens | step ms (median) | memory ms | compute ms | "
+        "step / roofline | prompt tok/s | first step s | compiles |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  nan = float("nan")
+  for r in rows:
+    head = f"| {r['mode']} | {r['prompt_attention']} | {r['batch']} | {r['context']} | {r['prompt_tokens']} |"
+    if "error" in r:
+      print(f"{head} error: {r['error'][:200]} | | | | | | |")
+      continue
+    c = r["compiles"]
+    print(f"{head} {r['step_ms_median']:.3f} | {r.get('memory_ms', nan):.3f} | {r.get('compute_ms', nan):.3f} | "
+          f"{r.get('vs_roofline', nan):.2f} | {r['prompt_tokens_per_s']:,.0f} | {r['first_step_s']:.1f} | "
+          f"decode {c['decode']}, prefill {c['prefill']}, mixed {c['mixed']} |")
+  for r in rows:
+    if "profile" in r:
+      print_profile(f"{r['mode']} {r['prompt_attention']} b{r['batch']} c{r['context']} p{r['prompt_tokens']}",
+                    r["profile"], r["step_ms_median"])
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="llama3-8b")
@@ -209,6 +336,12 @@ def main(argv=None) -> int:
                  help="after timing, N more decode steps under CUPTI: device time per kernel")
   p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "
                  "weight-shaped copy / dynamic-slice fusions")
+  p.add_argument("--prompt-tokens", type=int, nargs="+", default=[], metavar="P",
+                 help="also time steps with P prompt tokens beside the decode rows (see above)")
+  p.add_argument("--modes", nargs="+", default=["mixed", "split"], choices=["mixed", "split"],
+                 help="with --prompt-tokens: one mixed step, or a prefill call then the decode call")
+  p.add_argument("--prompt-attention", nargs="+", default=["auto"], choices=["auto", "gather", "kernel"],
+                 help="with --prompt-tokens: RuntimeConfig.prompt_attention variants")
   p.add_argument("--out-json")
   bc.compile_cache.add_args(p)
   args = p.parse_args(argv)
@@ -225,7 +358,8 @@ def main(argv=None) -> int:
   cfg = ModelConfig.from_name(args.model)
   model = Llama(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
   bw = copy_bandwidth()
-  meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+  mm = bc.matmul_tflops(args.dtype) if args.prompt_tokens else None
+  meta = {"matmul_tflops": mm, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
           "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "jax": jax.__version__,
           "model": args.model, "dtype": args.dtype,
           "copy_tb_s": bw, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -259,8 +393,26 @@ def main(argv=None) -> int:
           if args.out_json:  # after every row: a later crash or timeout keeps what was measured
             with open(args.out_json, "w") as f:
               json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  prompt_rows = []
+  for ctx in args.context:
+    for b in args.batches:
+      for pt in args.prompt_tokens:
+        for mode in args.modes:
+          for pa in args.prompt_attention:
+            try:
+              r = run_prompt(cfg, model, b, ctx, pt, mode, pa, args, bw, mm)
+            except Exception as e:  # noqa: BLE001
+              r = {"mode": mode, "prompt_attention": pa, "batch": b, "context": ctx, "prompt_tokens": pt,
+                   "error": f"{type(e).__name__}: {str(e)[:500]}"}
+            gc.collect()
+            prompt_rows.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), file=sys.stderr, flush=True)
+            if args.out_json:
+              with open(args.out_json, "w") as f:
+                json.dump({"meta": meta, "rows": rows, "prompt_rows": prompt_rows}, f, indent=1)
   print(f"{meta['date']}, {meta['device']}, jax {meta['jax']}, {args.model} {args.dtype}, copy ceiling "
-        f"{bw and round(bw, 2)} TB/s, XLA_FLAGS={meta['xla_flags'] or '(unset)'}\n`{meta['command']}`\n")
+        f"{bw and round(bw, 2)} TB/s, XLA_FLAGS={meta['xla_flags'] or '(unset)'}"
+        + (f", matmul {mm:.1f} TFLOP/s" if mm else "") + f"\n`{meta['command']}`\n")
   print("| tp | layer loop | XLA options | batch | context | summaries | step ms (median) | host ms | roofline ms | "
         "step / roofline | KV bytes / seq | first step s | decode compiles |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -281,5 +433,7 @@ def main(argv=None) -> int:
           + (f" [{r['xla_options']}]" if r.get("xla_options") else "") \
           + (f" tp={r['tp']} (CUPTI's kernels of every device)" if (r.get("tp") or 1) > 1 else "")
       print_profile(label, r["profile"], r["step_ms_median"])
+  if prompt_rows:
+    _print_prompt_rows(prompt_rows)
   return 0
 

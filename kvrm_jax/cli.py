@@ -139,20 +139,24 @@ def load_model(args):
 
 
 def add_step_args(p) -> None:
-  """--step-tokens / --tile / --prompt-attention: the mixed step (RuntimeConfig.step_tokens, .tile) and
-  how prompt chunks attend (.prompt_attention)."""
+  """--step-tokens / --tile / --prompt-attention / --pipeline: the mixed step (RuntimeConfig.step_tokens,
+  .tile), how prompt chunks attend (.prompt_attention) and the pipelined loop (.pipeline)."""
   p.add_argument("--step-tokens", type=int, default=0,
                  help="one device call per engine step: decode tokens + prompt tiles, at most this many tokens "
                  "(>= max slots + tile); 0 (default): separate padded prefill and decode calls")
   p.add_argument("--tile", type=int, default=64, help="prompt tokens per query tile of a mixed step")
+  p.add_argument("--pipeline", action="store_true",
+                 help="dispatch each decode step before reading the previous step's tokens (the host's work "
+                 "overlaps the device; same outputs)")
   p.add_argument("--prompt-attention", default="auto",
                  help="how prompt chunks attend: gather (XLA gather + einsum) | kernel (the paged tile kernel: "
                  "Mosaic GPU on Hopper) | auto (gather)")
 
 
 def step_kwargs(args) -> dict:
-  """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention."""
-  return {"step_tokens": args.step_tokens, "tile": args.tile, "prompt_attention": args.prompt_attention}
+  """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline."""
+  return {"step_tokens": args.step_tokens, "tile": args.tile, "prompt_attention": args.prompt_attention,
+          "pipeline": args.pipeline}
 
 
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):

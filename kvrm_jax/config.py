@@ -151,6 +151,12 @@ class RuntimeConfig:
     Mosaic GPU on Hopper, Triton on other GPUs, interpret mode with attention="interpret", the
     jnp reference with "reference"), which reads each chunk's keys up to its last position only;
     "auto" is "gather".
+  pipeline: plan and dispatch the next decode step before reading the tokens of the one in flight
+    (the host's scheduling and packing overlap the device; the step's sampled tokens feed the next
+    on the device). Used while only running sequences decode (no prompt work, no admission
+    possible, none teacher-forced, no host tier or summaries, no preemption); other steps run as
+    without it. A request that ends (EOS, stop string) costs one more token of device work, dropped.
+    Outputs are the same as without it.
   xla_options: extra XLA compile options of the decode and prefill steps, ((name, value), ...),
     e.g. (("xla_gpu_enable_triton_gemm", False),); on top of step.DEFAULT_XLA_OPTIONS (GPU).
     `parse_xla_options("name=value,...")` reads them from a command line.
@@ -180,6 +186,7 @@ class RuntimeConfig:
   step_tokens: int = 0
   tile: int = 64
   prompt_attention: str = "auto"  # "auto" | "gather" | "kernel"
+  pipeline: bool = False
   xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
 
   def __post_init__(self):

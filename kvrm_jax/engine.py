@@ -87,6 +87,10 @@ class Engine:
       self._swap_layout = desc_lib.swap_layout(rt)
       self._run_swaps([], [])  # compile the swap op now (it copies nothing), not at the first preemption
     self.last_logits = None  # with_logits: {request id: [V] logits of its latest sampled token}
+    # RuntimeConfig.pipeline: (plan, device tokens, positions after, dispatch time) of the decode
+    # step dispatched but not read yet; _feed puts its tokens into the next step's descriptor.
+    self._inflight = None
+    self._feed = step_lib.build_feed(self._desc_sharding)
     self.stats.build_s = time.perf_counter() - t_build
 
   @property
@@ -124,12 +128,64 @@ class Engine:
     return self.sched.abort(rid)
 
   def has_work(self) -> bool:
-    return self.sched.has_work()
+    return self.sched.has_work() or self._inflight is not None
 
   # --------------------------------------------------------------------------- one step
 
   def step(self) -> dict[int, list[int]]:
-    """One engine step: schedule -> pack -> run -> postprocess. Returns {request id: new token ids}."""
+    """One engine step: schedule -> pack -> run -> postprocess. Returns {request id: new token ids}.
+
+    With RuntimeConfig.pipeline, a step of running sequences only is dispatched before the tokens
+    of the step in flight are read: the call returns those earlier tokens (a call may return none,
+    and one more call lands the last step; has_work() says so)."""
+    if not self.rt.pipeline or self.with_logits:
+      return self._step_sync()
+    events: dict[int, list[int]] = {}
+    if self.sched.pipelinable():
+      self._step_ahead(events)
+    else:
+      if self._inflight is not None:  # this step's plan needs the tokens in flight
+        self._land(self._inflight, events, latest=True)
+        self._inflight = None
+      if self.sched.has_work():
+        for rid, toks in self._step_sync().items():
+          events.setdefault(rid, []).extend(toks)
+    return events
+
+  def _step_ahead(self, events: dict) -> None:
+    """Plan, pack and dispatch a decode step now, its input tokens (where the step in flight gives
+    them) taken on the device; then read and account the step in flight."""
+    t0 = time.perf_counter()
+    self.stats._t_first_step = self.stats._t_first_step or t0
+    plan = self.schedule()
+    self.sched.record_memory(plan)
+    ints, floats = self.build_decode_descriptor(plan)
+    ints, floats = self.put_descriptor(ints, floats)
+    prev = self._inflight
+    if prev is not None:
+      ints = self._feed(ints, prev[1])
+    self.stats.host_us.append((time.perf_counter() - t0) * 1e6)
+    out = self.compiled_decode()(self.state, self.k_pool, self.v_pool, ints, floats)
+    tokens, self.k_pool, self.v_pool = out[:3]
+    self.stats.decode_steps += 1
+    self.stats.pipelined_steps += 1
+    self.stats.moves += len(plan.moves)
+    self._inflight = (plan, tokens, self.sched.advance(plan), time.perf_counter())
+    if prev is not None:
+      self._land(prev, events, latest=False)
+      if all(r.done for r in plan.decode):  # every row ended at the step just read: nothing to land
+        self._inflight = None
+    if self.rt.debug_poison_freed and (freed := self.sched.allocator.freed_since_last_call()):
+      self.k_pool, self.v_pool = poison_blocks(self.k_pool, self.v_pool, freed)  # after the step in flight
+
+  def _land(self, inflight, events: dict, latest: bool) -> None:
+    plan, tokens, pos_after, t_dispatch = inflight
+    tokens = _host(tokens)  # the sync: the step dispatched after it (if any) keeps the device busy
+    now = time.perf_counter()
+    self.stats.step_s.append(now - t_dispatch)
+    self.sched.land_decode(plan, pos_after, tokens, now, events, latest)
+
+  def _step_sync(self) -> dict[int, list[int]]:
     t0 = time.perf_counter()
     self.stats._t_first_step = self.stats._t_first_step or t0
     plan = self.schedule()

@@ -438,3 +438,68 @@ def test_summary_reports_startup_split(model):
   assert first["compile"] > 0 and first["first_token"] > 0
   eng.generate(prompts(5, (5, 9)), SamplingParams(max_new_tokens=3))  # same shapes: nothing new to compile
   assert eng.summary()["startup_s"] == first
+
+
+# ----------------------------------------------------------------------------- the pipelined loop
+
+
+def _pipeline_case():
+  """More requests than slots, greedy and sampled, a shared prefix, EOS mid-stream (a token the
+  synchronous run emits early), freed blocks poisoned with NaN."""
+  shared = prompts(30, (16,))[0]
+  ps = prompts(31, (5, 17, 3, 9)) + [shared + p for p in prompts(32, (4, 7, 2))]
+  sps = [SamplingParams(max_new_tokens=n, temperature=t, top_k=k, seed=i)
+         for i, (n, t, k) in enumerate([(20, 0, 0), (12, 1.0, 0), (25, 0.8, 20), (18, 0, 0), (9, 1.0, 0),
+                                        (22, 0, 0), (14, 0.7, 5)])]
+  rt = dataclasses.replace(RT, max_slots=3, debug_poison_freed=True)
+  return ps, sps, rt
+
+
+@pytest.mark.parametrize("tp", [None, 2])
+def test_pipelined_loop_equals_the_synchronous_one(model, tp):
+  """Same tokens and finish reasons, one decode executable; with tp=2 the fed descriptor keeps the
+  replicated placement the sharded step takes."""
+  import jax
+
+  from kvrm_jax.step import sharding
+  if tp and len(jax.devices()) < tp:
+    pytest.skip(f"needs {tp} devices (XLA_FLAGS is set in conftest)")
+  mesh = sharding.make_mesh(tp) if tp else None
+  ps, sps, rt = _pipeline_case()
+  first = Engine(CFG, model, rt).generate(ps, sps)
+  eos = first[0].output_ids[4]  # request 0 ends at its 5th token (and others where they sample it)
+  cfg = dataclasses.replace(CFG, eos_ids=(eos,))
+  runs = {}
+  for pipeline in (False, True):
+    eng = Engine(cfg, model, dataclasses.replace(rt, pipeline=pipeline), mesh=mesh)
+    outs = eng.generate(ps, sps)
+    assert eng.compiles.decode == 1
+    runs[pipeline] = [(o.output_ids, o.finish_reason) for o in outs]
+    assert not eng.has_work()
+    assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
+    eng.sched.allocator.check_invariants()
+    if pipeline:
+      st = eng.stats
+      assert st.pipelined_steps > 10 and st.prefix_hit_blocks > 0
+  assert runs[True] == runs[False]
+  assert runs[True][0] == (first[0].output_ids[:5], "eos")
+
+
+def test_pipelined_loop_abort_in_flight(model):
+  """An abort while a step holding the request is in flight: the request ends at once, its blocks
+  are free; the in-flight token is dropped; the others decode what they decode without the abort."""
+  ps, sps, rt = _pipeline_case()
+  ps, sps = ps[:3], sps[:3]
+  want = [o.output_ids for o in Engine(CFG, model, rt).generate(ps, sps)]
+  eng = Engine(CFG, model, dataclasses.replace(rt, pipeline=True))
+  rids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
+  while eng._inflight is None or len(eng.requests[rids[1]].output_ids) < 3:
+    eng.step()
+  assert any(r.id == rids[1] for r in eng._inflight[0].decode)
+  assert eng.abort(rids[1])
+  while eng.has_work():
+    eng.step()
+  got = eng.requests[rids[1]].output_ids
+  assert eng.requests[rids[1]].finish_reason == "aborted" and got == want[1][:len(got)]
+  assert [eng.requests[r].output_ids for r in (rids[0], rids[2])] == [want[0], want[2]]
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks

@@ -59,6 +59,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
                  help=f"kvrm-mixed: tokens per engine step (decode tokens + prompt tiles; default: its slots + "
                  f"{MIXED_PROMPT_TOKENS})")
   g.add_argument("--tile", type=int, default=64, help="kvrm-mixed: prompt tokens per query tile")
+  g.add_argument("--pipeline", action="store_true",
+                 help="KV-RM engines: dispatch each decode step before reading the previous one's tokens")
   g.add_argument("--prompt-attention", default="auto",
                  help="KV-RM engines: how prompt chunks attend: gather | kernel (the paged tile kernel) | auto")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
@@ -267,7 +269,8 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
     return RuntimeConfig(block_size=budget.block_size, num_blocks=num_blocks, max_slots=slots,
                          max_blocks_per_seq=budget.max_blocks_per_seq, dtype=dtype,
                          attention="auto" if kind == "static" else args.attention,
-                         prompt_attention="auto" if kind == "static" else args.prompt_attention, **kw)
+                         prompt_attention="auto" if kind == "static" else getattr(args, "prompt_attention", "auto"),
+                         pipeline=kind != "static" and getattr(args, "pipeline", False), **kw)
   except ValueError as e:
     raise UserError(str(e)) from None
 

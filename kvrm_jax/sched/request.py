@@ -44,6 +44,7 @@ class SamplingParams:
 
 
 NON_FINITE = -1  # the token id the decode step samples from a row of non-finite logits (ends the request)
+FEED_TOKEN = -2  # a slot's next input is the output of the step in flight, on the device (pipelined loop)
 
 
 class Status(enum.Enum):

@@ -22,7 +22,7 @@ from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.sched import summaries as summaries_lib
 from kvrm_jax.sched import tier as tier_lib
 from kvrm_jax.sched.pager import BlockPager, OutOfBlocks
-from kvrm_jax.sched.request import NON_FINITE, Request, RequestError, SamplingParams, Status
+from kvrm_jax.sched.request import FEED_TOKEN, NON_FINITE, Request, RequestError, SamplingParams, Status
 from kvrm_jax.sched.slots import Slots
 from kvrm_jax.sched.static import StaticReservation
 from kvrm_jax.sched.stats import EngineStats
@@ -321,6 +321,46 @@ class Scheduler:
       s = req.slot
       if sl.pos[s] % bs == 0 and not sl.folded[s] and not req.tiered:
         self.allocator.commit_tokens(req.id, req.all_ids[:req.num_computed])
+      self._emit(req, tokens[s], now, events)
+
+  # --------------------------------------------------------------------------- pipelined decode
+
+  def pipelinable(self) -> bool:
+    """Whether the next step can be planned before the tokens of the step in flight are known: only
+    running sequences (no prompt work, no admission possible), none teacher-forced, no host tier
+    or summaries, and free blocks for every sequence at a block boundary (no preemption)."""
+    sl = self.slots
+    if not sl.order or sl.prefilling or (self.waiting and sl.has_free) or self.tier is not None:
+      return False
+    if self.summaries is not None or any(r.forced is not None or r.summaries is not None for r in sl.order):
+      return False
+    run = np.flatnonzero(sl.running)
+    need = int(np.sum(sl.pos[run] - sl.table_start(run) >= sl.cap[run]))
+    return self.allocator.num_free_blocks >= 2 * need + self.rt.watermark_blocks  # copy-on-write may take one more
+
+  def advance(self, plan: StepPlan) -> np.ndarray:
+    """A decode step was dispatched whose tokens are not read yet: its rows' positions advance now
+    and their next input is the step's output on the device (FEED_TOKEN). Returns the rows'
+    positions after the step (for land_decode)."""
+    sl, slots = self.slots, plan.decode_slots
+    sl.pos[slots] += 1
+    sl.tok[slots] = FEED_TOKEN
+    return sl.pos[slots].copy()
+
+  def land_decode(self, plan: StepPlan, pos_after: np.ndarray, tokens: np.ndarray, now: float, events: dict,
+                  latest: bool) -> None:
+    """Account the tokens ([S] by slot) of a decode step dispatched ahead (`advance`). A row whose
+    request ended meanwhile (EOS or a stop string at the step before, an abort) is dropped: at most
+    one token of work wasted. latest: no later step is in flight (the slots take the tokens as
+    their next inputs)."""
+    sl, bs = self.slots, self.rt.block_size
+    for req, s, p in zip(plan.decode, plan.decode_slots, pos_after):
+      if req.done or req.slot != s:
+        continue
+      if latest:
+        sl.tok[s] = tokens[s]
+      if p % bs == 0 and not sl.folded[s] and not req.tiered:
+        self.allocator.commit_tokens(req.id, req.all_ids[:p])
       self._emit(req, tokens[s], now, events)
 
   def _emit(self, req: Request, token: int, now: float, events: dict) -> None:

@@ -14,6 +14,7 @@ class EngineStats:
   decode_steps: int = 0  # steps with decode rows (mixed steps included)
   prefill_steps: int = 0  # steps with prompt work (mixed steps included)
   mixed_steps: int = 0  # one-call steps of decode rows and prompt tiles (RuntimeConfig.step_tokens)
+  pipelined_steps: int = 0  # decode steps dispatched before the previous step's tokens were read
   preemptions: int = 0  # recompute and swap
   prefix_hit_blocks: int = 0  # prompt blocks found in the prefix cache
   moves: int = 0  # block copies (copy-on-write + compaction)
@@ -55,6 +56,7 @@ def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, gen
       "steps": st.decode_steps,
       "prefill_steps": st.prefill_steps,
       "mixed_steps": st.mixed_steps,
+      "pipelined_steps": st.pipelined_steps,
       "reserved_kv_bytes": st.peak_reserved_blocks * block_bytes,
       "live_kv_bytes": st.peak_live_tokens * token_bytes,
       "pool_kv_bytes": (rt.num_blocks - 1) * block_bytes,

@@ -306,7 +306,9 @@ class EngineLoop:
     waiting = len(eng.sched.waiting)
     return {"queued": waiting, "running": len(self._handles) - waiting,
             "blocks_used": eng.sched.allocator.num_used_blocks, "blocks_free": eng.sched.allocator.num_free_blocks,
-            "preemptions": eng.stats.preemptions, "prefix_hit_blocks": eng.stats.prefix_hit_blocks}
+            "preemptions": eng.stats.preemptions, "prefix_hit_blocks": eng.stats.prefix_hit_blocks,
+            "decode_steps": eng.stats.decode_steps, "pipelined_steps": eng.stats.pipelined_steps,
+            "mixed_steps": eng.stats.mixed_steps}
 
 
 def _deliver(batch: list[tuple[Handle, Event]]) -> None:

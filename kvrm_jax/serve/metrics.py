@@ -40,7 +40,11 @@ class Metrics:
                          buckets=_LATENCY_BUCKETS, registry=r)
     self.e2e = Histogram("kvrm_e2e_request_latency_seconds", "Request arrival to its last token",
                          buckets=_LATENCY_BUCKETS, registry=r)
-    self._last = {"preemptions": 0, "prefix_hit_blocks": 0}
+    self.steps = Counter("kvrm_engine_steps", "Engine steps: decode (every step with decode rows), pipelined "
+                         "(those dispatched before the previous step's tokens were read), mixed (steps with "
+                         "prompt tiles, --step-tokens)", ["kind"], registry=r)
+    self._last = {"preemptions": 0, "prefix_hit_blocks": 0, "decode_steps": 0, "pipelined_steps": 0,
+                  "mixed_steps": 0}
     self._window_start, self._window_tokens = time.perf_counter(), 0
 
   def set_baseline(self, snapshot: dict) -> None:
@@ -73,6 +77,9 @@ class Metrics:
     self.blocks_free.set(s["blocks_free"])
     for key, counter in (("preemptions", self.preemptions), ("prefix_hit_blocks", self.prefix_hits)):
       counter.inc(s[key] - self._last[key])
+      self._last[key] = s[key]
+    for key in ("decode_steps", "pipelined_steps", "mixed_steps"):
+      self.steps.labels(key.removesuffix("_steps")).inc(s[key] - self._last[key])
       self._last[key] = s[key]
     now = time.perf_counter()
     if now - self._window_start >= 1.0:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from kvrm_jax import descriptor as desc_lib
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.model import llama as model_lib
+from kvrm_jax.sched.request import FEED_TOKEN  # a slot whose input is the previous step's output
 from kvrm_jax.step import sharding
 from kvrm_jax.step import tier
 from kvrm_jax.step.attention import block_mass, decode_attention, decode_descriptors, resolve_attention, tile_attention
@@ -249,6 +250,18 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     return jax.jit(counted(wrap(mf, "mixed"), "mixed"), donate_argnums=(1, 2), compiler_options=opts)
 
   return jitted, prefill_step, mixed_step, counter
+
+
+def build_feed(out_sharding=None):
+  """(ints, prev_tokens) -> ints: the decode descriptor's input tokens (its first field, [S]) that
+  the host left as FEED_TOKEN are taken from the previous step's sampled tokens (by slot), on the
+  device. out_sharding: where the compiled steps take the descriptor (None: the default device)."""
+  def feed(ints, prev):
+    s = prev.shape[0]
+    head = ints[:s]
+    return ints.at[:s].set(jnp.where(head == FEED_TOKEN, prev[:s].astype(ints.dtype), head))
+
+  return jax.jit(feed, out_shardings=out_sharding)
 
 
 def build_swap(rt: RuntimeConfig, mesh=None, out_shardings=None):

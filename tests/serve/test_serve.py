@@ -157,8 +157,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(smollm2_ckpt, tmp_path_factory):
+  # The pipelined loop (--pipeline): the tests below hold for it too (the 429 test's server is not).
   s = Server(smollm2_ckpt, tmp_path_factory.mktemp("serve") / "server.log", "--max-slots", str(SLOTS),
-             "--max-queue", "64")
+             "--max-queue", "64", "--pipeline")
   yield s
   s.close()
 
@@ -331,6 +332,13 @@ def test_models_and_metrics(server):
                "kvrm_prefix_cache_hit_blocks_total"):
     assert name in text, name
   assert server.metric("kvrm_kv_blocks_used") + server.metric("kvrm_kv_blocks_free") == SLOTS * MAX_LEN // 16
+  before = server.metric('kvrm_engine_steps_total{kind="pipelined"}')
+  server.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, extra_body={"ignore_eos": True})
+  # the fixture's --pipeline at work (steps of running sequences only are dispatched ahead)
+  deadline = time.monotonic() + 20
+  while (n := server.metric('kvrm_engine_steps_total{kind="pipelined"}')) < before + 14 and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert n >= before + 14, n
   log = open(server.log_path).read()  # start-up progress: each warm-up compile and its time
   assert re.search(r"\[serve\] compiled the decode step in \d+\.\d s", log), log
   assert re.search(r"\[serve\] compiled the prefill step \(\d+ tokens\) in \d+\.\d s", log), log

@@ -144,9 +144,7 @@ class Engine:
     if self.sched.pipelinable():
       self._step_ahead(events)
     else:
-      if self._inflight is not None:  # this step's plan needs the tokens in flight
-        self._land(self._inflight, events, latest=True)
-        self._inflight = None
+      self.flush(events)  # this step's plan needs the tokens in flight
       if self.sched.has_work():
         for rid, toks in self._step_sync().items():
           events.setdefault(rid, []).extend(toks)
@@ -177,6 +175,15 @@ class Engine:
         self._inflight = None
     if self.rt.debug_poison_freed and (freed := self.sched.allocator.freed_since_last_call()):
       self.k_pool, self.v_pool = poison_blocks(self.k_pool, self.v_pool, freed)  # after the step in flight
+
+  def flush(self, events: dict | None = None) -> dict[int, list[int]]:
+    """Read and account the decode step in flight, if any (RuntimeConfig.pipeline); its new
+    tokens go into `events` (returned)."""
+    events = {} if events is None else events
+    if self._inflight is not None:
+      self._land(self._inflight, events, latest=True)
+      self._inflight = None
+    return events
 
   def _land(self, inflight, events: dict, latest: bool) -> None:
     plan, tokens, pos_after, t_dispatch = inflight

@@ -229,6 +229,21 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   assert "### profile unroll b4 c64 [xla_gpu_enable_triton_gemm=false]" in text and "| matmul | 0.300 |" in text
 
 
+def test_bench_step_sampling_and_pipelined_rows(tmp_path, capsys):
+  """--sampling greedy sampled: a row each; --pipeline: the engine's own pipelined loop timed too."""
+  bench_step = load("bench_step")
+  out = tmp_path / "s.json"
+  assert bench_step.main(["--model", "tiny", "--dtype", "float32", "--batches", "3", "--context", "32", "--warmup",
+                          "1", "--iters", "3", "--sampling", "greedy", "sampled", "--pipeline", "--out-json",
+                          str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["sampling"] for r in rows] == ["greedy", "sampled"]
+  for r in rows:
+    assert "error" not in r and r["decode_compiles"] == 1
+    assert r["pipelined_ms_median"] > 0 and r["pipelined_steps"] >= 3
+  assert "| 3 | 32 | off | sampled |" in capsys.readouterr().out
+
+
 def test_bench_step_steps_with_prompt_work(tmp_path, capsys):
   """--prompt-tokens: decode rows plus the last P tokens of a prompt, as one mixed step and as a
   prefill call then the decode call, for each prompt attention; FLOPs of the chunk counted once."""

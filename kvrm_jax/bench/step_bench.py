@@ -15,6 +15,9 @@ compiled decode step loop runs and each step is timed (dispatch to tokens on the
 without --tp the engine has no mesh; the roofline of a row is one device's share of the bytes);
 --xla-options does the same for RuntimeConfig.xla_options ("" = the defaults), e.g.
   --xla-options "" "xla_gpu_enable_triton_gemm=false" compares XLA's Triton GEMMs with cuBLAS.
+--sampling greedy sampled runs each row with greedy decoding and with temperature 0.8, top-p 0.9,
+top-k 50 (the cost of sampling); --pipeline also times the engine's pipelined loop (step() calls back
+to back, RuntimeConfig.pipeline) beside --back-to-back's device-bound step time.
 --profile N runs N more decode steps under CUPTI (as scripts/bench_kernels.py does) and prints the
 device time per kernel per step (top 20), coarse buckets (matmul / attention / copies / other), the
 weight bandwidth the matmul time implies, and device vs wall time per step.
@@ -88,26 +91,31 @@ def copy_bandwidth() -> float | None:
 # ----------------------------------------------------------------------------- one configuration
 
 
+SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=50)  # --sampling sampled
+
+
 def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan", copy_tb_s=None,
-            xla_options="", tp=None) -> dict:
+            xla_options="", tp=None, sampling="greedy") -> dict:
   """One configuration; tp=None: the engine without a mesh, tp=N: jax.shard_map over N devices."""
 
   bs = 16
   # With summaries, time only the steady state: once the prompt's far history has been folded.
   fold_steps = 0 if summaries is None else context // bs // max(1, summaries.max_entries) + 10
   steps = args.warmup + args.iters + fold_steps
-  mb = -(-(context + steps + args.profile + 2) // bs)
+  extra = args.profile + (2 * args.iters + 4 if args.pipeline else 0) + 2
+  mb = -(-(context + steps + extra) // bs)
   rt = RuntimeConfig(block_size=bs, num_blocks=batch * (mb + 2) + 1, max_slots=batch, max_blocks_per_seq=mb,
                      prefill_buckets=(64,), dtype=args.dtype, attention=args.attention,
                      max_folds=4 * batch if summaries else 8, layer_loop=layer_loop,
                      max_summaries=summaries.max_entries if summaries else 0,
-                     xla_options=parse_xla_options(xla_options))
+                     xla_options=parse_xla_options(xla_options), pipeline=args.pipeline)
   mesh = None if tp is None else sharding.make_mesh(tp)
   eng = Engine(cfg, model, rt, summaries=summaries, mesh=mesh)
   rng = np.random.default_rng(0)
-  for _ in range(batch):
+  for i in range(batch):
     eng.add_request(rng.integers(3, cfg.vocab_size, context).tolist(),
-                    SamplingParams(max_new_tokens=steps + args.profile + 2, ignore_eos=True))
+                    SamplingParams(max_new_tokens=steps + extra, ignore_eos=True, seed=i,
+                                   **(SAMPLED if sampling == "sampled" else {})))
   eng.sched.admit()
   for req in list(eng.sched.slots.reqs):  # stand in for the prefill: the prompts' KV is "computed"
     req.num_computed = req.prefill_target
@@ -150,7 +158,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   weight_bytes = sum(x.size for x in shards) * itemsize
   kv_read = sum(exact_tokens) * tok_bytes
   row = {"tp": tp, "layer_loop": layer_loop, "xla_options": xla_options, "batch": batch,
-         "context": context,
+         "context": context, "sampling": sampling,
          "summaries": None if summaries is None else str(summaries),
          "step_ms_median": 1e3 * float(np.median(times)) if times else None, "steps_timed": len(times),
          "host_ms_median": 1e3 * float(np.median(host)) if host else None, "first_step_s": first_step_s,
@@ -169,6 +177,19 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
       tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats)
     jax.block_until_ready(tokens)
     row["back_to_back_ms"] = 1e3 * (time.perf_counter() - t) / args.back_to_back
+  if args.pipeline and summaries is None:
+    # The engine's own loop with RuntimeConfig.pipeline: each step() dispatches the next decode step,
+    # then reads the previous one's tokens (host work hidden behind the device's).
+    for _ in range(3):
+      eng.step()
+    ts = []
+    for _ in range(args.iters):
+      t = time.perf_counter()
+      eng.step()
+      ts.append(time.perf_counter() - t)
+    row["pipelined_ms_median"] = 1e3 * float(np.median(ts))
+    row["pipelined_steps"] = eng.stats.pipelined_steps
+    eng.flush()  # the step in flight, before the timings below
   if args.profile:
 
     def profiled():
@@ -336,6 +357,10 @@ def main(argv=None) -> int:
                  help="after timing, N more decode steps under CUPTI: device time per kernel")
   p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "
                  "weight-shaped copy / dynamic-slice fusions")
+  p.add_argument("--sampling", nargs="+", default=["greedy"], choices=["greedy", "sampled"],
+                 help="decode rows' sampling variants: greedy, sampled (temperature 0.8, top-p 0.9, top-k 50)")
+  p.add_argument("--pipeline", action="store_true",
+                 help="also time the engine's pipelined loop (RuntimeConfig.pipeline): step() calls back to back")
   p.add_argument("--prompt-tokens", type=int, nargs="+", default=[], metavar="P",
                  help="also time steps with P prompt tokens beside the decode rows (see above)")
   p.add_argument("--modes", nargs="+", default=["mixed", "split"], choices=["mixed", "split"],
@@ -369,12 +394,13 @@ def main(argv=None) -> int:
   for ctx in args.context:
     for b in args.batches:
       for sc in [None] + [SummaryConfig.parse(s) for s in args.summaries]:
-        variants = [(tp, lo, xo) for tp in args.tp for lo in args.layer_loop for xo in args.xla_options]
-        for tp, loop, xo in variants:
+        variants = [(tp, lo, xo, sa) for tp in args.tp for lo in args.layer_loop for xo in args.xla_options
+                    for sa in args.sampling]
+        for tp, loop, xo, sa in variants:
           try:
-            r = run_one(cfg, model, b, ctx, args, sc, loop, bw, xo, tp)
+            r = run_one(cfg, model, b, ctx, args, sc, loop, bw, xo, tp, sa)
           except Exception as e:  # noqa: BLE001  (e.g. out of memory: keep the other variants' rows)
-            r = {"tp": tp, "layer_loop": loop, "xla_options": xo, "batch": b, "context": ctx,
+            r = {"tp": tp, "layer_loop": loop, "xla_options": xo, "batch": b, "context": ctx, "sampling": sa,
                  "summaries": None if sc is None else str(sc), "error": f"{type(e).__name__}: {str(e)[:500]}"}
           gc.collect()  # the previous engine's pools
           if bw and r.get("step_ms_median"):
@@ -413,23 +439,26 @@ def main(argv=None) -> int:
   print(f"{meta['date']}, {meta['device']}, jax {meta['jax']}, {args.model} {args.dtype}, copy ceiling "
         f"{bw and round(bw, 2)} TB/s, XLA_FLAGS={meta['xla_flags'] or '(unset)'}"
         + (f", matmul {mm:.1f} TFLOP/s" if mm else "") + f"\n`{meta['command']}`\n")
-  print("| tp | layer loop | XLA options | batch | context | summaries | step ms (median) | host ms | roofline ms | "
-        "step / roofline | KV bytes / seq | first step s | decode compiles |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  nan = float("nan")
+  print("| tp | layer loop | XLA options | batch | context | summaries | sampling | step ms (median) | host ms | "
+        "roofline ms | step / roofline | back-to-back ms | pipelined ms | KV bytes / seq | first step s | "
+        "decode compiles |")
+  print("| --- " * 16 + "|")
   for r in rows:
     xo = r.get("xla_options") or "defaults"
+    head = (f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
+            f"{r['summaries'] or 'off'} | {r.get('sampling', 'greedy')} |")
     if "error" in r:
-      print(f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
-            f"{r['summaries'] or 'off'} | error: {r['error'][:200]} | | | | | | |")
+      print(f"{head} error: {r['error'][:200]} |" + " |" * 8)
       continue
-    print(f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
-          f"{r['summaries'] or 'off'} | {r['step_ms_median'] or float('nan'):.3f} | "
-          f"{r['host_ms_median'] or float('nan'):.3f} | {r.get('roofline_ms', float('nan')):.3f} | "
-          f"{r.get('vs_roofline', float('nan')):.2f} | "
-          f"{r['kv_bytes_per_seq'] / 2**20:.1f} MiB | {r['first_step_s']:.1f} | {r['decode_compiles']} |")
+    print(f"{head} {r['step_ms_median'] or nan:.3f} | {r['host_ms_median'] or nan:.3f} | "
+          f"{r.get('roofline_ms', nan):.3f} | {r.get('vs_roofline', nan):.2f} | {r.get('back_to_back_ms', nan):.3f} | "
+          f"{r.get('pipelined_ms_median', nan):.3f} | {r['kv_bytes_per_seq'] / 2**20:.1f} MiB | "
+          f"{r['first_step_s']:.1f} | {r['decode_compiles']} |")
   for r in rows:
     if "profile" in r:
       label = f"{r['layer_loop']} b{r['batch']} c{r['context']}" + (f" {r['summaries']}" if r["summaries"] else "") \
+          + (" sampled" if r.get("sampling") == "sampled" else "") \
           + (f" [{r['xla_options']}]" if r.get("xla_options") else "") \
           + (f" tp={r['tp']} (CUPTI's kernels of every device)" if (r.get("tp") or 1) > 1 else "")
       print_profile(label, r["profile"], r["step_ms_median"])

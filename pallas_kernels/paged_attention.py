@@ -543,8 +543,22 @@ def paged_tile_attention(q, k_pool, v_pool, starts, lengths, block_tables, *, bl
                                block_offset=_offset_arg(block_offset), **kw)
 
 
+# The generic kernel holds a program's query rows (tokens x the G q heads of one kv head) whole in
+# shared memory: at most this many elements of them (256 rows at head_dim 128: the 64-token tiles of
+# a Llama-3-8B mixed step ran so on an H100, while a 512-token prefill chunk, 2,048 rows, asked for
+# 560 KiB of the 227 KiB a block may use). Longer tiles are cut into pieces, as the Mosaic path does.
+GENERIC_Q_ELEMS = 256 * 128
+
+
+def generic_piece_tokens(tq: int, g: int, d: int, max_rows: int | None = None) -> int:
+  """Query tokens per program of the generic tile kernel: the whole tile where its tq * g rows fit
+  `max_rows` (default GENERIC_Q_ELEMS // d), else as many tokens as fit (at least one)."""
+  rows = max_rows or max(1, GENERIC_Q_ELEMS // d)
+  return tq if tq * g <= rows else max(1, rows // g)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "backend", "interpret", "chunk_tokens", "stages",
-                                             "num_warps"))
+                                             "num_warps", "max_rows"))
 def _paged_tile_attention(q,             # [N, Tq, Hq, D]
                           k_pool,        # [Hkv, P, bs, D]
                           v_pool,        # [Hkv, P, bs, D]
@@ -552,7 +566,7 @@ def _paged_tile_attention(q,             # [N, Tq, Hq, D]
                           lengths,       # [N] int32
                           block_tables,  # [N, MB] int32
                           *, block_offset=None, sm_scale=None, backend="auto", interpret=False,
-                          chunk_tokens=None, stages=2, num_warps=4):
+                          chunk_tokens=None, stages=2, num_warps=4, max_rows=None):
   """Causal attention of query tiles over a paged KV pool (prompt chunks of a prefill or mixed step).
 
   Tile n holds Tq query tokens of one sequence at positions starts[n], starts[n] + 1, ...; token i
@@ -564,7 +578,8 @@ def _paged_tile_attention(q,             # [N, Tq, Hq, D]
   Mosaic GPU (Hopper): the decode kernel with causal rows: one program per 64 / G tokens of a tile
   and kv head (64 wgmma rows = tokens x the G q heads of that kv head), one split, streaming the
   table's chunks up to the tokens' last position. The generic kernel (Triton on other GPUs,
-  interpret mode in CPU tests) runs one program per tile and kv head. Returns [N, Tq, Hq, D]."""
+  interpret mode in CPU tests) runs one program per tile and kv head, cutting tiles whose Tq * G
+  rows exceed max_rows (generic_piece_tokens) into pieces. Returns [N, Tq, Hq, D]."""
   _check_tile_args(q, k_pool, v_pool, starts, lengths, block_tables)
   N, Tq, Hq, D = q.shape
   Hkv, P, bs, _ = k_pool.shape
@@ -589,18 +604,25 @@ def _paged_tile_attention(q,             # [N, Tq, Hq, D]
                                      v_pool.reshape(Hkv, P * bs, D), part=part, sm_scale=scale,
                                      stages=stages, causal_g=G)
     return from_program_rows(o, Hkv, sub).reshape(N, Tq, Hq, D)
-  part = KVPartition.choose(batch=N, kv_heads=Hkv, block_size=bs, max_blocks=MB,
+  sub = generic_piece_tokens(Tq, G, D, max_rows)
+  u = -(-Tq // sub)
+  if u > 1:  # pieces of sub tokens (the last tile's tail padded: pieces past a tile's length are unused)
+    starts, lengths, block_tables = split_tiles(starts, lengths, block_tables, sub, u)
+    q = jnp.pad(q, ((0, 0), (0, u * sub - Tq), (0, 0), (0, 0))).reshape(N * u, sub, Hq, D)
+  n = N * u
+  part = KVPartition.choose(batch=n, kv_heads=Hkv, block_size=bs, max_blocks=MB,
                             chunk_tokens=chunk_tokens or 64, num_splits=1)
-  desc = build_descriptors(lengths, block_tables, jnp.zeros((N, 1, 3), jnp.int32),
-                           jnp.zeros((N,), jnp.int32), part)  # per-block reads through the table
-  r = Tq * G
+  desc = build_descriptors(lengths, block_tables, jnp.zeros((n, 1, 3), jnp.int32),
+                           jnp.zeros((n,), jnp.int32), part)  # per-block reads through the table
+  r = sub * G
   qp = max(16, 1 << (r - 1).bit_length())  # tl.dot needs >= 16 rows (a power of two)
-  q4 = program_rows(q, Hkv).reshape(N, Hkv, r, D)
+  q4 = program_rows(q, Hkv).reshape(n, Hkv, r, D)
   q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, qp - r), (0, 0)))
   o, _ = _generic_call(desc, _offset_row(0) if base is None else base, q4, k_pool, v_pool, part=part,
                        sm_scale=scale, interpret=(backend == "interpret"), num_warps=num_warps,
                        starts=starts, causal_g=G)
-  return from_program_rows(o[:, :, 0, :r].reshape(N, Hkv * r, D), Hkv, Tq).astype(q.dtype)
+  o = from_program_rows(o[:, :, 0, :r].reshape(n, Hkv * r, D), Hkv, sub).astype(q.dtype)
+  return o.reshape(N, u * sub, Hq, D)[:, :Tq]
 
 
 paged_tile_attention.__doc__ = _paged_tile_attention.__doc__

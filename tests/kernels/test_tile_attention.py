@@ -140,6 +140,20 @@ def test_mosaic_tiling_pieces_and_row_order():
   np.testing.assert_array_equal(pa.from_program_rows(r2, 2, 3), q2)
 
 
+def test_generic_kernel_cuts_long_tiles_into_pieces():
+  """A tile of more rows than one program holds (a 512-token prefill chunk at G = 4 is 2,048 rows:
+  on an H100 it asked for 560 KiB of shared memory) runs as pieces, the last one padded: same
+  attention, an unused tile still zeros."""
+  assert pa.generic_piece_tokens(512, 4, 128) == 64 and pa.generic_piece_tokens(64, 4, 128) == 64
+  assert pa.generic_piece_tokens(8, 3, 16, max_rows=16) == 5  # 8 tokens: pieces of 5, padded to 10
+  c = make_case(5, tiles=TILES, **CASES[1])
+  out = pa.paged_tile_attention(c["q"], c["k"], c["v"], c["starts"], c["lengths"], c["bt"], interpret=True,
+                                max_rows=16)
+  assert out.shape == c["q"].shape
+  check(out, c, 1e-5)
+  assert not np.asarray(out[-1]).any()
+
+
 @pytest.mark.parametrize("shape,dtype,mb,want", [
     ((4, 64, 32, 128), jnp.bfloat16, 256, "mosaic"),   # Llama-3-8B: G = 4, pieces of 16 tokens
     ((4, 8, 32, 128), jnp.bfloat16, 256, "triton"),    # 8 tokens: not whole pieces of 16
@@ -172,5 +186,17 @@ def test_gpu_tile_kernel_matches_oracle(backend, tq, contiguous):
   c = make_case(11, tq=tq, kv_heads=2, g=4, d=128, bs=16, max_blocks=28, tiles=tiles, dtype=jnp.bfloat16,
                 contiguous=contiguous)
   assert pa.tile_backend(c["q"].shape, c["q"].dtype, c["k"].shape, 28, backend=backend) == backend
+  out = pa.paged_tile_attention(c["q"], c["k"], c["v"], c["starts"], c["lengths"], c["bt"], backend=backend)
+  check(out, c, 2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["mosaic", "triton"])
+def test_gpu_tile_kernel_takes_a_512_token_prefill_chunk(backend):
+  """A whole 512-token chunk as one tile (split-mode prefill of a long prompt), Llama-3-8B heads."""
+  c = make_case(12, tq=512, kv_heads=2, g=4, d=128, bs=16, max_blocks=40, tiles=[(0, 512), (100, 512), (0, 0)],
+                dtype=jnp.bfloat16)
+  assert pa.tile_backend(c["q"].shape, c["q"].dtype, c["k"].shape, 40, backend=backend) == backend
   out = pa.paged_tile_attention(c["q"], c["k"], c["v"], c["starts"], c["lengths"], c["bt"], backend=backend)
   check(out, c, 2e-2)

@@ -88,9 +88,11 @@ class Engine:
       self._run_swaps([], [])  # compile the swap op now (it copies nothing), not at the first preemption
     self.last_logits = None  # with_logits: {request id: [V] logits of its latest sampled token}
     # RuntimeConfig.pipeline: (plan, device tokens, positions after, dispatch time) of the decode
-    # step dispatched but not read yet; _feed puts its tokens into the next step's descriptor.
+    # step dispatched but not read yet; the next decode step takes its tokens as an argument (the
+    # inputs of the slots marked FEED_TOKEN), with no other device call. _no_feed: none in flight.
     self._inflight = None
-    self._feed = step_lib.build_feed(self._desc_sharding)
+    if rt.pipeline:
+      self._no_feed = jax.device_put(np.zeros(rt.max_slots, np.int32), self._desc_sharding)
     self.stats.build_s = time.perf_counter() - t_build
 
   @property
@@ -160,11 +162,12 @@ class Engine:
     ints, floats = self.build_decode_descriptor(plan)
     ints, floats = self.put_descriptor(ints, floats)
     prev = self._inflight
-    if prev is not None:
-      ints = self._feed(ints, prev[1])
     self.stats.host_us.append((time.perf_counter() - t0) * 1e6)
-    out = self.compiled_decode()(self.state, self.k_pool, self.v_pool, ints, floats)
+    out = self.compiled_decode()(self.state, self.k_pool, self.v_pool, ints, floats,
+                                 *self.decode_args(None if prev is None else prev[1]))
     tokens, self.k_pool, self.v_pool = out[:3]
+    if tokens.is_fully_addressable:  # the tokens' copy to the host queued now, behind this step only
+      tokens.copy_to_host_async()
     self.stats.decode_steps += 1
     self.stats.pipelined_steps += 1
     self.stats.moves += len(plan.moves)
@@ -225,7 +228,7 @@ class Engine:
       host += time.perf_counter() - t1
       self.stats.host_us.append(host * 1e6)
       td = time.perf_counter()
-      tokens, logits = self._run(self.compiled_decode(), ints, floats, self.decode_host_args())
+      tokens, logits = self._run(self.compiled_decode(), ints, floats, self.decode_args())
       now = time.perf_counter()
       self.stats.step_s.append(now - td)
       self.stats.decode_steps += 1
@@ -278,8 +281,14 @@ class Engine:
                                  plan.folds if folds is None else folds, host_reads)
 
   def decode_host_args(self) -> tuple:
-    """Extra arguments of the decode step: the host pools when it reads the host tier."""
+    """The host pools when the decode and mixed steps read the host tier (extra arguments)."""
     return (self.k_host, self.v_host) if self.rt.max_host_reads else ()
+
+  def decode_args(self, prev=None) -> tuple:
+    """Extra arguments of the decode step: decode_host_args(), then with RuntimeConfig.pipeline
+    the tokens [S] of the decode step in flight, `prev` (none in flight: zeros, unread)."""
+    feed = ((self._no_feed if prev is None else prev),) if self.rt.pipeline else ()
+    return self.decode_host_args() + feed
 
   def put_descriptor(self, ints: np.ndarray, floats: np.ndarray):
     """A packed descriptor onto the device(s), placed as the compiled steps take it (one transfer)."""
@@ -319,8 +328,8 @@ class Engine:
 
   def compiled_decode(self):
     """The decode step's executable as `step()` runs it: `(state, k_pool, v_pool, ints, floats,
-    *decode_host_args()) -> (tokens, k_pool, v_pool, ...)`, descriptor from `put_descriptor`."""
-    return self._executable(("decode",), self.decode_step, self.dlayout, self.decode_host_args())
+    *decode_args()) -> (tokens, k_pool, v_pool, ...)`, descriptor from `put_descriptor`."""
+    return self._executable(("decode",), self.decode_step, self.dlayout, self.decode_args())
 
   def _run(self, exe, ints, floats, host=()):
     out = exe(self.state, self.k_pool, self.v_pool, *self.put_descriptor(ints, floats), *host)  # one transfer

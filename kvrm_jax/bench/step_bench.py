@@ -150,7 +150,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
     ints, floats = eng.build_decode_descriptor(plan)
     t1 = time.perf_counter()
     tokens, eng.k_pool, eng.v_pool = eng.compiled_decode()(eng.state, eng.k_pool, eng.v_pool,
-                                                           *eng.put_descriptor(ints, floats))
+                                                           *eng.put_descriptor(ints, floats), *eng.decode_args())
     tok = np.asarray(tokens)
     t2 = time.perf_counter()
     eng.sched.finish_decode(plan, tok, t2, {})
@@ -191,11 +191,11 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
     # host neither waits for tokens nor builds descriptors (what a pipelined loop would reach).
     ints, floats = eng.put_descriptor(last["ints"], last["floats"])
     dec = eng.compiled_decode()
-    tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats)
+    tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats, *eng.decode_args())
     jax.block_until_ready(tokens)
     t = time.perf_counter()
     for _ in range(args.back_to_back):
-      tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats)
+      tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats, *eng.decode_args())
     jax.block_until_ready(tokens)
     row["back_to_back_ms"] = 1e3 * (time.perf_counter() - t) / args.back_to_back
   if args.pipeline and summaries is None:
@@ -241,6 +241,7 @@ def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention
   if prompt_tokens > context:
     raise ValueError(f"--prompt-tokens {prompt_tokens} > --context {context}")
   mb = -(-(context + 2) // bs)
+  mb += -mb % 4  # a table width the Mosaic kernels read themselves (as --max-len 4096 gives)
   kw = (dict(step_tokens=slots + -(-prompt_tokens // tile) * tile, tile=tile) if mode == "mixed"
         else dict(prefill_buckets=(prompt_tokens,), max_prefill_seqs=1))
   rt = RuntimeConfig(block_size=bs, num_blocks=slots * (mb + 2) + 1, max_slots=slots, max_blocks_per_seq=mb,
@@ -262,15 +263,16 @@ def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention
   t0 = time.perf_counter()
   if mode == "mixed":
     n_tiles, (ints, floats), _ = desc_lib.build_mixed(rt, plan.prefill_rows, sl, plan.decode_slots)
-    calls = [(eng._mixed_exe(n_tiles), ints, floats)]
+    calls = [(eng._mixed_exe(n_tiles), ints, floats, eng.decode_host_args())]
   else:
     chunk, (pi, pf) = desc_lib.build_prefill(rt, plan.prefill_rows, sl, [], [])
     di, df = eng.build_decode_descriptor(plan, [], [])
-    calls = [(eng._prefill_exe(chunk), pi, pf), (eng.compiled_decode(), di, df)]
+    calls = [(eng._prefill_exe(chunk), pi, pf, ()), (eng.compiled_decode(), di, df, eng.decode_args())]
 
   def step():
-    for exe, ints, floats in calls:
-      tokens, eng.k_pool, eng.v_pool = exe(eng.state, eng.k_pool, eng.v_pool, *eng.put_descriptor(ints, floats))[:3]
+    for exe, ints, floats, extra in calls:
+      tokens, eng.k_pool, eng.v_pool = exe(eng.state, eng.k_pool, eng.v_pool, *eng.put_descriptor(ints, floats),
+                                           *extra)[:3]
       np.asarray(tokens)  # each call's sync, as the engine's step
 
   step()

@@ -108,10 +108,12 @@ def pad_weights(cfg, new_cfg, w: dict):
   return out
 
 
-def shard_step(fn, mesh: Mesh, state_spec_tree, n_extra_out: int = 0, n_host: int = 0):
-  """Wrap a step fn(state, k_pool, v_pool, ints, floats, *host_pools) -> (tokens, k_pool, v_pool, *extra)."""
+def shard_step(fn, mesh: Mesh, state_spec_tree, n_extra_out: int = 0, n_host: int = 0, n_feed: int = 0):
+  """Wrap a step fn(state, k_pool, v_pool, ints, floats, *host_pools, *fed_tokens) -> (tokens, k_pool,
+  v_pool, *extra); fed tokens (the pipelined loop's previous step's tokens) are replicated."""
   out_specs = (REPLICATED, POOL_SPEC, POOL_SPEC) + (REPLICATED,) * n_extra_out
-  in_specs = (state_spec_tree, POOL_SPEC, POOL_SPEC, REPLICATED, REPLICATED) + (HOST_POOL_SPEC,) * n_host
+  in_specs = ((state_spec_tree, POOL_SPEC, POOL_SPEC, REPLICATED, REPLICATED) + (HOST_POOL_SPEC,) * n_host
+              + (REPLICATED,) * n_feed)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 

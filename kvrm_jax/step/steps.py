@@ -89,8 +89,11 @@ def _decode_rows(cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_mass: b
 
 
 def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_logits: bool, tp_axis,
-            with_mass: bool, state, k_pool, v_pool, ints, floats, *host):
+            with_mass: bool, state, k_pool, v_pool, ints, floats, *extra):
   d = desc_lib.decode_layout(rt).unpack(ints, floats)
+  host = extra[:2] if rt.max_host_reads else ()
+  if rt.pipeline:  # slots whose input is the previous step's output, still on the device
+    d["tokens"] = jnp.where(d["tokens"] == FEED_TOKEN, extra[-1].astype(d["tokens"].dtype), d["tokens"])
   k_pool, v_pool = block_ops(k_pool, v_pool, d, rt, backend)
   model = model_lib.merge(graphdef, state)
   # One descriptor for all layers: the kernels add each layer's block offset themselves.
@@ -195,7 +198,8 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
   With a `mesh`, each step is `jax.jit(jax.shard_map(step))` over the `tp` axis: params sharded
   by `state_specs`, pools over KV heads, descriptor replicated.
   With a host tier that the step reads (rt.max_host_reads), the decode step takes the host K and
-  V pools as two more (read-only) arguments. with_mass: the decode step also returns each table
+  V pools as two more (read-only) arguments; with rt.pipeline, last, the previous decode step's
+  tokens [S] (the inputs of slots the descriptor marks FEED_TOKEN). with_mass: the decode step also returns each table
   block's attention mass [S, MB] (the attention placement policy's statistics).
   """
   backend = resolve_attention(rt)
@@ -215,21 +219,23 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     n_host = 2 if rt.max_host_reads else 0
     wrap = lambda fn, kind: sharding.shard_step(  # noqa: E731
         fn, mesh, state_specs, int(with_logits) + int(with_mass and kind != "prefill"),
-        n_host if kind != "prefill" else 0)
+        n_host if kind != "prefill" else 0, n_feed=int(rt.pipeline and kind == "decode"))
 
-  def decode_step(state, k_pool, v_pool, ints, floats, *host):
-    """One decode step of every slot: (state, k_pool, v_pool, ints, floats[, k_host, v_host]) ->
-    (tokens [S] int32, k_pool, v_pool[, logits [S, V]][, mass [S, MB]]).
+  def decode_step(state, k_pool, v_pool, ints, floats, *extra):
+    """One decode step of every slot: (state, k_pool, v_pool, ints, floats[, k_host, v_host][, prev])
+    -> (tokens [S] int32, k_pool, v_pool[, logits [S, V]][, mass [S, MB]]).
 
     state: the model's parameter state (`engine.state`); k_pool, v_pool: the KV pools
     [KH, L, N, bs, E] (donated: use the returned ones); ints, floats: the packed descriptor
     (`engine.build_decode_descriptor(plan)`); k_host, v_host: the host tier's pools when the step
-    reads them (`engine.decode_host_args()`). tokens: each slot's sampled token (0 in empty slots,
+    reads them; prev: with RuntimeConfig.pipeline, the tokens of the decode step before, taken as
+    the input of each slot the descriptor marks FEED_TOKEN (`engine.decode_args()` gives these
+    extra arguments). tokens: each slot's sampled token (0 in empty slots,
     NON_FINITE where the slot's logits were not finite). logits with `with_logits`, the
     attention mass of each table block with `with_mass`. Compiled once per configuration.
     """
     return _decode(graphdef, cfg, rt, backend, with_logits, tp_axis, with_mass, state, k_pool, v_pool, ints,
-                   floats, *host)
+                   floats, *extra)
 
   opts = compiler_options(rt)
   jitted = jax.jit(counted(wrap(decode_step, "decode"), "decode"), donate_argnums=(1, 2), compiler_options=opts)
@@ -250,18 +256,6 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     return jax.jit(counted(wrap(mf, "mixed"), "mixed"), donate_argnums=(1, 2), compiler_options=opts)
 
   return jitted, prefill_step, mixed_step, counter
-
-
-def build_feed(out_sharding=None):
-  """(ints, prev_tokens) -> ints: the decode descriptor's input tokens (its first field, [S]) that
-  the host left as FEED_TOKEN are taken from the previous step's sampled tokens (by slot), on the
-  device. out_sharding: where the compiled steps take the descriptor (None: the default device)."""
-  def feed(ints, prev):
-    s = prev.shape[0]
-    head = ints[:s]
-    return ints.at[:s].set(jnp.where(head == FEED_TOKEN, prev[:s].astype(ints.dtype), head))
-
-  return jax.jit(feed, out_shardings=out_sharding)
 
 
 def build_swap(rt: RuntimeConfig, mesh=None, out_shardings=None):

@@ -199,8 +199,9 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
   by `state_specs`, pools over KV heads, descriptor replicated.
   With a host tier that the step reads (rt.max_host_reads), the decode step takes the host K and
   V pools as two more (read-only) arguments; with rt.pipeline, last, the previous decode step's
-  tokens [S] (the inputs of slots the descriptor marks FEED_TOKEN). with_mass: the decode step also returns each table
-  block's attention mass [S, MB] (the attention placement policy's statistics).
+  tokens [S] (the inputs of slots the descriptor marks FEED_TOKEN). with_mass: the decode step
+  also returns each table block's attention mass [S, MB] (the attention placement policy's
+  statistics).
   """
   backend = resolve_attention(rt)
   counter = counter or CompileCounter()

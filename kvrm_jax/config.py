@@ -263,3 +263,10 @@ class RuntimeConfig:
   @property
   def max_seq_len(self) -> int:
     return self.max_blocks_per_seq * self.block_size
+
+  @property
+  def table_width(self) -> int:
+    """Columns of a block-table row in the descriptor: max_blocks_per_seq rounded up to a multiple
+    of 4 (rows of whole 16-byte units, which the Mosaic GPU kernels read themselves by TMA). The
+    extra columns stay 0 and are never read: lengths bound every read."""
+    return -(-self.max_blocks_per_seq // 4) * 4

@@ -67,14 +67,14 @@ class Layout:
 
 @functools.cache  # layouts are immutable: built once per configuration, not per step
 def decode_layout(rt: RuntimeConfig) -> Layout:
-  s, mb, g, m = rt.max_slots, rt.max_blocks_per_seq, rt.max_groups, rt.max_moves
+  s, mb, g, m = rt.max_slots, rt.table_width, rt.max_groups, rt.max_moves
   return Layout(
       ints=(
           ("tokens", (s,)),  # [S] input token per slot
           ("positions", (s,)),  # [S] position of that token
           ("lengths", (s,)),  # [S] KV length after writing it; 0 = inactive slot
           ("write_slots", (s,)),  # [S] flat pool slot (block * block_size + offset) for its KV
-          ("block_tables", (s, mb)),  # [S, MB] physical block ids in logical order, 0-padded
+          ("block_tables", (s, mb)),  # [S, MB] physical block ids in logical order, 0-padded (MB = rt.table_width)
           ("groups", (s, g, 3)),  # [S, G, 3] (phys_start, logical_start, num_blocks) runs
           ("num_groups", (s,)),  # [S] runs used; 0 = more runs than G (use block_tables)
           ("moves", (max(m, 1), 2)),  # [M, 2] block copies (src, dst) run first; (0, 0) = no-op
@@ -105,7 +105,7 @@ def _host_read_fields(rt: RuntimeConfig) -> Fields:
 
 @functools.cache  # layouts are immutable: built once per configuration, not per step
 def prefill_layout(rt: RuntimeConfig, chunk: int) -> Layout:
-  p, mb = rt.max_prefill_seqs, rt.max_blocks_per_seq
+  p, mb = rt.max_prefill_seqs, rt.table_width
   return Layout(
       ints=(
           ("tokens", (p, chunk)),  # [P, C] chunk tokens, 0-padded
@@ -130,7 +130,7 @@ def prefill_layout(rt: RuntimeConfig, chunk: int) -> Layout:
 def mixed_layout(rt: RuntimeConfig, n_tiles: int) -> Layout:
   """The decode step's fields (one token per slot), then `n_tiles` query tiles of rt.tile prompt
   tokens, each tile of one sequence (`t_` fields). Block copies and folds are the decode part's."""
-  n, q, mb = n_tiles, rt.tile, rt.max_blocks_per_seq
+  n, q, mb = n_tiles, rt.tile, rt.table_width
   dec = decode_layout(rt)
   return Layout(
       ints=dec.ints + (

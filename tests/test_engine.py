@@ -198,6 +198,26 @@ def test_pallas_kernel_path_in_interpret_mode_matches(model, step_tokens, prompt
   assert (eng.stats.mixed_steps > 0) == bool(step_tokens)
 
 
+@pytest.mark.parametrize("step_tokens", [0, 2 + 2 * 8])
+def test_block_tables_are_padded_to_whole_16_byte_rows(model, step_tokens):
+  """A table row of 5 blocks travels as 8 columns (what the Mosaic kernels read by TMA); sequences
+  that fill all 5 blocks decode as the reference does, in prefill calls and in mixed steps."""
+  from kvrm_jax import descriptor
+  from pallas_kernels import paged_attention_mgpu
+  rt = RuntimeConfig(block_size=8, num_blocks=24, max_slots=2, max_blocks_per_seq=5, max_groups=2,
+                     prefill_buckets=(8, 32), step_tokens=step_tokens, tile=8)
+  assert rt.table_width == 8 and rt.max_seq_len == 40 and paged_attention_mgpu.table_plan_ok(rt.table_width)
+  layout = dict(descriptor.decode_layout(rt).ints)
+  assert layout["block_tables"] == (2, 8)
+  ps = prompts(9, (21, 33))
+  news = [40 - len(p) for p in ps]  # to the last token the 5 blocks hold
+  ref = [reference.greedy_generate(model, p, n, CFG.eos_ids) for p, n in zip(ps, news)]
+  eng = Engine(CFG, model, rt)
+  assert [o.output_ids for o in eng.generate(ps, [SamplingParams(max_new_tokens=n) for n in news])] == ref
+  assert eng.sched.slots.bt.shape == (2, 8)
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
+
+
 def test_abort_frees_everything(model):
   eng = Engine(CFG, model, RT)
   rids = [eng.add_request(p, SamplingParams(max_new_tokens=50, ignore_eos=True)) for p in prompts(9, (30, 5, 12, 7, 9, 40))]

@@ -241,7 +241,6 @@ def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention
   if prompt_tokens > context:
     raise ValueError(f"--prompt-tokens {prompt_tokens} > --context {context}")
   mb = -(-(context + 2) // bs)
-  mb += -mb % 4  # a table width the Mosaic kernels read themselves (as --max-len 4096 gives)
   kw = (dict(step_tokens=slots + -(-prompt_tokens // tile) * tile, tile=tile) if mode == "mixed"
         else dict(prefill_buckets=(prompt_tokens,), max_prefill_seqs=1))
   rt = RuntimeConfig(block_size=bs, num_blocks=slots * (mb + 2) + 1, max_slots=slots, max_blocks_per_seq=mb,

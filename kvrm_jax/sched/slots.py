@@ -22,7 +22,7 @@ class Slots:
   """Per-slot arrays ([S] unless noted) and the slot <-> request mapping."""
 
   def __init__(self, rt: RuntimeConfig):
-    s, mb, ks = rt.max_slots, rt.max_blocks_per_seq, max(rt.max_summaries, 1)
+    s, mb, ks = rt.max_slots, rt.table_width, max(rt.max_summaries, 1)
     self.rt = rt
     self.reqs: list[Request | None] = [None] * s
     self.order: list[Request] = []  # requests in slots, oldest admission first

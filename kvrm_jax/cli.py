@@ -138,9 +138,23 @@ def load_model(args):
   return cfg, model, tok, mesh, dtype, path
 
 
+def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+  """A comma list of positive integers (`--prefill-buckets 16,64`); None for None; UserError otherwise."""
+  if text is None:
+    return None
+  try:
+    vals = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise UserError(f"{flag} must be a comma list of integers, got {text!r}") from None
+  if not vals or any(v <= 0 for v in vals):
+    raise UserError(f"{flag} must list positive integers, got {text!r}")
+  return vals
+
+
 def add_step_args(p) -> None:
-  """--step-tokens / --tile / --prompt-attention / --pipeline: the mixed step (RuntimeConfig.step_tokens,
-  .tile), how prompt chunks attend (.prompt_attention) and the pipelined loop (.pipeline)."""
+  """--step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets: the mixed step
+  (RuntimeConfig.step_tokens, .tile), how prompt chunks attend (.prompt_attention), the pipelined
+  loop (.pipeline) and the decode step's row counts (.decode_buckets)."""
   p.add_argument("--step-tokens", type=int, default=0,
                  help="one device call per engine step: decode tokens + prompt tiles, at most this many tokens "
                  "(>= max slots + tile); 0 (default): separate padded prefill and decode calls")
@@ -148,15 +162,19 @@ def add_step_args(p) -> None:
   p.add_argument("--pipeline", action="store_true",
                  help="dispatch each decode step before reading the previous step's tokens (the host's work "
                  "overlaps the device; same outputs)")
+  p.add_argument("--decode-buckets", default=None,
+                 help="comma list of decode-step row counts below the batch: a step with no prompt work runs the "
+                 "smallest that holds its requests (moved to the lowest slots; same outputs), one compile each; "
+                 "default: every decode step runs the whole batch")
   p.add_argument("--prompt-attention", default="auto",
                  help="how prompt chunks attend: gather (XLA gather + einsum) | kernel (the paged tile kernel: "
                  "Mosaic GPU on Hopper) | auto (gather)")
 
 
 def step_kwargs(args) -> dict:
-  """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline."""
+  """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets."""
   return {"step_tokens": args.step_tokens, "tile": args.tile, "prompt_attention": args.prompt_attention,
-          "pipeline": args.pipeline}
+          "pipeline": args.pipeline, "decode_buckets": parse_int_list(args.decode_buckets, "--decode-buckets") or ()}
 
 
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):

@@ -157,6 +157,12 @@ class RuntimeConfig:
     possible, none teacher-forced, no host tier or summaries, no preemption); other steps run as
     without it. A request that ends (EOS, stop string) costs one more token of device work, dropped.
     Outputs are the same as without it.
+  decode_buckets: row counts below max_slots for steps with no prompt work, ascending; () (the
+    default): every decode step runs max_slots rows. With buckets, such a step runs the smallest
+    row count that holds every occupied slot (`decode_rows`); before a step with nothing in flight
+    the scheduler moves requests into the lowest free slots (host state only: their KV stays where
+    it is) whenever that lets a smaller count hold them. One compile per count used. The static
+    baseline keeps max_slots rows.
   xla_options: extra XLA compile options of the decode and prefill steps, ((name, value), ...),
     e.g. (("xla_gpu_enable_triton_gemm", False),); on top of step.DEFAULT_XLA_OPTIONS (GPU).
     `parse_xla_options("name=value,...")` reads them from a command line.
@@ -187,6 +193,7 @@ class RuntimeConfig:
   tile: int = 64
   prompt_attention: str = "auto"  # "auto" | "gather" | "kernel"
   pipeline: bool = False
+  decode_buckets: tuple[int, ...] = ()
   xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
 
   def __post_init__(self):
@@ -232,6 +239,10 @@ class RuntimeConfig:
       raise ValueError("max_host_reads and max_host_blocks_per_seq are set together (both 0 or both > 0)")
     if self.tile <= 0:
       raise ValueError(f"tile must be positive, got {self.tile}")
+    b = self.decode_buckets
+    if list(b) != sorted(set(b)) or any(not isinstance(n, int) or not 0 < n < self.max_slots for n in b):
+      raise ValueError(f"decode_buckets must be strictly ascending row counts in [1, max_slots={self.max_slots}), "
+                       f"got {b}")
     if self.step_tokens < 0 or (self.step_tokens and self.step_tokens < self.max_slots + self.tile):
       raise ValueError(f"step_tokens must be 0 (separate prefill calls) or >= max_slots + tile = "
                        f"{self.max_slots + self.tile}, got {self.step_tokens}")
@@ -254,6 +265,15 @@ class RuntimeConfig:
       out.append(n)
       n *= 2
     return tuple(out) + (self.max_tiles,)
+
+  @property
+  def decode_rows(self) -> tuple[int, ...]:
+    """Row counts of the decode step's executables: decode_buckets, then max_slots."""
+    return tuple(self.decode_buckets) + (self.max_slots,)
+
+  def rows_for(self, n: int) -> int:
+    """The smallest decode row count that holds slots 0..n-1."""
+    return next(r for r in self.decode_rows if r >= n)
 
   @property
   def host_extents(self) -> int:

@@ -66,7 +66,10 @@ class Layout:
 
 
 @functools.cache  # layouts are immutable: built once per configuration, not per step
-def decode_layout(rt: RuntimeConfig) -> Layout:
+def decode_layout(rt: RuntimeConfig, rows: int | None = None) -> Layout:
+  """The decode step's descriptor over `rows` slots (default rt.max_slots; RuntimeConfig.decode_rows)."""
+  if rows is not None and rows != rt.max_slots:
+    return decode_layout(rows_runtime(rt, rows))
   s, mb, g, m = rt.max_slots, rt.table_width, rt.max_groups, rt.max_moves
   return Layout(
       ints=(
@@ -89,6 +92,11 @@ def decode_layout(rt: RuntimeConfig) -> Layout:
           ("fold_w", (max(rt.max_folds, 1), 2)),  # [F, 2] (w_old, w_new); w_new = 0 = no-op
           ("summary_counts", (s, max(rt.max_summaries, 1))),  # [S, Ks] tokens per summary; 0 = unused
       ))
+
+
+def rows_runtime(rt: RuntimeConfig, rows: int) -> RuntimeConfig:
+  """The runtime a decode step of `rows` rows is built from: rt over slots 0..rows-1."""
+  return dataclasses.replace(rt, max_slots=rows, decode_buckets=tuple(b for b in rt.decode_buckets if b < rows))
 
 
 def _host_read_fields(rt: RuntimeConfig) -> Fields:
@@ -222,7 +230,8 @@ def build_mixed(rt: RuntimeConfig, rows, slots, decode_slots, moves=(), folds=()
 
 
 def build_decode(layout: Layout, rt: RuntimeConfig, slots, decode_slots, moves=(), folds=(), host_reads=()):
-  """(ints, floats) of the decode step, vectorized over `decode_slots` ([n] int32).
+  """(ints, floats) of the decode step, vectorized over `decode_slots` ([n] int32). `layout` is
+  decode_layout(rt) or one of its row counts (decode_layout(rt, rows)): slots 0..rows-1.
 
   host_reads: per decoding slot with blocks on the host tier, (slot, its placed extents, its host
   blocks), the order in which the step stages them."""
@@ -242,12 +251,14 @@ def _fill_decode(d, rt: RuntimeConfig, slots, decode_slots, moves, folds, host_r
     d["lengths"][decode_slots] = rel + 1
     d["write_slots"][decode_slots] = slots.bt[decode_slots, rel // bs] * bs + pos % bs
   active = d["lengths"] > 0
+  r = len(active)  # the step's rows: slots 0..r-1 (RuntimeConfig.decode_rows; decode_slots < r)
   # Rows of free slots are zero; rows of prefilling slots are valid tables read with length 0.
-  d["block_tables"][:] = slots.bt
-  d["groups"][:] = slots.groups
-  d["num_groups"][:] = np.where(active, slots.ngroups, 0)
-  d["temperature"][:], d["top_p"][:], d["top_k"][:], d["seeds"][:] = slots.temp, slots.topp, slots.topk, slots.seed
-  d["summary_slots"][:], d["summary_counts"][:] = slots.summary_slots(), slots.sum_counts
+  d["block_tables"][:] = slots.bt[:r]
+  d["groups"][:] = slots.groups[:r]
+  d["num_groups"][:] = np.where(active, slots.ngroups[:r], 0)
+  d["temperature"][:], d["top_p"][:] = slots.temp[:r], slots.topp[:r]
+  d["top_k"][:], d["seeds"][:] = slots.topk[:r], slots.seed[:r]
+  d["summary_slots"][:], d["summary_counts"][:] = slots.summary_slots()[:r], slots.sum_counts[:r]
   if rt.max_host_reads:
     _put_host_reads(d, rt.host_extent, host_reads)
   put_block_ops(d, moves, folds)

@@ -41,7 +41,7 @@ def _host(x) -> np.ndarray:
 
 def _step_name(key: tuple) -> str:
   if key[0] == "decode":
-    return "decode step"
+    return "decode step" if len(key) == 1 else f"decode step ({key[1]} rows)"
   return f"prefill step ({key[1]} tokens)" if key[0] == "prefill" else f"mixed step ({key[1]} tiles)"
 
 
@@ -74,10 +74,11 @@ class Engine:
     self.cfg = cfg
     self.k_pool, self.v_pool = init_pools(cfg, rt, sharding=pool_sharding)
     self.with_mass = bool(rt.max_host_reads) and tier_policy == "attention"
-    self.decode_step, self._prefill_step, self._mixed_step, self.compiles = step_lib.build_steps(
+    self.decode_step, self._prefill_step, self._mixed_step, self.compiles, self._decode_step_for = step_lib.build_steps(
         self.graphdef, cfg, rt, with_logits=with_logits, mesh=mesh, state_specs=specs, with_mass=self.with_mass)
     self.dlayout = desc_lib.decode_layout(rt)
-    self._executables: dict = {}  # ("decode",) / ("prefill", chunk) / ("mixed", tiles) -> AOT executable
+    # ("decode",) / ("decode", rows) / ("prefill", chunk) / ("mixed", tiles) -> AOT executable
+    self._executables: dict = {}
     # Called as on_compile(name, seconds) after each executable is compiled (start-up progress).
     self.on_compile: Callable[[str, float], None] | None = None
     if rt.host_blocks:
@@ -91,8 +92,8 @@ class Engine:
     # step dispatched but not read yet; the next decode step takes its tokens as an argument (the
     # inputs of the slots marked FEED_TOKEN), with no other device call. _no_feed: none in flight.
     self._inflight = None
-    if rt.pipeline:
-      self._no_feed = jax.device_put(np.zeros(rt.max_slots, np.int32), self._desc_sharding)
+    if rt.pipeline:  # per decode row count
+      self._no_feed = {r: jax.device_put(np.zeros(r, np.int32), self._desc_sharding) for r in rt.decode_rows}
     self.stats.build_s = time.perf_counter() - t_build
 
   @property
@@ -143,7 +144,7 @@ class Engine:
     if not self.rt.pipeline or self.with_logits:
       return self._step_sync()
     events: dict[int, list[int]] = {}
-    if self.sched.pipelinable():
+    if self.sched.pipelinable() and not self._fewer_rows_due():
       self._step_ahead(events)
     else:
       self.flush(events)  # this step's plan needs the tokens in flight
@@ -152,24 +153,34 @@ class Engine:
           events.setdefault(rid, []).extend(toks)
     return events
 
+  def _fewer_rows_due(self) -> bool:
+    """With decode buckets: the step in flight has more rows than its requests need once moved to
+    the lowest slots (that move waits for a step with nothing in flight)."""
+    inflight, rt = self._inflight, self.rt
+    return (bool(rt.decode_buckets) and inflight is not None
+            and rt.rows_for(len(self.sched.slots.order)) < inflight[1].shape[0])
+
   def _step_ahead(self, events: dict) -> None:
     """Plan, pack and dispatch a decode step now, its input tokens (where the step in flight gives
     them) taken on the device; then read and account the step in flight."""
     t0 = time.perf_counter()
     self.stats._t_first_step = self.stats._t_first_step or t0
-    plan = self.schedule()
-    self.sched.record_memory(plan)
-    ints, floats = self.build_decode_descriptor(plan)
-    ints, floats = self.put_descriptor(ints, floats)
     prev = self._inflight
+    plan = self.schedule()
+    # The rows of the step in flight (its tokens feed this one), else what the slots need.
+    rows = prev[1].shape[0] if prev is not None else self.sched.decode_rows()
+    self.sched.record_memory(plan)
+    ints, floats = self.build_decode_descriptor(plan, rows=rows)
+    ints, floats = self.put_descriptor(ints, floats)
     self.stats.host_us.append((time.perf_counter() - t0) * 1e6)
-    out = self.compiled_decode()(self.state, self.k_pool, self.v_pool, ints, floats,
-                                 *self.decode_args(None if prev is None else prev[1]))
+    out = self.compiled_decode(rows)(self.state, self.k_pool, self.v_pool, ints, floats,
+                                     *self.decode_args(None if prev is None else prev[1], rows))
     tokens, self.k_pool, self.v_pool = out[:3]
     if tokens.is_fully_addressable:  # the tokens' copy to the host queued now, behind this step only
       tokens.copy_to_host_async()
     self.stats.decode_steps += 1
     self.stats.pipelined_steps += 1
+    self.stats.decode_rows.append(rows)
     self.stats.moves += len(plan.moves)
     self._inflight = (plan, tokens, self.sched.advance(plan), time.perf_counter())
     if prev is not None:
@@ -198,6 +209,7 @@ class Engine:
   def _step_sync(self) -> dict[int, list[int]]:
     t0 = time.perf_counter()
     self.stats._t_first_step = self.stats._t_first_step or t0
+    self.stats.slot_moves += self.sched.compact_slots()  # nothing in flight: requests may move
     plan = self.schedule()
     events: dict[int, list[int]] = {}
     self.last_logits = {} if self.with_logits else None
@@ -224,14 +236,17 @@ class Engine:
       t1 = time.perf_counter()
       self.sched.record_memory(plan)
       first = not plan.prefill_rows
-      ints, floats = self.build_decode_descriptor(plan, plan.moves if first else [], plan.folds if first else [])
+      rows = self.rt.rows_for(1 + int(np.max(plan.decode_slots)))  # the step's rows hold its decode slots
+      ints, floats = self.build_decode_descriptor(plan, plan.moves if first else [], plan.folds if first else [],
+                                                  rows=rows)
       host += time.perf_counter() - t1
       self.stats.host_us.append(host * 1e6)
       td = time.perf_counter()
-      tokens, logits = self._run(self.compiled_decode(), ints, floats, self.decode_args())
+      tokens, logits = self._run(self.compiled_decode(rows), ints, floats, self.decode_args(rows=rows))
       now = time.perf_counter()
       self.stats.step_s.append(now - td)
       self.stats.decode_steps += 1
+      self.stats.decode_rows.append(rows)
       self.stats.moves += len(plan.moves)
       self.stats.folds += len(plan.folds)
       if logits is not None:
@@ -273,21 +288,24 @@ class Engine:
     """The host half's plan of the next step (admission, growth, preemption, folds, compaction)."""
     return self.sched.schedule()
 
-  def build_decode_descriptor(self, plan: StepPlan, moves=None, folds=None):
-    """Pack the decode step's descriptor (ints, floats) for `plan`."""
+  def build_decode_descriptor(self, plan: StepPlan, moves=None, folds=None, rows: int | None = None):
+    """Pack the decode step's descriptor (ints, floats) for `plan`, over slots 0..rows-1 (default:
+    all; a RuntimeConfig.decode_rows count holding every slot of the plan)."""
     sl, tier = self.sched.slots, self.sched.tier
     host_reads = [(r.slot, *tier.placed(r.id)) for r in plan.decode if sl.host[r.slot]] if tier else ()
-    return desc_lib.build_decode(self.dlayout, self.rt, sl, plan.decode_slots, plan.moves if moves is None else moves,
-                                 plan.folds if folds is None else folds, host_reads)
+    return desc_lib.build_decode(desc_lib.decode_layout(self.rt, rows), self.rt, sl, plan.decode_slots,
+                                 plan.moves if moves is None else moves, plan.folds if folds is None else folds,
+                                 host_reads)
 
   def decode_host_args(self) -> tuple:
     """The host pools when the decode and mixed steps read the host tier (extra arguments)."""
     return (self.k_host, self.v_host) if self.rt.max_host_reads else ()
 
-  def decode_args(self, prev=None) -> tuple:
-    """Extra arguments of the decode step: decode_host_args(), then with RuntimeConfig.pipeline
-    the tokens [S] of the decode step in flight, `prev` (none in flight: zeros, unread)."""
-    feed = ((self._no_feed if prev is None else prev),) if self.rt.pipeline else ()
+  def decode_args(self, prev=None, rows: int | None = None) -> tuple:
+    """Extra arguments of the decode step (of `rows` rows, default all): decode_host_args(), then
+    with RuntimeConfig.pipeline the tokens [rows] of the decode step in flight, `prev` (none in
+    flight: zeros, unread)."""
+    feed = ((self._no_feed[rows or self.rt.max_slots] if prev is None else prev),) if self.rt.pipeline else ()
     return self.decode_host_args() + feed
 
   def put_descriptor(self, ints: np.ndarray, floats: np.ndarray):
@@ -319,17 +337,22 @@ class Engine:
     """Compile every executable the steps can use before the first request: the decode step and
     each prefill bucket, or each tile bucket with mixed steps. Returns the seconds it took."""
     t0 = time.perf_counter()
-    self.compiled_decode()
+    for rows in self.rt.decode_rows:
+      self.compiled_decode(rows)
     for n in self.rt.tile_buckets:
       self._mixed_exe(n)
     for c in () if self.rt.step_tokens else self.rt.prefill_buckets:
       self._prefill_exe(c)
     return time.perf_counter() - t0
 
-  def compiled_decode(self):
-    """The decode step's executable as `step()` runs it: `(state, k_pool, v_pool, ints, floats,
-    *decode_args()) -> (tokens, k_pool, v_pool, ...)`, descriptor from `put_descriptor`."""
-    return self._executable(("decode",), self.decode_step, self.dlayout, self.decode_args())
+  def compiled_decode(self, rows: int | None = None):
+    """The decode step's executable (over `rows` slots, default all) as `step()` runs it:
+    `(state, k_pool, v_pool, ints, floats, *decode_args(rows=rows)) -> (tokens, k_pool, v_pool, ...)`,
+    descriptor from `put_descriptor`."""
+    if rows is None or rows == self.rt.max_slots:
+      return self._executable(("decode",), self.decode_step, self.dlayout, self.decode_args())
+    return self._executable(("decode", rows), self._decode_step_for(rows), desc_lib.decode_layout(self.rt, rows),
+                            self.decode_args(rows=rows))
 
   def _run(self, exe, ints, floats, host=()):
     out = exe(self.state, self.k_pool, self.v_pool, *self.put_descriptor(ints, floats), *host)  # one transfer

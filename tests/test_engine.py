@@ -340,10 +340,11 @@ def test_steps_compile_once_whatever_the_tracing_context_later(model):
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
-def _feature_engine(feature, model, step_tokens=0):
+def _feature_engine(feature, model, step_tokens=0, decode_buckets=()):
   """(engine, batches of (prompts, sampling)) that exercise one runtime feature on the default
   backend (reference attention on CPU, the Pallas kernels on a GPU); batches run one after another.
-  step_tokens > 0: mixed steps of that many tokens, in tiles of 8, through the paged tile kernel."""
+  step_tokens > 0: mixed steps of that many tokens, in tiles of 8, through the paged tile kernel.
+  decode_buckets: RuntimeConfig.decode_buckets."""
   import jax
 
   from kvrm_jax.step import sharding
@@ -352,8 +353,9 @@ def _feature_engine(feature, model, step_tokens=0):
   ps = prompts(0, (5, 17, 40, 3, 70, 16, 9))
   sps = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (20, 7, 13, 20, 5, 11, 16)]
   kw = {}
-  mixed = lambda rt: (dataclasses.replace(rt, step_tokens=step_tokens, tile=8, prompt_attention="kernel")  # noqa: E731
-                      if step_tokens else rt)
+  mixed = lambda rt: dataclasses.replace(  # noqa: E731
+      rt, decode_buckets=decode_buckets, **(dict(step_tokens=step_tokens, tile=8, prompt_attention="kernel")
+                                            if step_tokens else {}))
   if feature == "tier":  # 14 usable device blocks: cold blocks are placed on the host
     rt = RuntimeConfig(num_blocks=15, host_blocks=64, host_extent=2, max_swap_extents=8, max_host_reads=8,
                        max_host_blocks_per_seq=8, debug_poison_freed=True, **base)
@@ -411,6 +413,16 @@ def test_one_compile_per_step_and_mixed_steps_under_each_feature(model, feature)
   assert 1 <= mixed.compiles.mixed == len([k for k in mixed._executables if k[0] == "mixed"]) <= 3
   assert mixed.sched.allocator.num_free_blocks == mixed.sched.allocator.num_total_blocks
 
+  # Decode steps over fewer rows (RuntimeConfig.decode_buckets): requests move to the lowest slots
+  # between steps; same tokens, one decode executable per row count used.
+  fewer, _ = _feature_engine(feature, model, decode_buckets=(1, 2))
+  for (ps, sps), w in zip(batches, want):
+    assert [o.output_ids for o in fewer.generate(ps, sps)] == w
+  rows = set(fewer.stats.decode_rows)
+  assert _exercised(feature, fewer) and min(rows) < fewer.rt.max_slots and fewer.stats.slot_moves > 0
+  assert fewer.compiles.decode == len(rows) == len([k for k in fewer._executables if k[0] == "decode"])
+  assert fewer.sched.allocator.num_free_blocks == fewer.sched.allocator.num_total_blocks
+
 
 def test_mixed_step_splits_a_long_prompt_without_stalling_decode(model):
   """Token budget: running sequences decode every step while a 100-token prompt is computed in
@@ -447,6 +459,11 @@ def test_mixed_step_sizes_are_checked():
   assert RuntimeConfig(max_slots=4, tile=8).tile_buckets == ()
   with pytest.raises(ValueError, match="unknown prompt_attention 'flash' \\(auto \\| gather \\| kernel\\)"):
     RuntimeConfig(prompt_attention="flash")
+  for bad in ((4,), (2, 2), (3, 1), (0,)):
+    with pytest.raises(ValueError, match="decode_buckets must be strictly ascending row counts in \\[1, max_slots=4\\)"):
+      RuntimeConfig(max_slots=4, decode_buckets=bad)
+  rt = RuntimeConfig(max_slots=8, decode_buckets=(2, 4))
+  assert rt.decode_rows == (2, 4, 8) and [rt.rows_for(n) for n in (1, 2, 3, 5, 8)] == [2, 2, 4, 8, 8]
 
 
 def test_summary_reports_startup_split(model):
@@ -477,7 +494,8 @@ def _pipeline_case():
 
 @pytest.mark.parametrize("tp", [None, 2])
 def test_pipelined_loop_equals_the_synchronous_one(model, tp):
-  """Same tokens and finish reasons, one decode executable; with tp=2 the fed descriptor keeps the
+  """Same tokens and finish reasons, one decode executable (one per row count with decode buckets,
+  whose slot moves wait for a step with nothing in flight); with tp=2 the fed descriptor keeps the
   replicated placement the sharded step takes."""
   import jax
 
@@ -490,19 +508,20 @@ def test_pipelined_loop_equals_the_synchronous_one(model, tp):
   eos = first[0].output_ids[4]  # request 0 ends at its 5th token (and others where they sample it)
   cfg = dataclasses.replace(CFG, eos_ids=(eos,))
   runs = {}
-  for pipeline in (False, True):
-    eng = Engine(cfg, model, dataclasses.replace(rt, pipeline=pipeline), mesh=mesh)
+  for pipeline, buckets in ((False, ()), (True, ()), (True, (1, 2))):
+    eng = Engine(cfg, model, dataclasses.replace(rt, pipeline=pipeline, decode_buckets=buckets), mesh=mesh)
     outs = eng.generate(ps, sps)
-    assert eng.compiles.decode == 1
-    runs[pipeline] = [(o.output_ids, o.finish_reason) for o in outs]
+    assert eng.compiles.decode == len(set(eng.stats.decode_rows)) == (3 if buckets else 1)
+    runs[pipeline, buckets] = [(o.output_ids, o.finish_reason) for o in outs]
     assert not eng.has_work()
     assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
     eng.sched.allocator.check_invariants()
     if pipeline:
       st = eng.stats
       assert st.pipelined_steps > 10 and st.prefix_hit_blocks > 0
-  assert runs[True] == runs[False]
-  assert runs[True][0] == (first[0].output_ids[:5], "eos")
+      assert (st.slot_moves > 0) == bool(buckets)
+  assert runs[True, ()] == runs[False, ()] == runs[True, (1, 2)]
+  assert runs[True, ()][0] == (first[0].output_ids[:5], "eos")
 
 
 def test_pipelined_loop_abort_in_flight(model):

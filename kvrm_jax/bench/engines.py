@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from kvrm_jax import compile_cache
-from kvrm_jax.cli import UserError, parse_choices
+from kvrm_jax.cli import UserError, parse_choices, parse_int_list
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
 from kvrm_jax.model import checkpoint as ckpt
@@ -61,6 +61,10 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
   g.add_argument("--tile", type=int, default=64, help="kvrm-mixed: prompt tokens per query tile")
   g.add_argument("--pipeline", action="store_true",
                  help="KV-RM engines: dispatch each decode step before reading the previous one's tokens")
+  g.add_argument("--decode-buckets", default=None,
+                 help="KV-RM engines: comma list of decode-step row counts below the slots (a step with no "
+                 "prompt work runs the smallest that holds its requests, moved to the lowest slots; one compile "
+                 "each); default: every decode step runs all slots")
   g.add_argument("--prompt-attention", default="auto",
                  help="KV-RM engines: how prompt chunks attend: gather | kernel (the paged tile kernel) | auto")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
@@ -96,17 +100,6 @@ def add_budget_args(g, *, max_len: int | None, block_help: str, max_len_help: st
 def parse_engines(text: str) -> list[str]:
   return parse_choices(text, ENGINES, "--engines")
 
-
-def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
-  if text is None:
-    return None
-  try:
-    vals = tuple(int(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    raise UserError(f"{flag} must be a comma list of integers, got {text!r}") from None
-  if not vals or any(v <= 0 for v in vals):
-    raise UserError(f"{flag} must list positive integers, got {text!r}")
-  return vals
 
 
 def command_line(script: str, argv) -> str:
@@ -264,6 +257,9 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
   slots = budget.slots(kind)
   if kind == "kvrm-mixed":
     kw.update(step_tokens=args.step_tokens or slots + MIXED_PROMPT_TOKENS, tile=args.tile)
+  rows = parse_int_list(getattr(args, "decode_buckets", None), "--decode-buckets")
+  if rows and kind != "static":
+    kw["decode_buckets"] = rows
   num_blocks = 1 + slots * budget.max_blocks_per_seq if kind == "static" else budget.budget_blocks + 1
   try:
     return RuntimeConfig(block_size=budget.block_size, num_blocks=num_blocks, max_slots=slots,

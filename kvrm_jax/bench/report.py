@@ -126,6 +126,8 @@ def meta_lines(obj: dict) -> str:
     rt = e["runtime"]
     steps = (f"mixed steps of {rt['step_tokens']} tokens (prompt tiles of {rt['tile']})" if rt.get("step_tokens")
              else f"prefill buckets {rt['prefill_buckets']} x {rt['max_prefill_seqs']} rows")
+    if rt.get("decode_buckets"):
+      steps += f", decode rows {list(rt['decode_buckets']) + [rt['max_slots']]}"
     lines.append(f"- {k}: attention `{e['attention']}`, {steps}, max_groups {rt['max_groups']}, max_moves {rt['max_moves']}, "
                  f"warm-up {e['warmup_s']:.1f} s; compiles decode {e['decode_compiles']}, prompt steps "
                  f"{e['prefill_compiles']} (during the timed runs: decode {e['compiles_during_runs']['decode']}, "

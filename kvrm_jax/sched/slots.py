@@ -18,6 +18,11 @@ from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.sched.request import Request, Status
 
 
+# Every per-slot array of Slots: a request that moves to another slot takes its row of each.
+ROW_ARRAYS = ("temp", "topp", "topk", "seed", "running", "pos", "tok", "cap", "folded", "host", "sum_base",
+              "sum_counts", "bt", "groups", "ngroups", "nruns")
+
+
 class Slots:
   """Per-slot arrays ([S] unless noted) and the slot <-> request mapping."""
 
@@ -82,15 +87,35 @@ class Slots:
     computed = req._computed = int(self.pos[s])
     if req.status is Status.PREFILL:
       self.prefilling.remove(req)
-    self.reqs[s] = None
     self.order.remove(req)
+    self._empty(s)
+    req.slot = None
+    return computed
+
+  def _empty(self, s: int) -> None:
+    self.reqs[s] = None
     heapq.heappush(self._free, s)
     self.running[s] = False
     self.pos[s] = self.folded[s] = self.host[s] = 0
     self.sum_base[s], self.sum_counts[s] = -1, 0
     self.bt[s], self.ngroups[s], self.nruns[s] = 0, 0, 0
-    req.slot = None
-    return computed
+
+  def compact(self, limit: int) -> int:
+    """Move every request in a slot >= limit into the lowest free slot (host state only: block
+    tables hold physical ids, so the KV stays where it is). Needs at most `limit` occupied slots.
+    Returns the requests moved."""
+    moved = 0
+    for req in self.order:
+      if req.slot >= limit:
+        src, dst = req.slot, heapq.heappop(self._free)
+        assert dst < limit, f"{len(self.order)} occupied slots do not fit below {limit}"
+        for name in ROW_ARRAYS:
+          a = getattr(self, name)
+          a[dst] = a[src]
+        self.reqs[dst], req.slot = req, dst
+        self._empty(src)
+        moved += 1
+    return moved
 
   # --------------------------------------------------------------------------- derived views
 

@@ -18,9 +18,10 @@ from kvrm_jax.config import RuntimeConfig
 
 def static_runtime(rt: RuntimeConfig):
   """The baseline's runtime config: a pool of exactly one max_seq_len reservation per slot, and a
-  static executor's separate padded prefill and decode calls (no mixed step)."""
+  static executor's separate padded prefill and decode calls (no mixed step), every decode step
+  over all its slots (each slot owns its reservation: requests never move)."""
   return dataclasses.replace(rt, num_blocks=1 + rt.max_slots * rt.max_blocks_per_seq, max_moves=0,
-                             enable_prefix_cache=False, step_tokens=0)
+                             enable_prefix_cache=False, step_tokens=0, decode_buckets=())
 
 
 class StaticReservation:

@@ -18,6 +18,7 @@ class EngineStats:
   preemptions: int = 0  # recompute and swap
   prefix_hit_blocks: int = 0  # prompt blocks found in the prefix cache
   moves: int = 0  # block copies (copy-on-write + compaction)
+  slot_moves: int = 0  # requests moved to lower slots (RuntimeConfig.decode_buckets)
   folds: int = 0  # blocks folded into summary rows
   peak_reserved_blocks: int = 0  # blocks held by admitted sequences
   peak_live_tokens: int = 0  # tokens actually in the cache
@@ -27,6 +28,7 @@ class EngineStats:
   host_us: list[float] = dataclasses.field(default_factory=list)
   step_s: list[float] = dataclasses.field(default_factory=list)
   reserved_series: list[int] = dataclasses.field(default_factory=list)
+  decode_rows: list[int] = dataclasses.field(default_factory=list)  # rows of each decode-only step
   live_series: list[int] = dataclasses.field(default_factory=list)
   # Host tier: blocks placed on the host, swap preemptions, extents copied out / in, and per decode
   # step (extents swapped out, in, staged by the step per layer; host blocks in use).
@@ -64,6 +66,8 @@ def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, gen
       "prefix_hit_blocks": st.prefix_hit_blocks,
       "mean_groups_per_seq": float(np.mean(st.groups_per_seq)) if st.groups_per_seq else 0.0,
       "block_moves": st.moves,
+      "slot_moves": st.slot_moves,
+      "mean_decode_rows": float(np.mean(st.decode_rows)) if st.decode_rows else 0.0,
       "host_us_per_step": float(np.median(st.host_us)) if st.host_us else 0.0,
       "generated_tokens": generated,
       "startup_s": {"engine_build": st.build_s, "compile": st.compile_s, "first_token": st.first_token_s},

@@ -192,8 +192,8 @@ class CompileCounter:
 
 def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: bool = False,
                 counter: CompileCounter | None = None, mesh=None, state_specs=None, with_mass: bool = False):
-  """Return (decode_step, prefill_step_for(chunk), mixed_step_for(n_tiles), counter); steps are
-  jitted with donated pools. The mixed step takes the decode step's arguments (host pools too).
+  """Return (decode_step, prefill_step_for(chunk), mixed_step_for(n_tiles), counter,
+  decode_step_for(rows)); steps are jitted with donated pools; decode_step is decode_step_for(max_slots). The mixed step takes the decode step's arguments (host pools too).
 
   With a `mesh`, each step is `jax.jit(jax.shard_map(step))` over the `tp` axis: params sharded
   by `state_specs`, pools over KV heads, descriptor replicated.
@@ -243,6 +243,18 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
   jitted.__doc__ = decode_step.__doc__  # shard_map's wrapper (with a mesh) keeps no docstring
 
   @functools.cache
+  def decode_step_for(rows: int):
+    """The decode step over slots 0..rows-1 (a RuntimeConfig.decode_rows count): its descriptor is
+    decode_layout(rt, rows), its outputs [rows, ...]."""
+    if rows == rt.max_slots:
+      return jitted
+    if rows not in rt.decode_rows:
+      raise ValueError(f"{rows} rows is not a decode row count {rt.decode_rows}")
+    df = functools.partial(_decode, graphdef, cfg, desc_lib.rows_runtime(rt, rows), backend, with_logits, tp_axis,
+                           with_mass)
+    return jax.jit(counted(wrap(df, "decode"), "decode"), donate_argnums=(1, 2), compiler_options=opts)
+
+  @functools.cache
   def prefill_step(chunk: int):
     if chunk not in rt.prefill_buckets:
       raise ValueError(f"chunk {chunk} is not a prefill bucket {rt.prefill_buckets}")
@@ -256,7 +268,7 @@ def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: b
     mf = functools.partial(_mixed, graphdef, cfg, rt, backend, n_tiles, with_logits, tp_axis, with_mass)
     return jax.jit(counted(wrap(mf, "mixed"), "mixed"), donate_argnums=(1, 2), compiler_options=opts)
 
-  return jitted, prefill_step, mixed_step, counter
+  return jitted, prefill_step, mixed_step, counter, decode_step_for
 
 
 def build_swap(rt: RuntimeConfig, mesh=None, out_shardings=None):

@@ -10,8 +10,8 @@ from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.sched import scheduler, summaries, tier
 from kvrm_jax.sched.pager import BlockPager
 from kvrm_jax.sched.request import Request, SamplingParams, Status
-from kvrm_jax.sched.slots import Slots
-from kvrm_jax.sched.static import StaticReservation
+from kvrm_jax.sched.slots import ROW_ARRAYS, Slots
+from kvrm_jax.sched.static import StaticReservation, static_runtime
 
 RT = RuntimeConfig(block_size=4, num_blocks=32, max_slots=3, max_blocks_per_seq=8, max_groups=2, max_summaries=2)
 
@@ -52,6 +52,27 @@ def test_tables_groups_and_derived_views():
   sl.pos[0] = 24  # 24 - 12 = 12 tokens in a table of capacity 12: at a block boundary
   sl.cap[0] = 12
   assert sl.growth_need() == 1
+
+
+def test_compact_moves_every_row_of_a_request_to_the_lowest_free_slot():
+  sl = Slots(RT)
+  assert {k for k, v in vars(sl).items() if isinstance(v, np.ndarray)} == set(ROW_ARRAYS)
+  a, b, c = (Request(i, [5] * 9, SamplingParams(temperature=0.1 * (i + 1), seed=i + 1)) for i in range(3))
+  for r in (a, b, c):
+    sl.bind(r, 9, Status.PREFILL)
+  sl.refresh(c, [(7, 0, 2), (3, 2, 1)])
+  sl.sum_base[2], sl.sum_counts[2, 0], sl.folded[2] = 40, 4.0, 8
+  c.output_ids.append(11)
+  sl.mark_running(c)
+  before = {name: getattr(sl, name)[2].copy() for name in ROW_ARRAYS}
+  sl.release(a)
+  assert sl.compact(3) == 0  # slots 1 and 2 are below 3: nothing to move
+  assert sl.compact(2) == 1 and c.slot == 0 and sl.reqs[0] is c and sl.reqs[2] is None and b.slot == 1
+  for name in ROW_ARRAYS:
+    assert np.array_equal(getattr(sl, name)[0], before[name]), name
+  assert c.num_computed == 9 and not sl.running[2] and not sl.bt[2].any() and sl.sum_base[2] == -1
+  assert sl.next_free() == 2 and sl.order == [b, c]
+  assert static_runtime(RuntimeConfig(max_slots=4, decode_buckets=(2,))).decode_buckets == ()  # slots own blocks
 
 
 def allocator_calls() -> set[str]:

@@ -159,7 +159,7 @@ class RuntimeConfig:
     Outputs are the same as without it.
   decode_buckets: row counts below max_slots for steps with no prompt work, ascending; () (the
     default): every decode step runs max_slots rows. With buckets, such a step runs the smallest
-    row count that holds every occupied slot (`decode_rows`); before a step with nothing in flight
+    row count that holds its slots (`decode_rows`, `rows_for`); before a step with nothing in flight
     the scheduler moves requests into the lowest free slots (host state only: their KV stays where
     it is) whenever that lets a smaller count hold them. One compile per count used. The static
     baseline keeps max_slots rows.

@@ -160,6 +160,10 @@ class Engine:
     return (bool(rt.decode_buckets) and inflight is not None
             and rt.rows_for(len(self.sched.slots.order)) < inflight[1].shape[0])
 
+  def _rows(self, plan: StepPlan) -> int:
+    """Rows of a decode step for `plan`: the smallest RuntimeConfig.decode_rows count holding its slots."""
+    return self.rt.rows_for(1 + int(np.max(plan.decode_slots, initial=0)))
+
   def _step_ahead(self, events: dict) -> None:
     """Plan, pack and dispatch a decode step now, its input tokens (where the step in flight gives
     them) taken on the device; then read and account the step in flight."""
@@ -167,8 +171,8 @@ class Engine:
     self.stats._t_first_step = self.stats._t_first_step or t0
     prev = self._inflight
     plan = self.schedule()
-    # The rows of the step in flight (its tokens feed this one), else what the slots need.
-    rows = prev[1].shape[0] if prev is not None else self.sched.decode_rows()
+    # The rows of the step in flight (its tokens feed this one), else what the plan needs.
+    rows = prev[1].shape[0] if prev is not None else self._rows(plan)
     self.sched.record_memory(plan)
     ints, floats = self.build_decode_descriptor(plan, rows=rows)
     ints, floats = self.put_descriptor(ints, floats)
@@ -236,7 +240,7 @@ class Engine:
       t1 = time.perf_counter()
       self.sched.record_memory(plan)
       first = not plan.prefill_rows
-      rows = self.rt.rows_for(1 + int(np.max(plan.decode_slots)))  # the step's rows hold its decode slots
+      rows = self._rows(plan)
       ints, floats = self.build_decode_descriptor(plan, plan.moves if first else [], plan.folds if first else [],
                                                   rows=rows)
       host += time.perf_counter() - t1

@@ -223,21 +223,15 @@ class Scheduler:
 
   # --------------------------------------------------------------------------- the plan
 
-  def decode_rows(self) -> int:
-    """Rows of the next decode step: the smallest RuntimeConfig.decode_rows count that holds every
-    occupied slot."""
-    sl = self.slots
-    return self.rt.rows_for(1 + max((r.slot for r in sl.order), default=0))
-
   def compact_slots(self) -> int:
     """With RuntimeConfig.decode_buckets, move requests into the lowest free slots when a smaller
-    decode row count can then hold them all. Only with no step in flight (a step's plan names
-    slots). Returns the requests moved."""
+    decode row count (RuntimeConfig.rows_for) can then hold them all. Only with no step in flight
+    (a step's plan names slots). Returns the requests moved."""
     sl, rt = self.slots, self.rt
     if not rt.decode_buckets or not sl.order:
       return 0
     target = rt.rows_for(len(sl.order))
-    return sl.compact(target) if self.decode_rows() > target else 0
+    return sl.compact(target) if rt.rows_for(1 + max(r.slot for r in sl.order)) > target else 0
 
   def schedule(self) -> StepPlan:
     """Admit, pick prefill chunks, reserve KV for this step's decode tokens (preempting if dry)."""

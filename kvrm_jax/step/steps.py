@@ -193,7 +193,8 @@ class CompileCounter:
 def build_steps(graphdef, cfg: ModelConfig, rt: RuntimeConfig, *, with_logits: bool = False,
                 counter: CompileCounter | None = None, mesh=None, state_specs=None, with_mass: bool = False):
   """Return (decode_step, prefill_step_for(chunk), mixed_step_for(n_tiles), counter,
-  decode_step_for(rows)); steps are jitted with donated pools; decode_step is decode_step_for(max_slots). The mixed step takes the decode step's arguments (host pools too).
+  decode_step_for(rows)); steps are jitted with donated pools; decode_step is
+  decode_step_for(rt.max_slots). The mixed step takes the decode step's arguments (host pools too).
 
   With a `mesh`, each step is `jax.jit(jax.shard_map(step))` over the `tp` axis: params sharded
   by `state_specs`, pools over KV heads, descriptor replicated.

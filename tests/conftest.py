@@ -23,6 +23,13 @@ TINY = ModelConfig.from_name("tiny")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def needs_devices(n: int) -> str | None:
+  """Why a test that shards over n devices cannot run here (None: it can). CPU runs get 2 forced
+  host devices from XLA_FLAGS above; a GPU run has as many as the machine's GPUs."""
+  have = len(jax.devices())
+  return None if have >= n else f"needs {n} devices; this run has {have} ({jax.default_backend()})"
+
+
 def child_env(**extra) -> dict:
   """The environment of a test's child process: this one's, with the project first on PYTHONPATH
   (kept: what the parent found there, e.g. packages installed with --target) and `extra` on top."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY, random_prompts
+from conftest import TINY, needs_devices, random_prompts
 
 from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.engine import Engine
@@ -500,8 +500,8 @@ def test_pipelined_loop_equals_the_synchronous_one(model, tp):
   import jax
 
   from kvrm_jax.step import sharding
-  if tp and len(jax.devices()) < tp:
-    pytest.skip(f"needs {tp} devices (XLA_FLAGS is set in conftest)")
+  if tp and needs_devices(tp):
+    pytest.skip(needs_devices(tp))
   mesh = sharding.make_mesh(tp) if tp else None
   ps, sps, rt = _pipeline_case()
   first = Engine(CFG, model, rt).generate(ps, sps)

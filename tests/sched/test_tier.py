@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, random_prompts
+from conftest import TINY, needs_devices, random_prompts
 
 from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.engine import Engine
@@ -240,7 +240,7 @@ def test_pallas_interpret_path_with_placement(model, step_tokens):
   assert_whole(eng)
 
 
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS is set in conftest)")
+@pytest.mark.skipif(bool(needs_devices(2)), reason=str(needs_devices(2)))
 def test_two_device_mesh_with_tier(model, mixed):
   """tp=2: host pools sharded over KV heads like the device pool; placement and swaps still exact."""
   ps, sps, ref = mixed

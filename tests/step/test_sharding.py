@@ -9,7 +9,7 @@ import jax
 import pytest
 from flax import nnx
 
-from conftest import ROOT, TINY, child_env, random_prompts
+from conftest import ROOT, TINY, child_env, needs_devices, random_prompts
 
 from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.engine import Engine
@@ -17,7 +17,7 @@ from kvrm_jax.model.llama import Llama
 from kvrm_jax.sched.request import SamplingParams
 from kvrm_jax.step import sharding
 
-pytestmark = pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (XLA_FLAGS is set in conftest)")
+pytestmark = pytest.mark.skipif(bool(needs_devices(2)), reason=str(needs_devices(2)))
 
 ODD = dataclasses.replace(TINY, name="odd", num_heads=9, num_kv_heads=3, intermediate_size=130)
 RT = RuntimeConfig(block_size=8, num_blocks=64, max_slots=4, max_blocks_per_seq=16, prefill_buckets=(8, 32))

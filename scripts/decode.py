@@ -14,6 +14,8 @@ import math
 import sys
 import time
 
+from tqdm import tqdm
+
 from kvrm_jax import compile_cache
 from kvrm_jax.cli import (UserError, add_runtime_args, check_runtime_args, check_writable, load_weights,
                           resolve_model, run_main, runtime_config)
@@ -119,6 +121,7 @@ def run(args) -> int:
   except ValueError as e:
     raise UserError(str(e)) from None
 
+  engine.on_compile = lambda name, s: tqdm.write(f"compiled the {name} in {s:.1f} s", file=sys.stderr)
   t0 = time.perf_counter()
   first = []
 

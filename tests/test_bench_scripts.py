@@ -79,8 +79,13 @@ def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
   argv = SMALL + ["--families", "uniform,mixed,longtail,shared-prefix,prefill", "--num-requests", "6",
                   "--out-json", str(out), "--report", str(md), "--label", "decode-test"]
   assert bench_decode.main(argv) == 0, capsys.readouterr().err
+  printed = capsys.readouterr().out
   obj = json.loads(out.read_text())
   assert obj["kind"] == "bench_decode" and obj["command"].startswith("python scripts/bench_decode.py")
+  # Warm-up progress: a line per executable as it is compiled, each engine's own.
+  for kind, e in obj["engines"].items():
+    lines = re.findall(rf"^\[{re.escape(kind)}\] compiled the (.+) in \d+\.\d s$", printed, re.M)
+    assert len(lines) == e["decode_compiles"] + e["prefill_compiles"] and "decode step" in lines, printed
   for key in ("date", "device", "backend", "jax"):
     assert key in obj["env"]
   check_engines(obj)

@@ -209,6 +209,7 @@ def test_jsonl_prompts_and_phase_lines_off_a_terminal(smollm2_ckpt, tmp_path):
   assert p.returncode == 0, p.stderr
   assert [r["prompt"] for r in json.loads((tmp_path / "o.json").read_text())["results"]] == ["The capital of France is"]
   assert re.search(rf"^loading checkpoint {re.escape(str(smollm2_ckpt))} \.\.\. \d+\.\d s$", p.stderr, re.M), p.stderr
+  assert re.search(r"^compiled the decode step in \d+\.\d s$", p.stderr, re.M), p.stderr
   assert re.search(r"^first token after \d+\.\d s", p.stderr, re.M), p.stderr
 
 

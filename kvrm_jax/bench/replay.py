@@ -186,7 +186,7 @@ def _run(args, argv) -> int:
   engines = {}
   for kind in kinds:
     runner = bc.Runner(bc.build_engine(kind, cfg, model, budget, args, dtype), kind, budget.block_bytes)
-    runner.warmup(budget.max_len, cfg.vocab_size)
+    runner.warmup(budget.max_len, cfg.vocab_size, log=lambda line, kind=kind: print(f"[{kind}] {line}", flush=True))
     print(f"[{kind}] warm-up (compiles) {runner.warmup_s:.1f} s", flush=True)
     runs = []
     for t in traces:

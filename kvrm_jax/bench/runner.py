@@ -54,9 +54,14 @@ class Runner:
                        st.reserved_series[-1] if grew else None, st.live_series[-1] if grew else None))
     return events
 
-  def warmup(self, max_len: int, vocab: int) -> float:
-    """Compile the decode step and every prefill (or mixed-step) bucket before anything is timed."""
+  def warmup(self, max_len: int, vocab: int, log=None) -> float:
+    """Compile the decode step and every prefill (or mixed-step) bucket before anything is timed.
+
+    log(line): told each executable compiled and its seconds (cold compiles of an 8B-shaped model
+    take about a minute each on a GPU host); it stays set, so a compile during a timed run says so."""
     eng = self.engine
+    if log is not None:
+      eng.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
     t0 = time.perf_counter()
     rng = np.random.default_rng(12345)
     for b in eng.rt.prefill_buckets:

@@ -114,7 +114,8 @@ def run_config(name, cfg, model, rt, prompts, args, token_bytes, weight_bytes, c
   eng = Engine(cfg, model, rt, tier_policy=args.policy)
   runner = bc.Runner(eng, name, token_bytes * rt.block_size)
   t0 = time.perf_counter()
-  runner.warmup(rt.max_seq_len, cfg.vocab_size)  # every prefill bucket compiled before the clock starts
+  # every prefill bucket compiled before the clock starts
+  runner.warmup(rt.max_seq_len, cfg.vocab_size, log=lambda line: print(f"[{name}] {line}", flush=True))
   # A short run of the same workload, so that swaps, placement and whatever executables their first
   # use brings (a GPU recompile of a step for new buffer layouts was seen) happen before the clock.
   wids = []

@@ -42,7 +42,9 @@ def _host(x) -> np.ndarray:
 def _step_name(key: tuple) -> str:
   if key[0] == "decode":
     return "decode step" if len(key) == 1 else f"decode step ({key[1]} rows)"
-  return f"prefill step ({key[1]} tokens)" if key[0] == "prefill" else f"mixed step ({key[1]} tiles)"
+  if key[0] == "prefill":
+    return f"prefill step ({key[1]} tokens)"
+  return f"mixed step ({key[1]} tile{'s' if key[1] != 1 else ''})"
 
 
 class Engine:

@@ -271,6 +271,7 @@ def _main(argv) -> int:
   if bool(args.url) == bool(args.launch):
     raise bc.UserError("give --url of a running server or --launch ARGS (or --from-json FILE to regenerate a report)")
   ref = bc.read_json(args.in_process_json, "bench_decode") if args.in_process_json else None
+  bc.check_outputs(args.out_json, args.report)
   if args.launch:
     with launched(args.launch, ref, args.launch_timeout) as url:
       return bench(args, argv, url, ref)

@@ -28,6 +28,7 @@ def load(name):
 bench_decode = load("bench_decode")
 replay_trace = load("replay_trace")
 bench_hf_peer = load("bench_hf_peer")
+bench_tier = load("bench_tier")
 
 # max_len 128 in blocks of 8: 16 blocks per static slot; a 40-block budget gives the static
 # baseline 2 slots and KV-RM 8 slots on the same blocks.
@@ -402,3 +403,55 @@ def test_bench_kernels_variants_and_report(tmp_path):
   # 100.7 MB in 40 us = 2.52 TB/s = 84% of 3.0; the fragmented row: 51 us = 66%
   assert "min 66% (9/3 B=64 L=2048 fragmented) -> MISSED" in text
   assert "d ; d2" in text
+
+
+def test_bench_tier_end_to_end_and_report_from_json(tmp_path, capsys):
+  """A workload of twice the device KV pool: without the tier requests are preempted and recomputed;
+  with swaps their KV goes to host memory and comes back; with placement running requests keep
+  cold blocks there and nobody is preempted. Every configuration finishes every request."""
+  out, md = tmp_path / "tier.json", tmp_path / "docs" / "tiering.md"
+  argv = ["--model", "tiny", "--hbm-gb", "0.0001", "--host-gb", "0.002", "--requests", "6", "--prompt", "96",
+          "--output", "16", "--configs", "off", "swap", "place-R2", "--quiet", "--out-json", str(out),
+          "--report", str(md)]
+  assert bench_tier.main(argv) == 0, capsys.readouterr().err
+  printed = capsys.readouterr().out
+  obj = json.loads(out.read_text())
+  assert obj["meta"]["workload_kv_gb"] > obj["meta"]["hbm_kv_gb"]
+  runs = {r["config"]: r for r in obj["runs"]}
+  assert list(runs) == ["off", "swap", "place-R2"]
+  for name, r in runs.items():
+    assert r["completed"] == r["requests"] == 6 and r["generated_tokens"] == 6 * 16, name
+    assert re.search(rf"^\[{name}\] compiled the decode step in \d+\.\d s$", printed, re.M), printed
+  assert runs["off"]["preemptions"] > 0 and not runs["off"]["tier"]
+  sw = runs["swap"]["tier"]
+  assert sw["swap_preemptions"] > 0 and sw["swap_in_extents"] == sw["swap_out_extents"] > 0
+  pl = runs["place-R2"]
+  assert pl["tier"]["placed_blocks"] > 0 and pl["preemptions"] == 0
+  text = md.read_text()
+  for name in runs:
+    assert f"\n| {name} | " in text
+  assert (md.parent / "tiering.png").stat().st_size > 0
+  again = tmp_path / "again" / "tiering.md"
+  again.parent.mkdir()
+  assert bench_tier.main(["--from-json", str(out), "--report", str(again)]) == 0
+  assert again.read_text() == text
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_run(tmp_path, capsys):
+  """--out-json or --report under a file (not a folder) is one error line and exit code 2 before
+  the model is built, not a traceback after the run; a missing folder is created."""
+  f = tmp_path / "a-file"
+  f.write_text("x")
+  cases = [(bench_decode.main, SMALL + ["--out-json", str(f / "o.json")], f / "o.json"),
+           (bench_decode.main, SMALL + ["--report", str(f / "r.md")], f / "r.md"),
+           (replay_trace.main, ["--model", "tiny", "--trace", "x.csv", "--out-json", str(f / "o.json")], f / "o.json"),
+           (bench_tier.main, ["--model", "tiny", "--report", str(f / "t.md")], f / "t.md")]
+  for main, argv, path in cases:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [f"error: cannot write {path}: a part of {f} is a file, not a folder"], err
+    assert "compiled" not in out and "[bench_decode]" not in out
+  out = tmp_path / "new" / "folder" / "o.json"
+  assert bench_decode.main(SMALL + ["--families", "uniform", "--num-requests", "2", "--engines", "kvrm",
+                                    "--out-json", str(out)]) == 0
+  assert json.loads(out.read_text())["kind"] == "bench_decode"

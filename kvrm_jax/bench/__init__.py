@@ -29,7 +29,7 @@ from kvrm_jax.bench.runner import (  # noqa: F401
 from kvrm_jax.bench.metrics import (  # noqa: F401
     SPIKE_FACTOR, pct, ratio_of, cdf, compact)
 from kvrm_jax.bench.results import (  # noqa: F401
-    environment, device_tag, default_label, default_note, write_json, read_json)
+    environment, device_tag, default_label, default_note, write_json, read_json, check_outputs)
 from kvrm_jax.bench.report import (  # noqa: F401
     ROOT, TARGETS, GPU_COMMON, GPU_COMMANDS, HEADER, update_report, png_path, meta_lines, fmt, nbytes,
     engine_row, TABLE_HEAD, table, COLORS, plt, plot_itl_cdf, plot_kv, savefig, regenerate, report_main,

@@ -11,7 +11,7 @@ import re
 import flax
 import jax
 
-from kvrm_jax.cli import UserError
+from kvrm_jax.cli import UserError, check_writable
 
 
 def environment() -> dict:
@@ -35,6 +35,22 @@ def default_label(script: str, env: dict, model: str) -> str:
 
 def default_note(env: dict) -> str:
   return "smoke scale" if env["backend"] == "cpu" else ""
+
+
+def check_outputs(*paths) -> None:
+  """Before a run: each output file (None: not asked for) can be written, its folder created;
+  a UserError now rather than a traceback after minutes of measuring."""
+  for path in paths:
+    if not path:
+      continue
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+      os.makedirs(folder, exist_ok=True)
+    except FileExistsError:
+      raise UserError(f"cannot write {path}: a part of {folder} is a file, not a folder") from None
+    except OSError as e:
+      raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    check_writable(path)
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -363,6 +363,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     bc.compile_cache.from_args(args)
+    bc.check_outputs(args.out_json)
   except bc.UserError as e:
     p.error(str(e))
 

@@ -189,6 +189,7 @@ def _main(argv) -> int:
       render(obj, args.report)
     print_table(obj)
     return 0
+  bc.check_outputs(args.out_json, args.report)
   bc.compile_cache.from_args(args)
   dtype = args.dtype or bc.default_dtype()
   cfg, model, source = bc.load_model(args.model, dtype)
@@ -229,8 +230,7 @@ def _main(argv) -> int:
                   "copy_bandwidth": copy_bw, "link": link, "weight_bytes": weight_bytes},
          "runs": runs}
   if args.out_json:
-    with open(args.out_json, "w") as f:
-      json.dump(obj, f, indent=1)
+    bc.write_json(args.out_json, obj)
   if args.report:
     render(obj, args.report)
   print_table(obj)
@@ -276,6 +276,7 @@ def print_table(obj):
 def render(obj, md_path):
   m = obj["meta"]
   link = m.get("link") or {}
+  os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
   png = os.path.splitext(md_path)[0] + ".png"
   plotted = plot(obj, png)
   fmt = lambda x: "n/a" if not x else f"{x / 1e9:.1f} GB/s"  # noqa: E731

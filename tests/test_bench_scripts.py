@@ -29,6 +29,8 @@ bench_decode = load("bench_decode")
 replay_trace = load("replay_trace")
 bench_hf_peer = load("bench_hf_peer")
 bench_tier = load("bench_tier")
+bench_host = load("bench_host")
+eval_summaries = load("eval_summaries")
 
 # max_len 128 in blocks of 8: 16 blocks per static slot; a 40-block budget gives the static
 # baseline 2 slots and KV-RM 8 slots on the same blocks.
@@ -455,3 +457,41 @@ def test_an_output_that_cannot_be_written_fails_before_the_run(tmp_path, capsys)
   assert bench_decode.main(SMALL + ["--families", "uniform", "--num-requests", "2", "--engines", "kvrm",
                                     "--out-json", str(out)]) == 0
   assert json.loads(out.read_text())["kind"] == "bench_decode"
+
+
+def test_bench_host_times_every_slot_of_every_step(tmp_path, capsys):
+  """scripts/bench_host.py: schedule + descriptor time per step at each slot count (every slot
+  decodes at every step: the script checks it), the descriptor sizes of the engine's layout."""
+  out = tmp_path / "raw" / "host.json"
+  assert bench_host.main(["--slots", "4", "16", "--steps", "30", "--out-json", str(out)]) == 0
+  obj = json.loads(out.read_text())
+  assert obj["meta"]["command"].startswith("python scripts/bench_host.py --slots 4 16")
+  r4, r16 = obj["rows"]
+  assert (r4["slots"], r16["slots"]) == (4, 16) and r4["steps"] == 30
+  for r in (r4, r16):
+    assert 0 < r["schedule_us_median"] < r["total_us_median"] <= r["total_us_p99"]
+  assert r16["descriptor_int32_words"] > r4["descriptor_int32_words"]
+  assert re.search(r"^\| 16 \| \d+ \| \d+ \| \d+ \| \d+ \| \d+ \+ \d+ \|$", capsys.readouterr().out, re.M)
+
+
+def test_eval_summaries_end_to_end_and_report_from_json(smollm2_ckpt, tmp_path, capsys):
+  """scripts/eval_summaries.py on the bundled model: exact attention agrees with itself, each
+  setting runs through one compiled decode step, summaries and the drop baseline keep a bounded
+  KV per sequence, and the report regenerates from the raw JSON."""
+  md, raw = tmp_path / "docs" / "summaries.md", tmp_path / "docs" / "raw" / "summaries.json"
+  argv = ["--checkpoint", str(smollm2_ckpt), "--tokens", "96", "--texts", "1", "--windows", "32", "--entries", "4",
+          "--out", str(md), "--raw", str(raw)]
+  assert eval_summaries.main(argv) == 0
+  rows = {r["setting"].split()[0]: r for r in json.loads(raw.read_text())["results"]}
+  assert set(rows) == {"exact", "summaries", "drop"}
+  assert rows["exact"]["agreement"] == 1.0 and rows["exact"]["kv_blocks_per_seq_end"] is None
+  for r in rows.values():
+    assert r["decode_compiles"] == 1 and r["ppl"] >= 1.0 and 0.0 <= r["agreement"] <= 1.0
+  assert rows["summaries"]["max_entries"] == 4 and rows["drop"]["max_entries"] == 0
+  assert 0 < rows["drop"]["kv_blocks_per_seq_end"] <= rows["summaries"]["kv_blocks_per_seq_end"] < 96 // 16
+  text = md.read_text()
+  assert "| summaries sink=1 window=32 max=4 |" in text and (md.parent / "summaries.png").stat().st_size > 0
+  capsys.readouterr()
+  again = tmp_path / "again" / "summaries.md"
+  assert eval_summaries.main(["--from-json", str(raw), "--out", str(again)]) == 0
+  assert again.read_text() == text

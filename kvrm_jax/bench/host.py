@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from kvrm_jax.bench.results import check_outputs
+from kvrm_jax.cli import UserError
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
 from kvrm_jax.model.llama import Llama
@@ -73,6 +75,10 @@ def main(argv=None) -> int:
   p.add_argument("--max-groups", type=int, default=4)
   p.add_argument("--out-json")
   args = p.parse_args(argv)
+  try:
+    check_outputs(args.out_json)
+  except UserError as e:
+    p.error(str(e))
   rows = [measure(s, args.steps, args.block_size, args.prompt_len, args.max_groups) for s in args.slots]
   meta = {"date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
           "cores": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,

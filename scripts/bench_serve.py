@@ -9,11 +9,13 @@ OpenAI-compatible server, measured as its clients see them.
   python scripts/bench_serve.py --url ... --trace mooncake.jsonl --hash-block-size 512   # prefix sharing
   python scripts/bench_serve.py --from-json out.json --report docs/results.md
 
-HTTP against in-process on a GPU, one call (the server gets bench_decode.py's runtime sizes):
+HTTP against in-process on a GPU, one call (the server gets the in-process engine's sizes and
+runtime choices):
 
   python scripts/bench_decode.py --model llama3-8b --dtype bfloat16 --kv-budget-gb 20 --max-len 4096 \
-      --engines kvrm --families mixed --num-requests 256 --quiet --out-json decode.json && \
-  python scripts/bench_serve.py --launch "--preset llama3-8b --dtype bfloat16 --max-queue 4096" \
+      --engines kvrm-mixed --pipeline --prompt-attention kernel --families mixed --num-requests 256 \
+      --quiet --out-json decode.json && \
+  python scripts/bench_serve.py --launch "--preset llama3-8b --max-queue 4096" \
       --in-process-json decode.json --families mixed --num-requests 256 --max-len 4096 \
       --out-json serve.json --report docs/results.md
 
@@ -66,8 +68,10 @@ def parse_args(argv=None):
   s = p.add_argument_group("server")
   s.add_argument("--url", help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
   s.add_argument("--launch", metavar="ARGS", help="instead of --url: start scripts/serve.py with these flags on a "
-                 "free loopback port, benchmark it, then stop it with SIGTERM; with --in-process-json, the runtime "
-                 "sizes of that run (--max-slots, --num-blocks, --block-size, --max-len) are added unless ARGS has them")
+                 "free loopback port, benchmark it, then stop it with SIGTERM; with --in-process-json, that run's KV-RM "
+                 "engine is rebuilt: its sizes (--max-slots, --num-blocks, --block-size, --max-len), --dtype and "
+                 "runtime choices (--step-tokens, --tile, --pipeline, --decode-buckets, --prompt-attention, "
+                 "--attention) are added unless ARGS has them")
   s.add_argument("--launch-timeout", type=float, default=1200.0, help="seconds the launched server may take to start")
   s.add_argument("--model", help="model name to send (default: the first of the server's /v1/models)")
   s.add_argument("--vocab-size", type=int, help="random prompt ids stay below it (default: the server's "
@@ -271,11 +275,39 @@ def _main(argv) -> int:
   if bool(args.url) == bool(args.launch):
     raise bc.UserError("give --url of a running server or --launch ARGS (or --from-json FILE to regenerate a report)")
   ref = bc.read_json(args.in_process_json, "bench_decode") if args.in_process_json else None
+  if ref is not None:
+    ref["_engine"] = reference_engine(ref, args.in_process_json)
   bc.check_outputs(args.out_json, args.report)
   if args.launch:
     with launched(args.launch, ref, args.launch_timeout) as url:
       return bench(args, argv, url, ref)
   return bench(args, argv, args.url, ref)
+
+
+def reference_engine(ref: dict, path: str) -> str:
+  """The KV-RM engine of a bench_decode JSON that the server is compared with: its only one."""
+  kinds = [k for k in ref["engines"] if k in ("kvrm", "kvrm-mixed")]
+  if len(kinds) != 1:
+    raise bc.UserError(f"{path} must hold one KV-RM engine (kvrm or kvrm-mixed) to compare with, it holds "
+                       f"{kinds or 'none'}: run bench_decode.py with --engines kvrm or kvrm-mixed")
+  return kinds[0]
+
+
+def server_flags(ref: dict) -> dict:
+  """serve.py flags that rebuild the in-process run's KV-RM engine: its sizes and runtime choices."""
+  b, rt = ref["budget"], ref["engines"][ref["_engine"]]["runtime"]
+  flags = {"--max-slots": b["kvrm_slots"], "--num-blocks": b["budget_blocks"] + 1, "--block-size": b["block_size"],
+           "--max-len": b["max_len"], "--dtype": rt["dtype"]}
+  if rt.get("step_tokens"):
+    flags.update({"--step-tokens": rt["step_tokens"], "--tile": rt["tile"]})
+  if rt.get("decode_buckets"):
+    flags["--decode-buckets"] = ",".join(map(str, rt["decode_buckets"]))
+  for key in ("prompt_attention", "attention"):
+    if rt.get(key, "auto") != "auto":
+      flags["--" + key.replace("_", "-")] = rt[key]
+  if rt.get("pipeline"):
+    flags["--pipeline"] = None
+  return flags
 
 
 @contextlib.contextmanager
@@ -284,10 +316,10 @@ def launched(flags: str, ref: dict | None, timeout: float):
   import httpx
   argv = shlex.split(flags)
   if ref is not None:
-    b = ref["budget"]
-    sizes = {"--max-slots": b["kvrm_slots"], "--num-blocks": b["budget_blocks"] + 1, "--block-size": b["block_size"],
-             "--max-len": b["max_len"]}
-    argv += [str(x) for k, v in sizes.items() if k not in argv for x in (k, v)]
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    for k, v in server_flags(ref).items():
+      if k not in given:
+        argv += [k] if v is None else [k, str(v)]
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -348,8 +380,10 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
          "vocab_size": vocab, "max_len": max_len,
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
   if ref is not None:
+    kind = ref["_engine"]
     obj["in_process"] = {"file": os.path.basename(args.in_process_json), "device": ref["env"]["device"],
-                         "tokens_per_s": {f: r["kvrm"]["tokens_per_s"] for f, r in ref["results"].items() if "kvrm" in r}}
+                         "engine": kind,
+                         "tokens_per_s": {f: r[kind]["tokens_per_s"] for f, r in ref["results"].items() if kind in r}}
   if args.out_json:
     bc.write_json(args.out_json, obj)
   if args.report:
@@ -375,7 +409,8 @@ def render(obj: dict, md_path: str) -> None:
           f"max_len {obj['max_len']}; date {obj['date']}",
           f"- command: `{obj['command']}`"]
   if obj.get("in_process"):
-    body.append(f"- in-process reference: `{obj['in_process']['file']}` ({obj['in_process']['device']}, KV-RM engine)")
+    body.append(f"- in-process reference: `{obj['in_process']['file']}` ({obj['in_process']['device']}, engine "
+                f"{obj['in_process'].get('engine', 'kvrm')})")
   body += ["", "| run | done / errors | out tok/s | vs in-process | TTFT p50 / p90 / p99 ms | "
            "ITL p50 / p90 / p99 / max ms | e2e p50 / p99 ms | prefix-cache hits | preemptions |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

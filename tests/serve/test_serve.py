@@ -410,3 +410,42 @@ def test_bench_serve_against_the_server(server, tmp_path):
   assert obj["runs"][0]["results"]["prefix_cache_hits"]["value"] == 0
   assert "Serving over HTTP" in report.read_text()
   assert bench_serve.main(["--from-json", str(out), "--report", str(report)]) == 0
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(f"{name}_serve_test", os.path.join(ROOT, "scripts", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod  # dataclasses look their module up there
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.slow
+def test_bench_serve_launches_the_in_process_engine(tmp_path, capsys):
+  """HTTP against in-process in one call: bench_serve --launch starts serve.py with the sizes and
+  runtime choices of the bench_decode run it is compared with (here mixed steps, the pipelined
+  loop and decode buckets), and reports the ratio against that engine; a file with two KV-RM
+  engines is refused before anything starts."""
+  bench_decode, bench_serve = _script("bench_decode"), _script("bench_serve")
+  ref, out = tmp_path / "decode.json", tmp_path / "serve.json"
+  work = ["--families", "mixed", "--num-requests", "12", "--max-len", "256"]
+  assert bench_decode.main(["--model", "tiny", "--kv-budget-blocks", "96", "--engines", "kvrm-mixed", "--pipeline",
+                            "--decode-buckets", "4", "--quiet", "--out-json", str(ref)] + work) == 0
+  capsys.readouterr()
+  assert bench_serve.main(["--launch", "--preset tiny --max-queue 64", "--in-process-json", str(ref),
+                           "--out-json", str(out), "--quiet"] + work) == 0
+  launch = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[bench_serve] launching"))
+  rt = json.loads(ref.read_text())["engines"]["kvrm-mixed"]["runtime"]
+  for flag in (f"--max-slots {rt['max_slots']}", f"--num-blocks {rt['num_blocks']}", f"--step-tokens {rt['step_tokens']}",
+               "--decode-buckets 4", "--pipeline", "--max-len 256", "--dtype float32"):
+    assert f" {flag}" in launch, (flag, launch)
+  obj = json.loads(out.read_text())
+  assert obj["in_process"]["engine"] == "kvrm-mixed" and obj["in_process"]["tokens_per_s"]["mixed"] > 0
+  m = obj["runs"][0]["results"]
+  assert (m["completed"], m["errors"], m["wrong_token_counts"]) == (12, 0, 0), m["error_samples"]
+  both = json.loads(ref.read_text())
+  both["engines"]["kvrm"] = both["engines"]["kvrm-mixed"]
+  (tmp_path / "both.json").write_text(json.dumps(both))
+  assert bench_serve.main(["--launch", "--preset tiny", "--in-process-json", str(tmp_path / "both.json")] + work) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "must hold one KV-RM engine (kvrm or kvrm-mixed)" in err[0], err

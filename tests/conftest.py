@@ -9,7 +9,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_ENABLE_X64", "0")
 os.environ.setdefault("KVRM_JAX_COMPILE_CACHE", "off")  # the scripts' persistent cache stays off in tests
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,6 +30,17 @@ def needs_devices(n: int) -> str | None:
   host devices from XLA_FLAGS above; a GPU run has as many as the machine's GPUs."""
   have = len(jax.devices())
   return None if have >= n else f"needs {n} devices; this run has {have} ({jax.default_backend()})"
+
+
+def load_script(name: str, alias: str | None = None):
+  """scripts/<name>.py as a module, registered in sys.modules as `alias` (default: name), where
+  dataclasses look their module up; a test file that needs its own instance gives its own alias."""
+  alias = alias or name
+  spec = importlib.util.spec_from_file_location(alias, os.path.join(ROOT, "scripts", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[alias] = mod
+  spec.loader.exec_module(mod)
+  return mod
 
 
 def child_env(**extra) -> dict:

@@ -2,35 +2,23 @@
 tiny model (CPU, small): every request accounted for, the raw JSON carries the metrics, the report
 regenerates from it."""
 
-import importlib.util
 import json
-import os
 import re
 import sys
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from kvrm_jax import bench as bc
 from kvrm_jax.bench import hf_report, kernels
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[name] = mod  # dataclasses look their module up there
-  spec.loader.exec_module(mod)
-  return mod
-
-
-bench_decode = load("bench_decode")
-replay_trace = load("replay_trace")
-bench_hf_peer = load("bench_hf_peer")
-bench_tier = load("bench_tier")
-bench_host = load("bench_host")
-eval_summaries = load("eval_summaries")
+bench_decode = load_script("bench_decode")
+replay_trace = load_script("replay_trace")
+bench_hf_peer = load_script("bench_hf_peer")
+bench_tier = load_script("bench_tier")
+bench_host = load_script("bench_host")
+eval_summaries = load_script("eval_summaries")
 
 # max_len 128 in blocks of 8: 16 blocks per static slot; a 40-block budget gives the static
 # baseline 2 slots and KV-RM 8 slots on the same blocks.
@@ -178,7 +166,7 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
   """scripts/bench_step.py on the tiny model: scan and unroll rows, the CUPTI breakdown (a fake
   extension stands in for the jax CUDA plugin's on CPU), the weight-copy count of the dumped HLO."""
   import jax
-  bench_step = load("bench_step")
+  bench_step = load_script("bench_step")
   from kvrm_jax.bench import cupti
 
   launches = [("nvjet_tst_64x8_64x16_TNT", 0.30), ("paged_decode_mgpu_c128_st2", 0.05),
@@ -239,7 +227,7 @@ def test_bench_step_layer_loops_profile_and_hlo(tmp_path, capsys, monkeypatch):
 
 def test_bench_step_sampling_and_pipelined_rows(tmp_path, capsys):
   """--sampling greedy sampled: a row each; --pipeline: the engine's own pipelined loop timed too."""
-  bench_step = load("bench_step")
+  bench_step = load_script("bench_step")
   out = tmp_path / "s.json"
   assert bench_step.main(["--model", "tiny", "--dtype", "float32", "--batches", "3", "--context", "32", "--warmup",
                           "1", "--iters", "3", "--sampling", "greedy", "sampled", "--pipeline", "--out-json",
@@ -255,7 +243,7 @@ def test_bench_step_sampling_and_pipelined_rows(tmp_path, capsys):
 def test_bench_step_steps_with_prompt_work(tmp_path, capsys):
   """--prompt-tokens: decode rows plus the last P tokens of a prompt, as one mixed step and as a
   prefill call then the decode call, for each prompt attention; FLOPs of the chunk counted once."""
-  bench_step = load("bench_step")
+  bench_step = load_script("bench_step")
   from kvrm_jax.bench import engines
   from kvrm_jax.config import ModelConfig
   out = tmp_path / "prompt.json"
@@ -362,7 +350,7 @@ def test_hf_peer_without_continuous_batching(monkeypatch, capsys):
 def test_bench_kernels_variants_and_report(tmp_path):
   """bench_kernels.py: the variant syntax, and the report regenerated from a run's JSON (two
   runs merged, the later row winning) with its target lines."""
-  bench_kernels = load("bench_kernels")
+  bench_kernels = load_script("bench_kernels")
   assert kernels.parse_variants("auto,128:2:auto,64:3:1:4,64:2") == [
       (None, 2, None, None), (128, 2, None, 1), (64, 3, 1, 4), (64, 2, None, 1)]
 

@@ -1,6 +1,5 @@
 """scripts/decode.py: JSON output, batch == alone, and clear one-line errors for bad input."""
 
-import importlib.util
 import json
 import os
 import re
@@ -10,11 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, load_script
 
-_spec = importlib.util.spec_from_file_location("decode_cli", os.path.join(ROOT, "scripts", "decode.py"))
-decode_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(decode_cli)
+decode_cli = load_script("decode", "decode_cli")
 
 
 def run(argv, capsys):

@@ -497,8 +497,6 @@ def test_pipelined_loop_equals_the_synchronous_one(model, tp):
   """Same tokens and finish reasons, one decode executable (one per row count with decode buckets,
   whose slot moves wait for a step with nothing in flight); with tp=2 the fed descriptor keeps the
   replicated placement the sharded step takes."""
-  import jax
-
   from kvrm_jax.step import sharding
   if tp and needs_devices(tp):
     pytest.skip(needs_devices(tp))

@@ -5,7 +5,6 @@ equal non-streamed answers, concurrency and disconnects leave the KV pool whole,
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -24,20 +23,13 @@ httpx = pytest.importorskip("httpx", reason="the server tests need httpx (pip in
 from kvrm_jax.serve.detok import IncrementalDetokenizer, TextStream, full_text  # noqa: E402
 from kvrm_jax.serve.engine_loop import load_tokenizer  # noqa: E402
 
-from conftest import ROOT, child_env  # noqa: E402
+from conftest import ROOT, child_env, load_script  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("serve")  # under xdist: one worker, so one server process at a time
 MODEL = "smollm2"
 MAX_LEN = 256  # context per request of the test servers
 SLOTS = 4
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
-
-
-def _decode_cli():
-  spec = importlib.util.spec_from_file_location("decode_cli_serve", os.path.join(ROOT, "scripts", "decode.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 # ---------------------------------------------------------------------------- detokenizer (no server)
@@ -170,7 +162,7 @@ def test_greedy_completions_equal_decode_py(server, smollm2_ckpt, tmp_path, caps
   out = tmp_path / "decode.json"
   argv = ["--checkpoint", str(smollm2_ckpt), "--max-new-tokens", "12", "--dtype", "float32", "--quiet",
           "--max-slots", str(SLOTS), "--output-json", str(out)] + sum((["--prompt", p] for p in PROMPTS), [])
-  assert _decode_cli().main(argv) == 0, capsys.readouterr().err
+  assert load_script("decode", "decode_cli_serve").main(argv) == 0, capsys.readouterr().err
   ref = json.loads(out.read_text())["results"]
   client = server.client()
   for p, r in zip(PROMPTS, ref):
@@ -386,9 +378,7 @@ def test_overload_gets_429_then_sigterm_exits_cleanly(smollm2_ckpt, tmp_path):
 def test_bench_serve_against_the_server(server, tmp_path):
   """The HTTP load generator: a family and a JSONL trace whose hash_ids share a first block; every
   request completes with its token count, and the shared blocks show as prefix-cache hits."""
-  spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(ROOT, "scripts", "bench_serve.py"))
-  bench_serve = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench_serve)
+  bench_serve = load_script("bench_serve")
   trace = tmp_path / "trace.jsonl"
   rows = [{"timestamp": 400 * i, "input_length": 40, "output_length": 3 + i % 3, "hash_ids": [7, 100 + i, 200 + i]}
           for i in range(6)]
@@ -412,21 +402,13 @@ def test_bench_serve_against_the_server(server, tmp_path):
   assert bench_serve.main(["--from-json", str(out), "--report", str(report)]) == 0
 
 
-def _script(name):
-  spec = importlib.util.spec_from_file_location(f"{name}_serve_test", os.path.join(ROOT, "scripts", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = mod  # dataclasses look their module up there
-  spec.loader.exec_module(mod)
-  return mod
-
-
 @pytest.mark.slow
 def test_bench_serve_launches_the_in_process_engine(tmp_path, capsys):
   """HTTP against in-process in one call: bench_serve --launch starts serve.py with the sizes and
   runtime choices of the bench_decode run it is compared with (here mixed steps, the pipelined
   loop and decode buckets), and reports the ratio against that engine; a file with two KV-RM
   engines is refused before anything starts."""
-  bench_decode, bench_serve = _script("bench_decode"), _script("bench_serve")
+  bench_decode, bench_serve = load_script("bench_decode", "bench_decode_serve"), load_script("bench_serve")
   ref, out = tmp_path / "decode.json", tmp_path / "serve.json"
   work = ["--families", "mixed", "--num-requests", "12", "--max-len", "256"]
   assert bench_decode.main(["--model", "tiny", "--kv-budget-blocks", "96", "--engines", "kvrm-mixed", "--pipeline",

@@ -1,7 +1,6 @@
 """Tensor parallelism over 2 forced host devices: tp=2 decodes exactly what tp=1 does."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -9,7 +8,7 @@ import jax
 import pytest
 from flax import nnx
 
-from conftest import ROOT, TINY, child_env, needs_devices, random_prompts
+from conftest import ROOT, TINY, child_env, load_script, needs_devices, random_prompts
 
 from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.engine import Engine
@@ -61,9 +60,7 @@ def test_tp_larger_than_devices_is_refused():
 
 def test_decode_cli_tp2_on_smollm2(smollm2_ckpt, tmp_path, capsys):
   """The real checkpoint (9 q / 3 kv heads, padded to 4 kv heads at tp=2), mixed-length batch."""
-  spec = importlib.util.spec_from_file_location("decode_cli_tp", os.path.join(ROOT, "scripts", "decode.py"))
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  cli = load_script("decode", "decode_cli_tp")
   res = {}
   for tp in ("1", "2"):
     out = tmp_path / f"tp{tp}.json"

@@ -278,6 +278,7 @@ def _main(argv) -> int:
   if ref is not None:
     ref["_engine"] = reference_engine(ref, args.in_process_json)
   bc.check_outputs(args.out_json, args.report)
+  bc.check_max_wall(args.max_wall)
   if args.launch:
     with launched(args.launch, ref, args.launch_timeout) as url:
       return bench(args, argv, url, ref)

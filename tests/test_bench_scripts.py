@@ -483,3 +483,12 @@ def test_eval_summaries_end_to_end_and_report_from_json(smollm2_ckpt, tmp_path, 
   again = tmp_path / "again" / "summaries.md"
   assert eval_summaries.main(["--from-json", str(raw), "--out", str(again)]) == 0
   assert again.read_text() == text
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_a_max_wall_that_is_not_positive_is_refused(seconds, capsys):
+  """--max-wall 0 (or less) used to cut every run at once and report it as a measurement."""
+  for main in (bench_decode.main, replay_trace.main, bench_hf_peer.main, bench_tier.main):
+    assert main(["--model", "tiny", "--max-wall", seconds]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --max-wall must be a positive number of seconds, got {float(seconds):g}"], err

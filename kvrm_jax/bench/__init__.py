@@ -18,8 +18,8 @@ Benchmarks (scripts/ holds their entry points): `offline` (bench_decode.py), `re
 from kvrm_jax import compile_cache  # noqa: F401
 from kvrm_jax.cli import UserError, run_main  # noqa: F401
 from kvrm_jax.bench.workloads import (  # noqa: F401
-    FAMILIES, DESCRIPTIONS, TRACES_ENV, make_workload, describe, parse_families, family_args, resolve_trace,
-    parse_timestamp, load_trace, trace_name)
+    FAMILIES, DESCRIPTIONS, TRACES_ENV, make_workload, describe, parse_families, family_args, check_max_wall,
+    resolve_trace, parse_timestamp, load_trace, trace_name)
 from kvrm_jax.bench.engines import (  # noqa: F401
     MODELS, ENGINES, add_engine_args, add_budget_args, add_output_args, Setup, setup, parse_engines,
     parse_int_list, command_line, default_dtype, load_model, model_info, kv_block_bytes, prompt_flops,

@@ -272,8 +272,6 @@ def _run(args, argv) -> int:
   families = bc.family_args(args)
   if args.max_batch_tokens < 1:
     raise bc.UserError("--max-batch-tokens must be >= 1")
-  if args.max_wall is not None and args.max_wall <= 0:
-    raise bc.UserError("--max-wall must be positive")
   compare = read_compare(args.compare_json) if args.compare_json else None
   cfg = ModelConfig.from_name(args.model)
   hf = load_hf()

@@ -12,6 +12,7 @@ import numpy as np
 
 from kvrm_jax.bench.metrics import SPIKE_FACTOR
 from kvrm_jax.bench.results import check_outputs, read_json, write_json
+from kvrm_jax.bench.workloads import check_max_wall
 from kvrm_jax.cli import UserError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -243,6 +244,7 @@ def report_main(argv, parse_args, kind: str, render, print_summary, run) -> int:
     if args.from_json:
       return regenerate(args, kind, render, print_summary)
     check_outputs(args.out_json, args.report)
+    check_max_wall(args.max_wall)
     return run(args, argv)
   return run_main(go, argv)
 

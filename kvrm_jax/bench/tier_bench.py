@@ -190,6 +190,7 @@ def _main(argv) -> int:
     print_table(obj)
     return 0
   bc.check_outputs(args.out_json, args.report)
+  bc.check_max_wall(args.max_wall)
   bc.compile_cache.from_args(args)
   dtype = args.dtype or bc.default_dtype()
   cfg, model, source = bc.load_model(args.model, dtype)

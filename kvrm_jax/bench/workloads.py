@@ -87,6 +87,13 @@ def family_args(args) -> list[str]:
   return parse_families(args.families)
 
 
+def check_max_wall(seconds: float | None) -> None:
+  """--max-wall: None (no limit) or a positive number of seconds (0 or less would cut every run at
+  once and report it as a measurement)."""
+  if seconds is not None and not seconds > 0:
+    raise UserError(f"--max-wall must be a positive number of seconds, got {seconds:g}")
+
+
 def resolve_trace(path: str) -> str:
   """A trace file path, or a short name looked up in $KVRM_TRACES: `conv` ->
   $KVRM_TRACES/AzureLLMInferenceTrace_conv.csv."""

@@ -492,3 +492,20 @@ def test_a_max_wall_that_is_not_positive_is_refused(seconds, capsys):
     assert main(["--model", "tiny", "--max-wall", seconds]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --max-wall must be a positive number of seconds, got {float(seconds):g}"], err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batches", "4", "0"], "--batches must be >= 1, got 0"),
+    (["--iters", "0"], "--iters must be >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--prompt-tokens", "128"], "--prompt-tokens 128 exceeds every --context (at most 64)"),
+    (["--context", "1020"],
+     "--context 1020 plus the 9 tokens the run decodes exceeds the tiny model's context of 1024"),
+])
+def test_bench_step_refuses_sizes_no_row_could_run(args, message, capsys):
+  """One argparse error before any engine is built, not a table whose every row failed."""
+  load = load_script("bench_step")
+  with pytest.raises(SystemExit):
+    load.main(["--model", "tiny", "--context", "64", "--warmup", "2", "--iters", "5"] + args)
+  err = capsys.readouterr().err
+  assert f": error: {message}" in err and "Traceback" not in err, err

@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from kvrm_jax import bench as bc
-from kvrm_jax.config import ModelConfig, RuntimeConfig, parse_xla_options
+from kvrm_jax.config import PRESETS, ModelConfig, RuntimeConfig, parse_xla_options
 from kvrm_jax.engine import Engine
 from kvrm_jax.model.llama import Llama
 from kvrm_jax.sched.request import SamplingParams
@@ -326,9 +326,28 @@ def _print_prompt_rows(rows) -> None:
                     r["profile"], r["step_ms_median"])
 
 
+def check_sizes(p: argparse.ArgumentParser, args, cfg: ModelConfig) -> None:
+  """Counts and lengths that no row could run with: one argparse error line now, not a table of
+  failed rows later."""
+  for flag, values, low in (("--batches", args.batches, 1), ("--context", args.context, 1),
+                            ("--prompt-tokens", args.prompt_tokens, 1), ("--iters", [args.iters], 1),
+                            ("--warmup", [args.warmup], 0), ("--back-to-back", [args.back_to_back], 0),
+                            ("--profile", [args.profile], 0)):
+    bad = [v for v in values if v < low]
+    if bad:
+      p.error(f"{flag} must be >= {low}, got {bad[0]}")
+  if args.prompt_tokens and min(args.prompt_tokens) > max(args.context):
+    p.error(f"--prompt-tokens {min(args.prompt_tokens)} exceeds every --context (at most {max(args.context)}): "
+            "a step computes the last P tokens of an L-token prompt")
+  decoded = args.warmup + args.iters + args.profile + (2 * args.iters + 4 if args.pipeline else 0) + 2
+  if max(args.context) + decoded > cfg.max_position:
+    p.error(f"--context {max(args.context)} plus the {decoded} tokens the run decodes exceeds the "
+            f"{args.model} model's context of {cfg.max_position} tokens")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="llama3-8b")
+  p.add_argument("--model", default="llama3-8b", choices=sorted(PRESETS))
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--batches", type=int, nargs="+", default=[64, 128])
   p.add_argument("--context", type=int, nargs="+", default=[2048])
@@ -368,6 +387,7 @@ def main(argv=None) -> int:
     p.error(str(e))
 
 
+  check_sizes(p, args, ModelConfig.from_name(args.model))
   ndev = len(jax.devices())
   for tp in args.tp:
     if tp is not None and tp > ndev:

@@ -278,7 +278,7 @@ def _main(argv) -> int:
   if ref is not None:
     ref["_engine"] = reference_engine(ref, args.in_process_json)
   bc.check_outputs(args.out_json, args.report)
-  bc.check_max_wall(args.max_wall)
+  check_workload(args)
   if args.launch:
     with launched(args.launch, ref, args.launch_timeout) as url:
       return bench(args, argv, url, ref)
@@ -352,12 +352,25 @@ def launched(flags: str, ref: dict | None, timeout: float):
         proc.wait()
 
 
-def bench(args, argv, url: str, ref: dict | None) -> int:
-  """Every run of the workload against the server at url; reports."""
+def check_workload(args) -> None:
+  """The workload flags, before a server is launched or asked anything (a launch can take minutes)."""
   if args.num_requests < 1 or args.hash_block_size < 1:
     raise bc.UserError("--num-requests and --hash-block-size must be >= 1")
   if args.time_scale <= 0 or args.token_scale <= 0:
     raise bc.UserError("--time-scale and --token-scale must be positive")
+  if not args.timeout > 0:
+    raise bc.UserError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+  bc.check_max_wall(args.max_wall)
+  if args.families or not args.trace:
+    bc.parse_families(args.families or ",".join(bc.FAMILIES))
+  replay.per_trace(args.start, len(args.trace), "--start", 0.0)
+  replay.per_trace(args.duration, len(args.trace), "--duration", None)
+  for path in args.trace:
+    bc.resolve_trace(path)
+
+
+def bench(args, argv, url: str, ref: dict | None) -> int:
+  """Every run of the workload against the server at url; reports."""
   url = url.rstrip("/")
   model, ctx, vocab = server_info(url, args)
   vocab = args.vocab_size or vocab or 32000

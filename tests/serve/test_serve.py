@@ -431,3 +431,18 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capsys):
   assert bench_serve.main(["--launch", "--preset tiny", "--in-process-json", str(tmp_path / "both.json")] + work) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "must hold one KV-RM engine (kvrm or kvrm-mixed)" in err[0], err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--families", "nope"], "--families must be a comma list of"),
+    (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0"),
+    (["--max-wall", "-1"], "--max-wall must be a positive number of seconds, got -1"),
+    (["--trace", "no-such-trace"], "no trace 'no-such-trace'"),
+])
+def test_bench_serve_checks_the_workload_before_launching(args, message, capsys):
+  """A bad workload flag is one error line before the server is launched (a launch takes minutes
+  on a GPU), not after."""
+  bench_serve = load_script("bench_serve")
+  assert bench_serve.main(["--launch", "--preset tiny"] + args) == 2
+  out, err = capsys.readouterr()
+  assert "launching" not in out and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err

@@ -385,14 +385,12 @@ def main(argv=None) -> int:
     bc.check_outputs(args.out_json)
   except bc.UserError as e:
     p.error(str(e))
-
-
-  check_sizes(p, args, ModelConfig.from_name(args.model))
+  cfg = ModelConfig.from_name(args.model)
+  check_sizes(p, args, cfg)
   ndev = len(jax.devices())
   for tp in args.tp:
     if tp is not None and tp > ndev:
       p.error(f"--tp {tp} needs {tp} devices; this machine has {ndev} ({jax.default_backend()})")
-  cfg = ModelConfig.from_name(args.model)
   model = Llama(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
   bw = copy_bandwidth()
   mm = bc.matmul_tflops(args.dtype) if args.prompt_tokens else None

@@ -1,4 +1,4 @@
-"""Pallas kernels of the KV-RM runtime: paged decode attention and block copy.
+"""Pallas kernels of the KV-RM runtime: paged decode attention, block copy and a skinny GEMM.
 
 The names below load their module on first use (PEP 562), so that the host half can import the
 plain-Python `pallas_kernels.runs` without JAX.
@@ -11,6 +11,7 @@ _EXPORTS = {
     "paged_decode_attention": "paged_attention", "paged_decode_attention_reference": "paged_attention",
     "KVPartition": "partition", "build_descriptors": "partition", "make_transfer_groups": "partition",
     "coalesce_runs": "runs",
+    "skinny_matmul_mgpu": "skinny_matmul", "skinny_matmul_reference": "skinny_matmul",
 }
 __all__ = list(_EXPORTS)
 

@@ -152,9 +152,9 @@ def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def add_step_args(p) -> None:
-  """--step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets: the mixed step
-  (RuntimeConfig.step_tokens, .tile), how prompt chunks attend (.prompt_attention), the pipelined
-  loop (.pipeline) and the decode step's row counts (.decode_buckets)."""
+  """--step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets / --matmul: the mixed
+  step (RuntimeConfig.step_tokens, .tile), how prompt chunks attend (.prompt_attention), the pipelined
+  loop (.pipeline), the decode step's row counts (.decode_buckets) and its GEMMs (.matmul)."""
   p.add_argument("--step-tokens", type=int, default=0,
                  help="one device call per engine step: decode tokens + prompt tiles, at most this many tokens "
                  "(>= max slots + tile); 0 (default): separate padded prefill and decode calls")
@@ -169,12 +169,17 @@ def add_step_args(p) -> None:
   p.add_argument("--prompt-attention", default="auto",
                  help="how prompt chunks attend: gather (XLA gather + einsum) | kernel (the paged tile kernel: "
                  "Mosaic GPU on Hopper) | auto (gather)")
+  p.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
+                 help="projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming Mosaic GPU kernel "
+                 "for steps of at most 256 rows, bf16 on Hopper)")
 
 
 def step_kwargs(args) -> dict:
-  """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets."""
+  """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets /
+  --matmul."""
   return {"step_tokens": args.step_tokens, "tile": args.tile, "prompt_attention": args.prompt_attention,
-          "pipeline": args.pipeline, "decode_buckets": parse_int_list(args.decode_buckets, "--decode-buckets") or ()}
+          "pipeline": args.pipeline, "decode_buckets": parse_int_list(args.decode_buckets, "--decode-buckets") or (),
+          "matmul": args.matmul}
 
 
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):

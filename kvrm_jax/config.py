@@ -163,6 +163,9 @@ class RuntimeConfig:
     the scheduler moves requests into the lowest free slots (host state only: their KV stays where
     it is) whenever that lets a smaller count hold them. One compile per count used. The static
     baseline keeps max_slots rows.
+  matmul: who runs the projection GEMMs and the LM head (kvrm_jax/step/gemm.py): "xla" (XLA's
+    dot) or "skinny" (the weight-streaming Mosaic GPU kernel pallas_kernels.skinny_matmul for calls
+    of at most 256 rows in bf16/f16 on Hopper; XLA's dot for the rest).
   xla_options: extra XLA compile options of the decode and prefill steps, ((name, value), ...),
     e.g. (("xla_gpu_enable_triton_gemm", False),); on top of step.DEFAULT_XLA_OPTIONS (GPU).
     `parse_xla_options("name=value,...")` reads them from a command line.
@@ -194,6 +197,7 @@ class RuntimeConfig:
   prompt_attention: str = "auto"  # "auto" | "gather" | "kernel"
   pipeline: bool = False
   decode_buckets: tuple[int, ...] = ()
+  matmul: str = "xla"  # "xla" | "skinny"
   xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
 
   def __post_init__(self):
@@ -220,6 +224,8 @@ class RuntimeConfig:
       raise ValueError(f"unknown attention backend {self.attention!r}")
     if self.prompt_attention not in ("auto", "gather", "kernel"):
       raise ValueError(f"unknown prompt_attention {self.prompt_attention!r} (auto | gather | kernel)")
+    if self.matmul not in ("xla", "skinny"):
+      raise ValueError(f"unknown matmul {self.matmul!r} (xla | skinny)")
     if self.layer_loop not in ("auto", "scan", "unroll"):
       raise ValueError(f"unknown layer_loop {self.layer_loop!r} (auto | scan | unroll)")
     for f in ("host_blocks", "max_swap_extents", "max_host_reads", "max_host_blocks_per_seq"):

@@ -67,6 +67,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
                  "each); default: every decode step runs all slots")
   g.add_argument("--prompt-attention", default="auto",
                  help="KV-RM engines: how prompt chunks attend: gather | kernel (the paged tile kernel) | auto")
+  g.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
+                 help="both engines' projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming "
+                 "Mosaic GPU kernel for steps of at most 256 rows, bf16 on Hopper)")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
                  "devices, or 'all' local devices; the KV budget is the whole mesh's (default: no mesh)")
   compile_cache.add_args(g)
@@ -266,7 +269,8 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
                          max_blocks_per_seq=budget.max_blocks_per_seq, dtype=dtype,
                          attention="auto" if kind == "static" else args.attention,
                          prompt_attention="auto" if kind == "static" else getattr(args, "prompt_attention", "auto"),
-                         pipeline=kind != "static" and getattr(args, "pipeline", False), **kw)
+                         pipeline=kind != "static" and getattr(args, "pipeline", False),
+                         matmul=getattr(args, "matmul", "xla"), **kw)
   except ValueError as e:
     raise UserError(str(e)) from None
 

@@ -163,18 +163,20 @@ class Llama(nnx.Module):
     return {n: getattr(self, n)[...] for n in LAYER_PARAMS}
 
   def __call__(self, tokens, positions, cache, attend: AttendFn, *, logits_index=None, reduce=None,
-               unroll: bool = False):
+               unroll: bool = False, matmul=None):
     """tokens, positions: [T] int32. Returns (logits [T or len(logits_index), V] f32, cache).
 
     Written for local shapes: under tensor parallelism the weights are this device's shards
     (head counts come from their shapes) and `reduce` sums the row-parallel projections.
     unroll: a Python loop over layers with static weight slices `w[i]` and a static layer index
     passed to `attend`, instead of `lax.scan` (same math; the compiled graph is L layers long).
+    matmul: (x [T, K], w [K, N], out_dtype) -> [T, N] for the projections and the LM head
+    (kvrm_jax/step/gemm.py); default x @ w.
     """
     with matmul_precision(self.embed[...].dtype):  # everything the layers call (attend too) is traced inside
-      return self._forward(tokens, positions, cache, attend, logits_index, reduce, unroll)
+      return self._forward(tokens, positions, cache, attend, logits_index, reduce, unroll, matmul or _matmul)
 
-  def _forward(self, tokens, positions, cache, attend, logits_index, reduce, unroll):
+  def _forward(self, tokens, positions, cache, attend, logits_index, reduce, unroll, mm):
     cfg = self.cfg
     t = tokens.shape[0]
     reduce = reduce or (lambda y: y)
@@ -187,16 +189,16 @@ class Llama(nnx.Module):
     def layer(carry, w):
       x, cache, li = carry
       h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-      qkv = (h @ w["wqkv"]).reshape(t, nkv, g + 2, e)
+      qkv = mm(h, w["wqkv"]).reshape(t, nkv, g + 2, e)
       q = qkv[:, :, :g].reshape(t, nkv * g, e)  # q head j*G + i reads kv head j
       k, v = qkv[:, :, g], qkv[:, :, g + 1]
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
       o, cache = attend(li, q, k, v, cache)  # [T, H, E]
-      x = x + reduce(o.reshape(t, -1).astype(x.dtype) @ w["wo"])
+      x = x + reduce(mm(o.reshape(t, -1).astype(x.dtype), w["wo"]))
       h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-      gu = (h @ w["w_gate_up"]).reshape(t, -1, 2)
-      x = x + reduce((jax.nn.silu(gu[..., 0]) * gu[..., 1]) @ w["w_down"])
+      gu = mm(h, w["w_gate_up"]).reshape(t, -1, 2)
+      x = x + reduce(mm(jax.nn.silu(gu[..., 0]) * gu[..., 1], w["w_down"]))
       return (x, cache, li + 1), None
 
     ws = self.layer_weights()  # {name: [L, ...]}
@@ -208,9 +210,15 @@ class Llama(nnx.Module):
     if logits_index is not None:
       x = x[logits_index]
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-    head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+    if self.lm_head is None:  # tied: the embedding's transpose, read in place by XLA's dot
+      logits = jnp.dot(x, self.embed[...].T, preferred_element_type=jnp.float32)
+    else:
+      logits = mm(x, self.lm_head[...], jnp.float32)
     return logits, cache
+
+
+def _matmul(x, w, out_dtype=None):
+  return jnp.dot(x, w, preferred_element_type=out_dtype)
 
 
 def attention(q, k, v, mask, sm_scale=None, return_lse=False):

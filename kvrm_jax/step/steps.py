@@ -27,6 +27,7 @@ from kvrm_jax.step import sharding
 from kvrm_jax.step import tier
 from kvrm_jax.step.attention import block_mass, decode_attention, decode_descriptors, resolve_attention, tile_attention
 from kvrm_jax.step.block_ops import block_ops, write_kv
+from kvrm_jax.step.gemm import projection_matmul
 from kvrm_jax.step.sampling import sample
 from kvrm_jax.step.summaries import merge_summaries
 from pallas_kernels.partition import merge_lse
@@ -109,7 +110,8 @@ def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_lo
 
   mass0 = jnp.zeros(d["block_tables"].shape, jnp.float32)
   logits, (k_pool, v_pool, mass) = model(d["tokens"], d["positions"], (k_pool, v_pool, mass0), attend,
-                                         reduce=_reduce(tp_axis), unroll=unrolled(rt))
+                                         reduce=_reduce(tp_axis), unroll=unrolled(rt),
+                                         matmul=projection_matmul(rt))
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["positions"] + 1)
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
   out = (tokens, k_pool, v_pool) + ((logits,) if with_logits else ())
@@ -136,7 +138,7 @@ def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk:
   last = jnp.arange(p) * chunk + d["last_index"]
   logits, (k_pool, v_pool) = model(d["tokens"].reshape(-1), d["positions"].reshape(-1), (k_pool, v_pool),
                                    attend, logits_index=last, reduce=_reduce(tp_axis),
-                                   unroll=unrolled(rt))
+                                   unroll=unrolled(rt), matmul=projection_matmul(rt))
   # The sampled token's position (prefill rows hold no summaries: lengths == last position + 1).
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["lengths"])
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
@@ -169,7 +171,8 @@ def _mixed(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, n_tiles:
   last = jnp.concatenate([jnp.arange(s), s + jnp.arange(n_tiles) * qt + d["t_last_index"]])
   mass0 = jnp.zeros(d["block_tables"].shape, jnp.float32)
   logits, (k_pool, v_pool, mass) = model(tokens_in, positions_in, (k_pool, v_pool, mass0), attend,
-                                         logits_index=last, reduce=_reduce(tp_axis), unroll=unrolled(rt))
+                                         logits_index=last, reduce=_reduce(tp_axis), unroll=unrolled(rt),
+                                         matmul=projection_matmul(rt))
   cat = lambda a, b: jnp.concatenate([d[a], d[b]])  # noqa: E731
   # A decode row samples position+1; a tile its last token's position+1 (= its KV length).
   tokens = sample(logits, cat("temperature", "t_temperature"), cat("top_k", "t_top_k"), cat("top_p", "t_top_p"),

@@ -509,3 +509,64 @@ def test_bench_step_refuses_sizes_no_row_could_run(args, message, capsys):
     load.main(["--model", "tiny", "--context", "64", "--warmup", "2", "--iters", "5"] + args)
   err = capsys.readouterr().err
   assert f": error: {message}" in err and "Traceback" not in err, err
+
+
+def test_bench_gemm_rows_report_and_json(tmp_path, capsys):
+  """scripts/bench_gemm.py on the tiny model's shapes: a row per (shape, M, variant) with its time and
+  its error against an f32 product; off a Hopper GPU the skinny kernel is left out with a note."""
+  bench_gemm = load_script("bench_gemm")
+  out = tmp_path / "g.json"
+  assert bench_gemm.main(["--model", "tiny", "--shapes", "qkv", "down", "--rows", "1", "8", "--variants", "xla",
+                          "skinny", "--reps", "1", "--out-json", str(out)]) == 0
+  cap = capsys.readouterr()
+  assert "skinny kernel needs an NVIDIA Hopper GPU" in cap.err
+  got = json.loads(out.read_text())
+  assert got["meta"]["command"].startswith("python scripts/bench_gemm.py --model tiny")
+  rows = got["rows"]
+  assert [(r["shape"], r["m"], r["variant"]) for r in rows] == [
+      ("qkv", 1, "xla"), ("qkv", 8, "xla"), ("down", 1, "xla"), ("down", 8, "xla")]
+  for r in rows:
+    assert r["us"] > 0 and r["tb_s"] > 0 and r["rel_err"] < 2e-2
+  assert (rows[0]["k"], rows[0]["n"]) == (64, 128)  # tiny: hidden 64, (4 + 2 * 2) heads of 16
+  assert "| qkv | 8 | " in cap.out and "| down | 1 | " in cap.out
+
+
+def test_bench_gemm_report_of_a_sweep():
+  from kvrm_jax.bench import gemm_bench
+  plan = {"tile_k": 128, "n_sub": 2, "splits": 4, "stages": 6}
+  rows = [{"shape": "qkv", "m": 8, "variant": "xla", "us": 25.7, "tb_s": 1.96},
+          {"shape": "qkv", "m": 8, "variant": "skinny", "us": 34.5, "tb_s": 1.46, "plan": plan},
+          {"shape": "qkv", "m": 8, "variant": "skinny-sweep", "us": 27.2, "tb_s": 1.85, "plan": dict(plan, n_sub=1)},
+          {"shape": "qkv", "m": 8, "variant": "skinny-sweep", "us": 30.0, "tb_s": 1.6, "plan": plan},
+          {"shape": "qkv", "m": 8, "variant": "skinny-sweep", "error": "ValueError: shared memory"},
+          {"shape": "down", "m": 8, "variant": "xla", "error": "XlaRuntimeError: out of memory"}]
+  meta = {"date": "d", "device": "H100", "jax": "0.11", "model": "llama3-8b", "dtype": "bfloat16", "copy_tb_s": 2.9,
+          "command": "python scripts/bench_gemm.py --sweep"}
+  text = gemm_bench.report(rows, meta)
+  assert "| qkv | 8 | 25.7 (1.96, 68 %) | 34.5 (1.46, 50 %) | 27.2 (tile_k 128, n_sub 1, splits 4, stages 6) |" in text
+  assert "| down | 8 | error | - | - |" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shapes", "qkv", "nope"], "unknown --shapes ['nope']"),
+    (["--model", "nope"], "unknown model preset"),
+    (["--rows", "0"], "--rows and --reps must be positive"),
+])
+def test_bench_gemm_bad_input_is_one_clear_line(argv, message, capsys):
+  bench_gemm = load_script("bench_gemm")
+  with pytest.raises(SystemExit) as e:
+    bench_gemm.main(argv)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_bench_step_gemm_variants(tmp_path, capsys):
+  """--matmul xla skinny: a row each (float32 steps keep XLA's dot under skinny: same tokens path)."""
+  bench_step = load_script("bench_step")
+  out = tmp_path / "s.json"
+  assert bench_step.main(["--model", "tiny", "--dtype", "float32", "--batches", "3", "--context", "32", "--warmup",
+                          "1", "--iters", "2", "--matmul", "xla", "skinny", "--out-json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["matmul"] for r in rows] == ["xla", "skinny"]
+  assert all("error" not in r and r["decode_compiles"] == 1 for r in rows)
+  assert "| skinny | 3 | 32 |" in capsys.readouterr().out

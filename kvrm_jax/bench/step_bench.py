@@ -116,7 +116,7 @@ def _profile(step, n: int, eng, cfg, copy_tb_s) -> dict:
 
 
 def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan", copy_tb_s=None,
-            xla_options="", tp=None, sampling="greedy") -> dict:
+            xla_options="", tp=None, sampling="greedy", matmul="xla") -> dict:
   """One configuration; tp=None: the engine without a mesh, tp=N: jax.shard_map over N devices."""
 
   bs = 16
@@ -129,7 +129,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
                      prefill_buckets=(64,), dtype=args.dtype, attention=args.attention,
                      max_folds=4 * batch if summaries else 8, layer_loop=layer_loop,
                      max_summaries=summaries.max_entries if summaries else 0,
-                     xla_options=parse_xla_options(xla_options), pipeline=args.pipeline)
+                     xla_options=parse_xla_options(xla_options), pipeline=args.pipeline, matmul=matmul)
   mesh = None if tp is None else sharding.make_mesh(tp)
   eng = Engine(cfg, model, rt, summaries=summaries, mesh=mesh)
   rng = np.random.default_rng(0)
@@ -178,7 +178,7 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
   shards = [x.addressable_shards[0].data for x in jax.tree.leaves(eng.state)]  # one device's
   weight_bytes = sum(x.size for x in shards) * itemsize
   kv_read = sum(exact_tokens) * tok_bytes
-  row = {"tp": tp, "layer_loop": layer_loop, "xla_options": xla_options, "batch": batch,
+  row = {"tp": tp, "layer_loop": layer_loop, "xla_options": xla_options, "matmul": matmul, "batch": batch,
          "context": context, "sampling": sampling,
          "summaries": None if summaries is None else str(summaries),
          "step_ms_median": 1e3 * float(np.median(times)) if times else None, "steps_timed": len(times),
@@ -361,6 +361,8 @@ def main(argv=None) -> int:
                  help="tensor-parallel mesh sizes, each run in this process (default: no mesh)")
   p.add_argument("--xla-options", nargs="+", default=[""], metavar="NAME=VALUE,...",
                  help="RuntimeConfig.xla_options variants, each run in this process (\"\" = defaults)")
+  p.add_argument("--matmul", nargs="+", default=["xla"], choices=["xla", "skinny"],
+                 help="RuntimeConfig.matmul variants (who runs the projection GEMMs), each run in this process")
   p.add_argument("--back-to-back", type=int, default=0, metavar="N",
                  help="also time N decode steps dispatched with no host sync between them")
   p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -404,13 +406,14 @@ def main(argv=None) -> int:
   for ctx in args.context:
     for b in args.batches:
       for sc in [None] + [SummaryConfig.parse(s) for s in args.summaries]:
-        variants = [(tp, lo, xo, sa) for tp in args.tp for lo in args.layer_loop for xo in args.xla_options
-                    for sa in args.sampling]
-        for tp, loop, xo, sa in variants:
+        variants = [(tp, lo, xo, sa, mm_) for tp in args.tp for lo in args.layer_loop for xo in args.xla_options
+                    for sa in args.sampling for mm_ in args.matmul]
+        for tp, loop, xo, sa, mm_ in variants:
           try:
-            r = run_one(cfg, model, b, ctx, args, sc, loop, bw, xo, tp, sa)
+            r = run_one(cfg, model, b, ctx, args, sc, loop, bw, xo, tp, sa, mm_)
           except Exception as e:  # noqa: BLE001  (e.g. out of memory: keep the other variants' rows)
-            r = {"tp": tp, "layer_loop": loop, "xla_options": xo, "batch": b, "context": ctx, "sampling": sa,
+            r = {"tp": tp, "layer_loop": loop, "xla_options": xo, "matmul": mm_, "batch": b, "context": ctx,
+                 "sampling": sa,
                  "summaries": None if sc is None else str(sc), "error": f"{type(e).__name__}: {str(e)[:500]}"}
           gc.collect()  # the previous engine's pools
           if bw and r.get("step_ms_median"):
@@ -450,13 +453,13 @@ def main(argv=None) -> int:
         f"{bw and round(bw, 2)} TB/s, XLA_FLAGS={meta['xla_flags'] or '(unset)'}"
         + (f", matmul {mm:.1f} TFLOP/s" if mm else "") + f"\n`{meta['command']}`\n")
   nan = float("nan")
-  print("| tp | layer loop | XLA options | batch | context | summaries | sampling | step ms (median) | host ms | "
+  print("| tp | layer loop | XLA options | GEMMs | batch | context | summaries | sampling | step ms (median) | host ms | "
         "roofline ms | step / roofline | back-to-back ms | pipelined ms | KV bytes / seq | first step s | "
         "decode compiles |")
-  print("| --- " * 16 + "|")
+  print("| --- " * 17 + "|")
   for r in rows:
     xo = r.get("xla_options") or "defaults"
-    head = (f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r['batch']} | {r['context']} | "
+    head = (f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r.get('matmul', 'xla')} | {r['batch']} | {r['context']} | "
             f"{r['summaries'] or 'off'} | {r.get('sampling', 'greedy')} |")
     if "error" in r:
       print(f"{head} error: {r['error'][:200]} |" + " |" * 8)
@@ -470,6 +473,7 @@ def main(argv=None) -> int:
       label = f"{r['layer_loop']} b{r['batch']} c{r['context']}" + (f" {r['summaries']}" if r["summaries"] else "") \
           + (" sampled" if r.get("sampling") == "sampled" else "") \
           + (f" [{r['xla_options']}]" if r.get("xla_options") else "") \
+          + (f" matmul={r['matmul']}" if r.get("matmul", "xla") != "xla" else "") \
           + (f" tp={r['tp']} (CUPTI's kernels of every device)" if (r.get("tp") or 1) > 1 else "")
       print_profile(label, r["profile"], r["step_ms_median"])
   if prompt_rows:

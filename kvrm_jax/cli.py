@@ -15,7 +15,7 @@ from kvrm_jax.config import RuntimeConfig
 from kvrm_jax.engine import Engine
 from kvrm_jax.model import checkpoint as ckpt
 from kvrm_jax.sched.summaries import SummaryConfig
-from kvrm_jax.step import sharding
+from kvrm_jax.step import gemm, sharding
 
 
 class UserError(Exception):
@@ -189,6 +189,7 @@ def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blo
     rt = RuntimeConfig(block_size=args.block_size, num_blocks=num_blocks, max_slots=max_slots,
                        max_blocks_per_seq=max_blocks_per_seq, dtype=dtype, attention=args.attention,
                        max_summaries=summaries.max_entries if summaries else 0, **step_kwargs(args))
+    gemm.check(rt)
   except ValueError as e:
     raise UserError(str(e)) from None
   return rt, summaries

@@ -28,7 +28,7 @@ from kvrm_jax.sched.request import RequestOutput, SamplingParams
 from kvrm_jax.sched.scheduler import Scheduler, StepPlan
 from kvrm_jax.sched.static import static_runtime
 from kvrm_jax.sched.summaries import SummaryConfig
-from kvrm_jax.step import sharding
+from kvrm_jax.step import gemm, sharding
 from kvrm_jax.step import steps as step_lib
 from kvrm_jax.step.block_ops import init_pools, poison_blocks
 from kvrm_jax.step.tier import init_host_pools
@@ -58,6 +58,7 @@ class Engine:
       raise ValueError(f"unknown engine kind {kind!r} (kvrm | static)")
     if rt.host_blocks and kind == "static":
       raise ValueError("the host tier (RuntimeConfig.host_blocks) needs the kvrm engine")
+    gemm.check(rt)
     rt = static_runtime(rt) if kind == "static" else rt
     self.sched = Scheduler(rt, kind=kind, vocab_size=cfg.vocab_size, max_position=cfg.max_position,
                            eos_ids=cfg.eos_ids, tokenizer=tokenizer, summaries=summaries, tier_policy=tier_policy,

@@ -45,7 +45,7 @@ def test_json_output_and_batch_equals_alone(smollm2_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "bad_dtype", "too_long", "empty_prompt",
-                                  "no_prompt", "unreadable_file", "bad_jsonl", "bad_engine", "bad_tp"])
+                                  "no_prompt", "unreadable_file", "bad_jsonl", "bad_engine", "bad_tp", "skinny_on_cpu"])
 def test_bad_input_is_one_clear_line(case, smollm2_ckpt, tmp_path, capsys):
   ck = ["--checkpoint", str(smollm2_ckpt)]
   argv = {
@@ -59,6 +59,7 @@ def test_bad_input_is_one_clear_line(case, smollm2_ckpt, tmp_path, capsys):
       "bad_jsonl": ck + ["--prompts-file", str(tmp_path / "bad.jsonl")],
       "bad_engine": ck + ["--engine", "vllm", "--prompt", "hi"],
       "bad_tp": ck + ["--tp", "64", "--prompt", "hi"],
+      "skinny_on_cpu": ck + ["--matmul", "skinny", "--prompt", "hi"],
   }[case]
   (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
   code, out, err = run(argv + ["--max-new-tokens", "2"], capsys)

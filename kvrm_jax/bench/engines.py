@@ -25,7 +25,7 @@ from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
 from kvrm_jax.model import checkpoint as ckpt
 from kvrm_jax.model.llama import Llama
-from kvrm_jax.step import sharding
+from kvrm_jax.step import gemm, sharding
 from kvrm_jax.step.attention import resolve_attention
 
 MODELS = ("tiny", "smollm2-135m", "llama3-8b", "bundled")
@@ -281,8 +281,12 @@ def build_engine(kind: str, cfg, model, budget: Budget, args, dtype: str):
     mesh = None if tp is None else sharding.make_mesh(tp)
   except sharding.ShardingError as e:
     raise UserError(str(e)) from None
-  return Engine(cfg, model, runtime_for(kind, budget, args, dtype), kind="static" if kind == "static" else "kvrm",
-                mesh=mesh)
+  rt = runtime_for(kind, budget, args, dtype)
+  try:
+    gemm.check(rt)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  return Engine(cfg, model, rt, kind="static" if kind == "static" else "kvrm", mesh=mesh)
 
 
 def attention_of(engine) -> str:

@@ -16,9 +16,30 @@ kernel per projection shape, never a branch at run time.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from kvrm_jax.config import RuntimeConfig
+
+
+def kernel_available() -> bool:
+  """Whether this process runs on a Hopper GPU (the kernel's wgmma and TMA copies are sm_90's)."""
+  if jax.default_backend() != "gpu":
+    return False
+  dev = jax.devices()[0]
+  cc = getattr(dev, "compute_capability", None)
+  if cc is not None:
+    return str(cc).split(".")[0] == "9"
+  return any(s in dev.device_kind for s in ("H100", "H200", "H800", "H20"))
+
+
+def check(rt: RuntimeConfig) -> None:
+  """ValueError, one line, for matmul='skinny' where the kernel cannot run."""
+  if rt.matmul == "skinny" and not kernel_available():
+    dev = jax.devices()[0]
+    where = dev.platform if dev.device_kind.lower() == dev.platform else f"{dev.platform} ({dev.device_kind})"
+    raise ValueError(f"matmul 'skinny' runs a Mosaic GPU kernel that needs a Hopper GPU (H100 / H200); this "
+                     f"process runs on {where}: use matmul 'xla'")
 
 
 def xla_matmul(x, w, out_dtype=None):

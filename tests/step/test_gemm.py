@@ -27,12 +27,19 @@ def twin(monkeypatch):
     return sm.reference(x, w, plan or sm.choose_plan(x.shape[0], x.shape[1], w.shape[1]), out_dtype)
 
   monkeypatch.setattr(sm, "skinny_matmul_mgpu", fake)
+  monkeypatch.setattr(gemm, "kernel_available", lambda: True)
   return calls
 
 
 def test_unknown_matmul_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown matmul 'cublas'"):
     RuntimeConfig(matmul="cublas")
+
+
+def test_skinny_without_a_hopper_gpu_is_one_clear_error():
+  with pytest.raises(ValueError, match=r"^matmul 'skinny' runs a Mosaic GPU kernel that needs a Hopper GPU .*"
+                     r"this process runs on cpu: use matmul 'xla'$"):
+    Engine(TINY, Llama(TINY, rngs=nnx.Rngs(0)), RuntimeConfig(matmul="skinny"))
 
 
 def test_default_is_xla():

@@ -501,6 +501,7 @@ def test_a_max_wall_that_is_not_positive_is_refused(seconds, capsys):
     (["--prompt-tokens", "128"], "--prompt-tokens 128 exceeds every --context (at most 64)"),
     (["--context", "1020"],
      "--context 1020 plus the 9 tokens the run decodes exceeds the tiny model's context of 1024"),
+    (["--matmul", "xla", "skinny"], "--matmul skinny: matmul 'skinny' runs a Mosaic GPU kernel that needs a Hopper"),
 ])
 def test_bench_step_refuses_sizes_no_row_could_run(args, message, capsys):
   """One argparse error before any engine is built, not a table whose every row failed."""
@@ -551,6 +552,7 @@ def test_bench_gemm_report_of_a_sweep():
     (["--shapes", "qkv", "nope"], "unknown --shapes ['nope']"),
     (["--model", "nope"], "unknown model preset"),
     (["--rows", "0"], "--rows and --reps must be positive"),
+    (["--variants", "skinny"], "the skinny kernel needs an NVIDIA Hopper GPU"),
 ])
 def test_bench_gemm_bad_input_is_one_clear_line(argv, message, capsys):
   bench_gemm = load_script("bench_gemm")
@@ -560,11 +562,17 @@ def test_bench_gemm_bad_input_is_one_clear_line(argv, message, capsys):
   assert message in capsys.readouterr().err
 
 
-def test_bench_step_gemm_variants(tmp_path, capsys):
-  """--matmul xla skinny: a row each (float32 steps keep XLA's dot under skinny: same tokens path)."""
+def test_bench_step_gemm_variants(tmp_path, capsys, monkeypatch):
+  """--matmul xla skinny: a row each (the kernel's jnp twin standing in for it off a Hopper GPU)."""
+  from kvrm_jax.step import gemm
+  from pallas_kernels import skinny_matmul as sm
+  monkeypatch.setattr(gemm, "kernel_available", lambda: True)
+  monkeypatch.setattr(sm, "skinny_matmul_mgpu",
+                      lambda x, w, plan=None, out_dtype=None: sm.reference(x, w, sm.choose_plan(
+                          x.shape[0], x.shape[1], w.shape[1]), out_dtype))
   bench_step = load_script("bench_step")
   out = tmp_path / "s.json"
-  assert bench_step.main(["--model", "tiny", "--dtype", "float32", "--batches", "3", "--context", "32", "--warmup",
+  assert bench_step.main(["--model", "tiny", "--dtype", "bfloat16", "--batches", "3", "--context", "32", "--warmup",
                           "1", "--iters", "2", "--matmul", "xla", "skinny", "--out-json", str(out)]) == 0
   rows = json.loads(out.read_text())["rows"]
   assert [r["matmul"] for r in rows] == ["xla", "skinny"]

@@ -34,6 +34,7 @@ import numpy as np
 from kvrm_jax import bench as bc
 from kvrm_jax.config import ModelConfig
 from kvrm_jax.bench.step_bench import copy_bandwidth
+from kvrm_jax.step import gemm
 from pallas_kernels import skinny_matmul as sm
 
 OPTIONS = {"xla": {}, "cublas": {"xla_gpu_enable_triton_gemm": False}}
@@ -156,10 +157,12 @@ def main(argv=None) -> int:
     bc.check_outputs(args.out_json)
   except bc.UserError as e:
     p.error(str(e))
-  if jax.default_backend() != "gpu" and ("skinny" in args.variants or args.sweep):
-    print("the skinny kernel needs an NVIDIA Hopper GPU: timing the XLA variants only", file=sys.stderr)
+  if not gemm.kernel_available() and ("skinny" in args.variants or args.sweep):
     args.variants = [v for v in args.variants if v != "skinny"]
     args.sweep = False
+    if not args.variants:
+      p.error("the skinny kernel needs an NVIDIA Hopper GPU (H100 / H200); add --variants xla or cublas")
+    print("the skinny kernel needs an NVIDIA Hopper GPU: timing the XLA variants only", file=sys.stderr)
   dtype = jnp.dtype(args.dtype)
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
           "device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model, "dtype": args.dtype,

@@ -59,7 +59,7 @@ from kvrm_jax.engine import Engine
 from kvrm_jax.model.llama import Llama
 from kvrm_jax.sched.request import SamplingParams
 from kvrm_jax.sched.summaries import SummaryConfig
-from kvrm_jax.step import sharding
+from kvrm_jax.step import gemm, sharding
 from kvrm_jax.bench.profile import aggregate, dump_hlo, matmul_weight_bytes, print_profile
 
 
@@ -343,6 +343,11 @@ def check_sizes(p: argparse.ArgumentParser, args, cfg: ModelConfig) -> None:
   if max(args.context) + decoded > cfg.max_position:
     p.error(f"--context {max(args.context)} plus the {decoded} tokens the run decodes exceeds the "
             f"{args.model} model's context of {cfg.max_position} tokens")
+  if "skinny" in args.matmul:
+    try:
+      gemm.check(RuntimeConfig(matmul="skinny"))
+    except ValueError as e:
+      p.error(f"--matmul skinny: {e}")
 
 
 def main(argv=None) -> int:
@@ -453,14 +458,14 @@ def main(argv=None) -> int:
         f"{bw and round(bw, 2)} TB/s, XLA_FLAGS={meta['xla_flags'] or '(unset)'}"
         + (f", matmul {mm:.1f} TFLOP/s" if mm else "") + f"\n`{meta['command']}`\n")
   nan = float("nan")
-  print("| tp | layer loop | XLA options | GEMMs | batch | context | summaries | sampling | step ms (median) | host ms | "
-        "roofline ms | step / roofline | back-to-back ms | pipelined ms | KV bytes / seq | first step s | "
+  print("| tp | layer loop | XLA options | GEMMs | batch | context | summaries | sampling | step ms (median) | "
+        "host ms | roofline ms | step / roofline | back-to-back ms | pipelined ms | KV bytes / seq | first step s | "
         "decode compiles |")
   print("| --- " * 17 + "|")
   for r in rows:
     xo = r.get("xla_options") or "defaults"
-    head = (f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r.get('matmul', 'xla')} | {r['batch']} | {r['context']} | "
-            f"{r['summaries'] or 'off'} | {r.get('sampling', 'greedy')} |")
+    head = (f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r.get('matmul', 'xla')} | {r['batch']} | "
+            f"{r['context']} | {r['summaries'] or 'off'} | {r.get('sampling', 'greedy')} |")
     if "error" in r:
       print(f"{head} error: {r['error'][:200]} |" + " |" * 8)
       continue

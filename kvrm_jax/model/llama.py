@@ -174,7 +174,7 @@ class Llama(nnx.Module):
     (kvrm_jax/step/gemm.py); default x @ w.
     """
     with matmul_precision(self.embed[...].dtype):  # everything the layers call (attend too) is traced inside
-      return self._forward(tokens, positions, cache, attend, logits_index, reduce, unroll, matmul or _matmul)
+      return self._forward(tokens, positions, cache, attend, logits_index, reduce, unroll, matmul or dot)
 
   def _forward(self, tokens, positions, cache, attend, logits_index, reduce, unroll, mm):
     cfg = self.cfg
@@ -217,7 +217,8 @@ class Llama(nnx.Module):
     return logits, cache
 
 
-def _matmul(x, w, out_dtype=None):
+def dot(x, w, out_dtype=None):
+  """XLA's dot, accumulated (and returned) in out_dtype when given: the model's default `matmul`."""
   return jnp.dot(x, w, preferred_element_type=out_dtype)
 
 

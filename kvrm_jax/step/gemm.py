@@ -17,9 +17,9 @@ kernel per projection shape, never a branch at run time.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from kvrm_jax.config import RuntimeConfig
+from kvrm_jax.model.llama import dot as xla_matmul
 
 
 def kernel_available() -> bool:
@@ -40,10 +40,6 @@ def check(rt: RuntimeConfig) -> None:
     where = dev.platform if dev.device_kind.lower() == dev.platform else f"{dev.platform} ({dev.device_kind})"
     raise ValueError(f"matmul 'skinny' runs a Mosaic GPU kernel that needs a Hopper GPU (H100 / H200); this "
                      f"process runs on {where}: use matmul 'xla'")
-
-
-def xla_matmul(x, w, out_dtype=None):
-  return jnp.dot(x, w, preferred_element_type=out_dtype)
 
 
 def skinny_matmul(x, w, out_dtype=None):

@@ -520,7 +520,7 @@ def test_bench_gemm_rows_report_and_json(tmp_path, capsys):
   assert bench_gemm.main(["--model", "tiny", "--shapes", "qkv", "down", "--rows", "1", "8", "--variants", "xla",
                           "skinny", "--reps", "1", "--out-json", str(out)]) == 0
   cap = capsys.readouterr()
-  assert "skinny kernel needs an NVIDIA Hopper GPU" in cap.err
+  assert "Mosaic GPU kernels need an NVIDIA Hopper GPU" in cap.err
   got = json.loads(out.read_text())
   assert got["meta"]["command"].startswith("python scripts/bench_gemm.py --model tiny")
   rows = got["rows"]
@@ -540,19 +540,23 @@ def test_bench_gemm_report_of_a_sweep():
           {"shape": "qkv", "m": 8, "variant": "skinny-sweep", "us": 27.2, "tb_s": 1.85, "plan": dict(plan, n_sub=1)},
           {"shape": "qkv", "m": 8, "variant": "skinny-sweep", "us": 30.0, "tb_s": 1.6, "plan": plan},
           {"shape": "qkv", "m": 8, "variant": "skinny-sweep", "error": "ValueError: shared memory"},
-          {"shape": "down", "m": 8, "variant": "xla", "error": "XlaRuntimeError: out of memory"}]
+          {"shape": "down", "m": 8, "variant": "xla", "error": "XlaRuntimeError: out of memory"},
+          {"shape": "qkv", "m": 8, "variant": "jax-hopper", "us": 30.0, "tb_s": 1.68, "plan": {"tile_n": 128}},
+          {"shape": "qkv", "m": 8, "variant": "jax-hopper", "us": 26.0, "tb_s": 1.94, "plan": {"tile_n": 64}},
+          {"shape": "qkv", "m": 8, "variant": "jax-hopper", "error": "ValueError: smem"}]
   meta = {"date": "d", "device": "H100", "jax": "0.11", "model": "llama3-8b", "dtype": "bfloat16", "copy_tb_s": 2.9,
           "command": "python scripts/bench_gemm.py --sweep"}
   text = gemm_bench.report(rows, meta)
-  assert "| qkv | 8 | 25.7 (1.96, 68 %) | 34.5 (1.46, 50 %) | 27.2 (tile_k 128, n_sub 1, splits 4, stages 6) |" in text
-  assert "| down | 8 | error | - | - |" in text
+  assert ("| qkv | 8 | 25.7 (1.96, 68 %) | 34.5 (1.46, 50 %) | 26.0 (1.94, 67 %) | 27.2 (tile_k 128, n_sub 1, "
+          "splits 4, stages 6) |") in text  # jax-hopper: its best configuration
+  assert "| down | 8 | error | - | - | - |" in text
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--shapes", "qkv", "nope"], "unknown --shapes ['nope']"),
     (["--model", "nope"], "unknown model preset"),
     (["--rows", "0"], "--rows and --reps must be positive"),
-    (["--variants", "skinny"], "the skinny kernel needs an NVIDIA Hopper GPU"),
+    (["--variants", "skinny", "jax-hopper"], "the Mosaic GPU kernels need an NVIDIA Hopper GPU"),
 ])
 def test_bench_gemm_bad_input_is_one_clear_line(argv, message, capsys):
   bench_gemm = load_script("bench_gemm")
@@ -578,3 +582,19 @@ def test_bench_step_gemm_variants(tmp_path, capsys, monkeypatch):
   assert [r["matmul"] for r in rows] == ["xla", "skinny"]
   assert all("error" not in r and r["decode_compiles"] == 1 for r in rows)
   assert "| skinny | 3 | 32 |" in capsys.readouterr().out
+
+
+def test_bench_gemm_jax_hopper_configs_lower_for_cuda(monkeypatch):
+  """Each configuration of JAX's Hopper matmul that bench_gemm times builds its Mosaic GPU program
+  for a decode-sized call (148 rows, padded) without a GPU."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+  from kvrm_jax.bench import gemm_bench
+  monkeypatch.setattr(hm, "get_num_sms", lambda: 132)
+  x = jax.ShapeDtypeStruct((148, 4096), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((4096, 28672), jnp.bfloat16)
+  for cfg in gemm_bench.HOPPER_CONFIGS:
+    text = jax.jit(lambda x, w: gemm_bench.hopper_matmul(x, w, cfg)).trace(x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text, cfg

@@ -6,7 +6,10 @@ bf16 by
   xla     XLA's dot with its default GEMM choice (Triton fusions on Hopper),
   cublas  XLA's dot with `xla_gpu_enable_triton_gemm=false` (cuBLAS),
   skinny  the weight-streaming Mosaic GPU kernel (pallas_kernels/skinny_matmul.py) with the plan
-          `choose_plan` picks, or with every plan of a small grid (--sweep).
+          `choose_plan` picks, or with every plan of a small grid (--sweep);
+  jax-hopper  JAX's own warp-specialized Hopper matmul (jax.experimental.pallas.ops.gpu.
+          hopper_matmul_mgpu) in the configurations of HOPPER_CONFIGS, rows padded to the config's
+          tile (one of them a CTA pair over 256 rows sharing each weight tile by TMA multicast).
 Method: L copies of the weights (together >= 400 MB, so that no copy is still in the 50 MB L2 when
 it is read again) multiplied back to back in one jitted call, --reps calls per timing, the median
 of 3 timings, divided by L. It reports microseconds per GEMM, the weights' bytes over that time
@@ -38,6 +41,29 @@ from kvrm_jax.step import gemm
 from pallas_kernels import skinny_matmul as sm
 
 OPTIONS = {"xla": {}, "cublas": {"xla_gpu_enable_triton_gemm": False}}
+VARIANTS = ("xla", "cublas", "skinny", "jax-hopper")
+# hopper_matmul_mgpu.TuningConfig fields; rows = the row multiple each needs (tile_m x warpgroups x cluster).
+HOPPER_CONFIGS = (
+    dict(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=4, wg_dimension="M", cluster_dimension="M", rows=256),
+    dict(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=6, wg_dimension="M", cluster_dimension="M", rows=256),
+    dict(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=4, wg_dimension="N", cluster_dimension=None, rows=64),
+)
+
+
+def hopper_matmul(x, w, config: dict):
+  """x @ w by JAX's Hopper matmul kernel, x's rows padded to config["rows"]'s multiple."""
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+  c = {k: v for k, v in config.items() if k != "rows"}
+  for f in ("wg_dimension", "cluster_dimension"):
+    c[f] = None if c[f] is None else hm.MatmulDimension[c[f]]
+  m = x.shape[0]
+  mp = -(-m // config["rows"]) * config["rows"]
+  xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+  try:
+    y = hm.matmul(xp, w, None, hm.TuningConfig(**c))
+  except TypeError:  # a jax whose matmul takes no `c`
+    y = hm.matmul(xp, w, config=hm.TuningConfig(**c))
+  return y[:m]
 L2_BYTES = 400e6
 
 
@@ -81,7 +107,11 @@ def run_one(name, x, ws, ref, variant, reps, plan=None) -> dict:
   m, k = x.shape
   n = ws[0].shape[1]
   row = {"shape": name, "m": m, "k": k, "n": n, "variant": variant}
-  if variant == "skinny":
+  if variant == "jax-hopper":
+    row["plan"] = plan
+    fn = lambda x, ws: tuple(hopper_matmul(x, w, plan) for w in ws)  # noqa: E731
+    plan = None
+  elif variant == "skinny":
     plan = plan or sm.choose_plan(m, k, n)
     row["plan"] = dataclasses.asdict(plan)
     fn = lambda x, ws: tuple(sm.skinny_matmul_mgpu(x, w, plan) for w in ws)  # noqa: E731
@@ -112,11 +142,12 @@ def report(rows: list[dict], meta: dict) -> str:
   keys = list(dict.fromkeys((r["shape"], r["m"]) for r in rows))
   for s, m in keys:
     cells = []
-    for v in variants:
-      r = next((r for r in rows if (r["shape"], r["m"], r["variant"]) == (s, m, v)), None)
-      if r is None:
+    for v in variants:  # a variant with several configurations (jax-hopper): its best
+      rs = [r for r in rows if (r["shape"], r["m"], r["variant"]) == (s, m, v)]
+      r = min((r for r in rs if "us" in r), key=lambda r: r["us"], default=None)
+      if not rs:
         cells.append("-")
-      elif "error" in r:
+      elif r is None:
         cells.append("error")
       else:
         frac = f", {100 * r['tb_s'] / bw:.0f} %" if bw else ""
@@ -137,7 +168,7 @@ def main(argv=None) -> int:
   p.add_argument("--model", default="llama3-8b", help="the model preset whose weight shapes are timed")
   p.add_argument("--shapes", nargs="+", default=None, help="some of qkv wo gate_up down head (default: all)")
   p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64, 148, 256], help="row counts M")
-  p.add_argument("--variants", nargs="+", default=["xla", "cublas", "skinny"], choices=["xla", "cublas", "skinny"])
+  p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
   p.add_argument("--sweep", action="store_true", help="also time every skinny plan of the grid (slow)")
   p.add_argument("--reps", type=int, default=10, help="jitted calls (of L GEMMs each) per timing")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -157,12 +188,13 @@ def main(argv=None) -> int:
     bc.check_outputs(args.out_json)
   except bc.UserError as e:
     p.error(str(e))
-  if not gemm.kernel_available() and ("skinny" in args.variants or args.sweep):
-    args.variants = [v for v in args.variants if v != "skinny"]
+  kernels = {"skinny", "jax-hopper"}
+  if not gemm.kernel_available() and (kernels & set(args.variants) or args.sweep):
+    args.variants = [v for v in args.variants if v not in kernels]
     args.sweep = False
     if not args.variants:
-      p.error("the skinny kernel needs an NVIDIA Hopper GPU (H100 / H200); add --variants xla or cublas")
-    print("the skinny kernel needs an NVIDIA Hopper GPU: timing the XLA variants only", file=sys.stderr)
+      p.error("the Mosaic GPU kernels need an NVIDIA Hopper GPU (H100 / H200); add --variants xla or cublas")
+    print("the Mosaic GPU kernels need an NVIDIA Hopper GPU: timing the XLA variants only", file=sys.stderr)
   dtype = jnp.dtype(args.dtype)
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
           "device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model, "dtype": args.dtype,
@@ -179,8 +211,9 @@ def main(argv=None) -> int:
     for m in args.rows:
       x = jax.random.normal(jax.random.fold_in(sub, 10_000 + m), (m, k), jnp.float32).astype(dtype)
       ref = jnp.dot(x.astype(jnp.float32), ws[0].astype(jnp.float32), precision="highest")
-      todo = [(v, None) for v in args.variants] + ([("skinny-sweep", pl) for pl in sweep_plans(m, k, n)]
-                                                    if args.sweep else [])
+      todo = [(v, None) for v in args.variants if v != "jax-hopper"]
+      todo += [("jax-hopper", c) for c in HOPPER_CONFIGS if "jax-hopper" in args.variants]
+      todo += [("skinny-sweep", pl) for pl in sweep_plans(m, k, n)] if args.sweep else []
       for variant, plan in todo:
         r = run_one(name, x, ws, ref, "skinny" if variant == "skinny-sweep" else variant, args.reps, plan)
         r["variant"] = variant

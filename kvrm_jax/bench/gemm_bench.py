@@ -103,14 +103,14 @@ def _time(compiled, reps: int, *args) -> tuple[float, object]:
 
 
 def run_one(name, x, ws, ref, variant, reps, plan=None) -> dict:
-  """One (shape, M, variant[, plan]) row; an "error" row if it does not compile or run."""
+  """One (shape, M, variant) row; plan: the skinny kernel's GemmPlan (default choose_plan's) or a
+  HOPPER_CONFIGS entry. An "error" row if it does not fit, compile or run."""
   m, k = x.shape
   n = ws[0].shape[1]
   row = {"shape": name, "m": m, "k": k, "n": n, "variant": variant}
   if variant == "jax-hopper":
     row["plan"] = plan
     fn = lambda x, ws: tuple(hopper_matmul(x, w, plan) for w in ws)  # noqa: E731
-    plan = None
   elif variant == "skinny":
     plan = plan or sm.choose_plan(m, k, n)
     row["plan"] = dataclasses.asdict(plan)
@@ -118,7 +118,8 @@ def run_one(name, x, ws, ref, variant, reps, plan=None) -> dict:
   else:
     fn = lambda x, ws: tuple(x @ w for w in ws)  # noqa: E731
   try:
-    plan and plan.check(m, k, n)
+    if variant == "skinny":
+      plan.check(m, k, n)
     lowered = jax.jit(fn).lower(x, ws)
     compiled = lowered.compile(OPTIONS[variant]) if OPTIONS.get(variant) else lowered.compile()
     dt, out = _time(compiled, reps, x, ws)

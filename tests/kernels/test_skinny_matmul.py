@@ -1,7 +1,6 @@
 # The weight-streaming skinny matmul (pallas_kernels/skinny_matmul.py). CPU: the plan rules, the
 # jnp twin of the kernel's split arithmetic against x @ w, and that the Mosaic GPU kernel lowers for
 # CUDA (lowering needs no GPU). GPU (marked `gpu`): the kernel against the twin and x @ w.
-import dataclasses
 
 import jax
 import jax.numpy as jnp

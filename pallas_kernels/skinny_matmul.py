@@ -81,6 +81,14 @@ def smem_bytes(plan: GemmPlan, m: int, itemsize: int = 2) -> int:
   return max(ring, out) + 1024
 
 
+def deepest_ring(plan: GemmPlan, m: int, max_stages: int = 8) -> GemmPlan:
+  """plan with as many ring stages (up to max_stages) as shared memory holds for m rows."""
+  stages = 1
+  while stages < max_stages and smem_bytes(dataclasses.replace(plan, stages=stages + 1), m) <= MAX_SMEM_BYTES:
+    stages += 1
+  return dataclasses.replace(plan, stages=stages)
+
+
 def choose_plan(m: int, k: int, n: int, *, num_sms: int = 132) -> GemmPlan:
   """A plan that keeps every SM streaming: enough programs (splitting K when N alone gives too
   few), and as deep a ring as shared memory holds."""
@@ -91,11 +99,7 @@ def choose_plan(m: int, k: int, n: int, *, num_sms: int = 132) -> GemmPlan:
   splits = 1
   while programs * splits < num_sms and k % (tile_k * splits * 2) == 0 and splits < 8:
     splits *= 2
-  plan = GemmPlan(tile_k=tile_k, n_sub=n_sub, splits=splits, stages=1)
-  stages = 1
-  while stages < 8 and smem_bytes(dataclasses.replace(plan, stages=stages + 1), m) <= MAX_SMEM_BYTES:
-    stages += 1
-  return dataclasses.replace(plan, stages=stages)
+  return deepest_ring(GemmPlan(tile_k=tile_k, n_sub=n_sub, splits=splits, stages=1), m)
 
 
 def combine(parts: jax.Array, m: int, dtype) -> jax.Array:

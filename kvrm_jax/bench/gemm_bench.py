@@ -83,10 +83,7 @@ def sweep_plans(m: int, k: int, n: int):
       base.check(m, k, n)
     except ValueError:
       continue
-    st = 1
-    while st < 8 and sm.smem_bytes(dataclasses.replace(base, stages=st + 1), m) <= sm.MAX_SMEM_BYTES:
-      st += 1
-    yield dataclasses.replace(base, stages=st)
+    yield sm.deepest_ring(base, m)
 
 
 def _time(compiled, reps: int, *args) -> tuple[float, object]:

@@ -340,6 +340,26 @@ def test_steps_compile_once_whatever_the_tracing_context_later(model):
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
+def test_compile_all_compiles_every_step_once_several_at_once(model):
+  """compile_all builds each executable the engine's steps use (decode rows, prompt buckets), two at
+  a time here, before any request; the requests then run on them with nothing compiled again, and
+  the tokens equal an engine that compiled each step on first use."""
+  rt = dataclasses.replace(RT, decode_buckets=(2,))
+  ps = prompts(3, (5, 7, 11))
+  lazy = Engine(CFG, model, rt)
+  want = [o.output_ids for o in lazy.generate(ps, SamplingParams(max_new_tokens=5))]
+  eng = Engine(CFG, model, rt)
+  names = []
+  eng.on_compile = lambda name, s: names.append(name)
+  count, workers, secs = eng.compile_all(workers=2)
+  keys = {("decode",), ("decode", 2)} | {("prefill", c) for c in rt.prefill_buckets}
+  assert set(eng._executables) == keys and count == len(keys) == len(names) and workers == 2 and secs > 0
+  assert (eng.compiles.decode, eng.compiles.prefill) == (2, len(rt.prefill_buckets))
+  assert [o.output_ids for o in eng.generate(ps, SamplingParams(max_new_tokens=5))] == want
+  assert eng.compile_all()[:2] == (0, 1) and len(names) == len(keys)
+  assert (eng.compiles.decode, eng.compiles.prefill) == (2, len(rt.prefill_buckets))
+
+
 def _feature_engine(feature, model, step_tokens=0, decode_buckets=()):
   """(engine, batches of (prompts, sampling)) that exercise one runtime feature on the default
   backend (reference attention on CPU, the Pallas kernels on a GPU); batches run one after another.

@@ -193,11 +193,16 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
     dec = eng.compiled_decode()
     tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats, *eng.decode_args())
     jax.block_until_ready(tokens)
-    t = time.perf_counter()
+    t, calls = time.perf_counter(), []
     for _ in range(args.back_to_back):
+      tc = time.perf_counter()
       tokens, eng.k_pool, eng.v_pool = dec(eng.state, eng.k_pool, eng.v_pool, ints, floats, *eng.decode_args())
+      calls.append(time.perf_counter() - tc)
     jax.block_until_ready(tokens)
     row["back_to_back_ms"] = 1e3 * (time.perf_counter() - t) / args.back_to_back
+    # Host time inside one call of the compiled step before it returns (launching its kernels): near
+    # back_to_back_ms means the loop is bound by launches, not by the device.
+    row["dispatch_ms_median"] = 1e3 * float(np.median(calls))
   if args.pipeline and summaries is None:
     # The engine's own loop with RuntimeConfig.pipeline: each step() dispatches the next decode step,
     # then reads the previous one's tokens (host work hidden behind the device's).
@@ -369,7 +374,8 @@ def main(argv=None) -> int:
   p.add_argument("--matmul", nargs="+", default=["xla"], choices=["xla", "skinny"],
                  help="RuntimeConfig.matmul variants (who runs the projection GEMMs), each run in this process")
   p.add_argument("--back-to-back", type=int, default=0, metavar="N",
-                 help="also time N decode steps dispatched with no host sync between them")
+                 help="also time N decode steps dispatched with no host sync between them, and the host time "
+                      "one call of the step takes before it returns (dispatch ms)")
   p.add_argument("--profile", type=int, default=0, metavar="N",
                  help="after timing, N more decode steps under CUPTI: device time per kernel")
   p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "
@@ -459,19 +465,19 @@ def main(argv=None) -> int:
         + (f", matmul {mm:.1f} TFLOP/s" if mm else "") + f"\n`{meta['command']}`\n")
   nan = float("nan")
   print("| tp | layer loop | XLA options | GEMMs | batch | context | summaries | sampling | step ms (median) | "
-        "host ms | roofline ms | step / roofline | back-to-back ms | pipelined ms | KV bytes / seq | first step s | "
-        "decode compiles |")
-  print("| --- " * 17 + "|")
+        "host ms | roofline ms | step / roofline | back-to-back ms | dispatch ms | pipelined ms | KV bytes / seq | "
+        "first step s | decode compiles |")
+  print("| --- " * 18 + "|")
   for r in rows:
     xo = r.get("xla_options") or "defaults"
     head = (f"| {r.get('tp') or '-'} | {r['layer_loop']} | {xo} | {r.get('matmul', 'xla')} | {r['batch']} | "
             f"{r['context']} | {r['summaries'] or 'off'} | {r.get('sampling', 'greedy')} |")
     if "error" in r:
-      print(f"{head} error: {r['error'][:200]} |" + " |" * 8)
+      print(f"{head} error: {r['error'][:200]} |" + " |" * 9)
       continue
     print(f"{head} {r['step_ms_median'] or nan:.3f} | {r['host_ms_median'] or nan:.3f} | "
           f"{r.get('roofline_ms', nan):.3f} | {r.get('vs_roofline', nan):.2f} | {r.get('back_to_back_ms', nan):.3f} | "
-          f"{r.get('pipelined_ms_median', nan):.3f} | {r['kv_bytes_per_seq'] / 2**20:.1f} MiB | "
+          f"{r.get('dispatch_ms_median', nan):.3f} | {r.get('pipelined_ms_median', nan):.3f} | {r['kv_bytes_per_seq'] / 2**20:.1f} MiB | "
           f"{r['first_step_s']:.1f} | {r['decode_compiles']} |")
   for r in rows:
     if "profile" in r:

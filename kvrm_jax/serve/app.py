@@ -76,10 +76,26 @@ class _ChunkTemplate:
     return self.head + json.dumps(text, ensure_ascii=False) + self.tail
 
 
+class _NoText:
+  """The tokenizer of a server that has none (a `--preset` model shape without the bundled model):
+  outputs carry no text, only their token counts."""
+
+  def decode(self, ids) -> str:
+    return ""
+
+
 def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | None = None,
                shutdown_timeout: float = 30.0) -> FastAPI:
-  """The server's app; its lifespan starts the engine thread and stops it (aborting what is left)."""
+  """The server's app; its lifespan starts the engine thread and stops it (aborting what is left).
+  tokenizer None: prompts must be token ids (text, chat messages and stop strings get a 400)."""
   created = int(time.time())
+  has_text = tokenizer is not None
+  tokenizer = tokenizer if has_text else _NoText()
+
+  def need_text(what_needs: str, param: str) -> None:
+    if not has_text:
+      raise APIError(400, f"{what_needs} a tokenizer and this server has none (a --preset model shape without "
+                     "the bundled model): send the prompt as token ids", param=param)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -144,6 +160,8 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
       raise APIError(400, "stop strings must not be empty", param="stop")
 
   def sampling(body: S._Sampling, max_tokens: int, prompt_len: int, prompt_param: str) -> SamplingParams:
+    if body.stop_strings():
+      need_text("stop strings need", "stop")
     limit = loop.context_limit
     if prompt_len >= limit:
       raise APIError(400, f"the prompt has {prompt_len} tokens; the context is {limit} tokens, which leaves no room "
@@ -237,6 +255,8 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
       p = p[0]
     if isinstance(p, str) and not p:
       raise APIError(400, "the prompt is empty", param="prompt")
+    if isinstance(p, str):
+      need_text("a text prompt needs", "prompt")
     ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
     if not ids:
       raise APIError(400, "the prompt is empty", param="prompt")
@@ -271,6 +291,7 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
       raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
     if not body.messages:
       raise APIError(400, "messages is empty", param="messages")
+    need_text("chat messages need", "messages")
     msgs = []
     for i, m in enumerate(body.messages):
       d = m.model_dump(exclude_none=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import queue
+import sys
 import threading
 import time
 
@@ -44,7 +45,8 @@ def load_tokenizer(checkpoint=None, cache_dir=None):
 def load_preset(args):
   """Like kvrm_jax.cli.load_model, for a model shape with random weights (`--preset`, benchmarks):
   (cfg, model, tokenizer, mesh, dtype, name). Text goes through the bundled tokenizer; ids past its
-  vocabulary decode to nothing, so send prompts as token ids."""
+  vocabulary decode to nothing, so send prompts as token ids. Without the bundled model the
+  tokenizer is None (token ids only)."""
   try:
     cfg = ModelConfig.from_name(args.preset)
     mesh = sharding.make_mesh(args.tp)
@@ -54,7 +56,13 @@ def load_preset(args):
     raise UserError(f"unknown --dtype {args.dtype!r} (bfloat16 | float32)")
   dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
   model = Llama(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
-  return cfg, model, load_tokenizer(cache_dir=args.cache_dir), mesh, dtype, args.preset
+  try:
+    tok = load_tokenizer(cache_dir=args.cache_dir)
+  except ckpt.CheckpointError as e:  # random weights need no tokenizer: token-id prompts only
+    print(f"[serve] no tokenizer ({e}): prompts must be token ids, outputs carry no text", file=sys.stderr,
+          flush=True)
+    tok = None
+  return cfg, model, tok, mesh, dtype, args.preset
 
 
 def preset_names() -> list[str]:

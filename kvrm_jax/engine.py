@@ -10,8 +10,6 @@ of `engine.build_decode_descriptor(plan)` (docs/notebook.md drives it by hand).
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -321,17 +319,14 @@ class Engine:
     """A packed descriptor onto the device(s), placed as the compiled steps take it (one transfer)."""
     return jax.device_put((ints, floats), self._desc_sharding)
 
-  def _lower(self, fn, layout: desc_lib.Layout, host=()):
-    ints, floats = self.put_descriptor(*layout.pack(layout.new()))
-    return fn.lower(self.state, self.k_pool, self.v_pool, ints, floats, *host)
-
   def _executable(self, key: tuple, fn, layout: desc_lib.Layout, host=()):
     """A step compiled ahead of time on first use for this engine's exact arguments, then kept: nothing
     later in the process (a JAX module Pallas interpret mode imports, say) can make it trace again."""
     exe = self._executables.get(key)
     if exe is None:
       t0 = time.perf_counter()
-      exe = self._executables[key] = self._lower(fn, layout, host).compile()
+      ints, floats = self.put_descriptor(*layout.pack(layout.new()))
+      exe = self._executables[key] = fn.lower(self.state, self.k_pool, self.v_pool, ints, floats, *host).compile()
       dt = time.perf_counter() - t0
       self.stats.compile_s += dt
       if self.on_compile is not None:
@@ -345,46 +340,21 @@ class Engine:
     return self._executable(("mixed", n_tiles), self._mixed_step(n_tiles), desc_lib.mixed_layout(self.rt, n_tiles),
                             self.decode_host_args())
 
-  def _step_jobs(self) -> list[tuple]:
-    """(key, fn, layout, extra args) of every executable the steps can use."""
-    jobs = []
-    for rows in self.rt.decode_rows:
-      if rows == self.rt.max_slots:
-        jobs.append((("decode",), self.decode_step, self.dlayout, self.decode_args()))
-      else:
-        jobs.append((("decode", rows), self._decode_step_for(rows), desc_lib.decode_layout(self.rt, rows),
-                     self.decode_args(rows=rows)))
-    for n in self.rt.tile_buckets:
-      jobs.append((("mixed", n), self._mixed_step(n), desc_lib.mixed_layout(self.rt, n), self.decode_host_args()))
-    for c in () if self.rt.step_tokens else self.rt.prefill_buckets:
-      jobs.append((("prefill", c), self._prefill_step(c), desc_lib.prefill_layout(self.rt, c), ()))
-    return jobs
-
-  def compile_all(self, workers: int | None = None) -> tuple[int, int, float]:
+  def compile_all(self) -> tuple[int, float]:
     """Compile every executable the steps can use before the first request: the decode step(s) and
-    each prefill bucket, or each tile bucket with mixed steps. Each is traced and lowered in turn,
-    then up to `workers` (default: one per executable, at most the CPU count) are compiled at once:
-    XLA runs most passes of a module on one thread, and an 8B-shaped step takes about a minute.
-    Returns (executables compiled, workers, seconds); the seconds also go to stats.compile_s."""
-    t0 = time.perf_counter()
-    todo = [(key, self._lower(fn, layout, host)) for key, fn, layout, host in self._step_jobs()
-            if key not in self._executables]
-    workers = max(1, min(len(todo), workers or os.cpu_count() or 1))
-
-    def compile_one(job):
-      t = time.perf_counter()
-      exe = job[1].compile()
-      return job[0], exe, time.perf_counter() - t
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for fut in concurrent.futures.as_completed([pool.submit(compile_one, job) for job in todo]):
-        key, exe, dt = fut.result()
-        self._executables[key] = exe
-        if self.on_compile is not None:
-          self.on_compile(_step_name(key), dt)
-    dt = time.perf_counter() - t0
-    self.stats.compile_s += dt
-    return len(todo), workers, dt
+    each prefill bucket, or each tile bucket with mixed steps. One at a time: compiling several at
+    once in threads was no faster (four Llama-3-8B-shaped steps at once took 158 s on an H100, where
+    warm-ups compiling them one after another took 125 s; the tiny engine on two CPU cores 6.0 s
+    against 6.2 s) and disturbed XLA's GEMM autotuner's timings. Returns (executables compiled,
+    seconds)."""
+    t0, before = time.perf_counter(), len(self._executables)
+    for rows in self.rt.decode_rows:
+      self.compiled_decode(rows)
+    for n in self.rt.tile_buckets:
+      self._mixed_exe(n)
+    for c in () if self.rt.step_tokens else self.rt.prefill_buckets:
+      self._prefill_exe(c)
+    return len(self._executables) - before, time.perf_counter() - t0
 
   def compiled_decode(self, rows: int | None = None):
     """The decode step's executable (over `rows` slots, default all) as `step()` runs it:

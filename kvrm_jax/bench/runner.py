@@ -63,9 +63,9 @@ class Runner:
     if log is not None:
       eng.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
     t0 = time.perf_counter()
-    count, workers, secs = eng.compile_all()  # every executable, several at once; then a prompt per bucket runs each
+    count, secs = eng.compile_all()  # every executable; then a prompt per bucket runs each once
     if log is not None and count > 1:
-      log(f"{count} executables compiled in {secs:.1f} s, {workers} at once")
+      log(f"{count} executables compiled in {secs:.1f} s")
     rng = np.random.default_rng(12345)
     for b in eng.rt.prefill_buckets:
       n = min(b, max_len - 2)

@@ -77,9 +77,9 @@ def warm_up(engine: Engine, log=None) -> None:
     engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
   limit = min(engine.rt.max_seq_len, engine.cfg.max_position)
   vocab = engine.cfg.vocab_size
-  count, workers, secs = engine.compile_all()  # every executable, several at once; then a prompt per bucket runs each
+  count, secs = engine.compile_all()  # every executable; then a prompt per bucket runs each once
   if log is not None and count > 1:
-    log(f"{count} executables compiled in {secs:.1f} s, {workers} at once")
+    log(f"{count} executables compiled in {secs:.1f} s")
   for i, b in enumerate(engine.rt.prefill_buckets):
     n = min(b, limit - 2)
     if n < 1:

@@ -477,7 +477,8 @@ def main(argv=None) -> int:
       continue
     print(f"{head} {r['step_ms_median'] or nan:.3f} | {r['host_ms_median'] or nan:.3f} | "
           f"{r.get('roofline_ms', nan):.3f} | {r.get('vs_roofline', nan):.2f} | {r.get('back_to_back_ms', nan):.3f} | "
-          f"{r.get('dispatch_ms_median', nan):.3f} | {r.get('pipelined_ms_median', nan):.3f} | {r['kv_bytes_per_seq'] / 2**20:.1f} MiB | "
+          f"{r.get('dispatch_ms_median', nan):.3f} | {r.get('pipelined_ms_median', nan):.3f} | "
+          f"{r['kv_bytes_per_seq'] / 2**20:.1f} MiB | "
           f"{r['first_step_s']:.1f} | {r['decode_compiles']} |")
   for r in rows:
     if "profile" in r:

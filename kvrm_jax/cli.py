@@ -152,9 +152,10 @@ def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def add_step_args(p) -> None:
-  """--step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets / --matmul: the mixed
-  step (RuntimeConfig.step_tokens, .tile), how prompt chunks attend (.prompt_attention), the pipelined
-  loop (.pipeline), the decode step's row counts (.decode_buckets) and its GEMMs (.matmul)."""
+  """--step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets / --matmul /
+  --greedy-only: the mixed step (RuntimeConfig.step_tokens, .tile), how prompt chunks attend
+  (.prompt_attention), the pipelined loop (.pipeline), the decode step's row counts (.decode_buckets),
+  its GEMMs (.matmul) and greedy-only steps (.greedy_only)."""
   p.add_argument("--step-tokens", type=int, default=0,
                  help="one device call per engine step: decode tokens + prompt tiles, at most this many tokens "
                  "(>= max slots + tile); 0 (default): separate padded prefill and decode calls")
@@ -169,6 +170,10 @@ def add_step_args(p) -> None:
   p.add_argument("--prompt-attention", default="auto",
                  help="how prompt chunks attend: gather (XLA gather + einsum) | kernel (the paged tile kernel: "
                  "Mosaic GPU on Hopper) | auto (gather)")
+  p.add_argument("--greedy-only", action="store_true",
+                 help="compile the steps for greedy decoding only (no branch between greedy and sampled rows "
+                 "in the step, which makes the host wait for the device each step; docs/step.md) and refuse "
+                 "requests with temperature > 0")
   p.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
                  help="projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming Mosaic GPU kernel "
                  "for steps of at most 256 rows, bf16 on Hopper)")
@@ -176,10 +181,10 @@ def add_step_args(p) -> None:
 
 def step_kwargs(args) -> dict:
   """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets /
-  --matmul."""
+  --matmul / --greedy-only."""
   return {"step_tokens": args.step_tokens, "tile": args.tile, "prompt_attention": args.prompt_attention,
           "pipeline": args.pipeline, "decode_buckets": parse_int_list(args.decode_buckets, "--decode-buckets") or (),
-          "matmul": args.matmul}
+          "matmul": args.matmul, "greedy_only": args.greedy_only}
 
 
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):

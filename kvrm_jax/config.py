@@ -169,6 +169,11 @@ class RuntimeConfig:
   xla_options: extra XLA compile options of the decode and prefill steps, ((name, value), ...),
     e.g. (("xla_gpu_enable_triton_gemm", False),); on top of step.DEFAULT_XLA_OPTIONS (GPU).
     `parse_xla_options("name=value,...")` reads them from a command line.
+  greedy_only: compile the steps with greedy sampling only (argmax; the same tokens as greedy rows
+    get otherwise) and refuse requests with temperature > 0. The default steps choose between
+    greedy and stochastic sampling with a data-dependent branch (`lax.cond`), which XLA's GPU
+    runtime resolves by waiting on the host for the device to reach it (docs/step.md, "Where the
+    host waits"); greedy-only steps have no branch.
   """
 
   block_size: int = 16
@@ -199,6 +204,7 @@ class RuntimeConfig:
   decode_buckets: tuple[int, ...] = ()
   matmul: str = "xla"  # "xla" | "skinny"
   xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
+  greedy_only: bool = False
 
   def __post_init__(self):
     for opt in self.xla_options:

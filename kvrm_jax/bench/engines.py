@@ -70,6 +70,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
   g.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
                  help="both engines' projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming "
                  "Mosaic GPU kernel for steps of at most 256 rows, bf16 on Hopper)")
+  g.add_argument("--greedy-only", action="store_true",
+                 help="both engines' steps compiled for greedy decoding only (RuntimeConfig.greedy_only: no "
+                 "branch between greedy and sampled rows; the benchmarks' requests are greedy)")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
                  "devices, or 'all' local devices; the KV budget is the whole mesh's (default: no mesh)")
   compile_cache.add_args(g)
@@ -270,7 +273,8 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
                          attention="auto" if kind == "static" else args.attention,
                          prompt_attention="auto" if kind == "static" else getattr(args, "prompt_attention", "auto"),
                          pipeline=kind != "static" and getattr(args, "pipeline", False),
-                         matmul=getattr(args, "matmul", "xla"), **kw)
+                         matmul=getattr(args, "matmul", "xla"), greedy_only=getattr(args, "greedy_only", False),
+                         **kw)
   except ValueError as e:
     raise UserError(str(e)) from None
 

@@ -16,8 +16,10 @@ without --tp the engine has no mesh; the roofline of a row is one device's share
 --xla-options does the same for RuntimeConfig.xla_options ("" = the defaults), e.g.
   --xla-options "" "xla_gpu_enable_triton_gemm=false" compares XLA's Triton GEMMs with cuBLAS.
 --sampling greedy sampled runs each row with greedy decoding and with temperature 0.8, top-p 0.9,
-top-k 50 (the cost of sampling); --pipeline also times the engine's pipelined loop (step() calls back
-to back, RuntimeConfig.pipeline) beside --back-to-back's device-bound step time.
+top-k 50 (the cost of sampling); greedy-only runs greedy rows on steps compiled without the branch
+between greedy and sampled rows (RuntimeConfig.greedy_only); --pipeline also times the engine's
+pipelined loop (step() calls back to back, RuntimeConfig.pipeline) beside --back-to-back's
+device-bound step time.
 --profile N runs N more decode steps under CUPTI (as scripts/bench_kernels.py does) and prints the
 device time per kernel per step (top 20), coarse buckets (matmul / attention / copies / other), the
 weight bandwidth the matmul time implies, and device vs wall time per step.
@@ -129,7 +131,8 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
                      prefill_buckets=(64,), dtype=args.dtype, attention=args.attention,
                      max_folds=4 * batch if summaries else 8, layer_loop=layer_loop,
                      max_summaries=summaries.max_entries if summaries else 0,
-                     xla_options=parse_xla_options(xla_options), pipeline=args.pipeline, matmul=matmul)
+                     xla_options=parse_xla_options(xla_options), pipeline=args.pipeline, matmul=matmul,
+                     greedy_only=sampling == "greedy-only")
   mesh = None if tp is None else sharding.make_mesh(tp)
   eng = Engine(cfg, model, rt, summaries=summaries, mesh=mesh)
   rng = np.random.default_rng(0)
@@ -380,8 +383,9 @@ def main(argv=None) -> int:
                  help="after timing, N more decode steps under CUPTI: device time per kernel")
   p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "
                  "weight-shaped copy / dynamic-slice fusions")
-  p.add_argument("--sampling", nargs="+", default=["greedy"], choices=["greedy", "sampled"],
-                 help="decode rows' sampling variants: greedy, sampled (temperature 0.8, top-p 0.9, top-k 50)")
+  p.add_argument("--sampling", nargs="+", default=["greedy"], choices=["greedy", "sampled", "greedy-only"],
+                 help="decode rows' sampling variants: greedy, sampled (temperature 0.8, top-p 0.9, top-k 50), "
+                 "greedy-only (greedy rows, steps compiled with RuntimeConfig.greedy_only)")
   p.add_argument("--pipeline", action="store_true",
                  help="also time the engine's pipelined loop (RuntimeConfig.pipeline): step() calls back to back")
   p.add_argument("--prompt-tokens", type=int, nargs="+", default=[], metavar="P",
@@ -483,7 +487,7 @@ def main(argv=None) -> int:
   for r in rows:
     if "profile" in r:
       label = f"{r['layer_loop']} b{r['batch']} c{r['context']}" + (f" {r['summaries']}" if r["summaries"] else "") \
-          + (" sampled" if r.get("sampling") == "sampled" else "") \
+          + (f" {r['sampling']}" if r.get("sampling", "greedy") != "greedy" else "") \
           + (f" [{r['xla_options']}]" if r.get("xla_options") else "") \
           + (f" matmul={r['matmul']}" if r.get("matmul", "xla") != "xla" else "") \
           + (f" tp={r['tp']} (CUPTI's kernels of every device)" if (r.get("tp") or 1) > 1 else "")

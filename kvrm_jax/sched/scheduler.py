@@ -104,6 +104,9 @@ class Scheduler:
     ids = [int(t) for t in ids]
     if sampling.top_k > self.vocab_size:
       raise RequestError(f"top_k={sampling.top_k} exceeds the vocabulary of {self.vocab_size}")
+    if self.rt.greedy_only and sampling.temperature > 0:
+      raise RequestError(f"temperature={sampling.temperature:g}: this engine samples greedily only "
+                         "(RuntimeConfig.greedy_only, --greedy-only); send temperature 0")
     if not ids:
       raise RequestError("empty prompt")
     if any(t < 0 or t >= self.vocab_size for t in ids):

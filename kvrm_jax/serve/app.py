@@ -170,8 +170,13 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
       raise APIError(400, f"max_tokens={max_tokens} + the prompt's {prompt_len} tokens exceeds the context of "
                      f"{limit} tokens", param="max_tokens", code="context_length_exceeded")
     top_k = body.top_k or 0
+    greedy_only = loop.engine.rt.greedy_only  # --greedy-only: an omitted temperature is 0, a positive one a 400
+    if greedy_only and body.temperature:
+      raise APIError(400, f"temperature={body.temperature:g}: this server decodes greedily only (--greedy-only); "
+                     "send temperature 0 or leave it out", param="temperature")
+    temperature = (0.0 if greedy_only else 1.0) if body.temperature is None else body.temperature
     try:
-      return SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+      return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
                             top_k=max(top_k, 0), top_p=1.0 if body.top_p is None else body.top_p,
                             seed=random.randrange(2**31) if body.seed is None else body.seed,
                             stop=body.stop_strings(), ignore_eos=body.ignore_eos)

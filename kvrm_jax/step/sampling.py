@@ -124,7 +124,7 @@ def kept_mask(x, top_k, top_p, chunk: int = CHUNK):
 
 
 
-def sample(logits, temperature, top_k, top_p, seeds, counters):
+def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool = False):
   """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.
 
   temperature 0 is greedy (argmax of the logits). Otherwise the token is drawn by Gumbel-max in
@@ -136,8 +136,13 @@ def sample(logits, temperature, top_k, top_p, seeds, counters):
   +inf (damaged weights, an overflow) samples NON_FINITE instead of a token: the engine ends that
   request with finish_reason "error"; the flag travels in the tokens the step returns anyway, so it
   costs no output and no sync.
+
+  greedy_only (static): every row takes the argmax, with no branch in the graph (the caller has
+  refused temperature > 0; RuntimeConfig.greedy_only).
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if greedy_only:
+    return jnp.where(jnp.all(logits < jnp.inf, axis=-1), greedy, NON_FINITE)
 
   def stochastic():
     x = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]

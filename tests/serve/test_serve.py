@@ -5,6 +5,7 @@ equal non-streamed answers, concurrency and disconnects leave the KV pool whole,
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -109,6 +110,36 @@ def test_a_preset_without_the_bundled_model_serves_token_ids_only(monkeypatch, c
       err = r.json()["error"]
       assert err["param"] == param and "a tokenizer and this server has none" in err["message"], err
   assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
+
+
+def test_a_greedy_only_server_defaults_to_greedy_and_refuses_a_temperature():
+  """--greedy-only (RuntimeConfig.greedy_only): a request that leaves the temperature out decodes
+  greedily (the OpenAI default of 1 would be refused), a positive temperature gets a 400 naming it."""
+  import argparse
+  from fastapi.testclient import TestClient
+  from kvrm_jax.config import RuntimeConfig
+  from kvrm_jax.engine import Engine
+  from kvrm_jax.serve import engine_loop as el
+  from kvrm_jax.serve.app import create_app
+
+  cfg, model, _, _, _, name = el.load_preset(argparse.Namespace(preset="tiny", tp=1, dtype=None, cache_dir=None))
+  rt = RuntimeConfig(block_size=8, num_blocks=33, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8,))
+  outs = {}
+  for greedy_only in (False, True):
+    engine = Engine(cfg, model, dataclasses.replace(rt, greedy_only=greedy_only))
+    with TestClient(create_app(el.EngineLoop(engine, max_queue=4), None, name)) as client:
+      body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True}
+      r = client.post("/v1/completions", json=body | {"temperature": 0})
+      assert r.status_code == 200, r.text
+      outs[greedy_only] = r.json()["usage"]["completion_tokens"]
+      if greedy_only:
+        r = client.post("/v1/completions", json=body)  # no temperature: greedy here
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/completions", json=body | {"temperature": 0.7})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
+        assert "greedily only" in r.json()["error"]["message"]
+    assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
+  assert outs == {False: 6, True: 6}
 
 
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):

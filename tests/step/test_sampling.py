@@ -11,6 +11,7 @@ import pytest
 stats = pytest.importorskip("scipy.stats", reason="the sampling tests need scipy (pip install -e '.[test]')")
 
 from kvrm_jax.step import sampling  # noqa: E402
+from kvrm_jax.sched.request import NON_FINITE  # noqa: E402
 from kvrm_jax.step.sampling import sample  # noqa: E402
 
 
@@ -154,3 +155,27 @@ def test_no_sort_over_the_vocabulary():
   sorts = [line for line in lowered.compile().as_text().splitlines() if " sort(" in line]
   widest = max((int(d) for line in sorts for d in re.findall(r"\[\d+,(\d+)\]", line.split(" sort(")[0])), default=0)
   assert widest <= sampling.K_MAX * sampling.CHUNK < v, sorts
+
+
+def test_greedy_only_is_the_argmax_with_no_branch():
+  """sample(greedy_only=True) (RuntimeConfig.greedy_only): every row's argmax, NON_FINITE for a row of
+  non-finite logits as on the default path, and no conditional in the program."""
+  rng = np.random.default_rng(4)
+  b, v = 6, 300
+  x = rng.normal(size=(b, v)).astype(np.float32)
+  x[2, 7] = np.nan
+  x[4, 9] = np.inf
+  zeros, ones = jnp.zeros(b, jnp.int32), jnp.ones(b, jnp.float32)
+  args = (jnp.asarray(x), jnp.zeros(b, jnp.float32), zeros, ones, zeros, zeros)
+  toks = np.asarray(sample(*args, greedy_only=True))
+  assert (toks == np.asarray(sample(*args))).all()
+  want = x.argmax(-1)
+  want[[2, 4]] = NON_FINITE
+  assert (toks == want).all()
+
+  def branches(fn):
+    text = jax.jit(fn).lower(*args).as_text()
+    return text.count("stablehlo.case") + text.count("stablehlo.if")
+
+  assert branches(functools.partial(sample, greedy_only=True)) == 0
+  assert branches(sample) > 0  # the default program's choice between greedy and sampled rows

@@ -569,15 +569,15 @@ def test_greedy_only_steps_have_no_branch_and_the_same_tokens(model, mixed, step
   greedy tokens are those of the default engine, and a sampled request is refused up front."""
   ps, sps, ref = mixed
   rt = dataclasses.replace(RT, step_tokens=step_tokens, tile=8 if step_tokens else 64)
-  default = Engine(CFG, model, rt)
   eng = Engine(CFG, model, dataclasses.replace(rt, greedy_only=True))
-  assert [o.output_ids for o in eng.generate(ps, sps)] == ref == [o.output_ids for o in default.generate(ps, sps)]
+  assert [o.output_ids for o in eng.generate(ps, sps)] == ref  # the default engine's tokens (test above)
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
   steps = [eng.compiled_decode()] + [eng._executables[k] for k in eng._executables if k[0] != "decode"]
   assert len(steps) >= 2  # the decode step and at least one prefill / mixed step ran
   for exe in steps:
     assert "conditional(" not in exe.as_text()
-  assert "conditional(" in default.compiled_decode().as_text()  # what the flag removes
+  if not step_tokens:  # what the flag removes
+    assert "conditional(" in Engine(CFG, model, rt).compiled_decode().as_text()
   with pytest.raises(RequestError, match="greedily only"):
     eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2, temperature=0.7))
   eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2, temperature=0.0, top_p=0.5, top_k=3))  # greedy anyway

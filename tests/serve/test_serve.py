@@ -5,7 +5,6 @@ equal non-streamed answers, concurrency and disconnects leave the KV pool whole,
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -123,23 +122,18 @@ def test_a_greedy_only_server_defaults_to_greedy_and_refuses_a_temperature():
   from kvrm_jax.serve.app import create_app
 
   cfg, model, _, _, _, name = el.load_preset(argparse.Namespace(preset="tiny", tp=1, dtype=None, cache_dir=None))
-  rt = RuntimeConfig(block_size=8, num_blocks=33, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8,))
-  outs = {}
-  for greedy_only in (False, True):
-    engine = Engine(cfg, model, dataclasses.replace(rt, greedy_only=greedy_only))
-    with TestClient(create_app(el.EngineLoop(engine, max_queue=4), None, name)) as client:
-      body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True}
-      r = client.post("/v1/completions", json=body | {"temperature": 0})
-      assert r.status_code == 200, r.text
-      outs[greedy_only] = r.json()["usage"]["completion_tokens"]
-      if greedy_only:
-        r = client.post("/v1/completions", json=body)  # no temperature: greedy here
-        assert r.status_code == 200, r.text
-        r = client.post("/v1/completions", json=body | {"temperature": 0.7})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
-        assert "greedily only" in r.json()["error"]["message"]
-    assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
-  assert outs == {False: 6, True: 6}
+  rt = RuntimeConfig(block_size=8, num_blocks=33, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8,),
+                     greedy_only=True)
+  engine = Engine(cfg, model, rt)
+  with TestClient(create_app(el.EngineLoop(engine, max_queue=4), None, name)) as client:
+    body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True}
+    for extra in ({"temperature": 0}, {}):  # {}: no temperature, greedy here
+      r = client.post("/v1/completions", json=body | extra)
+      assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
+    r = client.post("/v1/completions", json=body | {"temperature": 0.7})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
+    assert "greedily only" in r.json()["error"]["message"]
+  assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
 
 
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):

@@ -141,8 +141,6 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool
   refused temperature > 0; RuntimeConfig.greedy_only).
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  if greedy_only:
-    return jnp.where(jnp.all(logits < jnp.inf, axis=-1), greedy, NON_FINITE)
 
   def stochastic():
     x = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]
@@ -151,5 +149,5 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool
     picked = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, picked, greedy)
 
-  tokens = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
+  tokens = greedy if greedy_only else jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
   return jnp.where(jnp.all(logits < jnp.inf, axis=-1), tokens, NON_FINITE)  # NaN < inf is False; -inf masks pass

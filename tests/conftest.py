@@ -4,13 +4,20 @@ TINY, random_prompts`), the environment of a child process (`child_env`), the bu
 SmolLM2 checkpoint (converted once per session), trace files."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_ENABLE_X64", "0")
-os.environ.setdefault("KVRM_JAX_COMPILE_CACHE", "off")  # the scripts' persistent cache stays off in tests
+# One compilation cache per test run, in a fresh folder shared by the xdist workers and the processes
+# the tests start: many tests build engines of the same shapes, and each executable is compiled once
+# per run instead of once per test (tests of the cache itself set their own folders).
+_OWN_CACHE = "KVRM_JAX_COMPILE_CACHE" not in os.environ
+if _OWN_CACHE:
+  os.environ["KVRM_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="kvrm-test-xla-")
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
@@ -18,6 +25,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from kvrm_jax import compile_cache  # noqa: E402
 from kvrm_jax.config import ModelConfig  # noqa: E402
 from kvrm_jax.model.llama import Llama  # noqa: E402
 
@@ -48,6 +56,15 @@ def child_env(**extra) -> dict:
   (kept: what the parent found there, e.g. packages installed with --target) and `extra` on top."""
   path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
   return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+if os.environ["KVRM_JAX_COMPILE_CACHE"] != "off":
+  compile_cache.enable()
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # the run's controller, once the workers are done
+    shutil.rmtree(os.environ["KVRM_JAX_COMPILE_CACHE"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

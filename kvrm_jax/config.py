@@ -98,16 +98,23 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def parse_xla_options(text: str) -> tuple[tuple[str, bool | int | float | str], ...]:
-  """"name=value,name=value" -> RuntimeConfig.xla_options (true/false -> bool, digits -> int)."""
-  out = []
+  """"name=value,name=value" -> RuntimeConfig.xla_options (true/false -> bool, digits -> int). A
+  value may itself be a comma list, as XLA's list-valued options are: an item without "=" after an
+  option continues that option's value ("xla_gpu_enable_command_buffer=FUSION,CUBLAS,x=1")."""
+  items: list[list[str]] = []
   for item in filter(None, (x.strip() for x in text.split(","))):
     name, sep, value = item.partition("=")
-    if not sep or not name.strip():
+    if sep and name.strip():
+      items.append([name.strip(), value.strip()])
+    elif not sep and items:
+      items[-1][1] += "," + item
+    else:
       raise ValueError(f"XLA option {item!r} is not name=value")
-    v = value.strip()
+  out = []
+  for name, v in items:
     low = v.lower()
     parsed = True if low == "true" else False if low == "false" else int(v) if v.lstrip("-").isdigit() else v
-    out.append((name.strip(), parsed))
+    out.append((name, parsed))
   return tuple(out)
 
 

@@ -241,8 +241,13 @@ def test_xla_options_reach_the_compiled_steps():
   assert parse_xla_options("xla_gpu_enable_triton_gemm=false, xla_foo=3,xla_bar=x") == (
       ("xla_gpu_enable_triton_gemm", False), ("xla_foo", 3), ("xla_bar", "x"))
   assert parse_xla_options("") == ()
+  # XLA's list-valued options keep their commas
+  assert parse_xla_options("xla_gpu_enable_command_buffer=FUSION,CUBLAS, CONDITIONAL,xla_foo=true") == (
+      ("xla_gpu_enable_command_buffer", "FUSION,CUBLAS,CONDITIONAL"), ("xla_foo", True))
   with pytest.raises(ValueError, match="name=value"):
     parse_xla_options("xla_gpu_enable_triton_gemm")
+  with pytest.raises(ValueError, match="name=value"):
+    parse_xla_options("=3,xla_foo=1")
   with pytest.raises(ValueError, match="pairs"):
     RuntimeConfig(xla_options=("xla_gpu_enable_triton_gemm",))
   rt = dataclasses.replace(RT, xla_options=(("xla_gpu_enable_triton_gemm", False),))

@@ -13,8 +13,8 @@ HTTP against in-process on a GPU, one call (the server gets the in-process engin
 runtime choices):
 
   python scripts/bench_decode.py --model llama3-8b --dtype bfloat16 --kv-budget-gb 20 --max-len 4096 \
-      --engines kvrm-mixed --pipeline --prompt-attention kernel --families mixed --num-requests 256 \
-      --quiet --out-json decode.json && \
+      --engines kvrm-mixed --pipeline --greedy-only --prompt-attention kernel --decode-buckets 32,64 \
+      --families mixed --num-requests 256 --quiet --out-json decode.json && \
   python scripts/bench_serve.py --launch "--preset llama3-8b --max-queue 4096" \
       --in-process-json decode.json --families mixed --num-requests 256 --max-len 4096 \
       --out-json serve.json --report docs/results.md

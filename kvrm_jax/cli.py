@@ -173,7 +173,7 @@ def add_step_args(p) -> None:
   p.add_argument("--greedy-only", action="store_true",
                  help="compile the steps for greedy decoding only (no branch between greedy and sampled rows "
                  "in the step, which makes the host wait for the device each step; docs/step.md) and refuse "
-                 "requests with temperature > 0")
+                 "requests with temperature > 0 (decode.py does this by itself at --temperature 0)")
   p.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
                  help="projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming Mosaic GPU kernel "
                  "for steps of at most 256 rows, bf16 on Hopper)")

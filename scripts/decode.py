@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -115,6 +116,8 @@ def run(args) -> int:
   need = sum(math.ceil((len(x) + args.max_new_tokens) / bs) for x in ids)
   rt, summaries = runtime_config(args, dtype, max_slots=args.max_slots or min(len(ids), 16),
                                  num_blocks=args.num_blocks or need + 1 + len(ids), max_blocks_per_seq=mb)
+  if sp.temperature == 0:  # every request is greedy: steps without the greedy/sampled branch (same tokens)
+    rt = dataclasses.replace(rt, greedy_only=True)
   cfg, model = load_weights(path, cfg, mesh, dtype)
   try:
     engine = Engine(cfg, model, rt, tokenizer=tok, kind=args.engine, mesh=mesh, summaries=summaries)

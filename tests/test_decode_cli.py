@@ -36,12 +36,28 @@ def test_json_output_and_batch_equals_alone(smollm2_ckpt, tmp_path, capsys):
               "prefix_hit_blocks", "mean_groups_per_seq", "host_us_per_step", "tokens_per_s"):
     assert key in st
   assert st["decode_compiles"] == 1
+  assert st["greedy_only_steps"] is True  # temperature 0 (the default): steps without the sampling branch
   pf = tmp_path / "p.jsonl"
   pf.write_text(json.dumps({"prompt": prompts[1]}) + "\n")
   code, _, err = run(args + ["--prompts-file", str(pf), "--output-json", str(tmp_path / "one.json")], capsys)
   assert code == 0, err
   alone = json.loads((tmp_path / "one.json").read_text())["results"][0]
   assert alone["output_ids"] == res["results"][1]["output_ids"]
+
+
+def test_sampled_decoding_keeps_the_sampling_steps_and_is_reproducible(smollm2_ckpt, tmp_path, capsys):
+  """--temperature > 0 compiles the default steps (greedy-only ones would refuse the requests); a
+  seed gives the same tokens twice."""
+  args = ["--checkpoint", str(smollm2_ckpt), "--max-new-tokens", "6", "--dtype", "float32", "--quiet",
+          "--prompt", "Once upon a time", "--temperature", "0.9", "--top-p", "0.9", "--seed", "7"]
+  outs = []
+  for i in range(2):
+    code, _, err = run(args + ["--output-json", str(tmp_path / f"s{i}.json")], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / f"s{i}.json").read_text())
+    assert res["stats"]["greedy_only_steps"] is False
+    outs.append(res["results"][0]["output_ids"])
+  assert len(outs[0]) == 6 and outs[0] == outs[1]
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "bad_dtype", "too_long", "empty_prompt",

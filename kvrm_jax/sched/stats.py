@@ -52,6 +52,7 @@ def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, gen
   token_bytes = block_bytes // rt.block_size
   return {
       "engine": kind,
+      "greedy_only_steps": rt.greedy_only,
       "decode_compiles": compiles.decode,
       "prefill_compiles": compiles.prefill,
       "mixed_compiles": compiles.mixed,

@@ -17,9 +17,16 @@ Two routes find the thresholds, both exact (no sort of V columns):
     takes the K_MAX chunks of CHUNK columns with the largest maxima and runs `lax.top_k` on their
     K_MAX * CHUNK values only: XLA's GPU backend lowers a `lax.top_k` with k > 16 to a sort of its
     whole input, which over V columns would be the full sort this module avoids.
-  * top_k 0 or > K_MAX: a bisection over the float32 bit patterns of x (32 steps, each one masked
-    reduction over V) finds the smallest threshold whose predicate holds; it only runs (lax.cond)
-    when a row of the batch needs it.
+  * top_k 0 or > K_MAX: a search over the float32 bit patterns of x finds the smallest threshold
+    whose predicate holds: a bisection (32 rounds, each one masked reduction over V) that only runs
+    (lax.cond) when a row of the batch needs it, or, branch-free, a 16-way search (8 rounds, each
+    15 masked reductions in one pass over V) that always runs.
+
+Branch-free sampling (`branch_free=True`, RuntimeConfig.sampler "branch-free") draws the same
+tokens with no `lax.cond` in the program: the stochastic path and both searches always run and
+`where` picks each row's result. A conditional makes XLA's GPU runtime copy its predicate to the
+host and wait for the device (docs/step.md, "Where the host waits"); without one a step call
+returns at once, at the price of computing every route on every step.
 """
 
 from __future__ import annotations
@@ -29,10 +36,9 @@ import jax.numpy as jnp
 
 from kvrm_jax.sched.request import NON_FINITE  # the token id of a row of non-finite logits
 
-# Rows with 1 <= top_k <= K_MAX take the top-k window route; the rest bisect.
+# Rows with 1 <= top_k <= K_MAX take the top-k window route; the rest search over V.
 K_MAX = 64
 CHUNK = 128  # columns per chunk of top_window's first stage
-_BISECT_STEPS = 32  # exact over the 2**32 ordered keys of float32
 
 
 def top_window(x, k, chunk: int = CHUNK):
@@ -64,42 +70,53 @@ def _from_order_key(u):
   return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
-def _bisect(x, pred):
+def _search(x, pred, ways: int = 2):
   """Per row, the smallest float t (among the values between the row's min and max of x) with
-  pred(t) true; pred: [B] thresholds -> [B] bool, monotone (false ... false true ... true) and
-  true at the row max. x: [B, V] f32 -> [B] f32."""
+  pred(t) true; pred: [B, M] thresholds -> [B, M] bool, monotone in t (false ... false true ...
+  true) and true at the row max. Each round evaluates pred at ways - 1 cut points of the remaining
+  interval of float32 order keys (a bisection for ways=2) until one key is left. x: [B, V] f32 -> [B] f32."""
   lo = _order_key(jnp.min(x, axis=-1))  # [B]
   hi = _order_key(jnp.max(x, axis=-1))  # [B]
+  bits = ways.bit_length() - 1
+  if ways < 2 or ways != 1 << bits:
+    raise ValueError(f"ways must be a power of two >= 2, got {ways}")
+  j = jnp.arange(1, ways, dtype=jnp.uint32)  # [M] cut points j * width / ways, exact in uint32
+  rounds = -(-32 // bits)  # a round leaves at most floor(width / ways) + 1 keys: exact over 2**32 keys
 
   def body(_, lh):
     lo, hi = lh
-    mid = lo + (hi - lo) // 2  # no overflow: hi >= lo
-    ok = pred(_from_order_key(mid))
-    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+    w = hi - lo  # no overflow: hi >= lo
+    cut = lo[:, None] + (w >> bits)[:, None] * j + (((w & (ways - 1))[:, None] * j) >> bits)  # [B, M]
+    ok = pred(_from_order_key(cut))
+    return (jnp.max(jnp.where(ok, lo[:, None], cut + 1), axis=-1),  # past every cut that fails
+            jnp.min(jnp.where(ok, cut, hi[:, None]), axis=-1))  # the first cut that holds
 
-  _, hi = jax.lax.fori_loop(0, _BISECT_STEPS, body, (lo, hi))
+  _, hi = jax.lax.fori_loop(0, rounds, body, (lo, hi))
   return _from_order_key(hi)
 
 
-def kept_mask(x, top_k, top_p, chunk: int = CHUNK):
+def kept_mask(x, top_k, top_p, chunk: int = CHUNK, branch_free: bool = False):
   """The kept set of each row (definition in the module docstring). x: [B, V] f32 scaled logits;
   top_k: [B] int32 (0 = off); top_p: [B] f32 in (0, 1] (1 = off) -> [B, V] bool. `chunk`: columns
-  per chunk of `top_window`."""
+  per chunk of `top_window`. branch_free: the searches of rows off the window route always run (a
+  16-way search) instead of behind a `lax.cond` (a bisection)."""
   b, v = x.shape
   kmax = min(K_MAX, v)
   neg_inf = jnp.full((b,), -jnp.inf, jnp.float32)
   in_window = (top_k > 0) & (top_k <= kmax)  # [B]
   p_on = top_p < 1.0  # [B]
   e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # [B, V] unnormalised probabilities
+  ways = 16 if branch_free else 2
+
+  def search_if(needed, pred):  # the threshold of rows that need a search (others: -inf)
+    run = lambda: _search(x, pred, ways)  # noqa: E731
+    return run() if branch_free else jax.lax.cond(jnp.any(needed), run, lambda: neg_inf)
 
   vals = top_window(x, kmax, chunk)  # [B, kmax] descending
   t_k_win = jnp.take_along_axis(vals, jnp.clip(top_k - 1, 0, kmax - 1)[:, None], axis=-1)[:, 0]
-
-  def bisect_k():  # k-th largest value for top_k > kmax: count(x > t) < k
-    return _bisect(x, lambda t: jnp.sum(x > t[:, None], axis=-1) < top_k)
-
-  t_k = jnp.where(in_window, t_k_win, neg_inf)
-  t_k = jnp.where(top_k > kmax, jax.lax.cond(jnp.any(top_k > kmax), bisect_k, lambda: neg_inf), t_k)
+  # k-th largest value for top_k > kmax: count(x > t) < k
+  t_k_far = search_if(top_k > kmax, lambda t: jnp.sum(x[:, None, :] > t[:, :, None], axis=-1) < top_k[:, None])
+  t_k = jnp.where(in_window, t_k_win, jnp.where(top_k > kmax, t_k_far, neg_inf))
   in_k = x >= t_k[:, None]  # [B, V]
   z_k = jnp.sum(jnp.where(in_k, e, 0.0), axis=-1)  # [B] mass of the top-k set
   budget = top_p * z_k  # [B] "mass above < top_p" as "unnormalised mass above < top_p * z_k"
@@ -112,19 +129,15 @@ def kept_mask(x, top_k, top_p, chunk: int = CHUNK):
                   axis=-1)  # [B, kmax]
   ok = w_in & (above < budget[:, None])
   t_p_win = jnp.min(jnp.where(ok, vals, jnp.inf), axis=-1)
-
-  def bisect_p():
-    return _bisect(x, lambda t: jnp.sum(jnp.where((x > t[:, None]) & in_k, e, 0.0), axis=-1) < budget)
-
-  need_p = p_on & ~in_window
-  t_p = jnp.where(in_window, t_p_win, jax.lax.cond(jnp.any(need_p), bisect_p, lambda: neg_inf))
-  t_p = jnp.where(p_on, t_p, neg_inf)
+  mass_above = lambda t: jnp.sum(jnp.where((x[:, None, :] > t[:, :, None]) & in_k[:, None, :], e[:, None, :], 0.0),  # noqa: E731
+                                 axis=-1)
+  t_p_far = search_if(p_on & ~in_window, lambda t: mass_above(t) < budget[:, None])
+  t_p = jnp.where(p_on, jnp.where(in_window, t_p_win, t_p_far), neg_inf)
   return x >= jnp.maximum(t_k, t_p)[:, None]
 
 
-
-
-def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool = False):
+def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool = False,
+           branch_free: bool = False):
   """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.
 
   temperature 0 is greedy (argmax of the logits). Otherwise the token is drawn by Gumbel-max in
@@ -139,15 +152,22 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool
 
   greedy_only (static): every row takes the argmax, with no branch in the graph (the caller has
   refused temperature > 0; RuntimeConfig.greedy_only).
+  branch_free (static): the same tokens with no branch in the graph: the stochastic path always
+  runs (RuntimeConfig.sampler "branch-free"; module docstring).
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def stochastic():
     x = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]
-    masked = jnp.where(kept_mask(x, top_k, top_p), x, -jnp.inf)
+    masked = jnp.where(kept_mask(x, top_k, top_p, branch_free=branch_free), x, -jnp.inf)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), c))(seeds, counters)
     picked = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, picked, greedy)
 
-  tokens = greedy if greedy_only else jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
+  if greedy_only:
+    tokens = greedy
+  elif branch_free:
+    tokens = stochastic()
+  else:
+    tokens = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
   return jnp.where(jnp.all(logits < jnp.inf, axis=-1), tokens, NON_FINITE)  # NaN < inf is False; -inf masks pass

@@ -38,14 +38,16 @@ def random_rows(rng, b, v, ties):
   return x, k, p
 
 
+@pytest.mark.parametrize("branch_free", [False, True])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("v,chunk", [(40, sampling.CHUNK), (700, sampling.CHUNK), (700, 2)])
-def test_kept_set_matches_reference(v, chunk, ties):
-  """chunk 2 at v 700 takes top_window's chunked route (350 chunks of 2 columns)."""
+def test_kept_set_matches_reference(v, chunk, ties, branch_free):
+  """chunk 2 at v 700 takes top_window's chunked route (350 chunks of 2 columns); branch_free
+  searches 16 ways with no lax.cond."""
   rng = np.random.default_rng(v + ties)
   x, k, p = random_rows(rng, 96, v, ties)
-  got = np.asarray(jax.jit(functools.partial(sampling.kept_mask, chunk=chunk))(jnp.asarray(x), jnp.asarray(k),
-                                                                               jnp.asarray(p)))
+  got = np.asarray(jax.jit(functools.partial(sampling.kept_mask, chunk=chunk, branch_free=branch_free))(
+      jnp.asarray(x), jnp.asarray(k), jnp.asarray(p)))
   checked = 0
   for i in range(len(x)):
     want, margin = ref_kept(x[i], int(k[i]), float(p[i]))
@@ -100,9 +102,10 @@ def test_top_p_keeps_exactly_one(k):
   assert np.asarray(toks).tolist() == x.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("branch_free", [False, True])
 @pytest.mark.parametrize("k,p,temp", [(0, 1.0, 1.0), (5, 1.0, 0.7), (0, 0.8, 1.3), (8, 0.9, 1.0),
                                       (sampling.K_MAX + 3, 0.95, 1.0)])
-def test_sampled_distribution(k, p, temp):
+def test_sampled_distribution(k, p, temp, branch_free):
   """Many seeds on one row: never outside the kept set, and frequencies pass a chi-square test
   against softmax(x) renormalised over the kept set (a mask off by one token fails either)."""
   v, n = 80, 20000
@@ -112,7 +115,7 @@ def test_sampled_distribution(k, p, temp):
   x = logits / temp
   want, margin = ref_kept(x, k, p)
   assert margin > 1e-4
-  f = jax.jit(sample)
+  f = jax.jit(functools.partial(sample, branch_free=branch_free))
   toks = np.asarray(f(jnp.broadcast_to(jnp.asarray(logits), (n, v)), jnp.full(n, temp), jnp.full(n, k, jnp.int32),
                       jnp.full(n, p), jnp.arange(n, dtype=jnp.int32), jnp.full(n, 11, jnp.int32)))
   counts = np.bincount(toks, minlength=v)
@@ -179,3 +182,30 @@ def test_greedy_only_is_the_argmax_with_no_branch():
 
   assert branches(functools.partial(sample, greedy_only=True)) == 0
   assert branches(sample) > 0  # the default program's choice between greedy and sampled rows
+
+
+def test_branch_free_draws_the_same_tokens_with_no_branch():
+  """sample(branch_free=True) (RuntimeConfig.sampler "branch-free"): every route (greedy rows, the
+  top-k window, top-k past K_MAX, top-p alone) gives the default program's tokens, with no
+  conditional in the program; its 16-way search finds the bisection's thresholds."""
+  rng = np.random.default_rng(5)
+  b, v = 12, 3000
+  x = rng.normal(size=(b, v)).astype(np.float32) * 2
+  x[3, 11] = np.nan
+  temp = jnp.asarray([0, 1, 0.7, 1.3, 0, 0.9, 1, 1, 2, 0.5, 1, 1], jnp.float32)
+  k = jnp.asarray([0, 0, 5, sampling.K_MAX + 40, 3, 0, 1, 2000, 0, 50, 0, 64], jnp.int32)
+  p = jnp.asarray([1, 0.9, 1, 0.95, 0.5, 0.3, 1, 0.8, 0.999, 0.9, 1, 0.2], jnp.float32)
+  seeds, pos = jnp.arange(b, dtype=jnp.int32) * 7, jnp.arange(b, dtype=jnp.int32) + 3
+  args = (jnp.asarray(x), temp, k, p, seeds, pos)
+  want = np.asarray(jax.jit(sample)(*args))
+  got = np.asarray(jax.jit(functools.partial(sample, branch_free=True))(*args))
+  assert (got == want).all(), (got, want)
+  assert got[3] == NON_FINITE
+  text = jax.jit(functools.partial(sample, branch_free=True)).lower(*args).as_text()
+  assert text.count("stablehlo.case") + text.count("stablehlo.if") == 0
+
+  xs = jnp.asarray(np.round(rng.normal(size=(b, v)) * 4) / 4, jnp.float32)  # ties
+  for pred in (lambda t: jnp.sum(xs[:, None, :] > t[:, :, None], axis=-1) < k[:, None] + 1,
+               lambda t: jnp.sum(jnp.where(xs[:, None, :] > t[:, :, None], jnp.exp(xs)[:, None, :], 0.0), axis=-1)
+               < p[:, None] * jnp.sum(jnp.exp(xs), axis=-1)[:, None]):
+    assert (np.asarray(sampling._search(xs, pred, 16)) == np.asarray(sampling._search(xs, pred, 2))).all()

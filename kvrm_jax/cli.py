@@ -153,9 +153,9 @@ def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 def add_step_args(p) -> None:
   """--step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets / --matmul /
-  --greedy-only: the mixed step (RuntimeConfig.step_tokens, .tile), how prompt chunks attend
+  --greedy-only / --sampler: the mixed step (RuntimeConfig.step_tokens, .tile), how prompt chunks attend
   (.prompt_attention), the pipelined loop (.pipeline), the decode step's row counts (.decode_buckets),
-  its GEMMs (.matmul) and greedy-only steps (.greedy_only)."""
+  its GEMMs (.matmul), greedy-only steps (.greedy_only) and how steps sample (.sampler)."""
   p.add_argument("--step-tokens", type=int, default=0,
                  help="one device call per engine step: decode tokens + prompt tiles, at most this many tokens "
                  "(>= max slots + tile); 0 (default): separate padded prefill and decode calls")
@@ -174,6 +174,10 @@ def add_step_args(p) -> None:
                  help="compile the steps for greedy decoding only (no branch between greedy and sampled rows "
                  "in the step, which makes the host wait for the device each step; docs/step.md) and refuse "
                  "requests with temperature > 0 (decode.py does this by itself at --temperature 0)")
+  p.add_argument("--sampler", default="branch", choices=["branch", "branch-free"],
+                 help="how the steps sample (same tokens): branch (default: the sampling routes run only when a row "
+                 "needs them, behind branches that make the host wait for the device) | branch-free (every route "
+                 "every step, no branch: --pipeline can hide the host for sampled requests too)")
   p.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
                  help="projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming Mosaic GPU kernel "
                  "for steps of at most 256 rows, bf16 on Hopper)")
@@ -181,10 +185,10 @@ def add_step_args(p) -> None:
 
 def step_kwargs(args) -> dict:
   """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets /
-  --matmul / --greedy-only."""
+  --matmul / --greedy-only / --sampler."""
   return {"step_tokens": args.step_tokens, "tile": args.tile, "prompt_attention": args.prompt_attention,
           "pipeline": args.pipeline, "decode_buckets": parse_int_list(args.decode_buckets, "--decode-buckets") or (),
-          "matmul": args.matmul, "greedy_only": args.greedy_only}
+          "matmul": args.matmul, "greedy_only": args.greedy_only, "sampler": args.sampler}
 
 
 def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blocks_per_seq: int):

@@ -181,6 +181,11 @@ class RuntimeConfig:
     greedy and stochastic sampling with a data-dependent branch (`lax.cond`), which XLA's GPU
     runtime resolves by waiting on the host for the device to reach it (docs/step.md, "Where the
     host waits"); greedy-only steps have no branch.
+  sampler: how the steps sample, with the same tokens either way: "branch" (the default: the
+    stochastic path and the top-k / top-p searches run behind `lax.cond`s, only when a row needs
+    them) or "branch-free" (every route runs on every step, with no branch in the step, so a step
+    call returns before the device finishes it and RuntimeConfig.pipeline can hide the host;
+    kvrm_jax/step/sampling.py).
   """
 
   block_size: int = 16
@@ -212,6 +217,7 @@ class RuntimeConfig:
   matmul: str = "xla"  # "xla" | "skinny"
   xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
   greedy_only: bool = False
+  sampler: str = "branch"  # "branch" | "branch-free"
 
   def __post_init__(self):
     for opt in self.xla_options:
@@ -239,6 +245,8 @@ class RuntimeConfig:
       raise ValueError(f"unknown prompt_attention {self.prompt_attention!r} (auto | gather | kernel)")
     if self.matmul not in ("xla", "skinny"):
       raise ValueError(f"unknown matmul {self.matmul!r} (xla | skinny)")
+    if self.sampler not in ("branch", "branch-free"):
+      raise ValueError(f"unknown sampler {self.sampler!r} (branch | branch-free)")
     if self.layer_loop not in ("auto", "scan", "unroll"):
       raise ValueError(f"unknown layer_loop {self.layer_loop!r} (auto | scan | unroll)")
     for f in ("host_blocks", "max_swap_extents", "max_host_reads", "max_host_blocks_per_seq"):

@@ -71,7 +71,7 @@ def parse_args(argv=None):
                  "free loopback port, benchmark it, then stop it with SIGTERM; with --in-process-json, that run's KV-RM "
                  "engine is rebuilt: its sizes (--max-slots, --num-blocks, --block-size, --max-len), --dtype and "
                  "runtime choices (--step-tokens, --tile, --pipeline, --decode-buckets, --prompt-attention, "
-                 "--attention, --matmul, --greedy-only) are added unless ARGS has them")
+                 "--attention, --matmul, --greedy-only, --sampler) are added unless ARGS has them")
   s.add_argument("--launch-timeout", type=float, default=1200.0, help="seconds the launched server may take to start")
   s.add_argument("--model", help="model name to send (default: the first of the server's /v1/models)")
   s.add_argument("--vocab-size", type=int, help="random prompt ids stay below it (default: the server's "
@@ -312,6 +312,8 @@ def server_flags(ref: dict) -> dict:
     flags["--pipeline"] = None
   if rt.get("greedy_only"):
     flags["--greedy-only"] = None
+  if rt.get("sampler", "branch") != "branch":
+    flags["--sampler"] = rt["sampler"]
   return flags
 
 

@@ -568,6 +568,30 @@ def test_pipelined_loop_abort_in_flight(model):
 
 
 @pytest.mark.parametrize("step_tokens", [0, 24])
+def test_branch_free_steps_sample_the_same_tokens_with_no_branch(model, step_tokens):
+  """RuntimeConfig.sampler "branch-free": sampled and greedy requests (the top-k window, top-p
+  alone, top-k past K_MAX) get the default engine's tokens, also through the pipelined loop, and
+  no compiled step holds a conditional."""
+  ps = prompts(1, (6, 11, 25, 9))
+  sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1),
+        SamplingParams(max_new_tokens=10, temperature=1.2, top_p=0.8, seed=2),
+        SamplingParams(max_new_tokens=10, temperature=0.7, top_k=100, seed=3),
+        SamplingParams(max_new_tokens=10)]
+  rt = dataclasses.replace(RT, step_tokens=step_tokens, tile=8 if step_tokens else 64)
+  want = [o.output_ids for o in Engine(CFG, model, rt).generate(ps, sp)]
+  for pipeline in (False, True):
+    eng = Engine(CFG, model, dataclasses.replace(rt, sampler="branch-free", pipeline=pipeline))
+    assert [o.output_ids for o in eng.generate(ps, sp)] == want, pipeline
+    steps = list(eng._executables.values())
+    assert len(steps) >= 2
+    for exe in steps:
+      assert "conditional(" not in exe.as_text()
+  assert eng.stats.pipelined_steps > 0
+  with pytest.raises(ValueError, match="unknown sampler"):
+    RuntimeConfig(sampler="sorted")
+
+
+@pytest.mark.parametrize("step_tokens", [0, 24])
 def test_greedy_only_steps_have_no_branch_and_the_same_tokens(model, mixed, step_tokens):
   """RuntimeConfig.greedy_only: the compiled steps hold no conditional (the default steps' choice
   between greedy and sampled rows is one, and XLA's GPU runtime waits on the host for each), the

@@ -17,9 +17,10 @@ without --tp the engine has no mesh; the roofline of a row is one device's share
   --xla-options "" "xla_gpu_enable_triton_gemm=false" compares XLA's Triton GEMMs with cuBLAS.
 --sampling greedy sampled runs each row with greedy decoding and with temperature 0.8, top-p 0.9,
 top-k 50 (the cost of sampling); greedy-only runs greedy rows on steps compiled without the branch
-between greedy and sampled rows (RuntimeConfig.greedy_only); --pipeline also times the engine's
-pipelined loop (step() calls back to back, RuntimeConfig.pipeline) beside --back-to-back's
-device-bound step time.
+between greedy and sampled rows (RuntimeConfig.greedy_only); greedy-branch-free and
+sampled-branch-free run those rows on steps that sample with no branch (RuntimeConfig.sampler);
+--pipeline also times the engine's pipelined loop (step() calls back to back,
+RuntimeConfig.pipeline) beside --back-to-back's device-bound step time.
 --profile N runs N more decode steps under CUPTI (as scripts/bench_kernels.py does) and prints the
 device time per kernel per step (top 20), coarse buckets (matmul / attention / copies / other), the
 weight bandwidth the matmul time implies, and device vs wall time per step.
@@ -132,14 +133,15 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
                      max_folds=4 * batch if summaries else 8, layer_loop=layer_loop,
                      max_summaries=summaries.max_entries if summaries else 0,
                      xla_options=parse_xla_options(xla_options), pipeline=args.pipeline, matmul=matmul,
-                     greedy_only=sampling == "greedy-only")
+                     greedy_only=sampling == "greedy-only",
+                     sampler="branch-free" if sampling.endswith("branch-free") else "branch")
   mesh = None if tp is None else sharding.make_mesh(tp)
   eng = Engine(cfg, model, rt, summaries=summaries, mesh=mesh)
   rng = np.random.default_rng(0)
   for i in range(batch):
     eng.add_request(rng.integers(3, cfg.vocab_size, context).tolist(),
                     SamplingParams(max_new_tokens=steps + extra, ignore_eos=True, seed=i,
-                                   **(SAMPLED if sampling == "sampled" else {})))
+                                   **(SAMPLED if sampling.startswith("sampled") else {})))
   eng.sched.admit()
   for req in list(eng.sched.slots.reqs):  # stand in for the prefill: the prompts' KV is "computed"
     req.num_computed = req.prefill_target
@@ -383,9 +385,11 @@ def main(argv=None) -> int:
                  help="after timing, N more decode steps under CUPTI: device time per kernel")
   p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "
                  "weight-shaped copy / dynamic-slice fusions")
-  p.add_argument("--sampling", nargs="+", default=["greedy"], choices=["greedy", "sampled", "greedy-only"],
+  p.add_argument("--sampling", nargs="+", default=["greedy"],
+                 choices=["greedy", "sampled", "greedy-only", "greedy-branch-free", "sampled-branch-free"],
                  help="decode rows' sampling variants: greedy, sampled (temperature 0.8, top-p 0.9, top-k 50), "
-                 "greedy-only (greedy rows, steps compiled with RuntimeConfig.greedy_only)")
+                 "greedy-only (greedy rows, steps compiled with RuntimeConfig.greedy_only), *-branch-free (those "
+                 "rows on steps with RuntimeConfig.sampler 'branch-free')")
   p.add_argument("--pipeline", action="store_true",
                  help="also time the engine's pipelined loop (RuntimeConfig.pipeline): step() calls back to back")
   p.add_argument("--prompt-tokens", type=int, nargs="+", default=[], metavar="P",

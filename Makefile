@@ -40,7 +40,7 @@ test: $(TEST_STAMP)
 # GPU_WORKERS processes that share the GPU.
 GPU_PYTHON ?= python3
 GPU_WORKERS ?= 8
-GPU_TEST_PACKAGES := pytest-xdist hypothesis scipy matplotlib fastapi uvicorn pydantic prometheus-client httpx openai
+GPU_TEST_PACKAGES := pytest-xdist hypothesis scipy matplotlib fastapi uvicorn uvloop httptools pydantic prometheus-client httpx openai
 # The tests check results, not speed, so XLA's GEMM autotuning (compiling and timing candidate kernels
 # on the GPU the workers share) is off; the 2 forced host devices conftest sets by default are kept.
 GPU_XLA_FLAGS ?= --xla_force_host_platform_device_count=2 --xla_gpu_autotune_level=0

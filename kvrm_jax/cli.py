@@ -75,8 +75,9 @@ def add_runtime_args(p: argparse.ArgumentParser, *, max_slots_help: str, num_blo
   p.add_argument("--num-blocks", type=int, default=None, help=num_blocks_help)
   p.add_argument("--attention", default="auto", help="auto | reference | pallas | interpret")
   add_step_args(p)
-  p.add_argument("--tp", default="1", help="tensor-parallel mesh size, or 'all' local devices; heads that do not "
-                 "divide are padded with inert zero heads (docs/sharding.md)")
+  p.add_argument("--tp", default=None, help="tensor-parallel mesh size, or 'all' local devices; heads that do not "
+                 "divide are padded with inert zero heads (docs/sharding.md). Default: no mesh, one device (the "
+                 "benchmarks' engine; --tp 1 runs the sharded steps on a one-device mesh)")
   p.add_argument("--summaries", help="bounded far-history summaries, e.g. sink=1,window=256,max=4 (off by "
                  "default; max=0 drops the far history, StreamingLLM-style)")
 
@@ -102,7 +103,7 @@ def resolve_model(args):
 
   dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
   try:
-    mesh = sharding.make_mesh(args.tp)
+    mesh = None if args.tp is None else sharding.make_mesh(args.tp)
     path = args.checkpoint
     if path is None:
       path, ready = ckpt.bundled_checkpoint_dir(args.cache_dir)
@@ -124,7 +125,8 @@ def load_weights(path, cfg, mesh, dtype: str):
   heads need padding first (a line with its time on stderr)."""
   try:
     with phase(f"loading checkpoint {path}"):
-      shardings = None if sharding.padded_config(cfg, mesh.size) != cfg else sharding.named_shardings(mesh)
+      shardings = (None if mesh is None or sharding.padded_config(cfg, mesh.size) != cfg
+                   else sharding.named_shardings(mesh))
       cfg, model, _ = ckpt.load_checkpoint(path, dtype, shardings=shardings)
   except (ckpt.CheckpointError, ValueError) as e:
     raise UserError(str(e)) from None

@@ -23,6 +23,27 @@ from kvrm_jax.cli import UserError
 from kvrm_jax.model.checkpoint import default_cache_dir
 
 ENV = "KVRM_JAX_COMPILE_CACHE"
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_hits = 0
+
+
+def _count(event: str, **kwargs) -> None:
+  global _hits
+  if event == _HIT_EVENT:
+    _hits += 1
+
+
+jax.monitoring.register_event_listener(_count)
+
+
+def hits() -> int:
+  """Executables this process has read back from the persistent cache so far (jax's own event)."""
+  return _hits
+
+
+def compiled_line(count: int, secs: float, hits_: int) -> str:
+  """The warm-up's summary line: executables, seconds, and how many came from the cache."""
+  return f"{count} executables compiled in {secs:.1f} s ({hits_} read back from the compilation cache)"
 
 
 def default_dir() -> Path:

@@ -296,7 +296,8 @@ def reference_engine(ref: dict, path: str) -> str:
 
 def server_flags(ref: dict) -> dict:
   """serve.py flags that rebuild the in-process run's KV-RM engine: its sizes and runtime choices."""
-  b, rt = ref["budget"], ref["engines"][ref["_engine"]]["runtime"]
+  eng = ref["engines"][ref["_engine"]]
+  b, rt = ref["budget"], eng["runtime"]
   flags = {"--max-slots": b["kvrm_slots"], "--num-blocks": b["budget_blocks"] + 1, "--block-size": b["block_size"],
            "--max-len": b["max_len"], "--dtype": rt["dtype"]}
   if rt.get("step_tokens"):
@@ -314,6 +315,8 @@ def server_flags(ref: dict) -> dict:
     flags["--greedy-only"] = None
   if rt.get("sampler", "branch") != "branch":
     flags["--sampler"] = rt["sampler"]
+  if eng.get("tp"):  # a mesh (no mesh: the server's default too, so it compiles the same steps)
+    flags["--tp"] = eng["tp"]
   return flags
 
 

@@ -304,6 +304,7 @@ def engine_record(runner, runs: list[dict]) -> dict:
   eng = runner.engine
   during = {k: sum(m["compiles_during_run"][k] for m in runs) for k in ("decode", "prefill")}
   return {"runtime": dataclasses.asdict(eng.rt), "attention": attention_of(eng), "warmup_s": runner.warmup_s,
+          "tp": None if eng.mesh is None else eng.mesh.size,
           "decode_compiles": eng.compiles.decode, "prefill_compiles": eng.compiles.prefill + eng.compiles.mixed,
           "compiles_during_runs": during}
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from kvrm_jax import compile_cache
 from kvrm_jax.bench.metrics import SPIKE_FACTOR, cdf, compact, pct, ratio_of
 from kvrm_jax.sched.request import RequestError, SamplingParams
 
@@ -62,10 +63,10 @@ class Runner:
     eng = self.engine
     if log is not None:
       eng.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
-    t0 = time.perf_counter()
+    t0, hits = time.perf_counter(), compile_cache.hits()
     count, secs = eng.compile_all()  # every executable; then a prompt per bucket runs each once
     if log is not None and count > 1:
-      log(f"{count} executables compiled in {secs:.1f} s")
+      log(compile_cache.compiled_line(count, secs, compile_cache.hits() - hits))
     rng = np.random.default_rng(12345)
     for b in eng.rt.prefill_buckets:
       n = min(b, max_len - 2)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kvrm_jax import compile_cache
 from kvrm_jax.config import PRESETS, ModelConfig
 from kvrm_jax.model import checkpoint as ckpt
 from kvrm_jax.model.llama import Llama
@@ -32,7 +33,8 @@ from kvrm_jax.engine import Engine
 from kvrm_jax.sched.request import RequestError, SamplingParams
 
 __all__ = ["Engine", "EngineLoop", "Event", "Handle", "Overloaded", "RequestError", "SamplingParams", "UserError",
-           "add_runtime_args", "load_model", "load_preset", "load_tokenizer", "make_engine", "run_main", "warm_up"]
+           "add_runtime_args", "compile_cache", "load_model", "load_preset", "load_tokenizer", "make_engine", "run_main",
+           "warm_up"]
 
 
 def load_tokenizer(checkpoint=None, cache_dir=None):
@@ -49,7 +51,7 @@ def load_preset(args):
   tokenizer is None (token ids only)."""
   try:
     cfg = ModelConfig.from_name(args.preset)
-    mesh = sharding.make_mesh(args.tp)
+    mesh = None if args.tp is None else sharding.make_mesh(args.tp)
   except ValueError as e:
     raise UserError(str(e)) from None
   if args.dtype not in (None, "bfloat16", "float32"):
@@ -77,9 +79,10 @@ def warm_up(engine: Engine, log=None) -> None:
     engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
   limit = min(engine.rt.max_seq_len, engine.cfg.max_position)
   vocab = engine.cfg.vocab_size
+  hits = compile_cache.hits()
   count, secs = engine.compile_all()  # every executable; then a prompt per bucket runs each once
   if log is not None and count > 1:
-    log(f"{count} executables compiled in {secs:.1f} s")
+    log(compile_cache.compiled_line(count, secs, compile_cache.hits() - hits))
   for i, b in enumerate(engine.rt.prefill_buckets):
     n = min(b, limit - 2)
     if n < 1:

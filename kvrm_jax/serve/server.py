@@ -19,8 +19,8 @@ import time
 import uvicorn
 
 from kvrm_jax.serve.app import create_app
-from kvrm_jax.serve.engine_loop import (EngineLoop, UserError, add_runtime_args, load_model, load_preset,
-                                        make_engine, preset_names, run_main, warm_up)
+from kvrm_jax.serve.engine_loop import (EngineLoop, UserError, add_runtime_args, compile_cache, load_model,
+                                        load_preset, make_engine, preset_names, run_main, warm_up)
 from kvrm_jax.serve.metrics import Metrics
 
 
@@ -41,6 +41,7 @@ def parse_args(argv=None):
   p.add_argument("--log-level", default="warning", help="uvicorn log level (debug | info | warning | error)")
   add_runtime_args(p, max_slots_help="decode batch (default 16)",
                    num_blocks_help="KV pool blocks (default: every slot can hold --max-len tokens)")
+  compile_cache.add_args(p)
   return p.parse_args(argv)
 
 
@@ -61,6 +62,7 @@ def serve(args) -> int:
   t0 = time.perf_counter()
   if args.preset and args.checkpoint:
     raise UserError("give --checkpoint or --preset, not both")
+  compile_cache.from_args(args)  # a second start reads its executables back (a warm-up in seconds)
   cfg, model, tok, mesh, dtype, path = load_preset(args) if args.preset else load_model(args)
   max_len = args.max_len or min(cfg.max_position, 4096)
   if not 1 < max_len <= cfg.max_position:

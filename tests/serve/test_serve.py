@@ -468,20 +468,25 @@ def test_bench_serve_against_the_server(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_serve_launches_the_in_process_engine(tmp_path, capsys):
+def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
   """HTTP against in-process in one call: bench_serve --launch starts serve.py with the sizes and
   runtime choices of the bench_decode run it is compared with (here mixed steps, the pipelined
-  loop and decode buckets), and reports the ratio against that engine; a file with two KV-RM
-  engines is refused before anything starts."""
+  loop and decode buckets), and reports the ratio against that engine; the server compiles the
+  same executables, so with the compilation cache the in-process run filled it reads every one
+  back; a file with two KV-RM engines is refused before anything starts."""
   bench_decode, bench_serve = load_script("bench_decode", "bench_decode_serve"), load_script("bench_serve")
   ref, out = tmp_path / "decode.json", tmp_path / "serve.json"
   work = ["--families", "mixed", "--num-requests", "12", "--max-len", "256"]
   assert bench_decode.main(["--model", "tiny", "--kv-budget-blocks", "96", "--engines", "kvrm-mixed", "--pipeline",
                             "--decode-buckets", "4", "--quiet", "--out-json", str(ref)] + work) == 0
-  capsys.readouterr()
+  capfd.readouterr()
   assert bench_serve.main(["--launch", "--preset tiny --max-queue 64", "--in-process-json", str(ref),
                            "--out-json", str(out), "--quiet"] + work) == 0
-  launch = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[bench_serve] launching"))
+  printed = capfd.readouterr()
+  launch = next(ln for ln in printed.out.splitlines() if ln.startswith("[bench_serve] launching"))
+  if os.environ.get("KVRM_JAX_COMPILE_CACHE", "off") != "off":  # the suite's own cache (tests/conftest.py)
+    compiled = re.search(r"\[serve\] (\d+) executables compiled in [\d.]+ s \((\d+) read back", printed.err)
+    assert compiled and compiled[1] == compiled[2], printed.err
   rt = json.loads(ref.read_text())["engines"]["kvrm-mixed"]["runtime"]
   for flag in (f"--max-slots {rt['max_slots']}", f"--num-blocks {rt['num_blocks']}", f"--step-tokens {rt['step_tokens']}",
                "--decode-buckets 4", "--pipeline", "--max-len 256", "--dtype float32"):
@@ -494,7 +499,7 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capsys):
   both["engines"]["kvrm"] = both["engines"]["kvrm-mixed"]
   (tmp_path / "both.json").write_text(json.dumps(both))
   assert bench_serve.main(["--launch", "--preset tiny", "--in-process-json", str(tmp_path / "both.json")] + work) == 2
-  err = capsys.readouterr().err.strip().splitlines()
+  err = capfd.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "must hold one KV-RM engine (kvrm or kvrm-mixed)" in err[0], err
 
 

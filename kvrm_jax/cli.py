@@ -176,10 +176,11 @@ def add_step_args(p) -> None:
                  help="compile the steps for greedy decoding only (no branch between greedy and sampled rows "
                  "in the step, which makes the host wait for the device each step; docs/step.md) and refuse "
                  "requests with temperature > 0 (decode.py does this by itself at --temperature 0)")
-  p.add_argument("--sampler", default="branch", choices=["branch", "branch-free"],
-                 help="how the steps sample (same tokens): branch (default: the sampling routes run only when a row "
-                 "needs them, behind branches that make the host wait for the device) | branch-free (every route "
-                 "every step, no branch: --pipeline can hide the host for sampled requests too)")
+  p.add_argument("--sampler", default="auto", choices=["auto", "branch", "branch-free"],
+                 help="how the steps sample (same tokens): branch (the sampling routes run only when a row needs "
+                 "them, behind branches that make the host wait for the device) | branch-free (every route every "
+                 "step, no branch: --pipeline can hide the host for sampled requests too) | auto (default: "
+                 "branch-free with --pipeline, else branch)")
   p.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
                  help="projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming Mosaic GPU kernel "
                  "for steps of at most 256 rows, bf16 on Hopper)")

@@ -313,7 +313,7 @@ def server_flags(ref: dict) -> dict:
     flags["--pipeline"] = None
   if rt.get("greedy_only"):
     flags["--greedy-only"] = None
-  if rt.get("sampler", "branch") != "branch":
+  if rt.get("sampler", "auto") != "auto":
     flags["--sampler"] = rt["sampler"]
   if eng.get("tp"):  # a mesh (no mesh: the server's default too, so it compiles the same steps)
     flags["--tp"] = eng["tp"]

@@ -571,7 +571,8 @@ def test_pipelined_loop_abort_in_flight(model):
 def test_branch_free_steps_sample_the_same_tokens_with_no_branch(model, step_tokens):
   """RuntimeConfig.sampler "branch-free": sampled and greedy requests (the top-k window, top-p
   alone, top-k past K_MAX) get the default engine's tokens, also through the pipelined loop, and
-  no compiled step holds a conditional."""
+  no compiled step holds a conditional; the default sampler ("auto") is branch-free exactly when
+  the loop is pipelined."""
   ps = prompts(1, (6, 11, 25, 9))
   sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1),
         SamplingParams(max_new_tokens=10, temperature=1.2, top_p=0.8, seed=2),
@@ -579,9 +580,11 @@ def test_branch_free_steps_sample_the_same_tokens_with_no_branch(model, step_tok
         SamplingParams(max_new_tokens=10)]
   rt = dataclasses.replace(RT, step_tokens=step_tokens, tile=8 if step_tokens else 64)
   want = [o.output_ids for o in Engine(CFG, model, rt).generate(ps, sp)]
-  for pipeline in (False, True):
-    eng = Engine(CFG, model, dataclasses.replace(rt, sampler="branch-free", pipeline=pipeline))
-    assert [o.output_ids for o in eng.generate(ps, sp)] == want, pipeline
+  assert rt.sampler == "auto" and not rt.pipeline and not rt.branch_free
+  for sampler, pipeline in (("branch-free", False), ("branch-free", True), ("auto", True)):
+    eng = Engine(CFG, model, dataclasses.replace(rt, sampler=sampler, pipeline=pipeline))
+    assert eng.rt.branch_free
+    assert [o.output_ids for o in eng.generate(ps, sp)] == want, (sampler, pipeline)
     steps = list(eng._executables.values())
     assert len(steps) >= 2
     for exe in steps:

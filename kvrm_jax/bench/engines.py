@@ -73,9 +73,10 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
   g.add_argument("--greedy-only", action="store_true",
                  help="both engines' steps compiled for greedy decoding only (RuntimeConfig.greedy_only: no "
                  "branch between greedy and sampled rows; the benchmarks' requests are greedy)")
-  g.add_argument("--sampler", default="branch", choices=["branch", "branch-free"],
-                 help="how both engines' steps sample (RuntimeConfig.sampler; same tokens): branch (default) | "
-                 "branch-free (no branch in the steps, every sampling route every step)")
+  g.add_argument("--sampler", default="auto", choices=["auto", "branch", "branch-free"],
+                 help="how both engines' steps sample (RuntimeConfig.sampler; same tokens): auto (default: "
+                 "branch-free with --pipeline, else branch) | branch | branch-free (no branch in the steps, every "
+                 "sampling route every step)")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
                  "devices, or 'all' local devices; the KV budget is the whole mesh's (default: no mesh)")
   compile_cache.add_args(g)
@@ -277,7 +278,7 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
                          prompt_attention="auto" if kind == "static" else getattr(args, "prompt_attention", "auto"),
                          pipeline=kind != "static" and getattr(args, "pipeline", False),
                          matmul=getattr(args, "matmul", "xla"), greedy_only=getattr(args, "greedy_only", False),
-                         sampler=getattr(args, "sampler", "branch"), **kw)
+                         sampler=getattr(args, "sampler", "auto"), **kw)
   except ValueError as e:
     raise UserError(str(e)) from None
 

@@ -53,7 +53,7 @@ def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, gen
   return {
       "engine": kind,
       "greedy_only_steps": rt.greedy_only,
-      "sampler": rt.sampler,
+      "sampler": "branch-free" if rt.branch_free else "branch",
       "decode_compiles": compiles.decode,
       "prefill_compiles": compiles.prefill,
       "mixed_compiles": compiles.mixed,

@@ -6,12 +6,49 @@ from the engine thread; prometheus-client metrics are thread-safe.
 
 from __future__ import annotations
 
+import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5, 10, 20, 40, 80)
+
+
+class BatchHistogram:
+  """A histogram observed a batch at a time: the latencies of every stream of one engine step in
+  one call (numpy bucket counts under a lock), exposed as prometheus-client's Histogram exposes
+  its own (`_bucket{le=...}`, `_sum`, `_count`). Histogram.observe costs about 3.8 us a value,
+  0.57 ms a step at 148 streams on the engine thread's critical path; a batch costs one call."""
+
+  def __init__(self, name: str, documentation: str, buckets, registry: CollectorRegistry):
+    self.name, self.documentation = name, documentation
+    self.bounds = np.asarray(sorted(buckets), np.float64)
+    self._counts = np.zeros(len(self.bounds) + 1, np.int64)  # the last: above every bound (+Inf)
+    self._sum = 0.0
+    self._lock = threading.Lock()
+    registry.register(self)
+
+  def observe(self, values) -> None:
+    v = np.asarray(values, np.float64).ravel()
+    if not v.size:
+      return
+    counts = np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=len(self._counts))
+    with self._lock:
+      self._counts += counts
+      self._sum += float(v.sum())
+
+  def collect(self):
+    with self._lock:
+      cum, total = np.cumsum(self._counts), self._sum
+    buckets = [(floatToGoString(b), int(c)) for b, c in zip(self.bounds, cum[:-1])] + [("+Inf", int(cum[-1]))]
+    yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+  def describe(self):
+    return list(self.collect())
 
 
 class Metrics:
@@ -34,12 +71,12 @@ class Metrics:
     self.requests = Counter("kvrm_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
     self.rejected = Counter("kvrm_rejected_requests", "Requests refused before reaching the engine, by cause",
                             ["cause"], registry=r)
-    self.ttft = Histogram("kvrm_time_to_first_token_seconds", "Request arrival to its first token",
-                          buckets=_LATENCY_BUCKETS, registry=r)
-    self.itl = Histogram("kvrm_inter_token_latency_seconds", "Gap between consecutive token events of a request",
-                         buckets=_LATENCY_BUCKETS, registry=r)
-    self.e2e = Histogram("kvrm_e2e_request_latency_seconds", "Request arrival to its last token",
-                         buckets=_LATENCY_BUCKETS, registry=r)
+    self.ttft = BatchHistogram("kvrm_time_to_first_token_seconds", "Request arrival to its first token",
+                               _LATENCY_BUCKETS, r)
+    self.itl = BatchHistogram("kvrm_inter_token_latency_seconds", "Gap between consecutive token events of a "
+                              "request", _LATENCY_BUCKETS, r)
+    self.e2e = BatchHistogram("kvrm_e2e_request_latency_seconds", "Request arrival to its last token",
+                              _LATENCY_BUCKETS, r)
     self.steps = Counter("kvrm_engine_steps", "Engine steps: decode (every step with decode rows), pipelined "
                          "(those dispatched before the previous step's tokens were read), mixed (steps with "
                          "prompt tiles, --step-tokens)", ["kind"], registry=r)
@@ -54,19 +91,19 @@ class Metrics:
   def render(self) -> bytes:
     return generate_latest(self.registry)
 
-  def observe_tokens(self, h, n: int, now: float) -> None:
-    """n new tokens of request h (engine thread)."""
-    if h.last_token is None:
-      self.ttft.observe(now - h.submitted)
-    else:
-      self.itl.observe(now - h.last_token)
+  def observe_tokens(self, batch, now: float) -> None:
+    """The token events of one engine step (engine thread): [(request handle, new tokens)], read
+    before the handles' `last_token` moves to `now`."""
+    self.ttft.observe([now - h.submitted for h, _ in batch if h.last_token is None])
+    self.itl.observe([now - h.last_token for h, _ in batch if h.last_token is not None])
+    n = sum(k for _, k in batch)
     self.generation_tokens.inc(n)
     self._window_tokens += n
 
   def observe_finish(self, h, reason: str) -> None:
     self.requests.labels(reason).inc()
     if h.last_token is not None:
-      self.e2e.observe(h.last_token - h.submitted)
+      self.e2e.observe([h.last_token - h.submitted])
 
   def observe_engine(self, loop) -> None:
     """After each engine step (or idle wait): gauges and counters from the engine's state."""

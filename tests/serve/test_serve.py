@@ -71,6 +71,35 @@ def test_text_stream_cuts_at_the_first_stop_string_and_holds_back_its_prefix(tok
   assert "".join([ts.add([i]) for i in ids] + [ts.finish()]) == text and not ts.stopped
 
 
+def test_latency_histograms_expose_what_prometheus_client_would():
+  """The server's latency histograms take a step's observations in one call (BatchHistogram) and
+  expose exactly what prometheus-client's Histogram does for the same values one at a time:
+  bucket edges (a value equal to an edge counts in it), sums, counts."""
+  import numpy as np
+  from prometheus_client import CollectorRegistry, Histogram, generate_latest
+  from kvrm_jax.serve.metrics import _LATENCY_BUCKETS, BatchHistogram
+
+  rng = np.random.default_rng(0)
+  values = np.concatenate([rng.lognormal(-4, 2, 500), _LATENCY_BUCKETS, [0.0, 1e3]])
+  ours_reg, ref_reg = CollectorRegistry(), CollectorRegistry()
+  ours = BatchHistogram("lat_seconds", "a latency", _LATENCY_BUCKETS, ours_reg)
+  ref = Histogram("lat_seconds", "a latency", buckets=_LATENCY_BUCKETS, registry=ref_reg)
+  for chunk in np.array_split(values, 37):
+    ours.observe(chunk.tolist())
+    for v in chunk:
+      ref.observe(float(v))
+  ours.observe([])
+
+  def lines(reg):
+    return [ln for ln in generate_latest(reg).decode().splitlines() if "_created" not in ln]
+  got, want = lines(ours_reg), lines(ref_reg)
+  assert [ln for ln in got if not ln.startswith("lat_seconds_sum")] == \
+      [ln for ln in want if not ln.startswith("lat_seconds_sum")]
+  (s_got,), (s_want,) = ([float(ln.split()[-1]) for ln in x if ln.startswith("lat_seconds_sum")] for x in (got, want))
+  assert s_got == pytest.approx(s_want, rel=1e-12)
+  assert 'lat_seconds_bucket{le="+Inf"} %d.0' % len(values) in got
+
+
 def test_a_preset_without_the_bundled_model_serves_token_ids_only(monkeypatch, capsys):
   """`--preset` needs no tokenizer: without the bundled model the server says so in one line and
   serves token-id prompts (outputs with their token counts, no text); text prompts, chat messages

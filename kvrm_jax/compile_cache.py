@@ -24,7 +24,7 @@ from kvrm_jax.model.checkpoint import default_cache_dir
 
 ENV = "KVRM_JAX_COMPILE_CACHE"
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
-_hits = 0
+_hits = 0  # executables this process has read back from the persistent cache (jax's own event)
 
 
 def _count(event: str, **kwargs) -> None:
@@ -36,14 +36,16 @@ def _count(event: str, **kwargs) -> None:
 jax.monitoring.register_event_listener(_count)
 
 
-def hits() -> int:
-  """Executables this process has read back from the persistent cache so far (jax's own event)."""
-  return _hits
-
-
-def compiled_line(count: int, secs: float, hits_: int) -> str:
-  """The warm-up's summary line: executables, seconds, and how many came from the cache."""
-  return f"{count} executables compiled in {secs:.1f} s ({hits_} read back from the compilation cache)"
+def compile_all(engine, log=None) -> None:
+  """`engine.compile_all()` for a warm-up. log(line), if given, is told each executable compiled and
+  its seconds (cold compiles of an 8B-shaped model take about a minute each on a GPU host; it stays
+  set, so a later compile says so too), then the total and how many came from the cache."""
+  if log is not None:
+    engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
+  before = _hits
+  count, secs = engine.compile_all()
+  if log is not None and count > 1:
+    log(f"{count} executables compiled in {secs:.1f} s ({_hits - before} read back from the compilation cache)")
 
 
 def default_dir() -> Path:

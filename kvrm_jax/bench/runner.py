@@ -61,12 +61,8 @@ class Runner:
     log(line): told each executable compiled and its seconds (cold compiles of an 8B-shaped model
     take about a minute each on a GPU host); it stays set, so a compile during a timed run says so."""
     eng = self.engine
-    if log is not None:
-      eng.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
-    t0, hits = time.perf_counter(), compile_cache.hits()
-    count, secs = eng.compile_all()  # every executable; then a prompt per bucket runs each once
-    if log is not None and count > 1:
-      log(compile_cache.compiled_line(count, secs, compile_cache.hits() - hits))
+    t0 = time.perf_counter()
+    compile_cache.compile_all(eng, log)  # every executable; then a prompt per bucket runs each once
     rng = np.random.default_rng(12345)
     for b in eng.rt.prefill_buckets:
       n = min(b, max_len - 2)

@@ -75,14 +75,9 @@ def warm_up(engine: Engine, log=None) -> None:
   """Compile the decode step and every prefill (or mixed-step) bucket before the first client waits on it.
 
   log(line): told each executable compiled and its seconds (compiles can take minutes on a busy GPU host)."""
-  if log is not None:
-    engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
   limit = min(engine.rt.max_seq_len, engine.cfg.max_position)
   vocab = engine.cfg.vocab_size
-  hits = compile_cache.hits()
-  count, secs = engine.compile_all()  # every executable; then a prompt per bucket runs each once
-  if log is not None and count > 1:
-    log(compile_cache.compiled_line(count, secs, compile_cache.hits() - hits))
+  compile_cache.compile_all(engine, log)  # every executable; then a prompt per bucket runs each once
   for i, b in enumerate(engine.rt.prefill_buckets):
     n = min(b, limit - 2)
     if n < 1:

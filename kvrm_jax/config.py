@@ -187,8 +187,9 @@ class RuntimeConfig:
     returns before the device finishes it and RuntimeConfig.pipeline can hide the host;
     kvrm_jax/step/sampling.py), or "auto" (the default: branch-free with `pipeline`, else branch;
     `branch_free` says which). On an H200 at 148 rows x 512 tokens of context (Llama-3-8B shape),
-    branch-free steps took 2.8 ms more device time (16.8 vs 13.6 ms a step) and the pipelined loop
-    1.1-1.9 ms less (14.4 vs 15.5 ms a step sampled, 14.3 vs 16.3 greedy; docs/step.md).
+    branch-free steps took about 2.1 ms more device time (14.5 vs 12.4-12.5 ms back to back) and
+    the pipelined loop 1.1-1.9 ms less (14.4 vs 15.5 ms a step sampled, 14.3 vs 16.3 greedy;
+    docs/step.md).
   """
 
   block_size: int = 16

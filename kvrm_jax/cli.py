@@ -180,7 +180,7 @@ def add_step_args(p) -> None:
                  help="how the steps sample (same tokens): branch (the sampling routes run only when a row needs "
                  "them, behind branches that make the host wait for the device) | branch-free (every route every "
                  "step, no branch: --pipeline can hide the host for sampled requests too) | auto (default: "
-                 "branch-free with --pipeline, else branch)")
+                 "branch-free with --pipeline on a GPU, else branch)")
   p.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
                  help="projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming Mosaic GPU kernel "
                  "for steps of at most 256 rows, bf16 on Hopper)")

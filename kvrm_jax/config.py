@@ -185,8 +185,9 @@ class RuntimeConfig:
     and the top-k / top-p searches run behind `lax.cond`s, only when a row needs them),
     "branch-free" (every route runs on every step, with no branch in the step, so a step call
     returns before the device finishes it and RuntimeConfig.pipeline can hide the host;
-    kvrm_jax/step/sampling.py), or "auto" (the default: branch-free with `pipeline`, else branch;
-    `branch_free` says which). On an H200 at 148 rows x 512 tokens of context (Llama-3-8B shape),
+    kvrm_jax/step/sampling.py), or "auto" (the default: branch-free with `pipeline` on a GPU, else
+    branch; `kvrm_jax.step.sampling.resolve_branch_free` says which). A CPU runs every route's
+    work in the branch-free steps too, and there the searches cost far more than any wait. On an H200 at 148 rows x 512 tokens of context (Llama-3-8B shape),
     branch-free steps took about 2.1 ms more device time (14.5 vs 12.4-12.5 ms back to back) and
     the pipelined loop 1.1-1.9 ms less (14.4 vs 15.5 ms a step sampled, 14.3 vs 16.3 greedy;
     docs/step.md).
@@ -277,11 +278,6 @@ class RuntimeConfig:
     if self.step_tokens < 0 or (self.step_tokens and self.step_tokens < self.max_slots + self.tile):
       raise ValueError(f"step_tokens must be 0 (separate prefill calls) or >= max_slots + tile = "
                        f"{self.max_slots + self.tile}, got {self.step_tokens}")
-
-  @property
-  def branch_free(self) -> bool:
-    """Whether the steps sample with no branch (`sampler`; "auto": with `pipeline`)."""
-    return self.sampler == "branch-free" or (self.sampler == "auto" and self.pipeline)
 
   @property
   def max_tiles(self) -> int:

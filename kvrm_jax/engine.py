@@ -31,6 +31,7 @@ from kvrm_jax.sched.summaries import SummaryConfig
 from kvrm_jax.step import gemm, sharding
 from kvrm_jax.step import steps as step_lib
 from kvrm_jax.step.block_ops import init_pools, poison_blocks
+from kvrm_jax.step.sampling import resolve_branch_free
 from kvrm_jax.step.tier import init_host_pools
 
 
@@ -412,4 +413,5 @@ class Engine:
     return stats_lib.summary(self.stats, kind=self.kind, compiles=self.compiles, rt=self.rt, cfg=self.cfg,
                              itemsize=jnp.dtype(self.rt.dtype).itemsize,
                              generated=sum(len(r.output_ids) for r in self.requests.values()),
-                             tier_policy=None if self.sched.tier is None else self.sched.tier_policy)
+                             tier_policy=None if self.sched.tier is None else self.sched.tier_policy,
+                             sampler="branch-free" if resolve_branch_free(self.rt) else "branch")

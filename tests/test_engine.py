@@ -14,6 +14,7 @@ from kvrm_jax.model import reference
 from kvrm_jax.model.llama import Llama
 from kvrm_jax.sched.request import RequestError
 from kvrm_jax.sched.request import SamplingParams
+from kvrm_jax.step.sampling import resolve_branch_free
 
 CFG = TINY
 RT = RuntimeConfig(block_size=8, num_blocks=96, max_slots=4, max_blocks_per_seq=16, max_groups=2, max_moves=4,
@@ -572,7 +573,7 @@ def test_branch_free_steps_sample_the_same_tokens_with_no_branch(model, step_tok
   """RuntimeConfig.sampler "branch-free": sampled and greedy requests (the top-k window, top-p
   alone, top-k past K_MAX) get the default engine's tokens, also through the pipelined loop, and
   no compiled step holds a conditional; the default sampler ("auto") is branch-free exactly when
-  the loop is pipelined."""
+  the loop is pipelined on a GPU."""
   ps = prompts(1, (6, 11, 25, 9))
   sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1),
         SamplingParams(max_new_tokens=10, temperature=1.2, top_p=0.8, seed=2),
@@ -580,16 +581,20 @@ def test_branch_free_steps_sample_the_same_tokens_with_no_branch(model, step_tok
         SamplingParams(max_new_tokens=10)]
   rt = dataclasses.replace(RT, step_tokens=step_tokens, tile=8 if step_tokens else 64)
   want = [o.output_ids for o in Engine(CFG, model, rt).generate(ps, sp)]
-  assert rt.sampler == "auto" and not rt.pipeline and not rt.branch_free
-  for sampler, pipeline in (("branch-free", False), ("branch-free", True), ("auto", True)):
-    eng = Engine(CFG, model, dataclasses.replace(rt, sampler=sampler, pipeline=pipeline))
-    assert eng.rt.branch_free
-    assert [o.output_ids for o in eng.generate(ps, sp)] == want, (sampler, pipeline)
+  for pipeline in (False, True):
+    eng = Engine(CFG, model, dataclasses.replace(rt, sampler="branch-free", pipeline=pipeline))
+    assert [o.output_ids for o in eng.generate(ps, sp)] == want, pipeline
     steps = list(eng._executables.values())
     assert len(steps) >= 2
     for exe in steps:
       assert "conditional(" not in exe.as_text()
   assert eng.stats.pipelined_steps > 0
+  assert eng.summary()["sampler"] == "branch-free"
+  assert rt.sampler == "auto"
+  for sampler, pipeline, backend, free in [("auto", True, "gpu", True), ("auto", False, "gpu", False),
+                                           ("auto", True, "cpu", False), ("branch", True, "gpu", False),
+                                           ("branch-free", False, "cpu", True)]:
+    assert resolve_branch_free(dataclasses.replace(rt, sampler=sampler, pipeline=pipeline), backend) == free
   with pytest.raises(ValueError, match="unknown sampler"):
     RuntimeConfig(sampler="sorted")
 

@@ -75,7 +75,7 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
                  "branch between greedy and sampled rows; the benchmarks' requests are greedy)")
   g.add_argument("--sampler", default="auto", choices=["auto", "branch", "branch-free"],
                  help="how both engines' steps sample (RuntimeConfig.sampler; same tokens): auto (default: "
-                 "branch-free with --pipeline, else branch) | branch | branch-free (no branch in the steps, every "
+                 "branch-free with --pipeline on a GPU, else branch) | branch | branch-free (no branch in the steps, every "
                  "sampling route every step)")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
                  "devices, or 'all' local devices; the KV budget is the whole mesh's (default: no mesh)")

@@ -46,14 +46,14 @@ class EngineStats:
 
 
 def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, generated: int,
-            tier_policy: str | None) -> dict:
+            tier_policy: str | None, sampler: str) -> dict:
   """The stats object of scripts/decode.py's JSON (the host tier's part only when it exists)."""
   block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * rt.block_size * cfg.head_dim * itemsize
   token_bytes = block_bytes // rt.block_size
   return {
       "engine": kind,
       "greedy_only_steps": rt.greedy_only,
-      "sampler": "branch-free" if rt.branch_free else "branch",
+      "sampler": sampler,  # "branch" | "branch-free" (RuntimeConfig.sampler resolved)
       "decode_compiles": compiles.decode,
       "prefill_compiles": compiles.prefill,
       "mixed_compiles": compiles.mixed,

@@ -136,6 +136,14 @@ def kept_mask(x, top_k, top_p, chunk: int = CHUNK, branch_free: bool = False):
   return x >= jnp.maximum(t_k, t_p)[:, None]
 
 
+def resolve_branch_free(rt, backend: str | None = None) -> bool:
+  """Whether the steps of RuntimeConfig `rt` sample branch-free: sampler "branch-free", or "auto"
+  with the pipelined loop on a GPU, where the branches make the host wait (backend: default
+  jax.default_backend())."""
+  backend = backend or jax.default_backend()
+  return rt.sampler == "branch-free" or (rt.sampler == "auto" and rt.pipeline and backend == "gpu")
+
+
 def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool = False,
            branch_free: bool = False):
   """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.

@@ -13,7 +13,7 @@ compiled decode step loop runs and each step is timed (dispatch to tokens on the
 --layer-loop runs each variant of RuntimeConfig.layer_loop in the same process (rows labelled);
 --tp runs each tensor-parallel mesh size in the same process through jax.shard_map (rows labelled;
 without --tp the engine has no mesh; the roofline of a row is one device's share of the bytes);
---xla-options does the same for RuntimeConfig.xla_options ("" = the defaults), e.g.
+--xla-options does the same for RuntimeConfig.xla_options ("" = the defaults; decode and --prompt-tokens rows), e.g.
   --xla-options "" "xla_gpu_enable_triton_gemm=false" compares XLA's Triton GEMMs with cuBLAS.
 --sampling greedy sampled runs each row with greedy decoding and with temperature 0.8, top-p 0.9,
 top-k 50 (the cost of sampling); greedy-only runs greedy rows on steps compiled without the branch
@@ -243,7 +243,7 @@ def _prompt_cost(cfg, batch: int, context: int, prompt_tokens: int, tok_bytes: i
 
 
 def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention, args, copy_tb_s=None,
-               mm_tflops=None) -> dict:
+               mm_tflops=None, xla_options: str = "") -> dict:
   """A step with prompt work (see --prompt-tokens): mode "mixed" (one mixed step) or "split" (a
   prefill call, then the decode call); the same descriptors replayed args.iters times."""
   from kvrm_jax import descriptor as desc_lib
@@ -254,7 +254,8 @@ def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention
   kw = (dict(step_tokens=slots + -(-prompt_tokens // tile) * tile, tile=tile) if mode == "mixed"
         else dict(prefill_buckets=(prompt_tokens,), max_prefill_seqs=1))
   rt = RuntimeConfig(block_size=bs, num_blocks=slots * (mb + 2) + 1, max_slots=slots, max_blocks_per_seq=mb,
-                     dtype=args.dtype, attention=args.attention, prompt_attention=prompt_attention, **kw)
+                     dtype=args.dtype, attention=args.attention, prompt_attention=prompt_attention,
+                     xla_options=parse_xla_options(xla_options), **kw)
   eng = Engine(cfg, model, rt)
   rng = np.random.default_rng(0)
   for _ in range(slots):
@@ -298,7 +299,8 @@ def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention
   weight_bytes = sum(x.size for x in jax.tree.leaves(eng.state)) * itemsize
   flops, kv_bytes = _prompt_cost(cfg, batch, context, prompt_tokens, tok_bytes)
   step_ms = 1e3 * float(np.median(times))
-  row = {"mode": mode, "prompt_attention": prompt_attention, "batch": batch, "context": context,
+  row = {"mode": mode, "prompt_attention": prompt_attention, "xla_options": xla_options, "batch": batch,
+         "context": context,
          "prompt_tokens": prompt_tokens, "step_ms_median": step_ms, "steps_timed": len(times),
          "first_step_s": first_step_s, "weight_bytes": weight_bytes, "kv_bytes_read": kv_bytes, "flops": flops,
          "prompt_tokens_per_s": prompt_tokens / (step_ms / 1e3),
@@ -322,7 +324,8 @@ def _print_prompt_rows(rows) -> None:
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   nan = float("nan")
   for r in rows:
-    head = f"| {r['mode']} | {r['prompt_attention']} | {r['batch']} | {r['context']} | {r['prompt_tokens']} |"
+    pa = r["prompt_attention"] + (f" ({r['xla_options']})" if r.get("xla_options") else "")
+    head = f"| {r['mode']} | {pa} | {r['batch']} | {r['context']} | {r['prompt_tokens']} |"
     if "error" in r:
       print(f"{head} error: {r['error'][:200]} | | | | | | |")
       continue
@@ -332,7 +335,8 @@ def _print_prompt_rows(rows) -> None:
           f"decode {c['decode']}, prefill {c['prefill']}, mixed {c['mixed']} |")
   for r in rows:
     if "profile" in r:
-      print_profile(f"{r['mode']} {r['prompt_attention']} b{r['batch']} c{r['context']} p{r['prompt_tokens']}",
+      print_profile(f"{r['mode']} {r['prompt_attention']} {r.get('xla_options') or ''} b{r['batch']} c{r['context']} "
+                    f"p{r['prompt_tokens']}",
                     r["profile"], r["step_ms_median"])
 
 
@@ -456,12 +460,12 @@ def main(argv=None) -> int:
     for b in args.batches:
       for pt in args.prompt_tokens:
         for mode in args.modes:
-          for pa in args.prompt_attention:
+          for pa, xo in [(pa, xo) for pa in args.prompt_attention for xo in args.xla_options]:
             try:
-              r = run_prompt(cfg, model, b, ctx, pt, mode, pa, args, bw, mm)
+              r = run_prompt(cfg, model, b, ctx, pt, mode, pa, args, bw, mm, xo)
             except Exception as e:  # noqa: BLE001
-              r = {"mode": mode, "prompt_attention": pa, "batch": b, "context": ctx, "prompt_tokens": pt,
-                   "error": f"{type(e).__name__}: {str(e)[:500]}"}
+              r = {"mode": mode, "prompt_attention": pa, "xla_options": xo, "batch": b, "context": ctx,
+                   "prompt_tokens": pt, "error": f"{type(e).__name__}: {str(e)[:500]}"}
             gc.collect()
             prompt_rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "profile"}), file=sys.stderr, flush=True)

@@ -599,3 +599,29 @@ def test_bench_gemm_jax_hopper_configs_lower_for_cuda(monkeypatch):
     text = jax.jit(lambda x, w: gemm_bench.hopper_matmul(x, w, cfg)).trace(x, w).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text, cfg
+
+
+def test_bench_sampler_rows_and_same_tokens(tmp_path, capsys):
+  """scripts/bench_sampler.py over SmolLM2's vocabulary (49,152 columns: the searches and the chunked
+  top-k window run): a row per (setting, sampler), every branch-free `ways` drawing the branching
+  sampler's tokens (exit status 0 only then)."""
+  bench_sampler = load_script("bench_sampler")
+  out = tmp_path / "s.json"
+  assert bench_sampler.main(["--model", "smollm2-135m", "--rows", "3", "--settings", "p0.9", "k1000", "--ways", "2",
+                             "16", "--calls", "1", "--reps", "1", "--out-json", str(out)]) == 0
+  got = json.loads(out.read_text())
+  assert got["meta"]["vocab"] == 49152 and got["meta"]["command"].startswith("python scripts/bench_sampler.py")
+  rows = got["rows"]
+  assert [(r["setting"], r["sampler"]) for r in rows] == [
+      (s, n) for s in ("p0.9", "k1000") for n in ("greedy-only", "branch", "branch-free (2-way)", "branch-free (16-way)")]
+  assert all(r["ms"] > 0 for r in rows)
+  assert [r["same_tokens"] for r in rows if r["sampler"].startswith("branch-free")] == [True] * 4
+  assert "| 3 | p0.9 | branch-free (2-way) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [(["--ways", "3"], "--ways must be powers of two >= 2, got [3]"),
+                                          (["--rows", "0"], "--rows, --calls and --reps must be positive")])
+def test_bench_sampler_bad_input_is_one_clear_line(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    load_script("bench_sampler").main(argv)
+  assert message in capsys.readouterr().err

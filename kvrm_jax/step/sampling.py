@@ -39,6 +39,7 @@ from kvrm_jax.sched.request import NON_FINITE  # the token id of a row of non-fi
 # Rows with 1 <= top_k <= K_MAX take the top-k window route; the rest search over V.
 K_MAX = 64
 CHUNK = 128  # columns per chunk of top_window's first stage
+BRANCH_FREE_WAYS = 16  # the branch-free searches' ways (scripts/bench_sampler.py --ways times others)
 
 
 def top_window(x, k, chunk: int = CHUNK):
@@ -95,18 +96,20 @@ def _search(x, pred, ways: int = 2):
   return _from_order_key(hi)
 
 
-def kept_mask(x, top_k, top_p, chunk: int = CHUNK, branch_free: bool = False):
+def kept_mask(x, top_k, top_p, chunk: int = CHUNK, branch_free: bool = False, ways: int | None = None):
   """The kept set of each row (definition in the module docstring). x: [B, V] f32 scaled logits;
   top_k: [B] int32 (0 = off); top_p: [B] f32 in (0, 1] (1 = off) -> [B, V] bool. `chunk`: columns
-  per chunk of `top_window`. branch_free: the searches of rows off the window route always run (a
-  16-way search) instead of behind a `lax.cond` (a bisection)."""
+  per chunk of `top_window`. branch_free: the searches of rows off the window route always run
+  instead of behind a `lax.cond`. ways: the searches' cut points per round plus one (a power of
+  two; default BRANCH_FREE_WAYS branch-free, else 2: a bisection); every choice finds the same
+  thresholds."""
   b, v = x.shape
   kmax = min(K_MAX, v)
   neg_inf = jnp.full((b,), -jnp.inf, jnp.float32)
   in_window = (top_k > 0) & (top_k <= kmax)  # [B]
   p_on = top_p < 1.0  # [B]
   e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # [B, V] unnormalised probabilities
-  ways = 16 if branch_free else 2
+  ways = ways or (BRANCH_FREE_WAYS if branch_free else 2)
 
   def search_if(needed, pred):  # the threshold of rows that need a search (others: -inf)
     run = lambda: _search(x, pred, ways)  # noqa: E731
@@ -145,7 +148,7 @@ def resolve_branch_free(rt, backend: str | None = None) -> bool:
 
 
 def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool = False,
-           branch_free: bool = False):
+           branch_free: bool = False, ways: int | None = None):
   """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.
 
   temperature 0 is greedy (argmax of the logits). Otherwise the token is drawn by Gumbel-max in
@@ -162,12 +165,13 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool
   refused temperature > 0; RuntimeConfig.greedy_only).
   branch_free (static): the same tokens with no branch in the graph: the stochastic path always
   runs (RuntimeConfig.sampler "branch-free"; module docstring).
+  ways (static): the threshold searches' ways (`kept_mask`); the same tokens for every choice.
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def stochastic():
     x = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]
-    masked = jnp.where(kept_mask(x, top_k, top_p, branch_free=branch_free), x, -jnp.inf)
+    masked = jnp.where(kept_mask(x, top_k, top_p, branch_free=branch_free, ways=ways), x, -jnp.inf)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), c))(seeds, counters)
     picked = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, picked, greedy)

@@ -38,15 +38,15 @@ def random_rows(rng, b, v, ties):
   return x, k, p
 
 
-@pytest.mark.parametrize("branch_free", [False, True])
+@pytest.mark.parametrize("branch_free,ways", [(False, None), (True, None), (True, 2), (True, 4)])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("v,chunk", [(40, sampling.CHUNK), (700, sampling.CHUNK), (700, 2)])
-def test_kept_set_matches_reference(v, chunk, ties, branch_free):
+def test_kept_set_matches_reference(v, chunk, ties, branch_free, ways):
   """chunk 2 at v 700 takes top_window's chunked route (350 chunks of 2 columns); branch_free
-  searches 16 ways with no lax.cond."""
+  searches with no lax.cond (BRANCH_FREE_WAYS ways, or `ways`)."""
   rng = np.random.default_rng(v + ties)
   x, k, p = random_rows(rng, 96, v, ties)
-  got = np.asarray(jax.jit(functools.partial(sampling.kept_mask, chunk=chunk, branch_free=branch_free))(
+  got = np.asarray(jax.jit(functools.partial(sampling.kept_mask, chunk=chunk, branch_free=branch_free, ways=ways))(
       jnp.asarray(x), jnp.asarray(k), jnp.asarray(p)))
   checked = 0
   for i in range(len(x)):

@@ -25,6 +25,7 @@ from kvrm_jax.model.checkpoint import default_cache_dir
 ENV = "KVRM_JAX_COMPILE_CACHE"
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _hits = 0  # executables this process has read back from the persistent cache (jax's own event)
+_threads = 1  # compile_all's XLA compiles at once (--compile-threads)
 
 
 def _count(event: str, **kwargs) -> None:
@@ -36,14 +37,15 @@ def _count(event: str, **kwargs) -> None:
 jax.monitoring.register_event_listener(_count)
 
 
-def compile_all(engine, log=None) -> None:
-  """`engine.compile_all()` for a warm-up. log(line), if given, is told each executable compiled and
-  its seconds (cold compiles of an 8B-shaped model take about a minute each on a GPU host; it stays
-  set, so a later compile says so too), then the total and how many came from the cache."""
+def compile_all(engine, log=None, threads: int | None = None) -> None:
+  """`engine.compile_all(threads)` for a warm-up (threads: default --compile-threads, else 1). log(line),
+  if given, is told each executable compiled and its seconds (cold compiles of an 8B-shaped model take
+  about a minute each on a GPU host; it stays set, so a later compile says so too), then the total and
+  how many came from the cache."""
   if log is not None:
     engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
   before = _hits
-  count, secs = engine.compile_all()
+  count, secs = engine.compile_all(threads or _threads)
   if log is not None and count > 1:
     log(f"{count} executables compiled in {secs:.1f} s ({_hits - before} read back from the compilation cache)")
 
@@ -79,11 +81,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--compile-cache", metavar="DIR", help=f"persistent compilation cache folder (default: "
                  f"${ENV}, else the cache folder's xla/: $KVRM_JAX_CACHE or ~/.cache/kvrm-jax)")
   g.add_argument("--no-compile-cache", action="store_true", help=f"do not read or write compiled executables (also ${ENV}=off)")
+  p.add_argument("--compile-threads", type=int, default=1, metavar="N",
+                 help="warm-up: run XLA's compiles of the steps in N threads at once (default 1: one at a time)")
 
 
 def from_args(args) -> Path | None:
   """`enable` unless --no-compile-cache; the folder used, or None when off. A folder that cannot
-  be created is a `UserError` (one `error:` line from the tools)."""
+  be created is a `UserError` (one `error:` line from the tools). Also sets the warm-ups'
+  --compile-threads."""
+  global _threads
+  threads = getattr(args, "compile_threads", 1)
+  if threads < 1:
+    raise UserError(f"--compile-threads must be at least 1, got {threads}")
+  _threads = threads
   if args.no_compile_cache or (not args.compile_cache and os.environ.get(ENV) == "off"):
     jax.config.update("jax_enable_compilation_cache", False)  # also a folder set by jax's own variable
     return None

@@ -10,6 +10,7 @@ of `engine.build_decode_descriptor(plan)` (docs/notebook.md drives it by hand).
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -326,45 +327,72 @@ class Engine:
     exe = self._executables.get(key)
     if exe is None:
       t0 = time.perf_counter()
-      ints, floats = self.put_descriptor(*layout.pack(layout.new()))
-      exe = self._executables[key] = fn.lower(self.state, self.k_pool, self.v_pool, ints, floats, *host).compile()
-      dt = time.perf_counter() - t0
-      self.stats.compile_s += dt
-      if self.on_compile is not None:
-        self.on_compile(_step_name(key), dt)
+      exe = self._keep(key, self._lower(fn, layout, host).compile(), t0)
+    return exe
+
+  def _lower(self, fn, layout: desc_lib.Layout, host=()):
+    ints, floats = self.put_descriptor(*layout.pack(layout.new()))
+    return fn.lower(self.state, self.k_pool, self.v_pool, ints, floats, *host)
+
+  def _keep(self, key: tuple, exe, t0: float):
+    dt = time.perf_counter() - t0
+    self._executables[key] = exe
+    self.stats.compile_s += dt
+    if self.on_compile is not None:
+      self.on_compile(_step_name(key), dt)
     return exe
 
   def _prefill_exe(self, chunk: int):
-    return self._executable(("prefill", chunk), self._prefill_step(chunk), desc_lib.prefill_layout(self.rt, chunk))
+    return self._executable(("prefill", chunk), *self._prefill_spec(chunk))
+
+  def _prefill_spec(self, chunk: int):
+    return self._prefill_step(chunk), desc_lib.prefill_layout(self.rt, chunk)
 
   def _mixed_exe(self, n_tiles: int):
-    return self._executable(("mixed", n_tiles), self._mixed_step(n_tiles), desc_lib.mixed_layout(self.rt, n_tiles),
-                            self.decode_host_args())
+    return self._executable(("mixed", n_tiles), *self._mixed_spec(n_tiles))
 
-  def compile_all(self) -> tuple[int, float]:
+  def _mixed_spec(self, n_tiles: int):
+    return self._mixed_step(n_tiles), desc_lib.mixed_layout(self.rt, n_tiles), self.decode_host_args()
+
+  def _decode_spec(self, rows: int | None):
+    if rows is None or rows == self.rt.max_slots:
+      return ("decode",), (self.decode_step, self.dlayout, self.decode_args())
+    return ("decode", rows), (self._decode_step_for(rows), desc_lib.decode_layout(self.rt, rows),
+                              self.decode_args(rows=rows))
+
+  def compile_all(self, threads: int = 1) -> tuple[int, float]:
     """Compile every executable the steps can use before the first request: the decode step(s) and
-    each prefill bucket, or each tile bucket with mixed steps. One at a time: compiling several at
-    once in threads was no faster (four Llama-3-8B-shaped steps at once took 158 s on an H100, where
-    warm-ups compiling them one after another took 125 s; the tiny engine on two CPU cores 6.0 s
-    against 6.2 s) and disturbed XLA's GEMM autotuner's timings. Returns (executables compiled,
-    seconds)."""
+    each prefill bucket, or each tile bucket with mixed steps. Returns (executables compiled,
+    seconds).
+
+    threads > 1 traces and lowers them one after another (Python) and runs XLA's compiles in that
+    many threads at once. With XLA's GEMM autotuning on that was no faster (four Llama-3-8B-shaped
+    steps at once took 158 s on an H100, one after another 125 s) and disturbed the autotuner's
+    timings, so the default is one at a time (docs/step.md, "Start-up")."""
     t0, before = time.perf_counter(), len(self._executables)
-    for rows in self.rt.decode_rows:
-      self.compiled_decode(rows)
-    for n in self.rt.tile_buckets:
-      self._mixed_exe(n)
-    for c in () if self.rt.step_tokens else self.rt.prefill_buckets:
-      self._prefill_exe(c)
+    specs = [self._decode_spec(rows) for rows in self.rt.decode_rows]
+    specs += [(("mixed", n), self._mixed_spec(n)) for n in self.rt.tile_buckets]
+    specs += [(("prefill", c), self._prefill_spec(c)) for c in (() if self.rt.step_tokens else self.rt.prefill_buckets)]
+    specs = [(key, spec) for key, spec in specs if key not in self._executables]
+    if threads <= 1:
+      for key, spec in specs:
+        self._executable(key, *spec)
+    else:
+      lowered = [(key, self._lower(*spec)) for key, spec in specs]
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        def compile_one(low):
+          t = time.perf_counter()
+          return low.compile(), t
+        for (key, _), fut in zip(lowered, [pool.submit(compile_one, low) for _, low in lowered]):
+          self._keep(key, *fut.result())
     return len(self._executables) - before, time.perf_counter() - t0
 
   def compiled_decode(self, rows: int | None = None):
     """The decode step's executable (over `rows` slots, default all) as `step()` runs it:
     `(state, k_pool, v_pool, ints, floats, *decode_args(rows=rows)) -> (tokens, k_pool, v_pool, ...)`,
     descriptor from `put_descriptor`."""
-    if rows is None or rows == self.rt.max_slots:
-      return self._executable(("decode",), self.decode_step, self.dlayout, self.decode_args())
-    return self._executable(("decode", rows), self._decode_step_for(rows), desc_lib.decode_layout(self.rt, rows),
-                            self.decode_args(rows=rows))
+    key, spec = self._decode_spec(rows)
+    return self._executable(key, *spec)
 
   def _run(self, exe, ints, floats, host=()):
     out = exe(self.state, self.k_pool, self.v_pool, *self.put_descriptor(ints, floats), *host)  # one transfer

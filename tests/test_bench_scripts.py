@@ -146,6 +146,7 @@ def test_replay_trace_end_to_end_and_report_from_json(tmp_path, capsys, trace_fi
     ("decode", ["--kv-budget-blocks", "4", "--max-len", "128"]),
     ("decode", ["--tp", "3"]),
     ("decode", ["--model", "tiny", "--matmul", "skinny"]),
+    ("decode", ["--compile-threads", "0"]),
     ("replay", []),
     ("replay", ["--trace", "/nonexistent/trace.csv"]),
 ])

@@ -346,10 +346,11 @@ def test_steps_compile_once_whatever_the_tracing_context_later(model):
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
 
 
-def test_compile_all_compiles_every_step_once_before_any_request(model):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_compile_all_compiles_every_step_once_before_any_request(model, threads):
   """compile_all builds each executable the engine's steps use (decode rows, prompt buckets) before
-  any request; the requests then run on them with nothing compiled again, and the tokens equal an
-  engine that compiled each step on first use."""
+  any request, one at a time or in threads; the requests then run on them with nothing compiled
+  again, and the tokens equal an engine that compiled each step on first use."""
   rt = dataclasses.replace(RT, decode_buckets=(2,))
   ps = prompts(3, (5, 7, 11))
   lazy = Engine(CFG, model, rt)
@@ -357,7 +358,7 @@ def test_compile_all_compiles_every_step_once_before_any_request(model):
   eng = Engine(CFG, model, rt)
   names = []
   eng.on_compile = lambda name, s: names.append(name)
-  count, secs = eng.compile_all()
+  count, secs = eng.compile_all(threads)
   keys = {("decode",), ("decode", 2)} | {("prefill", c) for c in rt.prefill_buckets}
   assert set(eng._executables) == keys and count == len(keys) == len(names) and secs > 0
   assert (eng.compiles.decode, eng.compiles.prefill) == (2, len(rt.prefill_buckets))

@@ -11,7 +11,7 @@ import time
 
 import jax
 
-from kvrm_jax.config import RuntimeConfig
+from kvrm_jax.config import SAMPLER_WINDOW, SAMPLERS, RuntimeConfig
 from kvrm_jax.engine import Engine
 from kvrm_jax.model import checkpoint as ckpt
 from kvrm_jax.sched.summaries import SummaryConfig
@@ -176,11 +176,13 @@ def add_step_args(p) -> None:
                  help="compile the steps for greedy decoding only (no branch between greedy and sampled rows "
                  "in the step, which makes the host wait for the device each step; docs/step.md) and refuse "
                  "requests with temperature > 0 (decode.py does this by itself at --temperature 0)")
-  p.add_argument("--sampler", default="auto", choices=["auto", "branch", "branch-free"],
+  p.add_argument("--sampler", default="auto", choices=list(SAMPLERS),
                  help="how the steps sample (same tokens): branch (the sampling routes run only when a row needs "
                  "them, behind branches that make the host wait for the device) | branch-free (every route every "
                  "step, no branch: --pipeline can hide the host for sampled requests too) | auto (default: "
-                 "branch-free with --pipeline on a GPU, else branch)")
+                 "branch-free with --pipeline on a GPU, else branch) | window (no branch and no search over the "
+                 f"vocabulary: at most the {SAMPLER_WINDOW} most likely tokens are kept, top-p alone takes the "
+                 f"nucleus of those, top-k > {SAMPLER_WINDOW} is refused; the cheapest sampler)")
   p.add_argument("--matmul", default="xla", choices=["xla", "skinny"],
                  help="projection GEMMs: xla (XLA's dot, default) | skinny (the weight-streaming Mosaic GPU kernel "
                  "for steps of at most 256 rows, bf16 on Hopper)")

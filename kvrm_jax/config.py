@@ -118,6 +118,10 @@ def parse_xla_options(text: str) -> tuple[tuple[str, bool | int | float | str], 
   return tuple(out)
 
 
+SAMPLERS = ("auto", "branch", "branch-free", "window")
+SAMPLER_WINDOW = 64  # the most tokens sampler "window" keeps (kvrm_jax.step.sampling.K_MAX)
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
   """Static sizes of the KV-RM runtime; they fix every compiled shape.
@@ -181,16 +185,22 @@ class RuntimeConfig:
     greedy and stochastic sampling with a data-dependent branch (`lax.cond`), which XLA's GPU
     runtime resolves by waiting on the host for the device to reach it (docs/step.md, "Where the
     host waits"); greedy-only steps have no branch.
-  sampler: how the steps sample, with the same tokens either way: "branch" (the stochastic path
+  sampler: how the steps sample, with the same tokens ("window" aside): "branch" (the stochastic path
     and the top-k / top-p searches run behind `lax.cond`s, only when a row needs them),
     "branch-free" (every route runs on every step, with no branch in the step, so a step call
     returns before the device finishes it and RuntimeConfig.pipeline can hide the host;
     kvrm_jax/step/sampling.py), or "auto" (the default: branch-free with `pipeline` on a GPU, else
     branch; `kvrm_jax.step.sampling.resolve_branch_free` says which). A CPU runs every route's
-    work in the branch-free steps too, and there the searches cost far more than any wait. On an H200 at 148 rows x 512 tokens of context (Llama-3-8B shape),
-    branch-free steps took about 2.1 ms more device time (14.5 vs 12.4-12.5 ms back to back) and
-    the pipelined loop 1.1-1.9 ms less (14.4 vs 15.5 ms a step sampled, 14.3 vs 16.3 greedy;
-    docs/step.md).
+    work in the branch-free steps too, and there the searches cost far more than any wait. On an
+    H200 at 148 rows x 512 tokens of context (Llama-3-8B shape), branch-free steps took about
+    2.1 ms more device time (14.5 vs 12.4-12.5 ms back to back) and the pipelined loop 1.1-1.9 ms
+    less (14.4 vs 15.5 ms a step sampled, 14.3 vs 16.3 greedy; docs/step.md).
+    "window" samples with no branch and no search over the vocabulary, keeping at most the
+    SAMPLER_WINDOW (64) most likely tokens: a top_k of 0 with top_p < 1 takes the nucleus of those
+    64 tokens, and a top_k above 64 is refused. Its tokens equal the others' for every request
+    with 1 <= top_k <= 64, or with top_p 1; for top_p alone they may differ (a nucleus wider than
+    64 tokens is cut to them, as llama.cpp's default top-k 40 before top-p does). It costs the
+    top-k window route only (0.52 against 1.64 ms branch-free at 148 rows on an H100, docs/step.md).
   """
 
   block_size: int = 16
@@ -222,7 +232,7 @@ class RuntimeConfig:
   matmul: str = "xla"  # "xla" | "skinny"
   xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
   greedy_only: bool = False
-  sampler: str = "auto"  # "auto" | "branch" | "branch-free"
+  sampler: str = "auto"  # "auto" | "branch" | "branch-free" | "window"
 
   def __post_init__(self):
     for opt in self.xla_options:
@@ -250,8 +260,8 @@ class RuntimeConfig:
       raise ValueError(f"unknown prompt_attention {self.prompt_attention!r} (auto | gather | kernel)")
     if self.matmul not in ("xla", "skinny"):
       raise ValueError(f"unknown matmul {self.matmul!r} (xla | skinny)")
-    if self.sampler not in ("auto", "branch", "branch-free"):
-      raise ValueError(f"unknown sampler {self.sampler!r} (auto | branch | branch-free)")
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"unknown sampler {self.sampler!r} ({' | '.join(SAMPLERS)})")
     if self.layer_loop not in ("auto", "scan", "unroll"):
       raise ValueError(f"unknown layer_loop {self.layer_loop!r} (auto | scan | unroll)")
     for f in ("host_blocks", "max_swap_extents", "max_host_reads", "max_host_blocks_per_seq"):

@@ -442,4 +442,5 @@ class Engine:
                              itemsize=jnp.dtype(self.rt.dtype).itemsize,
                              generated=sum(len(r.output_ids) for r in self.requests.values()),
                              tier_policy=None if self.sched.tier is None else self.sched.tier_policy,
-                             sampler="branch-free" if resolve_branch_free(self.rt) else "branch")
+                             sampler=("window" if self.rt.sampler == "window"
+                                      else "branch-free" if resolve_branch_free(self.rt) else "branch"))

@@ -619,3 +619,29 @@ def test_greedy_only_steps_have_no_branch_and_the_same_tokens(model, mixed, step
   with pytest.raises(RequestError, match="greedily only"):
     eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2, temperature=0.7))
   eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2, temperature=0.0, top_p=0.5, top_k=3))  # greedy anyway
+
+
+@pytest.mark.parametrize("step_tokens", [0, 24])
+def test_window_sampler_steps_have_no_branch_and_refuse_a_wide_top_k(model, step_tokens):
+  """RuntimeConfig.sampler "window": requests with top_k in 1..64, or top_p 1, get the default
+  engine's tokens (also through the pipelined loop); top_p alone gets the tokens of top_k 64 with
+  that top_p; no compiled step holds a conditional; a top_k above 64 is refused up front."""
+  ps = prompts(1, (6, 11, 25, 9))
+  sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1),
+        SamplingParams(max_new_tokens=10, temperature=1.2, seed=2),
+        SamplingParams(max_new_tokens=10, temperature=0.7, top_k=64, seed=3),
+        SamplingParams(max_new_tokens=10)]
+  rt = dataclasses.replace(RT, step_tokens=step_tokens, tile=8 if step_tokens else 64)
+  want = [o.output_ids for o in Engine(CFG, model, rt).generate(ps, sp)]
+  top_p_alone = [SamplingParams(max_new_tokens=10, temperature=1.5, top_p=0.95, seed=4)]
+  want_p = Engine(CFG, model, rt).generate(ps[:1], [dataclasses.replace(top_p_alone[0], top_k=64)])[0].output_ids
+  for pipeline in (False, True):
+    eng = Engine(CFG, model, dataclasses.replace(rt, sampler="window", pipeline=pipeline))
+    assert [o.output_ids for o in eng.generate(ps, sp)] == want, pipeline
+    assert eng.generate(ps[:1], top_p_alone)[0].output_ids == want_p
+    for exe in eng._executables.values():
+      assert "conditional(" not in exe.as_text()
+  assert eng.stats.pipelined_steps > 0 and eng.summary()["sampler"] == "window"
+  with pytest.raises(RequestError, match="'window' sampler keeps at most the 64 most likely tokens"):
+    eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2, temperature=0.7, top_k=65))
+  assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks

@@ -18,7 +18,8 @@ without --tp the engine has no mesh; the roofline of a row is one device's share
 --sampling greedy sampled runs each row with greedy decoding and with temperature 0.8, top-p 0.9,
 top-k 50 (the cost of sampling); greedy-only runs greedy rows on steps compiled without the branch
 between greedy and sampled rows (RuntimeConfig.greedy_only); greedy-branch-free and
-sampled-branch-free run those rows on steps that sample with no branch (RuntimeConfig.sampler);
+sampled-branch-free run those rows on steps that sample with no branch (RuntimeConfig.sampler), and
+greedy-window and sampled-window on steps with the window sampler (no branch, no search);
 --pipeline also times the engine's pipelined loop (step() calls back to back,
 RuntimeConfig.pipeline) beside --back-to-back's device-bound step time.
 --profile N runs N more decode steps under CUPTI (as scripts/bench_kernels.py does) and prints the
@@ -134,7 +135,8 @@ def run_one(cfg, model, batch, context, args, summaries=None, layer_loop="scan",
                      max_summaries=summaries.max_entries if summaries else 0,
                      xla_options=parse_xla_options(xla_options), pipeline=args.pipeline, matmul=matmul,
                      greedy_only=sampling == "greedy-only",
-                     sampler="branch-free" if sampling.endswith("branch-free") else "branch")
+                     sampler=("branch-free" if sampling.endswith("branch-free")
+                              else "window" if sampling.endswith("window") else "branch"))
   mesh = None if tp is None else sharding.make_mesh(tp)
   eng = Engine(cfg, model, rt, summaries=summaries, mesh=mesh)
   rng = np.random.default_rng(0)
@@ -390,10 +392,11 @@ def main(argv=None) -> int:
   p.add_argument("--dump-hlo", metavar="DIR", help="save each decode step's optimized HLO here and count "
                  "weight-shaped copy / dynamic-slice fusions")
   p.add_argument("--sampling", nargs="+", default=["greedy"],
-                 choices=["greedy", "sampled", "greedy-only", "greedy-branch-free", "sampled-branch-free"],
+                 choices=["greedy", "sampled", "greedy-only", "greedy-branch-free", "sampled-branch-free",
+                          "greedy-window", "sampled-window"],
                  help="decode rows' sampling variants: greedy, sampled (temperature 0.8, top-p 0.9, top-k 50), "
-                 "greedy-only (greedy rows, steps compiled with RuntimeConfig.greedy_only), *-branch-free (those "
-                 "rows on steps with RuntimeConfig.sampler 'branch-free')")
+                 "greedy-only (greedy rows, steps compiled with RuntimeConfig.greedy_only), *-branch-free and "
+                 "*-window (those rows on steps with RuntimeConfig.sampler 'branch-free' or 'window')")
   p.add_argument("--pipeline", action="store_true",
                  help="also time the engine's pipelined loop (RuntimeConfig.pipeline): step() calls back to back")
   p.add_argument("--prompt-tokens", type=int, nargs="+", default=[], metavar="P",

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from kvrm_jax.config import RuntimeConfig
+from kvrm_jax.config import SAMPLER_WINDOW, RuntimeConfig
 from kvrm_jax.sched import summaries as summaries_lib
 from kvrm_jax.sched import tier as tier_lib
 from kvrm_jax.sched.pager import BlockPager, OutOfBlocks
@@ -104,6 +104,9 @@ class Scheduler:
     ids = [int(t) for t in ids]
     if sampling.top_k > self.vocab_size:
       raise RequestError(f"top_k={sampling.top_k} exceeds the vocabulary of {self.vocab_size}")
+    if self.rt.sampler == "window" and sampling.top_k > SAMPLER_WINDOW:
+      raise RequestError(f"top_k={sampling.top_k}: this engine's 'window' sampler keeps at most the {SAMPLER_WINDOW} "
+                         f"most likely tokens (RuntimeConfig.sampler, --sampler); send top_k <= {SAMPLER_WINDOW}")
     if self.rt.greedy_only and sampling.temperature > 0:
       raise RequestError(f"temperature={sampling.temperature:g}: this engine samples greedily only "
                          "(RuntimeConfig.greedy_only, --greedy-only); send temperature 0")

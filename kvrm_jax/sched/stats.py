@@ -53,7 +53,7 @@ def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, gen
   return {
       "engine": kind,
       "greedy_only_steps": rt.greedy_only,
-      "sampler": sampler,  # "branch" | "branch-free" (RuntimeConfig.sampler resolved)
+      "sampler": sampler,  # "branch" | "branch-free" | "window" (RuntimeConfig.sampler resolved)
       "decode_compiles": compiles.decode,
       "prefill_compiles": compiles.prefill,
       "mixed_compiles": compiles.mixed,

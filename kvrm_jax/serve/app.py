@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvrm_jax.config import SAMPLER_WINDOW
 from kvrm_jax.serve import schemas as S
 from kvrm_jax.serve.detok import TextStream, full_text
 from kvrm_jax.serve.engine_loop import EngineLoop, Handle, Overloaded, SamplingParams
@@ -170,6 +171,9 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
       raise APIError(400, f"max_tokens={max_tokens} + the prompt's {prompt_len} tokens exceeds the context of "
                      f"{limit} tokens", param="max_tokens", code="context_length_exceeded")
     top_k = body.top_k or 0
+    if loop.engine.rt.sampler == "window" and top_k > SAMPLER_WINDOW:
+      raise APIError(400, f"top_k={top_k}: this server's sampler keeps at most the {SAMPLER_WINDOW} most likely "
+                     f"tokens (--sampler window); send top_k <= {SAMPLER_WINDOW}", param="top_k")
     greedy_only = loop.engine.rt.greedy_only  # --greedy-only: an omitted temperature is 0, a positive one a 400
     if greedy_only and body.temperature:
       raise APIError(400, f"temperature={body.temperature:g}: this server decodes greedily only (--greedy-only); "

@@ -27,6 +27,12 @@ tokens with no `lax.cond` in the program: the stochastic path and both searches 
 `where` picks each row's result. A conditional makes XLA's GPU runtime copy its predicate to the
 host and wait for the device (docs/step.md, "Where the host waits"); without one a step call
 returns at once, at the price of computing every route on every step.
+
+Window sampling (`window=True`, RuntimeConfig.sampler "window") never searches over V: a row's
+kept set is taken within its K_MAX most likely tokens. top_k in 1..K_MAX and top_p 1 keep the
+definition above; top_k 0 with top_p < 1 takes the top-p nucleus of the K_MAX-token window
+(probabilities renormalised over it, as top_k = K_MAX would); top_k above K_MAX is refused by the
+scheduler. No branch either: the window route is cheap enough to run on every step.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvrm_jax.config import SAMPLER_WINDOW
 from kvrm_jax.sched.request import NON_FINITE  # the token id of a row of non-finite logits
 
 # Rows with 1 <= top_k <= K_MAX take the top-k window route; the rest search over V.
-K_MAX = 64
+K_MAX = SAMPLER_WINDOW
 CHUNK = 128  # columns per chunk of top_window's first stage
 BRANCH_FREE_WAYS = 16  # the cheapest branch-free search on an H100 of 2, 4 and 16 ways (scripts/bench_sampler.py)
 
@@ -96,15 +103,19 @@ def _search(x, pred, ways: int = 2):
   return _from_order_key(hi)
 
 
-def kept_mask(x, top_k, top_p, chunk: int = CHUNK, branch_free: bool = False, ways: int | None = None):
+def kept_mask(x, top_k, top_p, chunk: int = CHUNK, branch_free: bool = False, ways: int | None = None,
+              window: bool = False):
   """The kept set of each row (definition in the module docstring). x: [B, V] f32 scaled logits;
   top_k: [B] int32 (0 = off); top_p: [B] f32 in (0, 1] (1 = off) -> [B, V] bool. `chunk`: columns
   per chunk of `top_window`. branch_free: the searches of rows off the window route always run
   instead of behind a `lax.cond`. ways: the searches' cut points per round plus one (a power of
   two; default BRANCH_FREE_WAYS branch-free, else 2: a bisection); every choice finds the same
-  thresholds."""
+  thresholds. window: the kept set within the K_MAX most likely tokens, no search (module
+  docstring); a top_k above K_MAX counts as K_MAX."""
   b, v = x.shape
   kmax = min(K_MAX, v)
+  if window:  # top_k 0 with top_p < 1: the nucleus of the window; top_k 0 with top_p 1: every token
+    top_k = jnp.where(top_k > 0, jnp.minimum(top_k, kmax), jnp.where(top_p < 1.0, kmax, 0))
   neg_inf = jnp.full((b,), -jnp.inf, jnp.float32)
   in_window = (top_k > 0) & (top_k <= kmax)  # [B]
   p_on = top_p < 1.0  # [B]
@@ -112,6 +123,8 @@ def kept_mask(x, top_k, top_p, chunk: int = CHUNK, branch_free: bool = False, wa
   ways = ways or (BRANCH_FREE_WAYS if branch_free else 2)
 
   def search_if(needed, pred):  # the threshold of rows that need a search (others: -inf)
+    if window:  # no row needs one: every top_k is in 0..kmax, and top_p < 1 has one
+      return neg_inf
     run = lambda: _search(x, pred, ways)  # noqa: E731
     return run() if branch_free else jax.lax.cond(jnp.any(needed), run, lambda: neg_inf)
 
@@ -148,7 +161,7 @@ def resolve_branch_free(rt, backend: str | None = None) -> bool:
 
 
 def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool = False,
-           branch_free: bool = False, ways: int | None = None):
+           branch_free: bool = False, ways: int | None = None, window: bool = False):
   """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.
 
   temperature 0 is greedy (argmax of the logits). Otherwise the token is drawn by Gumbel-max in
@@ -166,19 +179,20 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool
   branch_free (static): the same tokens with no branch in the graph: the stochastic path always
   runs (RuntimeConfig.sampler "branch-free"; module docstring).
   ways (static): the threshold searches' ways (`kept_mask`); the same tokens for every choice.
+  window (static): window sampling (module docstring; RuntimeConfig.sampler "window"), no branch.
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def stochastic():
     x = logits / jnp.maximum(temperature, 1e-6)[:, None]  # [B, V]
-    masked = jnp.where(kept_mask(x, top_k, top_p, branch_free=branch_free, ways=ways), x, -jnp.inf)
+    masked = jnp.where(kept_mask(x, top_k, top_p, branch_free=branch_free, ways=ways, window=window), x, -jnp.inf)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), c))(seeds, counters)
     picked = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, picked, greedy)
 
   if greedy_only:
     tokens = greedy
-  elif branch_free:
+  elif branch_free or window:
     tokens = stochastic()
   else:
     tokens = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)

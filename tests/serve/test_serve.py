@@ -165,6 +165,31 @@ def test_a_greedy_only_server_defaults_to_greedy_and_refuses_a_temperature():
   assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
 
 
+def test_a_window_sampler_server_refuses_a_top_k_above_its_window():
+  """--sampler window (RuntimeConfig.sampler): a sampled request with top_k <= 64 or top_p alone
+  decodes; top_k 65 gets a 400 naming top_k, and nothing is left in the pool."""
+  import argparse
+  from fastapi.testclient import TestClient
+  from kvrm_jax.config import RuntimeConfig
+  from kvrm_jax.engine import Engine
+  from kvrm_jax.serve import engine_loop as el
+  from kvrm_jax.serve.app import create_app
+
+  cfg, model, _, _, _, name = el.load_preset(argparse.Namespace(preset="tiny", tp=1, dtype=None, cache_dir=None))
+  rt = RuntimeConfig(block_size=8, num_blocks=33, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8,),
+                     sampler="window")
+  engine = Engine(cfg, model, rt)
+  with TestClient(create_app(el.EngineLoop(engine, max_queue=4), None, name)) as client:
+    body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True, "temperature": 0.8, "seed": 1}
+    for extra in ({"top_k": 64, "top_p": 0.9}, {"top_p": 0.9}, {}):
+      r = client.post("/v1/completions", json=body | extra)
+      assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
+    r = client.post("/v1/completions", json=body | {"top_k": 65})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k", r.text
+    assert "at most the 64 most likely tokens" in r.json()["error"]["message"]
+  assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
+
+
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
   for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
                       (["--port", "70000"], "--port must be in"),

@@ -209,3 +209,53 @@ def test_branch_free_draws_the_same_tokens_with_no_branch():
                lambda t: jnp.sum(jnp.where(xs[:, None, :] > t[:, :, None], jnp.exp(xs)[:, None, :], 0.0), axis=-1)
                < p[:, None] * jnp.sum(jnp.exp(xs), axis=-1)[:, None]):
     assert (np.asarray(sampling._search(xs, pred, 16)) == np.asarray(sampling._search(xs, pred, 2))).all()
+
+
+def window_k(k, p):
+  """The top_k that sampler "window" applies: top_k in 1..K_MAX as is (above: K_MAX), top_k 0 with
+  top_p < 1 the window of K_MAX, top_k 0 with top_p 1 off."""
+  return min(k, sampling.K_MAX) if k > 0 else (sampling.K_MAX if p < 1 else 0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_window_kept_set_matches_reference(ties):
+  """kept_mask(window=True) (RuntimeConfig.sampler "window"): the reference kept set with top_k
+  mapped by window_k; no search runs, on the chunked top-k window route (V 700, chunks of 2)."""
+  rng = np.random.default_rng(11 + ties)
+  x, k, p = random_rows(rng, 96, 700, ties)
+  got = np.asarray(jax.jit(functools.partial(sampling.kept_mask, chunk=2, window=True))(
+      jnp.asarray(x), jnp.asarray(k), jnp.asarray(p)))
+  checked = 0
+  for i in range(len(x)):
+    want, margin = ref_kept(x[i], window_k(int(k[i]), float(p[i])), float(p[i]))
+    if margin < 1e-5:
+      continue
+    checked += 1
+    assert (got[i] == want).all(), (i, k[i], p[i], np.flatnonzero(got[i] != want))
+  assert checked >= 80
+
+
+def test_window_draws_the_default_tokens_where_the_definitions_agree():
+  """sample(window=True): no conditional and none of the searches' loops in the program; the default program's
+  tokens for greedy rows, top_k in 1..K_MAX and top_p 1 with top_k 0; for top_p alone the tokens of
+  top_k = K_MAX with that top_p, which a nucleus wider than the window changes."""
+  rng = np.random.default_rng(6)
+  b, v = 10, 3000
+  x = rng.normal(size=(b, v)).astype(np.float32) * 0.3  # flat: top-p 0.9 keeps far more than 64 tokens
+  temp = jnp.asarray([0, 1, 0.7, 1.3, 0, 0.9, 1, 2, 0.5, 1], jnp.float32)
+  k = jnp.asarray([0, 0, 5, sampling.K_MAX, 3, 0, 1, 0, 50, 0], jnp.int32)
+  p = jnp.asarray([1, 1, 1, 0.95, 0.5, 0.9, 1, 0.999, 0.9, 0.3], jnp.float32)
+  seeds, pos = jnp.arange(b, dtype=jnp.int32) * 7, jnp.arange(b, dtype=jnp.int32) + 3
+  args = (jnp.asarray(x), temp, k, p, seeds, pos)
+  fn = jax.jit(functools.partial(sample, window=True))
+  got = np.asarray(fn(*args))
+  want = np.asarray(jax.jit(sample)(*args))
+  same = np.asarray([window_k(int(a), float(c)) == int(a) for a, c in zip(k, p)])
+  assert (got[same] == want[same]).all(), (got, want)
+  k_win = jnp.asarray([window_k(int(a), float(c)) for a, c in zip(k, p)], jnp.int32)
+  assert (got == np.asarray(jax.jit(sample)(jnp.asarray(x), temp, k_win, p, seeds, pos))).all()
+  assert np.asarray(sampling.kept_mask(jnp.asarray(x[5:6] / 0.9), k[5:6], p[5:6])).sum() > sampling.K_MAX
+  text = fn.lower(*args).as_text()
+  assert text.count("stablehlo.case") + text.count("stablehlo.if") == 0
+  searches = jax.jit(functools.partial(sample, branch_free=True)).lower(*args).as_text().count("stablehlo.while")
+  assert text.count("stablehlo.while") == searches - 2  # the random draw's loops only, not the two searches

@@ -11,8 +11,8 @@ Library (re-exported here, used as one namespace: `from kvrm_jax import bench as
 
 Benchmarks (scripts/ holds their entry points): `offline` (bench_decode.py), `replay`
 (replay_trace.py), `hf_peer` + `hf_setup` + `hf_report` (bench_hf_peer.py), `kernels` + `kernels_report`
-(bench_kernels.py), `step_bench` + `profile` (bench_step.py), `gemm_bench` (bench_gemm.py), `sampler_bench` (bench_sampler.py), `tier_bench`
-(bench_tier.py), `host` (bench_host.py), `summaries_eval` (eval_summaries.py).
+(bench_kernels.py), `step_bench` + `profile` (bench_step.py), `gemm_bench` (bench_gemm.py), `sampler_bench`
+(bench_sampler.py), `tier_bench` (bench_tier.py), `host` (bench_host.py), `summaries_eval` (eval_summaries.py).
 """
 
 from kvrm_jax import compile_cache  # noqa: F401

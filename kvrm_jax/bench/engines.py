@@ -74,9 +74,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
                  help="both engines' steps compiled for greedy decoding only (RuntimeConfig.greedy_only: no "
                  "branch between greedy and sampled rows; the benchmarks' requests are greedy)")
   g.add_argument("--sampler", default="auto", choices=list(SAMPLERS),
-                 help="how both engines' steps sample (RuntimeConfig.sampler): auto (default: "
-                 "branch-free with --pipeline on a GPU, else branch) | branch | branch-free (no branch in the steps, every "
-                 "sampling route every step) | window (no branch, no search: at most the 64 most likely tokens kept)")
+                 help="how both engines' steps sample (RuntimeConfig.sampler): auto (default: branch-free with "
+                 "--pipeline on a GPU, else branch) | branch | branch-free (no branch in the steps, every sampling "
+                 "route every step) | window (no branch, no search: at most the 64 most likely tokens kept)")
   g.add_argument("--tp", default=None, help="run both engines sharded (jax.shard_map) over a mesh of this many "
                  "devices, or 'all' local devices; the KV budget is the whole mesh's (default: no mesh)")
   compile_cache.add_args(g)

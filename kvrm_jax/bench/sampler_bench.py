@@ -80,7 +80,8 @@ WINDOW_AGREES = ("greedy", "k50-p0.9")  # settings where sampler "window" draws 
 WINDOW_REFUSES = ("k1000",)
 
 
-def run(rows: int, vocab: int, setting: str, kwargs: dict, calls: int, reps: int, seed: int = 0) -> tuple[float, np.ndarray]:
+def run(rows: int, vocab: int, setting: str, kwargs: dict, calls: int, reps: int,
+        seed: int = 0) -> tuple[float, np.ndarray]:
   """(ms per call, tokens) of `sample(**kwargs)` over `rows` random rows of `vocab` logits."""
   temp, k, p = SETTINGS[setting]
   logits = 3.0 * jax.random.normal(jax.random.key(seed), (rows, vocab), jnp.float32)

@@ -140,9 +140,18 @@ def test_a_preset_without_the_bundled_model_serves_token_ids_only(monkeypatch, c
   assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
 
 
-def test_a_greedy_only_server_defaults_to_greedy_and_refuses_a_temperature():
-  """--greedy-only (RuntimeConfig.greedy_only): a request that leaves the temperature out decodes
-  greedily (the OpenAI default of 1 would be refused), a positive temperature gets a 400 naming it."""
+@pytest.mark.parametrize("runtime,base,ok,bad,param,message", [
+    # --greedy-only: a request that leaves the temperature out decodes greedily (the OpenAI default
+    # of 1 would be refused); a positive temperature gets a 400 naming it
+    ({"greedy_only": True}, {}, [{"temperature": 0}, {}], {"temperature": 0.7}, "temperature", "greedily only"),
+    # --sampler window: top_k <= 64 and top_p alone decode; top_k 65 gets a 400 naming top_k
+    ({"sampler": "window"}, {"temperature": 0.8, "seed": 1}, [{"top_k": 64, "top_p": 0.9}, {"top_p": 0.9}, {}],
+     {"top_k": 65}, "top_k", "at most the 64 most likely tokens"),
+])
+def test_a_server_refuses_what_its_steps_cannot_sample(runtime, base, ok, bad, param, message):
+  """--greedy-only (RuntimeConfig.greedy_only) and --sampler window (RuntimeConfig.sampler): the
+  requests their steps can sample decode, the others get a 400 naming the parameter, and nothing is
+  left in the pool."""
   import argparse
   from fastapi.testclient import TestClient
   from kvrm_jax.config import RuntimeConfig
@@ -151,42 +160,16 @@ def test_a_greedy_only_server_defaults_to_greedy_and_refuses_a_temperature():
   from kvrm_jax.serve.app import create_app
 
   cfg, model, _, _, _, name = el.load_preset(argparse.Namespace(preset="tiny", tp=1, dtype=None, cache_dir=None))
-  rt = RuntimeConfig(block_size=8, num_blocks=33, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8,),
-                     greedy_only=True)
+  rt = RuntimeConfig(block_size=8, num_blocks=33, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8,), **runtime)
   engine = Engine(cfg, model, rt)
   with TestClient(create_app(el.EngineLoop(engine, max_queue=4), None, name)) as client:
-    body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True}
-    for extra in ({"temperature": 0}, {}):  # {}: no temperature, greedy here
+    body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True} | base
+    for extra in ok:
       r = client.post("/v1/completions", json=body | extra)
-      assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
-    r = client.post("/v1/completions", json=body | {"temperature": 0.7})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
-    assert "greedily only" in r.json()["error"]["message"]
-  assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
-
-
-def test_a_window_sampler_server_refuses_a_top_k_above_its_window():
-  """--sampler window (RuntimeConfig.sampler): a sampled request with top_k <= 64 or top_p alone
-  decodes; top_k 65 gets a 400 naming top_k, and nothing is left in the pool."""
-  import argparse
-  from fastapi.testclient import TestClient
-  from kvrm_jax.config import RuntimeConfig
-  from kvrm_jax.engine import Engine
-  from kvrm_jax.serve import engine_loop as el
-  from kvrm_jax.serve.app import create_app
-
-  cfg, model, _, _, _, name = el.load_preset(argparse.Namespace(preset="tiny", tp=1, dtype=None, cache_dir=None))
-  rt = RuntimeConfig(block_size=8, num_blocks=33, max_slots=2, max_blocks_per_seq=8, prefill_buckets=(8,),
-                     sampler="window")
-  engine = Engine(cfg, model, rt)
-  with TestClient(create_app(el.EngineLoop(engine, max_queue=4), None, name)) as client:
-    body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True, "temperature": 0.8, "seed": 1}
-    for extra in ({"top_k": 64, "top_p": 0.9}, {"top_p": 0.9}, {}):
-      r = client.post("/v1/completions", json=body | extra)
-      assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
-    r = client.post("/v1/completions", json=body | {"top_k": 65})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k", r.text
-    assert "at most the 64 most likely tokens" in r.json()["error"]["message"]
+      assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, (extra, r.text)
+    r = client.post("/v1/completions", json=body | bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert message in r.json()["error"]["message"]
   assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
 
 

@@ -244,7 +244,21 @@ def metrics(recs: list[dict], reqs, t0: float, t_end: float, before: dict, after
           "preemptions": after.get("kvrm_preemptions_total", 0.0) - before.get("kvrm_preemptions_total", 0.0)
           if "kvrm_preemptions_total" in after else None,
           "server_prompt_tokens": after.get("kvrm_prompt_tokens_total", 0.0) - before.get("kvrm_prompt_tokens_total", 0.0)
-          if "kvrm_prompt_tokens_total" in after else None}
+          if "kvrm_prompt_tokens_total" in after else None,
+          "server_step": server_steps(before, after)}
+
+
+def server_steps(before: dict, after: dict) -> dict | None:
+  """The server's engine steps during a run, from kvrm-jax's step histograms: how many, their mean
+  time (dispatch to tokens) and mean host time, ms; None from a server without them."""
+  out = {}
+  for key, name in (("step_ms", "kvrm_engine_step_seconds"), ("host_ms", "kvrm_engine_step_host_seconds")):
+    if name + "_count" not in after:
+      return None
+    n = after[name + "_count"] - before.get(name + "_count", 0.0)
+    out["steps"] = n
+    out[key] = 1e3 * (after[name + "_sum"] - before.get(name + "_sum", 0.0)) / n if n else None
+  return out
 
 
 def server_info(url: str, args) -> tuple[str, int | None, int | None]:
@@ -396,7 +410,10 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
     m = run["results"]
     print(f"[{run['name']}] {m['completed']}/{m['requests']} done, {m['errors']} errors, {m['tokens_per_s']:.1f} tok/s, "
           f"TTFT p50 {bc.fmt(m['ttft_ms']['p50'])} ms, ITL p50/p99 {bc.fmt(m['itl_ms']['p50'])}/"
-          f"{bc.fmt(m['itl_ms']['p99'])} ms, prefix-cache hits {m['prefix_cache_hits']}", flush=True)
+          f"{bc.fmt(m['itl_ms']['p99'])} ms, prefix-cache hits {m['prefix_cache_hits']}"
+          + ("" if not (st := m.get("server_step")) or not st["steps"] else
+             f", server steps {st['steps']:.0f}: mean {bc.fmt(st['step_ms'])} ms, host {bc.fmt(st['host_ms'])} ms"),
+          flush=True)
   label = args.label or "serve-" + re.sub(r"[^\w.-]+", "-", model)
   obj = {"kind": KIND, "label": label, "note": args.note or "",
          "command": bc.command_line("bench_serve.py", argv), "url": url, "model": model, "max_model_len": ctx,
@@ -406,7 +423,18 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
     kind = ref["_engine"]
     obj["in_process"] = {"file": os.path.basename(args.in_process_json), "device": ref["env"]["device"],
                          "engine": kind,
-                         "tokens_per_s": {f: r[kind]["tokens_per_s"] for f, r in ref["results"].items() if kind in r}}
+                         "tokens_per_s": {f: r[kind]["tokens_per_s"] for f, r in ref["results"].items() if kind in r},
+                         # the in-process engine's steps, as the server's step histograms count them
+                         "step_ms": {f: r[kind].get("decode_device_ms", {}).get("mean")
+                                     for f, r in ref["results"].items() if kind in r},
+                         "host_ms": {f: (r[kind].get("host_us", {}).get("mean") or 0) / 1e3 or None
+                                     for f, r in ref["results"].items() if kind in r}}
+    for run in runs:
+      st = run["results"].get("server_step")
+      if st and st["steps"] and obj["in_process"]["step_ms"].get(run["name"]):
+        print(f"[{run['name']}] engine steps through HTTP: mean {bc.fmt(st['step_ms'])} ms, host "
+              f"{bc.fmt(st['host_ms'])} ms; in-process {bc.fmt(obj['in_process']['step_ms'][run['name']])} ms, "
+              f"host {bc.fmt(obj['in_process']['host_ms'][run['name']])} ms", flush=True)
   if args.out_json:
     bc.write_json(args.out_json, obj)
   if args.report:

@@ -139,7 +139,7 @@ class Runner:
         # steps with prompt work (a prefill call, or a mixed step) and decode-only steps
         "step_ms_with_prompt": pct(dur[with_prompt], (50, 99)), "step_ms_decode_only": pct(dur[~with_prompt], (50, 99)),
         "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": prompt_tokens / wall,
-        "decode_device_ms": pct(dev, (50, 99)),
+        "decode_device_ms": {**pct(dev, (50, 99)), "mean": float(dev.mean()) if len(dev) else None},
         "spikes": {"threshold_ms": SPIKE_FACTOR * med, "count": int(spikes.sum()),
                    "fraction": float(spikes.mean()) if len(dur) else 0.0,
                    "max_over_median": float(dur.max() / med) if med > 0 else None,
@@ -152,7 +152,7 @@ class Runner:
         "mean_groups_per_seq": float(np.mean(groups)) if groups else 0.0,
         "moves": st.moves - mark.moves, "preemptions": st.preemptions - mark.preemptions,
         "prefix_hit_blocks": st.prefix_hit_blocks - mark.prefix_hits,
-        "host_us": pct(host, (50, 99)),
+        "host_us": {**pct(host, (50, 99)), "mean": float(host.mean()) if len(host) else None},
         "compiles_during_run": {"decode": eng.compiles.decode - mark.decode_compiles,
                                 "prefill": eng.compiles.prefill + eng.compiles.mixed - mark.prefill_compiles},
         "series": {

@@ -44,6 +44,16 @@ class EngineStats:
   first_token_s: float | None = None
   _t_first_step: float | None = None
 
+  SERIES = ("groups_per_seq", "host_us", "step_s", "reserved_series", "decode_rows", "live_series", "tier_series")
+
+  def take_series(self) -> dict[str, list]:
+    """The per-step series recorded since the last call, emptied here: a server that never ends
+    would otherwise keep an entry per step of each for ever (the counters and peaks stay)."""
+    out = {f: getattr(self, f) for f in self.SERIES}
+    for f in self.SERIES:
+      setattr(self, f, [])
+    return out
+
 
 def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, generated: int,
             tier_policy: str | None, sampler: str) -> dict:

@@ -142,6 +142,7 @@ class EngineLoop:
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="kvrm-engine", daemon=True)
     self.error: BaseException | None = None  # what killed the engine thread, if anything
+    engine.stats.take_series()  # warm-up steps are not served steps
     if metrics is not None:
       metrics.set_baseline(self.snapshot())  # counters count from here (warm-up excluded)
 
@@ -209,8 +210,9 @@ class EngineLoop:
           events = self.engine.step()
           self._dispatch(events)
         self._flush()
+        series = self.engine.stats.take_series()  # the metrics' per-step values; nothing kept here
         if self.metrics is not None:
-          self.metrics.observe_engine(self)
+          self.metrics.observe_engine(self, series)
     except BaseException as e:  # noqa: BLE001  (reported by /health; every waiting client gets an error)
       self.error = e
       raise

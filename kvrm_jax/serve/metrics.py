@@ -16,6 +16,7 @@ from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5, 10, 20, 40, 80)
+_HOST_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
 
 
 class BatchHistogram:
@@ -77,6 +78,10 @@ class Metrics:
                               "request", _LATENCY_BUCKETS, r)
     self.e2e = BatchHistogram("kvrm_e2e_request_latency_seconds", "Request arrival to its last token",
                               _LATENCY_BUCKETS, r)
+    self.step_time = BatchHistogram("kvrm_engine_step_seconds", "Engine step, dispatch to its tokens on the host",
+                                    _LATENCY_BUCKETS, r)
+    self.step_host = BatchHistogram("kvrm_engine_step_host_seconds", "Host time of an engine step (scheduling, "
+                                    "descriptors, dispatch; the GPU's time excluded)", _HOST_BUCKETS, r)
     self.steps = Counter("kvrm_engine_steps", "Engine steps: decode (every step with decode rows), pipelined "
                          "(those dispatched before the previous step's tokens were read), mixed (steps with "
                          "prompt tiles, --step-tokens)", ["kind"], registry=r)
@@ -105,8 +110,12 @@ class Metrics:
     if h.last_token is not None:
       self.e2e.observe([h.last_token - h.submitted])
 
-  def observe_engine(self, loop) -> None:
-    """After each engine step (or idle wait): gauges and counters from the engine's state."""
+  def observe_engine(self, loop, series: dict | None = None) -> None:
+    """After each engine step (or idle wait): gauges and counters from the engine's state, and the
+    step times of `series` (EngineStats.take_series)."""
+    if series:
+      self.step_time.observe(series["step_s"])
+      self.step_host.observe(np.asarray(series["host_us"], np.float64) * 1e-6)
     s = loop.snapshot()
     self.queued.set(s["queued"])
     self.running.set(s["running"])

@@ -151,7 +151,7 @@ def test_a_preset_without_the_bundled_model_serves_token_ids_only(monkeypatch, c
 def test_a_server_refuses_what_its_steps_cannot_sample(runtime, base, ok, bad, param, message):
   """--greedy-only (RuntimeConfig.greedy_only) and --sampler window (RuntimeConfig.sampler): the
   requests their steps can sample decode, the others get a 400 naming the parameter, and nothing is
-  left in the pool."""
+  left in the pool or in the engine's per-step series."""
   import argparse
   from fastapi.testclient import TestClient
   from kvrm_jax.config import RuntimeConfig
@@ -171,6 +171,8 @@ def test_a_server_refuses_what_its_steps_cannot_sample(runtime, base, ok, bad, p
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert message in r.json()["error"]["message"]
   assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
+  # the engine loop hands each step's series to the metrics and keeps none (a server runs for days)
+  assert engine.stats.decode_steps >= 5 and not any(getattr(engine.stats, f) for f in engine.stats.SERIES)
 
 
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
@@ -427,12 +429,17 @@ def test_models_and_metrics(server):
     assert name in text, name
   assert server.metric("kvrm_kv_blocks_used") + server.metric("kvrm_kv_blocks_free") == SLOTS * MAX_LEN // 16
   before = server.metric('kvrm_engine_steps_total{kind="pipelined"}')
+  timed = {name: server.metric(name) for name in ("kvrm_engine_step_seconds_count",
+                                                  "kvrm_engine_step_host_seconds_count")}
   server.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, extra_body={"ignore_eos": True})
   # the fixture's --pipeline at work (steps of running sequences only are dispatched ahead)
   deadline = time.monotonic() + 20
   while (n := server.metric('kvrm_engine_steps_total{kind="pipelined"}')) < before + 14 and time.monotonic() < deadline:
     time.sleep(0.1)
   assert n >= before + 14, n
+  for name, count in timed.items():  # each decode step's time and host time (16 tokens: 15 after the prefill)
+    assert server.metric(name) >= count + 15, name
+  assert server.metric("kvrm_engine_step_host_seconds_sum") < server.metric("kvrm_engine_step_seconds_sum")
   log = open(server.log_path).read()  # start-up progress: each warm-up compile and its time
   assert re.search(r"\[serve\] compiled the decode step in \d+\.\d s", log), log
   assert re.search(r"\[serve\] compiled the prefill step \(\d+ tokens\) in \d+\.\d s", log), log
@@ -532,6 +539,10 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
   assert obj["in_process"]["engine"] == "kvrm-mixed" and obj["in_process"]["tokens_per_s"]["mixed"] > 0
   m = obj["runs"][0]["results"]
   assert (m["completed"], m["errors"], m["wrong_token_counts"]) == (12, 0, 0), m["error_samples"]
+  st = m["server_step"]  # the server's engine steps, from its step histograms, beside the in-process ones
+  assert st["steps"] > 0 and 0 < st["host_ms"] < st["step_ms"], st
+  assert obj["in_process"]["step_ms"]["mixed"] > 0 and obj["in_process"]["host_ms"]["mixed"] > 0
+  assert "[mixed] engine steps through HTTP: mean" in printed.out
   both = json.loads(ref.read_text())
   both["engines"]["kvrm"] = both["engines"]["kvrm-mixed"]
   (tmp_path / "both.json").write_text(json.dumps(both))

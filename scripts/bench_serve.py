@@ -239,7 +239,8 @@ def metrics(recs: list[dict], reqs, t0: float, t_end: float, before: dict, after
   hits = next(({"value": after[k] - before.get(k, 0.0), "unit": u} for k, u in PREFIX_METRICS if k in after), None)
   return {"requests": len(recs), "completed": len(ok), "errors": len(errors), "error_samples": errors[:5],
           "wrong_token_counts": wrong, "generated_tokens": gen, "wall_s": wall, "tokens_per_s": gen / wall,
-          "ttft_ms": bc.pct(ttft, (50, 90, 99)), "itl_ms": bc.pct(itl, (50, 90, 99, 100)),
+          "ttft_ms": {**bc.pct(ttft, (50, 90, 99)), "mean": float(np.mean(ttft)) if ttft else None},
+          "itl_ms": {**bc.pct(itl, (50, 90, 99, 100)), "mean": float(np.mean(itl)) if len(itl) else None},
           "e2e_ms": bc.pct(e2e, (50, 99)), "itl_cdf_ms": bc.cdf(itl), "prefix_cache_hits": hits,
           "preemptions": after.get("kvrm_preemptions_total", 0.0) - before.get("kvrm_preemptions_total", 0.0)
           if "kvrm_preemptions_total" in after else None,
@@ -249,14 +250,19 @@ def metrics(recs: list[dict], reqs, t0: float, t_end: float, before: dict, after
 
 
 def server_steps(before: dict, after: dict) -> dict | None:
-  """The server's engine steps during a run, from kvrm-jax's step histograms: how many, their mean
-  time (dispatch to tokens) and mean host time, ms; None from a server without them."""
+  """What kvrm-jax's server measured itself during a run, from its histograms: its engine steps (how
+  many, mean time from dispatch to tokens, mean host time) and the mean TTFT and inter-token gap as
+  the engine thread saw them (arrival in the server to the token leaving the engine), ms; None from
+  a server without them. Against the client's own numbers they split a gap between the engine and
+  the way to the client."""
   out = {}
-  for key, name in (("step_ms", "kvrm_engine_step_seconds"), ("host_ms", "kvrm_engine_step_host_seconds")):
+  for key, name in (("step_ms", "kvrm_engine_step_seconds"), ("host_ms", "kvrm_engine_step_host_seconds"),
+                    ("ttft_ms", "kvrm_time_to_first_token_seconds"), ("itl_ms", "kvrm_inter_token_latency_seconds")):
     if name + "_count" not in after:
       return None
     n = after[name + "_count"] - before.get(name + "_count", 0.0)
-    out["steps"] = n
+    if key == "step_ms":
+      out["steps"] = n
     out[key] = 1e3 * (after[name + "_sum"] - before.get(name + "_sum", 0.0)) / n if n else None
   return out
 
@@ -412,7 +418,9 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
           f"TTFT p50 {bc.fmt(m['ttft_ms']['p50'])} ms, ITL p50/p99 {bc.fmt(m['itl_ms']['p50'])}/"
           f"{bc.fmt(m['itl_ms']['p99'])} ms, prefix-cache hits {m['prefix_cache_hits']}"
           + ("" if not (st := m.get("server_step")) or not st["steps"] else
-             f", server steps {st['steps']:.0f}: mean {bc.fmt(st['step_ms'])} ms, host {bc.fmt(st['host_ms'])} ms"),
+             f", server steps {st['steps']:.0f}: mean {bc.fmt(st['step_ms'])} ms, host {bc.fmt(st['host_ms'])} ms; "
+             f"server-side TTFT / ITL mean {bc.fmt(st['ttft_ms'])} / {bc.fmt(st['itl_ms'])} ms (client: "
+             f"{bc.fmt(m['ttft_ms']['mean'])} / {bc.fmt(m['itl_ms']['mean'])} ms)"),
           flush=True)
   label = args.label or "serve-" + re.sub(r"[^\w.-]+", "-", model)
   obj = {"kind": KIND, "label": label, "note": args.note or "",

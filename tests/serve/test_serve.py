@@ -541,6 +541,7 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
   assert (m["completed"], m["errors"], m["wrong_token_counts"]) == (12, 0, 0), m["error_samples"]
   st = m["server_step"]  # the server's engine steps, from its step histograms, beside the in-process ones
   assert st["steps"] > 0 and 0 < st["host_ms"] < st["step_ms"], st
+  assert 0 < st["ttft_ms"] <= m["ttft_ms"]["mean"] and st["itl_ms"] > 0, (st, m["ttft_ms"])  # inside the server
   assert obj["in_process"]["step_ms"]["mixed"] > 0 and obj["in_process"]["host_ms"]["mixed"] > 0
   assert "[mixed] engine steps through HTTP: mean" in printed.out
   both = json.loads(ref.read_text())

@@ -337,9 +337,9 @@ def _print_prompt_rows(rows) -> None:
           f"decode {c['decode']}, prefill {c['prefill']}, mixed {c['mixed']} |")
   for r in rows:
     if "profile" in r:
-      print_profile(f"{r['mode']} {r['prompt_attention']} {r.get('xla_options') or ''} b{r['batch']} c{r['context']} "
-                    f"p{r['prompt_tokens']}",
-                    r["profile"], r["step_ms_median"])
+      label = " ".join(x for x in (r["mode"], r["prompt_attention"], r.get("xla_options"), f"b{r['batch']}",
+                                   f"c{r['context']}", f"p{r['prompt_tokens']}") if x)
+      print_profile(label, r["profile"], r["step_ms_median"])
 
 
 def check_sizes(p: argparse.ArgumentParser, args, cfg: ModelConfig) -> None:

@@ -32,7 +32,7 @@ from kvrm_jax.sched.summaries import SummaryConfig
 from kvrm_jax.step import gemm, sharding
 from kvrm_jax.step import steps as step_lib
 from kvrm_jax.step.block_ops import init_pools, poison_blocks
-from kvrm_jax.step.sampling import resolve_branch_free
+from kvrm_jax.step.sampling import resolved_sampler
 from kvrm_jax.step.tier import init_host_pools
 
 
@@ -442,5 +442,4 @@ class Engine:
                              itemsize=jnp.dtype(self.rt.dtype).itemsize,
                              generated=sum(len(r.output_ids) for r in self.requests.values()),
                              tier_policy=None if self.sched.tier is None else self.sched.tier_policy,
-                             sampler=("window" if self.rt.sampler == "window"
-                                      else "branch-free" if resolve_branch_free(self.rt) else "branch"))
+                             sampler=resolved_sampler(self.rt))

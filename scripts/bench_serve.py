@@ -267,6 +267,15 @@ def server_steps(before: dict, after: dict) -> dict | None:
   return out
 
 
+def in_process_steps(ref: dict) -> dict:
+  """The in-process run's engine steps per family, as the server's step histograms count them:
+  {"step_ms": {family: mean ms}, "host_ms": {family: mean host ms}}."""
+  kind, res = ref["_engine"], ref["results"]
+  return {"step_ms": {f: r[kind].get("decode_device_ms", {}).get("mean") for f, r in res.items() if kind in r},
+          "host_ms": {f: (r[kind].get("host_us", {}).get("mean") or 0) / 1e3 or None
+                      for f, r in res.items() if kind in r}}
+
+
 def server_info(url: str, args) -> tuple[str, int | None, int | None]:
   import httpx
   try:
@@ -408,6 +417,7 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
     raise bc.UserError(f"--max-len {max_len} exceeds the server's max_model_len {ctx}")
   runs = build_runs(args, max_len, vocab)
   print(f"[bench_serve] {url} model {model!r} (max_model_len {ctx}, vocab {vocab}); max_len {max_len}", flush=True)
+  ref_steps = in_process_steps(ref) if ref is not None else {}
   for run in runs:
     reqs = run.pop("_requests")
     before = scrape(url)
@@ -418,10 +428,14 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
           f"TTFT p50 {bc.fmt(m['ttft_ms']['p50'])} ms, ITL p50/p99 {bc.fmt(m['itl_ms']['p50'])}/"
           f"{bc.fmt(m['itl_ms']['p99'])} ms, prefix-cache hits {m['prefix_cache_hits']}"
           + ("" if not (st := m.get("server_step")) or not st["steps"] else
-             f", server steps {st['steps']:.0f}: mean {bc.fmt(st['step_ms'])} ms, host {bc.fmt(st['host_ms'])} ms; "
-             f"server-side TTFT / ITL mean {bc.fmt(st['ttft_ms'])} / {bc.fmt(st['itl_ms'])} ms (client: "
+             f", server-side TTFT / ITL mean {bc.fmt(st['ttft_ms'])} / {bc.fmt(st['itl_ms'])} ms (client: "
              f"{bc.fmt(m['ttft_ms']['mean'])} / {bc.fmt(m['itl_ms']['mean'])} ms)"),
           flush=True)
+    if (st := m.get("server_step")) and st["steps"]:
+      name = run["name"]
+      print(f"[{name}] engine steps through HTTP: mean {bc.fmt(st['step_ms'])} ms, host {bc.fmt(st['host_ms'])} ms"
+            + (f"; in-process {bc.fmt(ref_steps['step_ms'][name])} ms, host {bc.fmt(ref_steps['host_ms'][name])} ms"
+               if ref_steps.get("step_ms", {}).get(name) else ""), flush=True)
   label = args.label or "serve-" + re.sub(r"[^\w.-]+", "-", model)
   obj = {"kind": KIND, "label": label, "note": args.note or "",
          "command": bc.command_line("bench_serve.py", argv), "url": url, "model": model, "max_model_len": ctx,
@@ -432,17 +446,7 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
     obj["in_process"] = {"file": os.path.basename(args.in_process_json), "device": ref["env"]["device"],
                          "engine": kind,
                          "tokens_per_s": {f: r[kind]["tokens_per_s"] for f, r in ref["results"].items() if kind in r},
-                         # the in-process engine's steps, as the server's step histograms count them
-                         "step_ms": {f: r[kind].get("decode_device_ms", {}).get("mean")
-                                     for f, r in ref["results"].items() if kind in r},
-                         "host_ms": {f: (r[kind].get("host_us", {}).get("mean") or 0) / 1e3 or None
-                                     for f, r in ref["results"].items() if kind in r}}
-    for run in runs:
-      st = run["results"].get("server_step")
-      if st and st["steps"] and obj["in_process"]["step_ms"].get(run["name"]):
-        print(f"[{run['name']}] engine steps through HTTP: mean {bc.fmt(st['step_ms'])} ms, host "
-              f"{bc.fmt(st['host_ms'])} ms; in-process {bc.fmt(obj['in_process']['step_ms'][run['name']])} ms, "
-              f"host {bc.fmt(obj['in_process']['host_ms'][run['name']])} ms", flush=True)
+                         **ref_steps}
   if args.out_json:
     bc.write_json(args.out_json, obj)
   if args.report:

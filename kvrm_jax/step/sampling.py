@@ -160,6 +160,18 @@ def resolve_branch_free(rt, backend: str | None = None) -> bool:
   return rt.sampler == "branch-free" or (rt.sampler == "auto" and rt.pipeline and backend == "gpu")
 
 
+def resolved_sampler(rt, backend: str | None = None) -> str:
+  """The sampler the steps of RuntimeConfig `rt` compile: "window", "branch-free"
+  (`resolve_branch_free`) or "branch"."""
+  return "window" if rt.sampler == "window" else "branch-free" if resolve_branch_free(rt, backend) else "branch"
+
+
+def step_sampling(rt) -> dict:
+  """`sample`'s static keyword arguments in the steps of RuntimeConfig `rt`."""
+  name = resolved_sampler(rt)
+  return dict(greedy_only=rt.greedy_only, branch_free=name == "branch-free", window=name == "window")
+
+
 def sample(logits, temperature, top_k, top_p, seeds, counters, greedy_only: bool = False,
            branch_free: bool = False, ways: int | None = None, window: bool = False):
   """Per-row sampling. logits: [B, V] f32; temperature/top_p: [B] f32; top_k/seeds/counters: [B] int32.

@@ -28,7 +28,7 @@ from kvrm_jax.step import tier
 from kvrm_jax.step.attention import block_mass, decode_attention, decode_descriptors, resolve_attention, tile_attention
 from kvrm_jax.step.block_ops import block_ops, write_kv
 from kvrm_jax.step.gemm import projection_matmul
-from kvrm_jax.step.sampling import resolve_branch_free, sample
+from kvrm_jax.step.sampling import sample, step_sampling
 from kvrm_jax.step.summaries import merge_summaries
 from pallas_kernels.partition import merge_lse
 
@@ -113,7 +113,7 @@ def _decode(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, with_lo
                                          reduce=_reduce(tp_axis), unroll=unrolled(rt),
                                          matmul=projection_matmul(rt))
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["positions"] + 1,
-                  greedy_only=rt.greedy_only, branch_free=resolve_branch_free(rt), window=rt.sampler == "window")
+                  **step_sampling(rt))
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
   out = (tokens, k_pool, v_pool) + ((logits,) if with_logits else ())
   if with_mass:
@@ -142,7 +142,7 @@ def _prefill(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, chunk:
                                    unroll=unrolled(rt), matmul=projection_matmul(rt))
   # The sampled token's position (prefill rows hold no summaries: lengths == last position + 1).
   tokens = sample(logits, d["temperature"], d["top_k"], d["top_p"], d["seeds"], d["lengths"],
-                  greedy_only=rt.greedy_only, branch_free=resolve_branch_free(rt), window=rt.sampler == "window")
+                  **step_sampling(rt))
   tokens = jnp.where(d["lengths"] > 0, tokens, 0)
   return (tokens, k_pool, v_pool, logits) if with_logits else (tokens, k_pool, v_pool)
 
@@ -179,7 +179,7 @@ def _mixed(graphdef, cfg: ModelConfig, rt: RuntimeConfig, backend: str, n_tiles:
   # A decode row samples position+1; a tile its last token's position+1 (= its KV length).
   tokens = sample(logits, cat("temperature", "t_temperature"), cat("top_k", "t_top_k"), cat("top_p", "t_top_p"),
                   cat("seeds", "t_seeds"), jnp.concatenate([d["positions"] + 1, d["t_lengths"]]),
-                  greedy_only=rt.greedy_only, branch_free=resolve_branch_free(rt), window=rt.sampler == "window")
+                  **step_sampling(rt))
   tokens = jnp.where(cat("lengths", "t_lengths") > 0, tokens, 0)
   out = (tokens, k_pool, v_pool) + ((logits,) if with_logits else ())
   if with_mass:

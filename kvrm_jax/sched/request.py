@@ -125,4 +125,9 @@ class RequestOutput:
 
 
 class RequestError(ValueError):
-  """A request that can never be served (a user error: empty, too long, ...)."""
+  """A request that can never be served (a user error: empty, too long, ...). `param`: the request
+  field at fault where one is (the server's 400 names it)."""
+
+  def __init__(self, message: str, param: str | None = None):
+    super().__init__(message)
+    self.param = param

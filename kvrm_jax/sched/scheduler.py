@@ -42,6 +42,20 @@ class StepPlan:
   swaps: tuple[int, int] = (0, 0)  # host tier extents swapped out / in before this step
 
 
+def check_sampling(rt: RuntimeConfig, vocab_size: int, sampling: SamplingParams) -> None:
+  """Raise RequestError (with its `param`) for sampling settings this engine's compiled steps cannot
+  honour: a top-k over the vocabulary or over the window sampler's 64, a temperature on a
+  greedy-only engine. The scheduler checks every request; the server checks before queueing."""
+  if sampling.top_k > vocab_size:
+    raise RequestError(f"top_k={sampling.top_k} exceeds the vocabulary of {vocab_size}", param="top_k")
+  if rt.sampler == "window" and sampling.top_k > SAMPLER_WINDOW:
+    raise RequestError(f"top_k={sampling.top_k}: this engine's 'window' sampler keeps at most the {SAMPLER_WINDOW} "
+                       f"most likely tokens (--sampler window); send top_k <= {SAMPLER_WINDOW}", param="top_k")
+  if rt.greedy_only and sampling.temperature > 0:
+    raise RequestError(f"temperature={sampling.temperature:g}: this engine samples greedily only "
+                       "(--greedy-only); send temperature 0 or leave it out", param="temperature")
+
+
 class Scheduler:
   """Requests, slots, the KV allocator (the pager, or the static baseline's reservation, with the
   same interface) and the host tier's bookkeeping of one engine."""
@@ -102,14 +116,7 @@ class Scheduler:
       raise RequestError(f"prompt_ids must be a sequence of integer token ids, got {prompt_ids!r:.80} "
                          "(text prompts go through generate() or the tokenizer)")
     ids = [int(t) for t in ids]
-    if sampling.top_k > self.vocab_size:
-      raise RequestError(f"top_k={sampling.top_k} exceeds the vocabulary of {self.vocab_size}")
-    if self.rt.sampler == "window" and sampling.top_k > SAMPLER_WINDOW:
-      raise RequestError(f"top_k={sampling.top_k}: this engine's 'window' sampler keeps at most the {SAMPLER_WINDOW} "
-                         f"most likely tokens (RuntimeConfig.sampler, --sampler); send top_k <= {SAMPLER_WINDOW}")
-    if self.rt.greedy_only and sampling.temperature > 0:
-      raise RequestError(f"temperature={sampling.temperature:g}: this engine samples greedily only "
-                         "(RuntimeConfig.greedy_only, --greedy-only); send temperature 0")
+    check_sampling(self.rt, self.vocab_size, sampling)
     if not ids:
       raise RequestError("empty prompt")
     if any(t < 0 or t >= self.vocab_size for t in ids):

@@ -19,10 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvrm_jax.config import SAMPLER_WINDOW
 from kvrm_jax.serve import schemas as S
 from kvrm_jax.serve.detok import TextStream, full_text
-from kvrm_jax.serve.engine_loop import EngineLoop, Handle, Overloaded, SamplingParams
+from kvrm_jax.serve.engine_loop import EngineLoop, Handle, Overloaded, RequestError, SamplingParams, check_sampling
 from kvrm_jax.serve.metrics import CONTENT_TYPE, Metrics
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -170,22 +169,19 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
     if prompt_len + max_tokens > limit:
       raise APIError(400, f"max_tokens={max_tokens} + the prompt's {prompt_len} tokens exceeds the context of "
                      f"{limit} tokens", param="max_tokens", code="context_length_exceeded")
-    top_k = body.top_k or 0
-    if loop.engine.rt.sampler == "window" and top_k > SAMPLER_WINDOW:
-      raise APIError(400, f"top_k={top_k}: this server's sampler keeps at most the {SAMPLER_WINDOW} most likely "
-                     f"tokens (--sampler window); send top_k <= {SAMPLER_WINDOW}", param="top_k")
-    greedy_only = loop.engine.rt.greedy_only  # --greedy-only: an omitted temperature is 0, a positive one a 400
-    if greedy_only and body.temperature:
-      raise APIError(400, f"temperature={body.temperature:g}: this server decodes greedily only (--greedy-only); "
-                     "send temperature 0 or leave it out", param="temperature")
-    temperature = (0.0 if greedy_only else 1.0) if body.temperature is None else body.temperature
+    rt = loop.engine.rt  # --greedy-only: an omitted temperature is 0 (OpenAI's default 1 would be refused)
+    temperature = (0.0 if rt.greedy_only else 1.0) if body.temperature is None else body.temperature
     try:
-      return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                            top_k=max(top_k, 0), top_p=1.0 if body.top_p is None else body.top_p,
-                            seed=random.randrange(2**31) if body.seed is None else body.seed,
-                            stop=body.stop_strings(), ignore_eos=body.ignore_eos)
+      sp = SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                          top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p,
+                          seed=random.randrange(2**31) if body.seed is None else body.seed,
+                          stop=body.stop_strings(), ignore_eos=body.ignore_eos)
+      check_sampling(rt, loop.vocab_size, sp)  # what this engine's compiled steps cannot honour
+    except RequestError as e:
+      raise APIError(400, str(e), param=e.param) from None
     except ValueError as e:
       raise APIError(400, str(e)) from None
+    return sp
 
   async def start(ids: list[int], sp: SamplingParams) -> Handle:
     if app.state.draining:
@@ -200,7 +196,7 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
       raise APIError(429, str(e), type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
     ev = await h.events.get()
     if ev.error is not None:  # the engine refused it (RequestError), or the engine loop is stopping
-      raise APIError(400, ev.error) if loop.alive else APIError(503, ev.error, type_="server_error")
+      raise APIError(400, ev.error, param=ev.param) if loop.alive else APIError(503, ev.error, type_="server_error")
     return h
 
   async def collect(h: Handle, request: Request) -> tuple[list[int], str]:

@@ -31,10 +31,11 @@ from kvrm_jax.step import sharding
 from kvrm_jax.cli import UserError, add_runtime_args, load_model, make_engine, run_main
 from kvrm_jax.engine import Engine
 from kvrm_jax.sched.request import RequestError, SamplingParams
+from kvrm_jax.sched.scheduler import check_sampling
 
 __all__ = ["Engine", "EngineLoop", "Event", "Handle", "Overloaded", "RequestError", "SamplingParams", "UserError",
-           "add_runtime_args", "compile_cache", "load_model", "load_preset", "load_tokenizer", "make_engine", "run_main",
-           "warm_up"]
+           "add_runtime_args", "check_sampling", "compile_cache", "load_model", "load_preset", "load_tokenizer",
+           "make_engine", "run_main", "warm_up"]
 
 
 def load_tokenizer(checkpoint=None, cache_dir=None):
@@ -101,6 +102,7 @@ class Event:
   token_ids: list[int]
   finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "abort"
   error: str | None = None  # the engine refused the request (RequestError)
+  param: str | None = None  # the request field the refusal names, if any
 
 
 class Handle:
@@ -253,7 +255,7 @@ class EngineLoop:
     try:
       h.rid = self.engine.add_request(h.prompt_ids, h.sampling, arrival=h.submitted)
     except RequestError as e:
-      self._end(h, Event([], error=str(e)))
+      self._end(h, Event([], error=str(e), param=e.param))
       return
     self._handles[h.rid] = h
     self._outbox.append((h, Event([])))  # accepted

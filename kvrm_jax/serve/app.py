@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvrm_jax.serve import schemas as S
 from kvrm_jax.serve.detok import TextStream, full_text
-from kvrm_jax.serve.engine_loop import EngineLoop, Handle, Overloaded, RequestError, SamplingParams, check_sampling
+from kvrm_jax.serve.engine_loop import EngineLoop, EngineProcess, Handle, Overloaded, RequestError, SamplingParams, check_sampling
 from kvrm_jax.serve.metrics import CONTENT_TYPE, Metrics
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -84,9 +84,10 @@ class _NoText:
     return ""
 
 
-def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | None = None,
+def create_app(loop: EngineLoop | EngineProcess, tokenizer, model_name: str, metrics: Metrics | None = None,
                shutdown_timeout: float = 30.0) -> FastAPI:
-  """The server's app; its lifespan starts the engine thread and stops it (aborting what is left).
+  """The server's app; its lifespan starts the engine loop (thread or process) and stops it
+  (aborting what is left).
   tokenizer None: prompts must be token ids (text, chat messages and stop strings get a 400)."""
   created = int(time.time())
   has_text = tokenizer is not None
@@ -169,7 +170,7 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, metrics: Metrics | 
     if prompt_len + max_tokens > limit:
       raise APIError(400, f"max_tokens={max_tokens} + the prompt's {prompt_len} tokens exceeds the context of "
                      f"{limit} tokens", param="max_tokens", code="context_length_exceeded")
-    rt = loop.engine.rt  # --greedy-only: an omitted temperature is 0 (OpenAI's default 1 would be refused)
+    rt = loop.rt  # --greedy-only: an omitted temperature is 0 (OpenAI's default 1 would be refused)
     temperature = (0.0 if rt.greedy_only else 1.0) if body.temperature is None else body.temperature
     try:
       sp = SamplingParams(max_new_tokens=max_tokens, temperature=temperature,

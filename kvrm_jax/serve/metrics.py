@@ -1,7 +1,8 @@
 """Prometheus metrics of the server (`/metrics`), in their own registry.
 
-Engine-side values (queue, running, KV blocks, preemptions, prefix-cache hits, latencies) are set
-from the engine thread; prometheus-client metrics are thread-safe.
+Engine-side values (queue, running, KV blocks, preemptions, prefix-cache hits, latencies) come from
+each engine iteration's report (kvrm_jax.serve.engine_loop.EngineCore.take), observed on the thread
+that delivers its events; prometheus-client metrics are thread-safe.
 """
 
 from __future__ import annotations
@@ -96,27 +97,22 @@ class Metrics:
   def render(self) -> bytes:
     return generate_latest(self.registry)
 
-  def observe_tokens(self, batch, now: float) -> None:
-    """The token events of one engine step (engine thread): [(request handle, new tokens)], read
-    before the handles' `last_token` moves to `now`."""
-    self.ttft.observe([now - h.submitted for h, _ in batch if h.last_token is None])
-    self.itl.observe([now - h.last_token for h, _ in batch if h.last_token is not None])
-    n = sum(k for _, k in batch)
-    self.generation_tokens.inc(n)
-    self._window_tokens += n
-
-  def observe_finish(self, h, reason: str) -> None:
-    self.requests.labels(reason).inc()
-    if h.last_token is not None:
-      self.e2e.observe([h.last_token - h.submitted])
-
-  def observe_engine(self, loop, series: dict | None = None) -> None:
-    """After each engine step (or idle wait): gauges and counters from the engine's state, and the
-    step times of `series` (EngineStats.take_series)."""
+  def observe(self, report: dict) -> None:
+    """One engine iteration's report (EngineCore.take): the latencies of its token events and
+    finished requests, its step times (EngineStats.take_series) and the engine's counters after it."""
+    self.ttft.observe(report["ttft"])
+    self.itl.observe(report["itl"])
+    self.e2e.observe(report["e2e"])
+    self.generation_tokens.inc(report["tokens"])
+    self.prompt_tokens.inc(report["prompt_tokens"])
+    self._window_tokens += report["tokens"]
+    for reason in report["finished"]:
+      self.requests.labels(reason).inc()
+    series = report["series"]
     if series:
       self.step_time.observe(series["step_s"])
       self.step_host.observe(np.asarray(series["host_us"], np.float64) * 1e-6)
-    s = loop.snapshot()
+    s = report["snapshot"]
     self.queued.set(s["queued"])
     self.running.set(s["running"])
     self.blocks_used.set(s["blocks_used"])

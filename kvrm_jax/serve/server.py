@@ -19,8 +19,8 @@ import time
 import uvicorn
 
 from kvrm_jax.serve.app import create_app
-from kvrm_jax.serve.engine_loop import (EngineLoop, UserError, add_runtime_args, compile_cache, load_model,
-                                        load_preset, make_engine, preset_names, run_main, warm_up)
+from kvrm_jax.serve.engine_loop import (EngineLoop, EngineProcess, UserError, add_runtime_args, compile_cache,
+                                        load_model, load_preset, make_engine, preset_names, run_main, warm_up)
 from kvrm_jax.serve.metrics import Metrics
 
 
@@ -39,6 +39,9 @@ def parse_args(argv=None):
                  "of a checkpoint (benchmarks; prompts as token ids, the text is meaningless)")
   p.add_argument("--no-warmup", action="store_true", help="do not compile every step shape before listening")
   p.add_argument("--log-level", default="warning", help="uvicorn log level (debug | info | warning | error)")
+  p.add_argument("--engine-thread", action="store_true",
+                 help="run the engine in a thread of the server's process instead of its own process (the "
+                 "engine's host work then shares one interpreter lock with the HTTP streams)")
   add_runtime_args(p, max_slots_help="decode batch (default 16)",
                    num_blocks_help="KV pool blocks (default: every slot can hold --max-len tokens)")
   compile_cache.add_args(p)
@@ -59,25 +62,24 @@ def serve(args) -> int:
   if args.block_size <= 0:
     raise UserError(f"--block-size must be positive, got {args.block_size}")
 
-  t0 = time.perf_counter()
   if args.preset and args.checkpoint:
     raise UserError("give --checkpoint or --preset, not both")
+  t0 = time.perf_counter()
   compile_cache.from_args(args)  # a second start reads its executables back (a warm-up in seconds)
-  cfg, model, tok, mesh, dtype, path = load_preset(args) if args.preset else load_model(args)
-  max_len = args.max_len or min(cfg.max_position, 4096)
-  if not 1 < max_len <= cfg.max_position:
-    raise UserError(f"--max-len must be in [2, {cfg.max_position}] (the model context), got {max_len}")
-  mb = math.ceil(max_len / args.block_size)
-  slots = args.max_slots or 16
-  engine = make_engine(args, cfg, model, tok, mesh, dtype, max_slots=slots, num_blocks=args.num_blocks or slots * mb + 1,
-                       max_blocks_per_seq=mb)
-  if not args.no_warmup:
-    print(f"[serve] warm-up: compiling the decode step and every {'tile' if engine.rt.step_tokens else 'prefill'} "
-          "bucket before listening", file=sys.stderr, flush=True)
-    warm_up(engine, log=lambda line: print(f"[serve] {line}", file=sys.stderr, flush=True))
-  name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
+
+  def log(line: str) -> None:
+    print(f"[serve] {line}", file=sys.stderr, flush=True)
+
   metrics = Metrics()
-  loop = EngineLoop(engine, max_queue=args.max_queue, metrics=metrics)
+  if args.engine_thread:
+    engine, tok, name, dtype = build_engine(args, log)
+    if not args.no_warmup:
+      warm_up(engine, log=log)
+    loop = EngineLoop(engine, max_queue=args.max_queue, metrics=metrics)
+    kind = engine.kind
+  else:
+    loop = EngineProcess(build_engine, args, max_queue=args.max_queue, metrics=metrics, log=log)
+    tok, name, dtype, kind = loop.tokenizer, loop.name, loop.dtype, loop.kind
   app = create_app(loop, tok, name, metrics=metrics, shutdown_timeout=args.shutdown_timeout)
   # Our drain ends every stream before uvicorn closes connections; its own timeout is a backstop.
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -89,14 +91,34 @@ def serve(args) -> int:
           file=sys.stderr, flush=True)
 
   server = _Server(config, drain)
-  print(f"[serve] {name} ({dtype}, {engine.kind}, {slots} slots, {engine.rt.num_blocks} blocks of "
-        f"{engine.rt.block_size}, context {loop.context_limit}) ready in {time.perf_counter() - t0:.1f} s on "
-        f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+  rt = loop.rt
+  print(f"[serve] {name} ({dtype}, {kind}, {rt.max_slots} slots, {rt.num_blocks} blocks of {rt.block_size}, "
+        f"context {loop.context_limit}, engine in its own {'thread' if args.engine_thread else 'process'}) ready "
+        f"in {time.perf_counter() - t0:.1f} s on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
   server.run()
   if loop.error is not None:
     print(f"error: the engine loop failed: {loop.error!r}", file=sys.stderr)
     return 1
   return 0
+
+
+def build_engine(args, log) -> tuple:
+  """(engine, tokenizer, served model name, dtype) from the flags; runs where the engine runs (the
+  engine process by default). log(line) reports the warm-up's progress."""
+  compile_cache.from_args(args)
+  cfg, model, tok, mesh, dtype, path = load_preset(args) if args.preset else load_model(args)
+  max_len = args.max_len or min(cfg.max_position, 4096)
+  if not 1 < max_len <= cfg.max_position:
+    raise UserError(f"--max-len must be in [2, {cfg.max_position}] (the model context), got {max_len}")
+  mb = math.ceil(max_len / args.block_size)
+  slots = args.max_slots or 16
+  engine = make_engine(args, cfg, model, tok, mesh, dtype, max_slots=slots, num_blocks=args.num_blocks or slots * mb + 1,
+                       max_blocks_per_seq=mb)
+  if not args.no_warmup:
+    log(f"warm-up: compiling the decode step and every {'tile' if engine.rt.step_tokens else 'prefill'} bucket "
+        "before listening")
+  name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
+  return engine, tok, name, dtype
 
 
 class _Server(uvicorn.Server):

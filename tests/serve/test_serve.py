@@ -140,6 +140,48 @@ def test_a_preset_without_the_bundled_model_serves_token_ids_only(monkeypatch, c
   assert engine.sched.allocator.num_free_blocks == engine.sched.allocator.num_total_blocks
 
 
+def test_the_engine_process_serves_and_a_dead_engine_ends_every_stream():
+  """The server's default engine loop runs the engine in a spawned process: its greedy tokens equal
+  the same engine's in this process; when that process dies mid-stream the stream ends ('abort'),
+  nothing stays in flight and the loop reports itself dead (the server's /health then answers 503)."""
+  from kvrm_jax.serve import server as srv
+  from kvrm_jax.serve.engine_loop import EngineProcess, SamplingParams
+  args = srv.parse_args(["--preset", "tiny", "--max-slots", "2", "--block-size", "8", "--max-len", "64",
+                         "--no-compile-cache"])
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  engine = srv.build_engine(args, lambda line: None)[0]
+  want = []
+  for p in prompts:
+    rid = engine.add_request(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    while engine.requests[rid].finish_reason is None:
+      engine.step()
+    want.append(engine.requests[rid].output_ids)
+  lines = []
+  ep = EngineProcess(srv.build_engine, args, max_queue=4, log=lines.append)
+  assert any("compiled" in line for line in lines), lines  # the warm-up ran in the engine process
+
+  async def run():
+    ep.start()
+
+    async def tokens(h):
+      evs = [await asyncio.wait_for(h.events.get(), 120)]
+      while not evs[-1].final:
+        evs.append(await asyncio.wait_for(h.events.get(), 120))
+      return [t for e in evs for t in e.token_ids], evs[-1].finish_reason
+
+    got = await asyncio.gather(*(tokens(ep.submit(p, SamplingParams(max_new_tokens=6, ignore_eos=True)))
+                                 for p in prompts))
+    assert got == [(w, "length") for w in want]
+    h = ep.submit(prompts[0], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert (await asyncio.wait_for(h.events.get(), 120)).error is None  # accepted
+    os.kill(ep._proc.pid, signal.SIGKILL)
+    assert (await tokens(h))[1] == "abort"
+
+  asyncio.run(run())
+  assert not ep.alive and ep.in_flight == 0 and "the engine process exited" in str(ep.error)
+  ep.stop(5)
+
+
 @pytest.mark.parametrize("runtime,base,ok,bad,param,message", [
     # --greedy-only: a request that leaves the temperature out decodes greedily (the OpenAI default
     # of 1 would be refused); a positive temperature gets a 400 naming it
@@ -198,6 +240,21 @@ def _free_port() -> int:
 # Start-up (load + warm-up compiles) takes 10-40 s on 2 CPU cores; on a 16-core GPU host running the
 # suite in 12 processes it took over 240 s (the compiles share the cores and the GPU).
 START_S = float(os.environ.get("KVRM_TEST_SERVER_START_S", 900))
+
+
+def _children(pid: int) -> list[int]:
+  """Processes whose parent is `pid` (Linux /proc)."""
+  out = []
+  for d in os.listdir("/proc"):
+    if d.isdigit():
+      try:
+        with open(f"/proc/{d}/stat") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, ValueError, IndexError):
+        continue
+      if ppid == pid:
+        out.append(int(d))
+  return out
 
 
 class Server:
@@ -468,6 +525,8 @@ def test_overload_gets_429_then_sigterm_exits_cleanly(smollm2_ckpt, tmp_path):
     with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
       lines = r.iter_lines()
       assert next(line for line in lines if line.startswith("data:"))
+      engine_procs = _children(srv.proc.pid)
+      assert engine_procs, "the engine runs in its own process"
       t0 = time.monotonic()
       srv.proc.send_signal(signal.SIGTERM)
       rest = [line for line in lines if line.startswith("data:")]
@@ -478,6 +537,10 @@ def test_overload_gets_429_then_sigterm_exits_cleanly(smollm2_ckpt, tmp_path):
     with pytest.raises(httpx.ConnectError):
       httpx.get(srv.url + "/health", timeout=2)
     assert "requests left were aborted" in srv.tail()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in engine_procs) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not [pid for pid in engine_procs if os.path.exists(f"/proc/{pid}")], "nothing left running"
     assert "Traceback" not in srv.tail()
   finally:
     srv.close()

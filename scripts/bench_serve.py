@@ -252,7 +252,7 @@ def metrics(recs: list[dict], reqs, t0: float, t_end: float, before: dict, after
 def server_steps(before: dict, after: dict) -> dict | None:
   """What kvrm-jax's server measured itself during a run, from its histograms: its engine steps (how
   many, mean time from dispatch to tokens, mean host time) and the mean TTFT and inter-token gap as
-  the engine thread saw them (arrival in the server to the token leaving the engine), ms; None from
+  the engine saw them (arrival in the server to the token leaving the engine), ms; None from
   a server without them. Against the client's own numbers they split a gap between the engine and
   the way to the client."""
   out = {}

@@ -429,7 +429,10 @@ class EngineProcess(_Frontend):
     self._proc = ctx.Process(target=_engine_main, args=(child, build, args), name="kvrm-engine", daemon=True)
     self._proc.start()
     child.close()
-    self._send_lock = threading.Lock()
+    # Commands go out through a thread of their own: a burst of long prompts can fill the pipe while
+    # the engine is inside a step, and the event loop must not wait for it.
+    self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+    self._sender = threading.Thread(target=self._send_loop, name="kvrm-engine-sender", daemon=True)
     log = log or (lambda line: None)
     while True:
       try:
@@ -457,6 +460,7 @@ class EngineProcess(_Frontend):
 
   def start(self) -> None:
     self._reader.start()
+    self._sender.start()
 
   def stop(self, timeout: float) -> None:
     """Abort what is left, end the engine process and wait for it (at most `timeout` seconds)."""
@@ -470,11 +474,17 @@ class EngineProcess(_Frontend):
       self._proc.join(5)
 
   def _send(self, cmd: tuple) -> None:
-    with self._send_lock:
+    self._outbox.put(cmd)
+
+  def _send_loop(self) -> None:
+    while True:
+      cmd = self._outbox.get()
       try:
         self._conn.send(cmd)
       except (OSError, ValueError):  # the engine process is gone: the reader ends every stream
-        pass
+        return
+      if cmd[0] == "stop":
+        return
 
   def _read(self) -> None:
     try:

@@ -2,7 +2,7 @@
 
 On SIGTERM the server stops admitting (new requests get 503, the listening socket closes), lets
 in-flight requests finish for up to --shutdown-timeout seconds, aborts what is left, frees the
-engine thread and exits with status 0.
+engine (its process or thread) and exits with status 0.
 """
 
 from __future__ import annotations

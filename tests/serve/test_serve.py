@@ -146,8 +146,8 @@ def test_the_engine_process_serves_and_a_dead_engine_ends_every_stream():
   nothing stays in flight and the loop reports itself dead (the server's /health then answers 503)."""
   from kvrm_jax.serve import server as srv
   from kvrm_jax.serve.engine_loop import EngineProcess, SamplingParams
-  args = srv.parse_args(["--preset", "tiny", "--max-slots", "2", "--block-size", "8", "--max-len", "64",
-                         "--no-compile-cache"])
+  # (No --no-compile-cache: build_engine applies the flag to this whole process, later tests included.)
+  args = srv.parse_args(["--preset", "tiny", "--max-slots", "2", "--block-size", "8", "--max-len", "64"])
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
   engine = srv.build_engine(args, lambda line: None)[0]
   want = []

@@ -5,7 +5,8 @@ jax's own `$JAX_COMPILATION_CACHE_DIR`, else `<cache folder>/xla` (the cache fol
 model: `$KVRM_JAX_CACHE` or `~/.cache/kvrm-jax`). `--no-compile-cache` (or
 `KVRM_JAX_COMPILE_CACHE=off`) turns it off, jax's own folder included. A second start with the same
 model, runtime shapes, jax version and device compiles nothing: its executables are read back from
-the folder.
+the folder. `from_args` also keeps each compiled step whole in the folder's `kvrm-executables/`
+(kvrm_jax.exe_store), so such a start skips tracing and lowering the steps as well.
 
 The library itself never turns the cache on: `enable` is called by `scripts/decode.py` and the
 benchmark scripts at start-up, before anything is compiled.
@@ -21,6 +22,7 @@ import jax
 
 from kvrm_jax.cli import UserError
 from kvrm_jax.model.checkpoint import default_cache_dir
+from kvrm_jax import exe_store
 
 ENV = "KVRM_JAX_COMPILE_CACHE"
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -44,10 +46,11 @@ def compile_all(engine, log=None, threads: int | None = None) -> None:
   how many came from the cache."""
   if log is not None:
     engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
-  before = _hits
+  before = _hits + exe_store.hits
   count, secs = engine.compile_all(threads or _threads)
   if log is not None and count > 1:
-    log(f"{count} executables compiled in {secs:.1f} s ({_hits - before} read back from the compilation cache)")
+    log(f"{count} executables compiled in {secs:.1f} s ({_hits + exe_store.hits - before} read back from the "
+        "compilation cache)")
 
 
 def default_dir() -> Path:
@@ -96,8 +99,11 @@ def from_args(args) -> Path | None:
   _threads = threads
   if args.no_compile_cache or (not args.compile_cache and os.environ.get(ENV) == "off"):
     jax.config.update("jax_enable_compilation_cache", False)  # also a folder set by jax's own variable
+    exe_store.disable()
     return None
   try:
-    return enable(args.compile_cache)
+    folder = enable(args.compile_cache)
   except ValueError as e:
     raise UserError(str(e)) from None
+  exe_store.enable(folder)  # whole compiled steps too: a start from the cache skips tracing them
+  return folder

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from kvrm_jax import descriptor as desc_lib
+from kvrm_jax import exe_store
 from kvrm_jax.config import ModelConfig, RuntimeConfig
 from kvrm_jax.model import llama as model_lib
 from kvrm_jax.model.checkpoint import load_checkpoint
@@ -327,8 +328,33 @@ class Engine:
     exe = self._executables.get(key)
     if exe is None:
       t0 = time.perf_counter()
-      exe = self._keep(key, self._lower(fn, layout, host).compile(), t0)
+      skey = self._store_key(key, layout, host)
+      exe = exe_store.load(skey, self._devices())
+      if exe is None:
+        exe = self._lower(fn, layout, host).compile()
+        exe_store.save(skey, exe)
+      exe = self._keep(key, exe, t0)
     return exe
+
+  def _store_key(self, key: tuple, layout: desc_lib.Layout, host=()) -> str | None:
+    """The executable store's key of step `key` (kvrm_jax.exe_store; None when it is off):
+    what decides its program besides the environment, with no tracing."""
+    if not exe_store.active():
+      return None
+    args = (self.state, self.k_pool, self.v_pool, *host)
+    avals = [(tuple(x.shape), str(x.dtype), repr(getattr(x, "sharding", None))) for x in jax.tree.leaves(args)]
+    ints, floats = layout.pack(layout.new())
+    mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
+                                           tuple(d.id for d in self.mesh.devices.flat))
+    return exe_store.key(key, self.kind, self.with_logits, self.with_mass, repr(self.cfg), repr(self.rt), mesh,
+                         str(jax.tree.structure(args)), avals, (ints.shape, str(ints.dtype)),
+                         (floats.shape, str(floats.dtype)), repr(self._desc_sharding))
+
+  def _devices(self) -> list:
+    """The devices the steps run on, in the mesh's order."""
+    if self.mesh is not None:
+      return list(self.mesh.devices.flat)
+    return sorted(self.k_pool.sharding.device_set, key=lambda d: d.id)
 
   def _lower(self, fn, layout: desc_lib.Layout, host=()):
     ints, floats = self.put_descriptor(*layout.pack(layout.new()))
@@ -378,13 +404,23 @@ class Engine:
       for key, spec in specs:
         self._executable(key, *spec)
     else:
-      lowered = [(key, self._lower(*spec)) for key, spec in specs]
+      todo = []
+      for key, spec in specs:  # the executable store's entries first: nothing to lower for them
+        t = time.perf_counter()
+        skey = self._store_key(key, *spec[1:])
+        exe = exe_store.load(skey, self._devices())
+        if exe is not None:
+          self._keep(key, exe, t)
+        else:
+          todo.append((key, skey, self._lower(*spec)))
       with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         def compile_one(low):
           t = time.perf_counter()
           return low.compile(), t
-        for (key, _), fut in zip(lowered, [pool.submit(compile_one, low) for _, low in lowered]):
-          self._keep(key, *fut.result())
+        for (key, skey, _), fut in zip(todo, [pool.submit(compile_one, low) for _, _, low in todo]):
+          exe, t = fut.result()
+          exe_store.save(skey, exe)
+          self._keep(key, exe, t)
     return len(self._executables) - before, time.perf_counter() - t0
 
   def compiled_decode(self, rows: int | None = None):

@@ -8,6 +8,9 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_ENABLE_X64", "0")
+# Whole compiled steps (kvrm_jax.exe_store) are keyed without tracing; tests that monkeypatch
+# what a step traces must not get another test's executable: the store is off unless a test turns it on.
+os.environ.setdefault("KVRM_JAX_EXE_STORE", "off")
 # One compilation cache per test run, in a fresh folder shared by the xdist workers and the processes
 # the tests start: many tests build engines of the same shapes, and each executable is compiled once
 # per run instead of once per test (tests of the cache itself set their own folders).

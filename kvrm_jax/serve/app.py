@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvrm_jax.serve import schemas as S
 from kvrm_jax.serve.detok import TextStream, full_text
-from kvrm_jax.serve.engine_loop import EngineLoop, EngineProcess, Handle, Overloaded, RequestError, SamplingParams, check_sampling
+from kvrm_jax.serve.engine_loop import (EngineLoop, EngineProcess, Handle, Overloaded, RequestError, SamplingParams,
+                                        check_sampling)
 from kvrm_jax.serve.metrics import CONTENT_TYPE, Metrics
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context

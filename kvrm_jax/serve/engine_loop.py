@@ -146,6 +146,7 @@ class EngineCore:
   def __init__(self, engine: Engine):
     self.engine = engine
     self.reqs: dict[int, _Req] = {}  # by engine request id
+    self._rids: dict[int, int] = {}  # engine request id by handle id
     self.stopping = False
     self._out: list[tuple[int, Event]] = []
     self._report = _new_report()
@@ -157,7 +158,7 @@ class EngineCore:
     if kind == "add":
       self._add(*cmd[1:])
     elif kind == "abort":
-      req = next((r for r in self.reqs.values() if r.hid == cmd[1]), None)
+      req = self.reqs.get(self._rids.get(cmd[1], -1))
       if req is not None:
         self._abort(req)
     elif kind == "abort_all":
@@ -187,6 +188,7 @@ class EngineCore:
         self._abort(r)
       except Exception:  # noqa: BLE001
         self.reqs.pop(r.rid, None)
+        self._rids.pop(r.hid, None)
         self._out.append((r.hid, Event([], finish_reason="abort")))
 
   def snapshot(self) -> dict:
@@ -209,6 +211,7 @@ class EngineCore:
       self._out.append((hid, Event([], error=str(e), param=e.param)))
       return
     self.reqs[rid] = _Req(hid, rid, submitted)
+    self._rids[hid] = rid
     self._out.append((hid, Event([])))  # accepted
     self._report["prompt_tokens"] += len(prompt_ids)
 
@@ -238,6 +241,7 @@ class EngineCore:
 
   def _finish(self, r: _Req, reason: str, ids: list[int]) -> None:
     self.reqs.pop(r.rid, None)
+    self._rids.pop(r.hid, None)
     _forget(self.engine, r.rid)
     self._report["finished"].append(_REASONS[reason])
     if r.last_token is not None:
@@ -283,9 +287,13 @@ class _Frontend:
       if self._in_flight >= self.capacity:
         raise Overloaded(f"{self._in_flight} requests in flight (--max-slots {self.rt.max_slots} + "
                          f"--max-queue {self.max_queue}); retry later")
-      self._in_flight += 1
       hid, self._next_hid = self._next_hid, self._next_hid + 1
       h = Handle(hid, prompt_ids, sampling)
+      if self._stop.is_set():  # stopping or dead: nothing would ever answer it
+        h.done = True
+        h.events.put_nowait(Event([], error=f"the engine loop is not running ({self.error or 'shutting down'})"))
+        return h
+      self._in_flight += 1
       self._handles[hid] = h
     self._send(("add", hid, prompt_ids, sampling, h.submitted))
     return h
@@ -387,7 +395,8 @@ class EngineLoop(_Frontend):
     try:
       while not self._stop.is_set():
         self._take_commands(block=not core.engine.has_work())
-        core.iterate()
+        if not self._stop.is_set():
+          core.iterate()
         self._deliver(*core.take())
     except BaseException as e:  # noqa: BLE001  (reported by /health; every waiting client gets an error)
       self.error = e

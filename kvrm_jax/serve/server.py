@@ -93,7 +93,7 @@ def serve(args) -> int:
   server = _Server(config, drain)
   rt = loop.rt
   print(f"[serve] {name} ({dtype}, {kind}, {rt.max_slots} slots, {rt.num_blocks} blocks of {rt.block_size}, "
-        f"context {loop.context_limit}, engine in its own {'thread' if args.engine_thread else 'process'}) ready "
+        f"context {loop.context_limit}, engine in {'a thread' if args.engine_thread else 'its own process'}) ready "
         f"in {time.perf_counter() - t0:.1f} s on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
   server.run()
   if loop.error is not None:

@@ -143,7 +143,8 @@ def test_a_preset_without_the_bundled_model_serves_token_ids_only(monkeypatch, c
 def test_the_engine_process_serves_and_a_dead_engine_ends_every_stream():
   """The server's default engine loop runs the engine in a spawned process: its greedy tokens equal
   the same engine's in this process; when that process dies mid-stream the stream ends ('abort'),
-  nothing stays in flight and the loop reports itself dead (the server's /health then answers 503)."""
+  nothing stays in flight, a request sent after is refused at once, and the loop reports itself
+  dead (the server's /health then answers 503)."""
   from kvrm_jax.serve import server as srv
   from kvrm_jax.serve.engine_loop import EngineProcess, SamplingParams
   # (No --no-compile-cache: build_engine applies the flag to this whole process, later tests included.)
@@ -176,6 +177,8 @@ def test_the_engine_process_serves_and_a_dead_engine_ends_every_stream():
     assert (await asyncio.wait_for(h.events.get(), 120)).error is None  # accepted
     os.kill(ep._proc.pid, signal.SIGKILL)
     assert (await tokens(h))[1] == "abort"
+    late = ep.submit(prompts[0], SamplingParams(max_new_tokens=4))  # nothing would ever answer it: refused
+    assert "the engine loop is not running" in (await asyncio.wait_for(late.events.get(), 5)).error
 
   asyncio.run(run())
   assert not ep.alive and ep.in_flight == 0 and "the engine process exited" in str(ep.error)

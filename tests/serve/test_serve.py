@@ -342,6 +342,21 @@ def test_greedy_completions_equal_decode_py(server, smollm2_ckpt, tmp_path, caps
 
 
 @pytest.mark.slow
+def test_engine_thread_serves_what_the_engine_process_serves(server, smollm2_ckpt, tmp_path):
+  """`--engine-thread` (the engine in a thread of the server's process) answers as the default
+  server (the engine in its own process) does, and says which it runs."""
+  srv = Server(smollm2_ckpt, tmp_path / "server.log", "--max-slots", str(SLOTS), "--engine-thread", "--no-warmup")
+  try:
+    for p in PROMPTS[:2]:
+      want = server.client().completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+      got = srv.client().completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+      assert got.choices[0].text == want.choices[0].text and got.usage == want.usage, p
+    assert "engine in a thread" in srv.tail() and "engine in its own process" in server.tail()
+  finally:
+    srv.close()
+
+
+@pytest.mark.slow
 def test_streamed_chat_equals_non_streamed(server):
   client = server.client()
   for kw in ({"temperature": 0}, {"temperature": 0.8, "top_p": 0.9, "seed": 7, "extra_body": {"top_k": 20}}):

@@ -328,13 +328,17 @@ class Engine:
     exe = self._executables.get(key)
     if exe is None:
       t0 = time.perf_counter()
-      skey = self._store_key(key, layout, host)
-      exe = exe_store.load(skey, self._devices())
+      skey, exe = self._from_store(key, layout, host)
       if exe is None:
         exe = self._lower(fn, layout, host).compile()
         exe_store.save(skey, exe)
       exe = self._keep(key, exe, t0)
     return exe
+
+  def _from_store(self, key: tuple, layout: desc_lib.Layout, host=()):
+    """(the executable store's key of step `key`, its stored executable or None)."""
+    skey = self._store_key(key, layout, host)
+    return skey, exe_store.load(skey, self._devices())
 
   def _store_key(self, key: tuple, layout: desc_lib.Layout, host=()) -> str | None:
     """The executable store's key of step `key` (kvrm_jax.exe_store; None when it is off):
@@ -407,8 +411,7 @@ class Engine:
       todo = []
       for key, spec in specs:  # the executable store's entries first: nothing to lower for them
         t = time.perf_counter()
-        skey = self._store_key(key, *spec[1:])
-        exe = exe_store.load(skey, self._devices())
+        skey, exe = self._from_store(key, *spec[1:])
         if exe is not None:
           self._keep(key, exe, t)
         else:

@@ -424,14 +424,15 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
     recs, t0, t_end = asyncio.run(run_requests(url, model, reqs, args.timeout, args.max_wall))
     run["results"] = metrics(recs, reqs, t0, t_end, before, scrape(url))
     m = run["results"]
+    st = m["server_step"] if m.get("server_step") and m["server_step"]["steps"] else None
     print(f"[{run['name']}] {m['completed']}/{m['requests']} done, {m['errors']} errors, {m['tokens_per_s']:.1f} tok/s, "
           f"TTFT p50 {bc.fmt(m['ttft_ms']['p50'])} ms, ITL p50/p99 {bc.fmt(m['itl_ms']['p50'])}/"
           f"{bc.fmt(m['itl_ms']['p99'])} ms, prefix-cache hits {m['prefix_cache_hits']}"
-          + ("" if not (st := m.get("server_step")) or not st["steps"] else
+          + ("" if st is None else
              f", server-side TTFT / ITL mean {bc.fmt(st['ttft_ms'])} / {bc.fmt(st['itl_ms'])} ms (client: "
              f"{bc.fmt(m['ttft_ms']['mean'])} / {bc.fmt(m['itl_ms']['mean'])} ms)"),
           flush=True)
-    if (st := m.get("server_step")) and st["steps"]:
+    if st is not None:
       name = run["name"]
       print(f"[{name}] engine steps through HTTP: mean {bc.fmt(st['step_ms'])} ms, host {bc.fmt(st['host_ms'])} ms"
             + (f"; in-process {bc.fmt(ref_steps['step_ms'][name])} ms, host {bc.fmt(ref_steps['host_ms'][name])} ms"

@@ -426,7 +426,7 @@ class EngineProcess(_Frontend):
   and the engine's host work each hold their own interpreter lock, as vLLM's engine core does.
 
   `build(args, log)` runs in the child (spawned, so the parent never touches the accelerator) and
-  returns (engine, tokenizer, name, dtype); the child warms the engine up unless `args.no_warmup`.
+  returns (engine, tokenizer, name, dtype), the engine ready to serve (warmed up if wanted).
   Commands go down one pipe; each iteration's events and metrics report come back up it, read by a
   thread of this process. Construction returns once the engine is ready (UserError if it failed).
   """
@@ -524,8 +524,6 @@ def _engine_main(conn, build, args) -> None:
   try:
     log = lambda line: conn.send(("log", line))  # noqa: E731
     engine, tok, name, dtype = build(args, log)
-    if not getattr(args, "no_warmup", False):
-      warm_up(engine, log=log)
     core = EngineCore(engine)
     conn.send(("ready", {"rt": engine.rt, "vocab_size": engine.cfg.vocab_size,
                          "max_position": engine.cfg.max_position, "kind": engine.kind, "tokenizer": tok,

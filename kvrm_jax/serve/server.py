@@ -73,8 +73,6 @@ def serve(args) -> int:
   metrics = Metrics()
   if args.engine_thread:
     engine, tok, name, dtype = build_engine(args, log)
-    if not args.no_warmup:
-      warm_up(engine, log=log)
     loop = EngineLoop(engine, max_queue=args.max_queue, metrics=metrics)
     kind = engine.kind
   else:
@@ -103,8 +101,8 @@ def serve(args) -> int:
 
 
 def build_engine(args, log) -> tuple:
-  """(engine, tokenizer, served model name, dtype) from the flags; runs where the engine runs (the
-  engine process by default). log(line) reports the warm-up's progress."""
+  """(engine, tokenizer, served model name, dtype) from the flags, warmed up unless --no-warmup; runs
+  where the engine runs (the engine process by default). log(line) reports the warm-up's progress."""
   compile_cache.from_args(args)
   cfg, model, tok, mesh, dtype, path = load_preset(args) if args.preset else load_model(args)
   max_len = args.max_len or min(cfg.max_position, 4096)
@@ -117,6 +115,7 @@ def build_engine(args, log) -> tuple:
   if not args.no_warmup:
     log(f"warm-up: compiling the decode step and every {'tile' if engine.rt.step_tokens else 'prefill'} bucket "
         "before listening")
+    warm_up(engine, log=log)
   name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
   return engine, tok, name, dtype
 

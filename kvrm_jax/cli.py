@@ -158,9 +158,11 @@ def add_step_args(p) -> None:
   --greedy-only / --sampler: the mixed step (RuntimeConfig.step_tokens, .tile), how prompt chunks attend
   (.prompt_attention), the pipelined loop (.pipeline), the decode step's row counts (.decode_buckets),
   its GEMMs (.matmul), greedy-only steps (.greedy_only) and how steps sample (.sampler)."""
-  p.add_argument("--step-tokens", type=int, default=0,
+  p.add_argument("--step-tokens", default="0", metavar="N|throughput|latency",
                  help="one device call per engine step: decode tokens + prompt tiles, at most this many tokens "
-                 "(>= max slots + tile); 0 (default): separate padded prefill and decode calls")
+                 f"(>= max slots + tile); throughput = max slots + {STEP_BUDGETS['throughput']} prompt tokens, "
+                 f"latency = max slots + {STEP_BUDGETS['latency']} (shorter steps with prompt work, so smaller "
+                 "inter-token gaps for the running requests); 0 (default): separate padded prefill and decode calls")
   p.add_argument("--tile", type=int, default=64, help="prompt tokens per query tile of a mixed step")
   p.add_argument("--pipeline", action="store_true",
                  help="dispatch each decode step before reading the previous step's tokens (the host's work "
@@ -188,10 +190,29 @@ def add_step_args(p) -> None:
                  "for steps of at most 256 rows, bf16 on Hopper)")
 
 
-def step_kwargs(args) -> dict:
+# Named mixed-step budgets (--step-tokens): prompt tokens a step holds beside one decode token per slot.
+# throughput: long prompt chunks per step (fewer, larger steps with prompt work); latency: a quarter of
+# that, so a step with prompt work stays closer to a decode step (docs/results.md, the low-latency run).
+STEP_BUDGETS = {"throughput": 2048, "latency": 512}
+
+
+def step_tokens(text, max_slots: int, flag: str = "--step-tokens") -> int:
+  """Tokens per mixed step of --step-tokens: an integer (0 = separate prefill and decode calls), or a
+  named budget of STEP_BUDGETS (max_slots + its prompt tokens)."""
+  text = str(text).strip()
+  if text in STEP_BUDGETS:
+    return max_slots + STEP_BUDGETS[text]
+  try:
+    return int(text)
+  except ValueError:
+    raise UserError(f"{flag} must be an integer or one of {', '.join(STEP_BUDGETS)}, got {text!r}") from None
+
+
+def step_kwargs(args, max_slots: int) -> dict:
   """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets /
   --matmul / --greedy-only / --sampler."""
-  return {"step_tokens": args.step_tokens, "tile": args.tile, "prompt_attention": args.prompt_attention,
+  return {"step_tokens": step_tokens(args.step_tokens, max_slots), "tile": args.tile,
+          "prompt_attention": args.prompt_attention,
           "pipeline": args.pipeline, "decode_buckets": parse_int_list(args.decode_buckets, "--decode-buckets") or (),
           "matmul": args.matmul, "greedy_only": args.greedy_only, "sampler": args.sampler}
 
@@ -202,7 +223,8 @@ def runtime_config(args, dtype: str, *, max_slots: int, num_blocks: int, max_blo
     summaries = SummaryConfig.parse(args.summaries) if args.summaries else None
     rt = RuntimeConfig(block_size=args.block_size, num_blocks=num_blocks, max_slots=max_slots,
                        max_blocks_per_seq=max_blocks_per_seq, dtype=dtype, attention=args.attention,
-                       max_summaries=summaries.max_entries if summaries else 0, **step_kwargs(args))
+                       max_summaries=summaries.max_entries if summaries else 0,
+                       **step_kwargs(args, max_slots))
     gemm.check(rt)
   except ValueError as e:
     raise UserError(str(e)) from None

@@ -61,7 +61,8 @@ def test_sampled_decoding_keeps_the_sampling_steps_and_is_reproducible(smollm2_c
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "bad_dtype", "too_long", "empty_prompt",
-                                  "no_prompt", "unreadable_file", "bad_jsonl", "bad_engine", "bad_tp", "skinny_on_cpu"])
+                                  "no_prompt", "unreadable_file", "bad_jsonl", "bad_engine", "bad_tp", "skinny_on_cpu",
+                                  "bad_step_tokens"])
 def test_bad_input_is_one_clear_line(case, smollm2_ckpt, tmp_path, capsys):
   ck = ["--checkpoint", str(smollm2_ckpt)]
   argv = {
@@ -76,6 +77,7 @@ def test_bad_input_is_one_clear_line(case, smollm2_ckpt, tmp_path, capsys):
       "bad_engine": ck + ["--engine", "vllm", "--prompt", "hi"],
       "bad_tp": ck + ["--tp", "64", "--prompt", "hi"],
       "skinny_on_cpu": ck + ["--matmul", "skinny", "--prompt", "hi"],
+      "bad_step_tokens": ck + ["--step-tokens", "fast", "--prompt", "hi"],
   }[case]
   (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
   code, out, err = run(argv + ["--max-new-tokens", "2"], capsys)
@@ -274,3 +276,12 @@ def test_bundled_cache_without_checksums_is_converted_again(smollm2_ckpt, tmp_pa
   assert ckpt.bundled_checkpoint_dir(tmp_path) == (dst, True)
   (dst / ckpt.CHECKSUM_FILE).unlink()
   assert ckpt.bundled_checkpoint_dir(tmp_path) == (dst, False)
+
+
+def test_named_step_budgets_are_slots_plus_their_prompt_tokens():
+  from kvrm_jax.cli import STEP_BUDGETS, UserError, step_tokens
+  assert step_tokens("latency", 148) == 148 + STEP_BUDGETS["latency"] == 660
+  assert step_tokens("throughput", 148) == 148 + STEP_BUDGETS["throughput"]
+  assert step_tokens("0", 148) == 0 and step_tokens(" 300 ", 148) == 300
+  with pytest.raises(UserError, match="--step-tokens must be an integer or one of throughput, latency"):
+    step_tokens("fast", 148)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from kvrm_jax import compile_cache
-from kvrm_jax.cli import UserError, parse_choices, parse_int_list
+from kvrm_jax.cli import STEP_BUDGETS, UserError, parse_choices, parse_int_list, step_tokens
 from kvrm_jax.config import SAMPLERS, ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
 from kvrm_jax.model import checkpoint as ckpt
@@ -30,7 +30,6 @@ from kvrm_jax.step.attention import resolve_attention
 
 MODELS = ("tiny", "smollm2-135m", "llama3-8b", "bundled")
 ENGINES = ("kvrm", "kvrm-mixed", "static")  # kvrm-mixed: the KV-RM engine with mixed steps (--step-tokens)
-MIXED_PROMPT_TOKENS = 2048  # kvrm-mixed's prompt tokens per step when --step-tokens is not given
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -55,9 +54,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
   g.add_argument("--prefill-buckets", default=None, help="comma list of prefill chunk sizes (default: the runtime's)")
   g.add_argument("--max-prefill-seqs", type=int, default=None, help="prompt chunks per prefill step")
   g.add_argument("--attention", default="auto", help="KV-RM attention backend: auto | reference | pallas | interpret")
-  g.add_argument("--step-tokens", type=int, default=0,
-                 help=f"kvrm-mixed: tokens per engine step (decode tokens + prompt tiles; default: its slots + "
-                 f"{MIXED_PROMPT_TOKENS})")
+  g.add_argument("--step-tokens", default="throughput", metavar="N|throughput|latency",
+                 help="kvrm-mixed: tokens per engine step (decode tokens + prompt tiles): a number, or its slots + "
+                 f"{STEP_BUDGETS['throughput']} (throughput, the default) or + {STEP_BUDGETS['latency']} (latency)")
   g.add_argument("--tile", type=int, default=64, help="kvrm-mixed: prompt tokens per query tile")
   g.add_argument("--pipeline", action="store_true",
                  help="KV-RM engines: dispatch each decode step before reading the previous one's tokens")
@@ -266,7 +265,7 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
     kw["max_prefill_seqs"] = args.max_prefill_seqs
   slots = budget.slots(kind)
   if kind == "kvrm-mixed":
-    kw.update(step_tokens=args.step_tokens or slots + MIXED_PROMPT_TOKENS, tile=args.tile)
+    kw.update(step_tokens=step_tokens(args.step_tokens, slots) or slots + STEP_BUDGETS["throughput"], tile=args.tile)
   rows = parse_int_list(getattr(args, "decode_buckets", None), "--decode-buckets")
   if rows and kind != "static":
     kw["decode_buckets"] = rows

@@ -178,7 +178,8 @@ class RuntimeConfig:
     dot) or "skinny" (the weight-streaming Mosaic GPU kernel pallas_kernels.skinny_matmul for calls
     of at most 256 rows in bf16/f16 on Hopper; XLA's dot for the rest).
   xla_options: extra XLA compile options of the decode and prefill steps, ((name, value), ...),
-    e.g. (("xla_gpu_enable_triton_gemm", False),); on top of step.DEFAULT_XLA_OPTIONS (GPU).
+    e.g. (("xla_gpu_enable_triton_gemm", True),); on top of the defaults on GPU (kvrm_jax/step/steps.py
+    `compiler_options`: cuBLAS GEMMs in steps of at least CUBLAS_MIN_ROWS rows).
     `parse_xla_options("name=value,...")` reads them from a command line.
   greedy_only: compile the steps with greedy sampling only (argmax; the same tokens as greedy rows
     get otherwise) and refuse requests with temperature > 0. The default steps choose between

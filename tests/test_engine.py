@@ -253,6 +253,7 @@ def test_xla_options_reach_the_compiled_steps():
     RuntimeConfig(xla_options=("xla_gpu_enable_triton_gemm",))
   rt = dataclasses.replace(RT, xla_options=(("xla_gpu_enable_triton_gemm", False),))
   assert step_lib.compiler_options(rt)["xla_gpu_enable_triton_gemm"] is False
+  assert step_lib.compiler_options(RT, 4096) is None  # CPU: XLA's defaults whatever the rows
   bad = dataclasses.replace(RT, xla_options=(("xla_no_such_option", True),), prefill_buckets=(8,))
   eng = Engine(CFG, Llama(CFG, rngs=nnx.Rngs(0)), bad)
   eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2))
@@ -645,3 +646,16 @@ def test_window_sampler_steps_have_no_branch_and_refuse_a_wide_top_k(model, step
   with pytest.raises(RequestError, match="'window' sampler keeps at most the 64 most likely tokens"):
     eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2, temperature=0.7, top_k=65))
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
+
+
+def test_gpu_steps_of_many_rows_compile_with_cublas_gemms(monkeypatch):
+  """On GPU, steps with at least CUBLAS_MIN_ROWS rows turn XLA's Triton GEMMs off (measured faster
+  and quicker to compile there); fewer rows keep XLA's choice; the runtime's options win."""
+  from kvrm_jax.step import steps as step_lib
+  monkeypatch.setattr(step_lib.jax, "default_backend", lambda: "gpu")
+  n = step_lib.CUBLAS_MIN_ROWS
+  assert step_lib.compiler_options(RT, n - 1) is None
+  assert step_lib.compiler_options(RT, n) == {"xla_gpu_enable_triton_gemm": False}
+  back = dataclasses.replace(RT, xla_options=(("xla_gpu_enable_triton_gemm", True),))
+  assert step_lib.compiler_options(back, 4 * n) == {"xla_gpu_enable_triton_gemm": True}
+

@@ -13,7 +13,8 @@ import jax
 # ----------------------------------------------------------------------------- kernel profile
 
 BUCKETS = (  # first match wins; names as CUPTI reports them (XLA fusion names, cuBLAS / Mosaic kernels)
-    ("attention", re.compile(r"paged_decode")),  # pallas_kernels: paged_decode_mgpu_* / paged_decode_generic_*
+    # pallas_kernels: paged_decode_{mgpu,generic}_* (decode rows), paged_tile_{mgpu,generic}_* (prompt tiles)
+    ("attention", re.compile(r"paged_(decode|tile)_")),
     ("other", re.compile(r"copy_blocks")),  # pallas_kernels/block_copy.py: KV block moves, not weight copies
     # tp > 1: the all-reduces. On one host XLA emits them as its own fusions (`psum_448_0_fusion`
     # on 2x H200, jax 0.11.2); NCCL's kernels where it hands them to NCCL.

@@ -29,3 +29,12 @@ def test_kernel_timings_without_cupti(monkeypatch):
   monkeypatch.setattr(cupti, "cupti_ext", lambda: None)
   with pytest.raises(RuntimeError, match="no CUPTI"):
     cupti.kernel_timings(lambda: None)
+
+
+def test_profile_buckets_put_both_attention_kernels_under_attention():
+  from kvrm_jax.bench.profile import bucket
+  assert bucket("paged_decode_mgpu_c128_st2_w1_mosaic_gpu_kernel") == "attention"
+  assert bucket("paged_tile_mgpu_c128_st2_w1_table_mosaic_gpu_kernel") == "attention"  # was "other"
+  assert bucket("paged_tile_generic_c64_s1") == "attention"
+  assert bucket("nvjet_sm90_tst_256x160_64x4_1x2_h_ssched_bz_coopA_NNT") == "matmul"
+  assert bucket("loop_pad_fusion_34") == "other"

@@ -659,3 +659,17 @@ def test_gpu_steps_of_many_rows_compile_with_cublas_gemms(monkeypatch):
   back = dataclasses.replace(RT, xla_options=(("xla_gpu_enable_triton_gemm", True),))
   assert step_lib.compiler_options(back, 4 * n) == {"xla_gpu_enable_triton_gemm": True}
 
+
+
+def test_each_step_gets_the_compile_options_of_its_row_count(monkeypatch):
+  """build_steps asks compiler_options for each executable's GEMM rows: the batch, each decode
+  bucket, prefill rows x chunk, decode rows + tiles x tile."""
+  from kvrm_jax.step import steps as step_lib
+  asked = []
+  monkeypatch.setattr(step_lib, "compiler_options", lambda rt, rows=0: asked.append(rows) or None)
+  rt = dataclasses.replace(RT, max_slots=40, decode_buckets=(8, 32), step_tokens=40 + 4 * 8, tile=8)
+  graphdef, _ = nnx.split(Llama(CFG, rngs=nnx.Rngs(0)))
+  decode, prefill_for, mixed_for, _, decode_for = step_lib.build_steps(graphdef, CFG, rt)
+  assert asked == [40]
+  decode_for(8), decode_for(32), prefill_for(32), mixed_for(4)
+  assert asked == [40, 8, 32, rt.max_prefill_seqs * 32, 40 + 4 * 8]

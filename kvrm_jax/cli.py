@@ -191,8 +191,9 @@ def add_step_args(p) -> None:
 
 
 # Named mixed-step budgets (--step-tokens): prompt tokens a step holds beside one decode token per slot.
-# throughput: long prompt chunks per step (fewer, larger steps with prompt work); latency: a quarter of
-# that, so a step with prompt work stays closer to a decode step (docs/results.md, the low-latency run).
+# throughput: long prompt chunks per step (fewer, larger steps with prompt work; the budget of the
+# benchmarks' mixed-step runs in docs/results.md); latency: a quarter of that, so a step with prompt work
+# stays closer to a decode step's time.
 STEP_BUDGETS = {"throughput": 2048, "latency": 512}
 
 

@@ -660,7 +660,6 @@ def test_gpu_steps_of_many_rows_compile_with_cublas_gemms(monkeypatch):
   assert step_lib.compiler_options(back, 4 * n) == {"xla_gpu_enable_triton_gemm": True}
 
 
-
 def test_each_step_gets_the_compile_options_of_its_row_count(monkeypatch):
   """build_steps asks compiler_options for each executable's GEMM rows: the batch, each decode
   bucket, prefill rows x chunk, decode rows + tiles x tile."""

@@ -47,7 +47,7 @@ DEFAULT_XLA_OPTIONS: dict[str, bool | int | float | str] = {}
 
 # Steps whose GEMMs have at least this many rows (token positions) run them on cuBLAS rather than
 # XLA's Triton GEMMs on GPU. Measured in whole steps of the Llama-3-8B shape on an H100 (docs/step.md,
-# "Which library runs the GEMMs"): decode steps of 32 and 148 rows 5 % and 11 % faster, 64 rows the
+# "Which library runs the GEMMs"): decode steps of 32 and 148 rows 5 % and 7-11 % faster, 64 rows the
 # same, mixed steps of 660 and 2,196 tokens 13 % and 10 % faster, and a mixed step compiled in 22
 # instead of 71 s (cuBLAS's algorithm choice is quicker than autotuning Triton tilings). Steps of
 # fewer rows keep XLA's default: a GEMM alone at 8 rows ran 2-3x slower on cuBLAS for the small

@@ -330,8 +330,7 @@ class Engine:
       t0 = time.perf_counter()
       skey, exe = self._from_store(key, layout, host)
       if exe is None:
-        exe = self._lower(fn, layout, host).compile()
-        exe_store.save(skey, exe)
+        exe = exe_store.compile_and_save(skey, self._lower(fn, layout, host))
       exe = self._keep(key, exe, t0)
     return exe
 
@@ -417,12 +416,11 @@ class Engine:
         else:
           todo.append((key, skey, self._lower(*spec)))
       with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        def compile_one(low):
+        def compile_one(skey, low):
           t = time.perf_counter()
-          return low.compile(), t
-        for (key, skey, _), fut in zip(todo, [pool.submit(compile_one, low) for _, _, low in todo]):
+          return exe_store.compile_and_save(skey, low), t
+        for (key, _, _), fut in zip(todo, [pool.submit(compile_one, skey, low) for _, skey, low in todo]):
           exe, t = fut.result()
-          exe_store.save(skey, exe)
           self._keep(key, exe, t)
     return len(self._executables) - before, time.perf_counter() - t0
 

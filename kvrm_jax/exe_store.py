@@ -9,6 +9,9 @@ without building it: the kvrm_jax and pallas_kernels sources (a hash of every .p
 and jaxlib versions, the backend and its devices, `XLA_FLAGS`, jax's configuration, the model and
 runtime configs, the engine's kind and options, and the shapes, dtypes and shardings of the
 step's arguments. Any difference is a different key: the step is compiled as usual and stored.
+Only a step compiled here is stored, not one that jax's own persistent cache supplied: serialized
+again, such an executable lost code on CPU (a later start failed with `NOT_FOUND: Function ...
+not found`), so the store fills when jax's cache misses too.
 
 It is on wherever the command-line tools turn the compilation cache on (`compile_cache.from_args`)
 and off for the library otherwise; `KVRM_JAX_EXE_STORE=off` turns it off everywhere. An entry
@@ -24,6 +27,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -34,6 +38,9 @@ _VERSION = 1  # of the entries' format and key
 _folder: Path | None = None
 hits = 0  # steps this process loaded from the store
 _warned = False
+_JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_compiling = threading.local()  # per thread: did jax's cache supply the executable being compiled?
+_listening = False
 
 
 def enable(cache_folder) -> Path | None:
@@ -98,13 +105,39 @@ def load(k: str | None, devices):
     exe = se.deserialize_and_load(payload, in_tree, out_tree, execution_devices=list(devices))
   except Exception as e:  # noqa: BLE001  (a damaged or foreign entry: compile instead)
     _warn(f"could not load the stored executable {path.name} ({type(e).__name__}: {e}); compiling it again")
+    path.unlink(missing_ok=True)  # once: the compile below may not replace it (see compile_and_save)
     return None
   hits += 1
   return exe
 
 
+def _on_event(event: str, **_) -> None:
+  if event == _JAX_CACHE_HIT and getattr(_compiling, "active", False):
+    _compiling.from_jax_cache = True
+
+
+def compile_and_save(k: str | None, lowered):
+  """`lowered.compile()`, stored under key `k` unless jax's persistent cache supplied it (module
+  docstring)."""
+  global _listening
+  if k is None or _folder is None:
+    return lowered.compile()
+  if not _listening:
+    jax.monitoring.register_event_listener(_on_event)
+    _listening = True
+  _compiling.active, _compiling.from_jax_cache = True, False
+  try:
+    exe = lowered.compile()
+  finally:
+    _compiling.active = False
+  if not _compiling.from_jax_cache:
+    save(k, exe)
+  return exe
+
+
 def save(k: str | None, exe) -> None:
-  """Store `exe` under key `k` (written to a temporary file, then renamed: never read half-written)."""
+  """Store `exe` under key `k` (written to a temporary file, then renamed: never read half-written).
+  `exe` must be compiled in this process, not read from jax's cache: use compile_and_save."""
   if k is None or _folder is None:
     return
   from jax.experimental import serialize_executable as se

@@ -130,7 +130,9 @@ def test_a_start_from_the_executable_store_traces_nothing(tmp_path):
   """The scripts keep each compiled step whole (kvrm_jax.exe_store): a second process with the
   same model and runtime loads every step without tracing or lowering one (also with compile
   threads), and decodes the same tokens; another runtime compiles its own; a damaged entry is
-  compiled again after one warning; KVRM_JAX_EXE_STORE=off stores nothing."""
+  compiled again after one warning and removed; KVRM_JAX_EXE_STORE=off stores nothing; a step that
+  jax's own cache supplied is not stored (on CPU it lost code when serialized again: the next start
+  failed with NOT_FOUND)."""
   store = tmp_path / "cache" / "xla" / "kvrm-executables"
   first, _ = run_store_child(tmp_path)
   n = first["executables"]
@@ -145,5 +147,12 @@ def test_a_start_from_the_executable_store_traces_nothing(tmp_path):
   damaged, err = run_store_child(tmp_path)
   assert (damaged["lowered"], damaged["tokens"]) == (n, first["tokens"])
   assert err.count("warning: executable store: could not load") == 1, err
+  # removed and not stored again from jax's cache; the other runtime's damaged entries were not read
+  assert len(list(store.glob("*.exe"))) == other["executables"]
+  after, err = run_store_child(tmp_path)
+  assert (after["lowered"], after["tokens"]) == (n, first["tokens"]) and "warning" not in err, err
   off, _ = run_store_child(tmp_path / "off", KVRM_JAX_EXE_STORE="off")
   assert off["lowered"] == n and not (tmp_path / "off" / "cache" / "xla" / "kvrm-executables").exists()
+  on, _ = run_store_child(tmp_path / "off")  # every step from jax's cache: nothing to store
+  assert on["lowered"] == n and on["tokens"] == first["tokens"]
+  assert not list((tmp_path / "off" / "cache" / "xla" / "kvrm-executables").glob("*.exe"))

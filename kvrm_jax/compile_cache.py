@@ -25,18 +25,12 @@ from kvrm_jax.model.checkpoint import default_cache_dir
 from kvrm_jax import exe_store
 
 ENV = "KVRM_JAX_COMPILE_CACHE"
-_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-_hits = 0  # executables this process has read back from the persistent cache (jax's own event)
 _threads = 1  # compile_all's XLA compiles at once (--compile-threads)
 
 
-def _count(event: str, **kwargs) -> None:
-  global _hits
-  if event == _HIT_EVENT:
-    _hits += 1
-
-
-jax.monitoring.register_event_listener(_count)
+def _read_back() -> int:
+  """Executables this process read back so far: from jax's persistent cache or the executable store."""
+  return exe_store.jax_cache_hits + exe_store.hits
 
 
 def compile_all(engine, log=None, threads: int | None = None) -> None:
@@ -46,11 +40,11 @@ def compile_all(engine, log=None, threads: int | None = None) -> None:
   how many came from the cache."""
   if log is not None:
     engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
-  before = _hits + exe_store.hits
+  before = _read_back()
   count, secs = engine.compile_all(threads or _threads)
   if log is not None and count > 1:
-    log(f"{count} executables compiled in {secs:.1f} s ({_hits + exe_store.hits - before} read back from the "
-        "compilation cache)")
+    log(f"{count} executables compiled in {secs:.1f} s ({_read_back() - before} read back from the compilation "
+        "cache)")
 
 
 def default_dir() -> Path:

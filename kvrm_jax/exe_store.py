@@ -15,7 +15,7 @@ not found`), so the store fills when jax's cache misses too.
 
 It is on wherever the command-line tools turn the compilation cache on (`compile_cache.from_args`)
 and off for the library otherwise; `KVRM_JAX_EXE_STORE=off` turns it off everywhere. An entry
-that cannot be read or loaded is compiled again (one warning), never used half-read. Only load
+that cannot be read or loaded is compiled again (one warning) and removed, never used half-read. Only load
 entries this machine wrote: loading an executable runs code from it.
 """
 
@@ -37,10 +37,21 @@ SUBDIR = "kvrm-executables"
 _VERSION = 1  # of the entries' format and key
 _folder: Path | None = None
 hits = 0  # steps this process loaded from the store
+jax_cache_hits = 0  # executables this process read back from jax's persistent cache (its own event)
 _warned = False
 _JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _compiling = threading.local()  # per thread: did jax's cache supply the executable being compiled?
-_listening = False
+
+
+def _on_event(event: str, **_) -> None:
+  global jax_cache_hits
+  if event == _JAX_CACHE_HIT:
+    jax_cache_hits += 1
+    if getattr(_compiling, "active", False):
+      _compiling.from_jax_cache = True
+
+
+jax.monitoring.register_event_listener(_on_event)
 
 
 def enable(cache_folder) -> Path | None:
@@ -111,20 +122,11 @@ def load(k: str | None, devices):
   return exe
 
 
-def _on_event(event: str, **_) -> None:
-  if event == _JAX_CACHE_HIT and getattr(_compiling, "active", False):
-    _compiling.from_jax_cache = True
-
-
 def compile_and_save(k: str | None, lowered):
   """`lowered.compile()`, stored under key `k` unless jax's persistent cache supplied it (module
   docstring)."""
-  global _listening
   if k is None or _folder is None:
     return lowered.compile()
-  if not _listening:
-    jax.monitoring.register_event_listener(_on_event)
-    _listening = True
   _compiling.active, _compiling.from_jax_cache = True, False
   try:
     exe = lowered.compile()

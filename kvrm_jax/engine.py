@@ -239,6 +239,7 @@ class Engine:
       host += time.perf_counter() - t1
       tokens, logits = self._run(self._prefill_exe(chunk), ints, floats)
       self.stats.prefill_steps += 1
+      self._count_prompt(plan, self.rt.max_prefill_seqs * chunk)
       firsts = self.sched.finish_prefill(plan, tokens, logits, time.perf_counter(), events)
       if logits is not None:
         self.last_logits.update(firsts)
@@ -282,6 +283,7 @@ class Engine:
     self.stats.step_s.append(now - td)
     self.stats.mixed_steps += 1
     self.stats.prefill_steps += 1
+    self._count_prompt(plan, n_tiles * self.rt.tile)
     self.stats.moves += len(plan.moves)
     self.stats.folds += len(plan.folds)
     s = self.rt.max_slots
@@ -293,6 +295,10 @@ class Engine:
     if plan.decode:
       self.stats.decode_steps += 1
       self.sched.finish_decode(plan, tokens[:s], now, events, _host(self._mass) if self.with_mass else None)
+
+  def _count_prompt(self, plan: StepPlan, positions: int) -> None:
+    self.stats.prompt_tokens += sum(n for _, _, n in plan.prefill_rows)
+    self.stats.prompt_positions += positions
 
   def schedule(self) -> StepPlan:
     """The host half's plan of the next step (admission, growth, preemption, folds, compaction)."""

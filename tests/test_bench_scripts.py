@@ -85,8 +85,10 @@ def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
   assert pf["output_tokens"]["max"] == 1 and pf["prompt_tokens"]["max"] == 128 // 2 and pf["matmul_tflops"] > 0
   mi = obj["model"]  # matmul FLOPs at least 2 per weight per prompt token (embedding and LM head aside)
   assert pf["flops"] >= 2 * (mi["params"] - 2 * mi["vocab"] * mi["hidden"]) * 6 * 64
-  for m in obj["results"]["prefill"].values():
+  for k, m in obj["results"]["prefill"].items():
     assert m["prompt_tokens"] == 6 * 64 and m["prompt_tokens_per_s"] > 0
+    pp = m["prompt_positions"]  # every prompt token computed once, in positions of whole buckets
+    assert pp["tokens"] == 6 * 64 and pp["positions"] >= pp["tokens"] and pp["padding"] == 1 - 384 / pp["positions"]
     assert m["step_ms_with_prompt"]["p50"] is not None
   for fam, per in obj["results"].items():
     assert set(per) == {"kvrm", "kvrm-mixed", "static"}
@@ -99,6 +101,8 @@ def test_bench_decode_end_to_end_and_report_from_json(tmp_path, capsys):
   # the machine the run was on; runs on a CPU are labelled smoke scale by default
   title = "CPU, tiny model, smoke scale" if obj["env"]["backend"] == "cpu" else f"{obj['env']['device']}, tiny model"
   assert f"## Offline decode: {title}\n" in text and "<!-- BEGIN decode-test -->" in text
+  pp = obj["results"]["prefill"]["kvrm-mixed"]["prompt_positions"]
+  assert f"prefill / kvrm-mixed: 384 prompt tokens in {pp['positions']:,} ({100 * pp['padding']:.0f} % padding)" in text
   for what in ("throughput", "itl_cdf", "kv"):
     assert (md.parent / f"results_decode-test_{what}.png").stat().st_size > 0
   # Regenerate from the raw JSON alone: the same page, and other sections are kept.

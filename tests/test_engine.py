@@ -474,8 +474,15 @@ def test_mixed_step_splits_a_long_prompt_without_stalling_decode(model):
   while eng.has_work():
     eng.step()
   assert eng.compiles.prefill == 0 and eng.compiles.mixed <= 2 and eng.compiles.decode == 1
-  split = Engine(CFG, model, RT).generate(prompts(20, (3, 6)) + [long_prompt], sp)
+  # Prompt positions computed: the two short prompts in one step of 2 tiles, the long one in 6 steps
+  # of 2 tiles and a last of 4 tokens in 1 tile (bucket 1): 109 tokens in 16 + 6 * 16 + 8 positions.
+  assert (eng.stats.prompt_tokens, eng.stats.prompt_positions) == (3 + 6 + 100, 16 + 6 * 16 + 8)
+  split_eng = Engine(CFG, model, RT)
+  split = split_eng.generate(prompts(20, (3, 6)) + [long_prompt], sp)
   assert [eng.requests[r].output_ids for r in short + [rid]] == [o.output_ids for o in split]
+  st = split_eng.stats  # separate prefill calls: rows x chunk of a bucket per call
+  assert st.prompt_tokens == 109 and st.prompt_positions >= 109
+  assert st.prompt_positions % (RT.max_prefill_seqs * min(RT.prefill_buckets)) == 0
 
 
 def test_mixed_step_sizes_are_checked():

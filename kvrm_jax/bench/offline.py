@@ -159,6 +159,12 @@ def render(obj: dict, md_path: str) -> None:
     m, s = res["mixed"]["kvrm-mixed"], res["mixed"]["static"]
     sp = m["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else 0.0
     body.append(f"Mixed steps (mixed family): {m['tokens_per_s']:.0f} output tokens/s, {sp:.2f}x static.\n")
+  pads = [(f, k, res[f][k]["prompt_positions"]) for f in fams for k in kinds
+          if (res[f][k].get("prompt_positions") or {}).get("positions")]
+  if pads:
+    body.append("Prompt positions the steps computed (bucket padding included): " + "; ".join(
+        f"{f} / {k}: {p['tokens']:,} prompt tokens in {p['positions']:,} ({100 * p['padding']:.0f} % padding)"
+        for f, k, p in pads) + ".\n")
   body.append(plots(obj, md_path))
   bc.update_report(md_path, label, "\n".join(body))
 

@@ -30,6 +30,8 @@ class Mark:
   prefill_steps: int
   decode_compiles: int
   prefill_compiles: int  # executables of steps with prompt work: prefill and mixed
+  prompt_tokens: int
+  prompt_positions: int
 
 
 class Runner:
@@ -78,7 +80,7 @@ class Runner:
     st, c = self.engine.stats, self.engine.compiles
     return Mark(len(self.steps), len(st.host_us), len(st.step_s), len(st.reserved_series), len(st.groups_per_seq),
                 st.moves, st.preemptions, st.prefix_hit_blocks, st.decode_steps, st.prefill_steps, c.decode,
-                c.prefill + c.mixed)
+                c.prefill + c.mixed, st.prompt_tokens, st.prompt_positions)
 
   def add(self, prompt, max_new_tokens: int, arrival: float, rids: list[int]) -> bool:
     """Queue one forced-length request (appended to rids); False if the engine rejects it."""
@@ -126,6 +128,7 @@ class Runner:
     host = np.array(st.host_us[mark.host_us:], float)
     dev = np.array(st.step_s[mark.step_s:], float) * 1e3
     groups = st.groups_per_seq[mark.groups:]
+    pt, pp = st.prompt_tokens - mark.prompt_tokens, st.prompt_positions - mark.prompt_positions
     return {
         "requests": len(reqs) + rejected + not_added, "completed": len(done), "rejected": rejected,
         "unfinished": len(reqs) - len(done) + not_added, "not_added": not_added,
@@ -139,6 +142,8 @@ class Runner:
         # steps with prompt work (a prefill call, or a mixed step) and decode-only steps
         "step_ms_with_prompt": pct(dur[with_prompt], (50, 99)), "step_ms_decode_only": pct(dur[~with_prompt], (50, 99)),
         "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": prompt_tokens / wall,
+        # prompt positions the steps computed (bucket padding included) against the prompt tokens in them
+        "prompt_positions": {"tokens": pt, "positions": pp, "padding": 1 - pt / pp if pp else None},
         "decode_device_ms": {**pct(dev, (50, 99)), "mean": float(dev.mean()) if len(dev) else None},
         "spikes": {"threshold_ms": SPIKE_FACTOR * med, "count": int(spikes.sum()),
                    "fraction": float(spikes.mean()) if len(dur) else 0.0,

@@ -22,6 +22,10 @@ class EngineStats:
   folds: int = 0  # blocks folded into summary rows
   peak_reserved_blocks: int = 0  # blocks held by admitted sequences
   peak_live_tokens: int = 0  # tokens actually in the cache
+  # Prompt tokens the steps computed, and the positions the steps gave prompt work, padding included
+  # (a prefill call's rows x chunk, a mixed step's tiles x tile): what the buckets cost in compute.
+  prompt_tokens: int = 0
+  prompt_positions: int = 0
   # Per decode step: mean runs per decoding sequence, host µs (schedule + descriptors), device
   # seconds of the step, reserved blocks and live tokens.
   groups_per_seq: list[float] = dataclasses.field(default_factory=list)
@@ -76,6 +80,7 @@ def summary(st: EngineStats, *, kind: str, compiles, rt, cfg, itemsize: int, gen
       "pool_kv_bytes": (rt.num_blocks - 1) * block_bytes,
       "preemptions": st.preemptions,
       "prefix_hit_blocks": st.prefix_hit_blocks,
+      "prompt_tokens": st.prompt_tokens, "prompt_positions": st.prompt_positions,
       "mean_groups_per_seq": float(np.mean(st.groups_per_seq)) if st.groups_per_seq else 0.0,
       "block_moves": st.moves,
       "slot_moves": st.slot_moves,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -33,18 +35,27 @@ def _read_back() -> int:
   return exe_store.jax_cache_hits + exe_store.hits
 
 
-def compile_all(engine, log=None, threads: int | None = None) -> None:
-  """`engine.compile_all(threads)` for a warm-up (threads: default --compile-threads, else 1). log(line),
-  if given, is told each executable compiled and its seconds (cold compiles of an 8B-shaped model take
-  about a minute each on a GPU host; it stays set, so a later compile says so too), then the total and
-  how many came from the cache."""
+def compile_all(engine, log=None, threads: int | None = None, background: bool = False) -> None:
+  """`engine.compile_all(threads, background)` for a warm-up (threads: default --compile-threads, else 1).
+  log(line), if given, is told each executable compiled and its seconds (cold compiles of an 8B-shaped
+  model take about a minute each on a GPU host; it stays set, so a later compile says so too), then
+  the total and how many came from the cache; with `background`, also when the last one is in."""
   if log is not None:
     engine.on_compile = lambda name, s: log(f"compiled the {name} in {s:.1f} s")
   before = _read_back()
-  count, secs = engine.compile_all(threads or _threads)
+  count, secs = engine.compile_all(threads or _threads, background=background)
   if log is not None and count > 1:
     log(f"{count} executables compiled in {secs:.1f} s ({_read_back() - before} read back from the compilation "
         "cache)")
+  pending = engine.compiles_pending
+  if log is not None and pending:
+    log(f"serving on these while {pending} more compile in the background")
+    t0 = time.perf_counter()
+
+    def done():  # in a thread of its own: tells when the last one is in
+      if engine.wait_compiled():
+        log(f"the other {pending} executables compiled in the background in {time.perf_counter() - t0:.1f} s")
+    threading.Thread(target=done, name="kvrm-compile-log", daemon=True).start()
 
 
 def default_dir() -> Path:

@@ -178,10 +178,12 @@ def put_block_ops(d, moves, folds) -> None:
     d["fold_w"][:len(folds)] = f[:, 2:]
 
 
-def build_prefill(rt: RuntimeConfig, rows, slots, moves=(), folds=()):
-  """(chunk bucket, (ints, floats)) of a prefill step over rows (request, start, n)."""
+def build_prefill(rt: RuntimeConfig, rows, slots, moves=(), folds=(), buckets=None):
+  """(chunk bucket, (ints, floats)) of a prefill step over rows (request, start, n); the chunk is
+  the smallest of `buckets` (default rt.prefill_buckets; their largest is always among them) that
+  holds the longest row."""
   n_max = max(n for _, _, n in rows)
-  chunk = next(b for b in rt.prefill_buckets if b >= n_max)
+  chunk = next(b for b in (buckets or rt.prefill_buckets) if b >= n_max)
   layout = prefill_layout(rt, chunk)
   d = layout.new()
   d["top_p"][:] = 1.0
@@ -206,16 +208,17 @@ def _put_chunk(d, prefix: str, i: int, req, start: int, n: int, slots, bs: int) 
     d[prefix + f][i] = per_slot[s]
 
 
-def tile_bucket(rt: RuntimeConfig, tiles: int) -> int:
-  """The smallest mixed-step tile count that holds `tiles` tiles."""
-  return next(b for b in rt.tile_buckets if b >= tiles)
+def tile_bucket(rt: RuntimeConfig, tiles: int, buckets=None) -> int:
+  """The smallest mixed-step tile count of `buckets` (default rt.tile_buckets) that holds `tiles` tiles."""
+  return next(b for b in (buckets or rt.tile_buckets) if b >= tiles)
 
 
-def build_mixed(rt: RuntimeConfig, rows, slots, decode_slots, moves=(), folds=(), host_reads=()):
+def build_mixed(rt: RuntimeConfig, rows, slots, decode_slots, moves=(), folds=(), host_reads=(), buckets=None):
   """(tile bucket, (ints, floats), last tile of each row) of a mixed step: the decode fields of
-  `decode_slots` (as build_decode) and the prompt chunks `rows` (request, start, n) cut into tiles."""
+  `decode_slots` (as build_decode) and the prompt chunks `rows` (request, start, n) cut into tiles,
+  in the smallest of `buckets` (default rt.tile_buckets) that holds them."""
   q = rt.tile
-  n_tiles = tile_bucket(rt, sum(-(-n // q) for _, _, n in rows))
+  n_tiles = tile_bucket(rt, sum(-(-n // q) for _, _, n in rows), buckets)
   layout = mixed_layout(rt, n_tiles)
   d = layout.new()
   _fill_decode(d, rt, slots, decode_slots, moves, folds, host_reads)

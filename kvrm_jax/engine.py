@@ -11,6 +11,7 @@ of `engine.build_decode_descriptor(plan)` (docs/notebook.md drives it by hand).
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -87,6 +88,11 @@ class Engine:
     self._executables: dict = {}
     # Called as on_compile(name, seconds) after each executable is compiled (start-up progress).
     self.on_compile: Callable[[str, float], None] | None = None
+    # compile_all(background=True): the steps still compiling in a thread of their own (until then
+    # each step runs in the smallest compiled executable that holds it), and that thread's failure.
+    self._pending: set = set()
+    self._warm_thread: threading.Thread | None = None
+    self.warm_error: BaseException | None = None
     if rt.host_blocks:
       self.k_host, self.v_host = init_host_pools(cfg, rt, mesh)
       self.swap_step = step_lib.build_swap(rt, mesh, tuple(x.sharding for x in (
@@ -164,11 +170,19 @@ class Engine:
     the lowest slots (that move waits for a step with nothing in flight)."""
     inflight, rt = self._inflight, self.rt
     return (bool(rt.decode_buckets) and inflight is not None
-            and rt.rows_for(len(self.sched.slots.order)) < inflight[1].shape[0])
+            and self._rows_for(len(self.sched.slots.order)) < inflight[1].shape[0])
 
   def _rows(self, plan: StepPlan) -> int:
     """Rows of a decode step for `plan`: the smallest RuntimeConfig.decode_rows count holding its slots."""
-    return self.rt.rows_for(1 + int(np.max(plan.decode_slots, initial=0)))
+    return self._rows_for(1 + int(np.max(plan.decode_slots, initial=0)))
+
+  def _rows_for(self, n: int) -> int:
+    """RuntimeConfig.rows_for(n) among the decode steps compiled so far (all, once none is pending)."""
+    return next(r for r in self.rt.decode_rows if r >= n and self._decode_key(r) not in self._pending)
+
+  def _ready(self, kind: str, buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The prefill or tile buckets whose executables are not pending (their largest never is)."""
+    return tuple(b for b in buckets if (kind, b) not in self._pending)
 
   def _step_ahead(self, events: dict) -> None:
     """Plan, pack and dispatch a decode step now, its input tokens (where the step in flight gives
@@ -235,7 +249,7 @@ class Engine:
       t1 = time.perf_counter()
       # Block copies run at the start of whichever step runs first, before any KV is read.
       chunk, (ints, floats) = desc_lib.build_prefill(self.rt, plan.prefill_rows, self.sched.slots, plan.moves,
-                                                     plan.folds)
+                                                     plan.folds, self._ready("prefill", self.rt.prefill_buckets))
       host += time.perf_counter() - t1
       tokens, logits = self._run(self._prefill_exe(chunk), ints, floats)
       self.stats.prefill_steps += 1
@@ -275,7 +289,8 @@ class Engine:
     sl, tier = self.sched.slots, self.sched.tier
     host_reads = [(r.slot, *tier.placed(r.id)) for r in plan.decode if sl.host[r.slot]] if tier else ()
     n_tiles, (ints, floats), last_tile = desc_lib.build_mixed(self.rt, plan.prefill_rows, sl, plan.decode_slots,
-                                                              plan.moves, plan.folds, host_reads)
+                                                              plan.moves, plan.folds, host_reads,
+                                                              self._ready("mixed", self.rt.tile_buckets))
     self.stats.host_us.append((host + time.perf_counter() - t1) * 1e6)
     td = time.perf_counter()
     tokens, logits = self._run(self._mixed_exe(n_tiles), ints, floats, self.decode_host_args())
@@ -366,12 +381,16 @@ class Engine:
     return sorted(self.k_pool.sharding.device_set, key=lambda d: d.id)
 
   def _lower(self, fn, layout: desc_lib.Layout, host=()):
+    # Shapes, dtypes and placements only: a compile thread must not hold the pools the steps donate.
     ints, floats = self.put_descriptor(*layout.pack(layout.new()))
-    return fn.lower(self.state, self.k_pool, self.v_pool, ints, floats, *host)
+    state, k_pool, v_pool = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                         (self.state, self.k_pool, self.v_pool))
+    return fn.lower(state, k_pool, v_pool, ints, floats, *host)
 
   def _keep(self, key: tuple, exe, t0: float):
     dt = time.perf_counter() - t0
     self._executables[key] = exe
+    self._pending.discard(key)  # after it is in place: a step may pick it from now on
     self.stats.compile_s += dt
     if self.on_compile is not None:
       self.on_compile(_step_name(key), dt)
@@ -389,13 +408,16 @@ class Engine:
   def _mixed_spec(self, n_tiles: int):
     return self._mixed_step(n_tiles), desc_lib.mixed_layout(self.rt, n_tiles), self.decode_host_args()
 
+  def _decode_key(self, rows: int) -> tuple:
+    return ("decode",) if rows == self.rt.max_slots else ("decode", rows)
+
   def _decode_spec(self, rows: int | None):
     if rows is None or rows == self.rt.max_slots:
       return ("decode",), (self.decode_step, self.dlayout, self.decode_args())
     return ("decode", rows), (self._decode_step_for(rows), desc_lib.decode_layout(self.rt, rows),
                               self.decode_args(rows=rows))
 
-  def compile_all(self, threads: int = 1) -> tuple[int, float]:
+  def compile_all(self, threads: int = 1, background: bool = False) -> tuple[int, float]:
     """Compile every executable the steps can use before the first request: the decode step(s) and
     each prefill bucket, or each tile bucket with mixed steps. Returns (executables compiled,
     seconds).
@@ -403,12 +425,52 @@ class Engine:
     threads > 1 traces and lowers them one after another (Python) and runs XLA's compiles in that
     many threads at once. With XLA's GEMM autotuning on that was no faster (four Llama-3-8B-shaped
     steps at once took 158 s on an H100, one after another 125 s) and disturbed the autotuner's
-    timings, so the default is one at a time (docs/step.md, "Start-up")."""
+    timings, so the default is one at a time (docs/step.md, "Start-up").
+
+    background: compile now only the steps that can run every step (the decode step over all slots
+    and the largest tile or prefill bucket, at once), and the others in a thread while the engine
+    serves; until one is ready, its steps run in the smallest compiled executable that holds them
+    (the same tokens, more padding). `wait_compiled()` joins that thread. Returns what was compiled
+    before this call returned."""
     t0, before = time.perf_counter(), len(self._executables)
     specs = [self._decode_spec(rows) for rows in self.rt.decode_rows]
     specs += [(("mixed", n), self._mixed_spec(n)) for n in self.rt.tile_buckets]
     specs += [(("prefill", c), self._prefill_spec(c)) for c in (() if self.rt.step_tokens else self.rt.prefill_buckets)]
-    specs = [(key, spec) for key, spec in specs if key not in self._executables]
+    specs = [(key, spec) for key, spec in specs if key not in self._executables and key not in self._pending]
+    if background:
+      largest = ("mixed", self.rt.tile_buckets[-1]) if self.rt.step_tokens else ("prefill", self.rt.prefill_buckets[-1])
+      now = [(k, sp) for k, sp in specs if k in (("decode",), largest)]
+      later = [(k, sp) for k, sp in specs if k not in (("decode",), largest)]
+      self._compile(now, max(threads, len(now)))
+      if later:
+        self._pending |= {k for k, _ in later}
+        self._warm_thread = threading.Thread(target=self._compile_later, args=(later, threads),
+                                             name="kvrm-compile", daemon=True)
+        self._warm_thread.start()
+    else:
+      self._compile(specs, threads)
+    return len(self._executables) - before, time.perf_counter() - t0
+
+  @property
+  def compiles_pending(self) -> int:
+    """Steps that compile_all(background=True) is still compiling."""
+    return len(self._pending)
+
+  def wait_compiled(self, timeout: float | None = None) -> bool:
+    """Wait for compile_all(background=True)'s thread; True once no step is pending."""
+    if self._warm_thread is not None:
+      self._warm_thread.join(timeout)
+    return not self._pending
+
+  def _compile_later(self, specs, threads: int) -> None:
+    try:
+      self._compile(specs, threads)
+    except BaseException as e:  # noqa: BLE001  (steps keep to the executables compiled so far)
+      self.warm_error = e
+      if self.on_compile is not None:
+        self.on_compile(f"rest of the steps failed ({type(e).__name__}: {e}); serving on the compiled ones", 0.0)
+
+  def _compile(self, specs, threads: int) -> None:
     if threads <= 1:
       for key, spec in specs:
         self._executable(key, *spec)
@@ -428,7 +490,6 @@ class Engine:
         for (key, _, _), fut in zip(todo, [pool.submit(compile_one, skey, low) for _, skey, low in todo]):
           exe, t = fut.result()
           self._keep(key, exe, t)
-    return len(self._executables) - before, time.perf_counter() - t0
 
   def compiled_decode(self, rows: int | None = None):
     """The decode step's executable (over `rows` slots, default all) as `step()` runs it:

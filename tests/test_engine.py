@@ -679,3 +679,61 @@ def test_each_step_gets_the_compile_options_of_its_row_count(monkeypatch):
   assert asked == [40]
   decode_for(8), decode_for(32), prefill_for(32), mixed_for(4)
   assert asked == [40, 8, 32, rt.max_prefill_seqs * 32, 40 + 4 * 8]
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_background_compiles_serve_in_larger_executables_until_ready(model, monkeypatch, pipeline):
+  """compile_all(background=True) compiles the decode step over all slots and the largest tile bucket
+  first; until the other steps are compiled (held back here), steps run in those two (the same tokens,
+  more padding); once they are in, the smallest bucket that holds a step is used again."""
+  import threading
+  rt = dataclasses.replace(RT, step_tokens=RT.max_slots + 4 * 8, tile=8, decode_buckets=(2,), pipeline=pipeline)
+  assert rt.tile_buckets == (1, 2, 4) and rt.decode_rows == (2, 4)
+  eng = Engine(CFG, model, rt)
+  gate, real = threading.Event(), eng._compile
+
+  def held(specs, threads):
+    if {k for k, _ in specs} - {("decode",), ("mixed", 4)}:
+      assert gate.wait(120)
+    real(specs, threads)
+  monkeypatch.setattr(eng, "_compile", held)
+  assert eng.compile_all(background=True)[0] == 2 and eng.compiles_pending == 3
+  sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+  first, second = prompts(30, (3, 5)), prompts(31, (4, 6))
+  ref = Engine(CFG, model, rt).generate(first + second, sp)
+
+  def run(ps):
+    p0, rows0 = eng.stats.prompt_positions, len(eng.stats.decode_rows)
+    outs = eng.generate(ps, sp)
+    return outs, eng.stats.prompt_positions - p0, set(eng.stats.decode_rows[rows0:])
+  outs, positions, rows = run(first)
+  assert (eng.compiles.mixed, eng.compiles.decode) == (1, 1)
+  assert positions == 4 * 8 and rows == {4}  # 2 tiles in the 4-tile step; 2 slots in the 4-row step
+  gate.set()
+  assert eng.wait_compiled(120) and eng.compiles_pending == 0 and eng.warm_error is None
+  outs2, positions, rows = run(second)
+  assert (eng.compiles.mixed, eng.compiles.decode) == (3, 2)
+  assert positions == 2 * 8 and rows == {2}
+  assert [o.output_ids for o in outs + outs2] == [o.output_ids for o in ref]
+
+
+def test_a_failed_background_compile_leaves_the_engine_serving(model, monkeypatch):
+  """A step that fails to compile in the background is reported (warm_error, on_compile) and never
+  chosen: the engine serves on the executables it has."""
+  rt = dataclasses.replace(RT, step_tokens=RT.max_slots + 2 * 8, tile=8)
+  eng = Engine(CFG, model, rt)
+  real, told = eng._compile, []
+
+  def failing(specs, threads):
+    if ("mixed", 1) in {k for k, _ in specs}:
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    real(specs, threads)
+  monkeypatch.setattr(eng, "_compile", failing)
+  eng.on_compile = lambda name, s: told.append(name)
+  eng.compile_all(background=True)
+  assert not eng.wait_compiled(120) and eng.compiles_pending == 1
+  assert isinstance(eng.warm_error, RuntimeError) and "RESOURCE_EXHAUSTED" in told[-1]
+  sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
+  ps = prompts(32, (3, 9))
+  assert [o.output_ids for o in eng.generate(ps, sp)] == [o.output_ids for o in Engine(CFG, model, rt).generate(ps, sp)]
+  assert eng.compiles.mixed == 1 and eng.compiles_pending == 1

@@ -76,13 +76,14 @@ def preset_names() -> list[str]:
   return sorted(PRESETS)
 
 
-def warm_up(engine: Engine, log=None) -> None:
-  """Compile the decode step and every prefill (or mixed-step) bucket before the first client waits on it.
+def warm_up(engine: Engine, log=None, background: bool = False) -> None:
+  """Compile the decode step and every prefill (or mixed-step) bucket before the first client waits on it
+  (background: only those that can run every step; the others in a thread while the engine serves).
 
   log(line): told each executable compiled and its seconds (compiles can take minutes on a busy GPU host)."""
   limit = min(engine.rt.max_seq_len, engine.cfg.max_position)
   vocab = engine.cfg.vocab_size
-  compile_cache.compile_all(engine, log)  # every executable; then a prompt per bucket runs each once
+  compile_cache.compile_all(engine, log, background=background)  # then a prompt per bucket runs each once
   for i, b in enumerate(engine.rt.prefill_buckets):
     n = min(b, limit - 2)
     if n < 1:
@@ -442,7 +443,7 @@ class EngineProcess(_Frontend):
     # the engine is inside a step, and the event loop must not wait for it.
     self._outbox: queue.SimpleQueue = queue.SimpleQueue()
     self._sender = threading.Thread(target=self._send_loop, name="kvrm-engine-sender", daemon=True)
-    log = log or (lambda line: None)
+    self._log = log = log or (lambda line: None)
     while True:
       try:
         msg = self._conn.recv()
@@ -501,6 +502,8 @@ class EngineProcess(_Frontend):
         msg = self._conn.recv()
         if msg[0] == "out":
           self._deliver(msg[1], msg[2])
+        elif msg[0] == "log":  # compiles still running in the background
+          self._log(msg[1])
         elif msg[0] == "error":
           self.error = msg[1]
         elif msg[0] == "stopped":
@@ -521,16 +524,21 @@ def _engine_main(conn, build, args) -> None:
   # whole process group, and the engine must outlive it until the drain is over.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  lock = threading.Lock()  # background compiles log from threads of their own
+
+  def send(msg) -> None:
+    with lock:
+      conn.send(msg)
+
   try:
-    log = lambda line: conn.send(("log", line))  # noqa: E731
+    log = lambda line: send(("log", line))  # noqa: E731
     engine, tok, name, dtype = build(args, log)
     core = EngineCore(engine)
-    conn.send(("ready", {"rt": engine.rt, "vocab_size": engine.cfg.vocab_size,
-                         "max_position": engine.cfg.max_position, "kind": engine.kind, "tokenizer": tok,
-                         "name": name, "dtype": str(dtype),
-                         "snapshot": core.snapshot()}))
+    send(("ready", {"rt": engine.rt, "vocab_size": engine.cfg.vocab_size,
+                    "max_position": engine.cfg.max_position, "kind": engine.kind, "tokenizer": tok,
+                    "name": name, "dtype": str(dtype), "snapshot": core.snapshot()}))
   except Exception as e:  # noqa: BLE001  (the server reports it in one line and exits)
-    conn.send(("failed", str(e) if isinstance(e, (UserError, ValueError, OSError)) else f"{type(e).__name__}: {e}"))
+    send(("failed", str(e) if isinstance(e, (UserError, ValueError, OSError)) else f"{type(e).__name__}: {e}"))
     return
   stop = False
   try:
@@ -552,14 +560,14 @@ def _engine_main(conn, build, args) -> None:
         core.iterate()
       out, report = core.take()
       if out or report["series"]["step_s"]:
-        conn.send(("out", out, report))
+        send(("out", out, report))
   except BaseException as e:  # noqa: BLE001  (reported by /health; every waiting client's stream ends)
     core.stopping = True
     core.fail_all()
     try:
-      conn.send(("out", *core.take()))
-      conn.send(("error", f"{type(e).__name__}: {e}"))
+      send(("out", *core.take()))
+      send(("error", f"{type(e).__name__}: {e}"))
     except (OSError, ValueError):
       pass
     raise
-  conn.send(("stopped",))
+  send(("stopped",))

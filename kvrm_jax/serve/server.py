@@ -37,7 +37,13 @@ def parse_args(argv=None):
                  help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
   p.add_argument("--preset", choices=preset_names(), help="serve this model shape with random weights instead "
                  "of a checkpoint (benchmarks; prompts as token ids, the text is meaningless)")
-  p.add_argument("--no-warmup", action="store_true", help="do not compile every step shape before listening")
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--no-warmup", action="store_true", help="do not compile every step shape before listening")
+  g.add_argument("--compile-in-background", action="store_true",
+                 help="before listening compile only the steps that can run any step (the decode step over all "
+                 "slots and the largest prompt bucket, at once), the others while serving; until a step's own "
+                 "executable is ready it runs in a larger one (the same tokens, slower); ready sooner on a cold "
+                 "start")
   p.add_argument("--log-level", default="warning", help="uvicorn log level (debug | info | warning | error)")
   p.add_argument("--engine-thread", action="store_true",
                  help="run the engine in a thread of the server's process instead of its own process (the "
@@ -112,7 +118,11 @@ def build_engine(args, log) -> tuple:
   slots = args.max_slots or 16
   engine = make_engine(args, cfg, model, tok, mesh, dtype, max_slots=slots, num_blocks=args.num_blocks or slots * mb + 1,
                        max_blocks_per_seq=mb)
-  if not args.no_warmup:
+  if args.compile_in_background:
+    log("warm-up: compiling the decode step and the largest "
+        f"{'tile' if engine.rt.step_tokens else 'prefill'} bucket before listening, the others after")
+    warm_up(engine, log=log, background=True)
+  elif not args.no_warmup:
     log(f"warm-up: compiling the decode step and every {'tile' if engine.rt.step_tokens else 'prefill'} bucket "
         "before listening")
     warm_up(engine, log=log)

@@ -148,7 +148,8 @@ def test_the_engine_process_serves_and_a_dead_engine_ends_every_stream():
   from kvrm_jax.serve import server as srv
   from kvrm_jax.serve.engine_loop import EngineProcess, SamplingParams
   # (No --no-compile-cache: build_engine applies the flag to this whole process, later tests included.)
-  args = srv.parse_args(["--preset", "tiny", "--max-slots", "2", "--block-size", "8", "--max-len", "64"])
+  args = srv.parse_args(["--preset", "tiny", "--max-slots", "2", "--block-size", "8", "--max-len", "64",
+                         "--compile-in-background"])
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
   engine = srv.build_engine(args, lambda line: None)[0]
   want = []
@@ -160,6 +161,7 @@ def test_the_engine_process_serves_and_a_dead_engine_ends_every_stream():
   lines = []
   ep = EngineProcess(srv.build_engine, args, max_queue=4, log=lines.append)
   assert any("compiled" in line for line in lines), lines  # the warm-up ran in the engine process
+  assert any("more compile in the background" in line for line in lines), lines  # and serves before the rest
 
   async def run():
     ep.start()
@@ -173,6 +175,11 @@ def test_the_engine_process_serves_and_a_dead_engine_ends_every_stream():
     got = await asyncio.gather(*(tokens(ep.submit(p, SamplingParams(max_new_tokens=6, ignore_eos=True)))
                                  for p in prompts))
     assert got == [(w, "length") for w in want]
+    for _ in range(1200):  # the engine process tells when its background compiles are done
+      if any("compiled in the background" in line for line in lines):
+        break
+      await asyncio.sleep(0.1)
+    assert any(re.search(r"the other \d+ executables compiled in the background", line) for line in lines), lines
     h = ep.submit(prompts[0], SamplingParams(max_new_tokens=50, ignore_eos=True))
     assert (await asyncio.wait_for(h.events.get(), 120)).error is None  # accepted
     os.kill(ep._proc.pid, signal.SIGKILL)

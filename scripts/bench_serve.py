@@ -309,8 +309,9 @@ def _main(argv) -> int:
   bc.check_outputs(args.out_json, args.report)
   check_workload(args)
   if args.launch:
-    with launched(args.launch, ref, args.launch_timeout) as url:
-      return bench(args, argv, url, ref)
+    start: dict = {}
+    with launched(args.launch, ref, args.launch_timeout, start) as url:
+      return bench(args, argv, url, ref, start)
   return bench(args, argv, args.url, ref)
 
 
@@ -350,8 +351,9 @@ def server_flags(ref: dict) -> dict:
 
 
 @contextlib.contextmanager
-def launched(flags: str, ref: dict | None, timeout: float):
-  """scripts/serve.py FLAGS on a free loopback port; yields its URL once healthy, SIGTERMs it after."""
+def launched(flags: str, ref: dict | None, timeout: float, start: dict):
+  """scripts/serve.py FLAGS on a free loopback port; yields its URL once healthy, SIGTERMs it after.
+  start gets "t_launch" (perf_counter when the process was started) and "ready_s" (seconds to healthy)."""
   import httpx
   argv = shlex.split(flags)
   if ref is not None:
@@ -364,6 +366,7 @@ def launched(flags: str, ref: dict | None, timeout: float):
     port = sock.getsockname()[1]
   argv = [sys.executable, os.path.join(bc.ROOT, "scripts", "serve.py"), *argv, "--host", "127.0.0.1", "--port", str(port)]
   print(f"[bench_serve] launching {shlex.join(argv[1:])}", flush=True)
+  start["t_launch"] = time.perf_counter()
   proc = subprocess.Popen(argv)
   url = f"http://127.0.0.1:{port}"
   try:
@@ -375,6 +378,8 @@ def launched(flags: str, ref: dict | None, timeout: float):
         raise bc.UserError(f"the launched server was not healthy after {timeout:.0f} s")
       try:
         if httpx.get(url + "/health", timeout=5).status_code == 200:
+          start["ready_s"] = time.perf_counter() - start["t_launch"]
+          print(f"[bench_serve] the server was healthy {start['ready_s']:.1f} s after its launch", flush=True)
           break
       except httpx.HTTPError:
         pass
@@ -407,8 +412,9 @@ def check_workload(args) -> None:
     bc.resolve_trace(path)
 
 
-def bench(args, argv, url: str, ref: dict | None) -> int:
-  """Every run of the workload against the server at url; reports."""
+def bench(args, argv, url: str, ref: dict | None, start: dict | None = None) -> int:
+  """Every run of the workload against the server at url; reports. start: launched()'s timings
+  (a launched server's start-up: healthy, and its first token streamed)."""
   url = url.rstrip("/")
   model, ctx, vocab = server_info(url, args)
   vocab = args.vocab_size or vocab or 32000
@@ -422,6 +428,9 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
     reqs = run.pop("_requests")
     before = scrape(url)
     recs, t0, t_end = asyncio.run(run_requests(url, model, reqs, args.timeout, args.max_wall))
+    firsts = [r["chunks"][0] for r in recs if r["chunks"]]
+    if start and "first_token_s" not in start and firsts:
+      start["first_token_s"] = min(firsts) - start["t_launch"]
     run["results"] = metrics(recs, reqs, t0, t_end, before, scrape(url))
     m = run["results"]
     st = m["server_step"] if m.get("server_step") and m["server_step"]["steps"] else None
@@ -442,6 +451,8 @@ def bench(args, argv, url: str, ref: dict | None) -> int:
          "command": bc.command_line("bench_serve.py", argv), "url": url, "model": model, "max_model_len": ctx,
          "vocab_size": vocab, "max_len": max_len,
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
+  if start:
+    obj["launch"] = {k: start.get(k) for k in ("ready_s", "first_token_s")}
   if ref is not None:
     kind = ref["_engine"]
     obj["in_process"] = {"file": os.path.basename(args.in_process_json), "device": ref["env"]["device"],
@@ -472,6 +483,10 @@ def render(obj: dict, md_path: str) -> None:
           f"- server {obj['url']}, model `{obj['model']}` (max_model_len {obj['max_model_len']}); "
           f"max_len {obj['max_len']}; date {obj['date']}",
           f"- command: `{obj['command']}`"]
+  if obj.get("launch"):
+    la = obj["launch"]
+    body.append(f"- start-up of the launched server: healthy {bc.fmt(la['ready_s'])} s after its launch, first "
+                f"token streamed {bc.fmt(la['first_token_s'])} s after it")
   if obj.get("in_process"):
     body.append(f"- in-process reference: `{obj['in_process']['file']}` ({obj['in_process']['device']}, engine "
                 f"{obj['in_process'].get('engine', 'kvrm')})")
@@ -515,6 +530,9 @@ def print_summary(obj: dict) -> None:
           f"{bc.fmt(m['ttft_ms']['p99'])} ms, ITL p50/p90/p99 "
           f"{'/'.join(bc.fmt(m['itl_ms'][q]) for q in ('p50', 'p90', 'p99'))} ms, done {m['completed']}/"
           f"{m['requests']}, errors {m['errors']}, prefix-cache hits {_hits(m)}")
+  if obj.get("launch"):
+    la = obj["launch"]
+    print(f"     start-up: healthy {bc.fmt(la['ready_s'])} s after the launch, first token {bc.fmt(la['first_token_s'])} s")
 
 
 if __name__ == "__main__":

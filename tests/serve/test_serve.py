@@ -625,6 +625,9 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
     assert f" {flag}" in launch, (flag, launch)
   obj = json.loads(out.read_text())
   assert obj["in_process"]["engine"] == "kvrm-mixed" and obj["in_process"]["tokens_per_s"]["mixed"] > 0
+  la = obj["launch"]  # the launched server's start-up: healthy, then its first token streamed
+  assert 0 < la["ready_s"] < la["first_token_s"] and "[bench_serve] the server was healthy" in printed.out
+  assert f"start-up: healthy {la['ready_s']:.3g} s after the launch" in printed.out
   m = obj["runs"][0]["results"]
   assert (m["completed"], m["errors"], m["wrong_token_counts"]) == (12, 0, 0), m["error_samples"]
   st = m["server_step"]  # the server's engine steps, from its step histograms, beside the in-process ones

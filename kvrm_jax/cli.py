@@ -154,8 +154,8 @@ def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def add_step_args(p) -> None:
-  """--step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets / --matmul /
-  --greedy-only / --sampler: the mixed step (RuntimeConfig.step_tokens, .tile), how prompt chunks attend
+  """--step-tokens / --tile / --tile-counts / --prompt-attention / --pipeline / --decode-buckets / --matmul /
+  --greedy-only / --sampler: the mixed step (RuntimeConfig.step_tokens, .tile, .tile_counts), how prompt chunks attend
   (.prompt_attention), the pipelined loop (.pipeline), the decode step's row counts (.decode_buckets),
   its GEMMs (.matmul), greedy-only steps (.greedy_only) and how steps sample (.sampler)."""
   p.add_argument("--step-tokens", default="0", metavar="N|throughput|latency",
@@ -164,6 +164,9 @@ def add_step_args(p) -> None:
                  f"latency = max slots + {STEP_BUDGETS['latency']} (shorter steps with prompt work, so smaller "
                  "inter-token gaps for the running requests); 0 (default): separate padded prefill and decode calls")
   p.add_argument("--tile", type=int, default=64, help="prompt tokens per query tile of a mixed step")
+  p.add_argument("--tile-counts", default=None,
+                 help="comma list of a mixed step's tile counts below its largest, one compile each (default: "
+                 "powers of two); denser counts pad fewer prompt positions")
   p.add_argument("--pipeline", action="store_true",
                  help="dispatch each decode step before reading the previous step's tokens (the host's work "
                  "overlaps the device; same outputs)")
@@ -210,10 +213,11 @@ def step_tokens(text, max_slots: int, flag: str = "--step-tokens") -> int:
 
 
 def step_kwargs(args, max_slots: int) -> dict:
-  """RuntimeConfig keywords of --step-tokens / --tile / --prompt-attention / --pipeline / --decode-buckets /
-  --matmul / --greedy-only / --sampler."""
+  """RuntimeConfig keywords of --step-tokens / --tile / --tile-counts / --prompt-attention / --pipeline /
+  --decode-buckets / --matmul / --greedy-only / --sampler."""
   return {"step_tokens": step_tokens(args.step_tokens, max_slots), "tile": args.tile,
           "prompt_attention": args.prompt_attention,
+          "tile_counts": parse_int_list(getattr(args, "tile_counts", None), "--tile-counts") or (),
           "pipeline": args.pipeline, "decode_buckets": parse_int_list(args.decode_buckets, "--decode-buckets") or (),
           "matmul": args.matmul, "greedy_only": args.greedy_only, "sampler": args.sampler}
 

@@ -156,6 +156,9 @@ class RuntimeConfig:
     `tile_buckets` (one executable each, compiled when first used); a step with no prompt work is
     the decode step. Must be >= max_slots + tile (every step has room for one tile).
   tile: query tokens per tile of a mixed step; each tile belongs to one sequence's chunk.
+  tile_counts: the mixed step's tile counts below max_tiles, ascending; () (the default): powers
+    of two. Denser counts pad fewer prompt positions (a step of 17 tiles runs in 24 rather than
+    32) for one more executable each.
   prompt_attention: how prompt chunks (prefill rows, mixed-step tiles) attend to their history:
     "gather" gathers each chunk's whole block table and runs one masked einsum (XLA); "kernel"
     runs the paged tile kernel of the attention backend (pallas_kernels.paged_tile_attention:
@@ -228,6 +231,7 @@ class RuntimeConfig:
   max_host_blocks_per_seq: int = 0
   step_tokens: int = 0
   tile: int = 64
+  tile_counts: tuple[int, ...] = ()
   prompt_attention: str = "auto"  # "auto" | "gather" | "kernel"
   pipeline: bool = False
   decode_buckets: tuple[int, ...] = ()
@@ -290,6 +294,12 @@ class RuntimeConfig:
     if self.step_tokens < 0 or (self.step_tokens and self.step_tokens < self.max_slots + self.tile):
       raise ValueError(f"step_tokens must be 0 (separate prefill calls) or >= max_slots + tile = "
                        f"{self.max_slots + self.tile}, got {self.step_tokens}")
+    c = self.tile_counts
+    if c and not self.step_tokens:
+      raise ValueError("tile_counts need mixed steps (step_tokens > 0)")
+    if list(c) != sorted(set(c)) or any(not isinstance(n, int) or not 0 < n < self.max_tiles for n in c):
+      raise ValueError(f"tile_counts must be strictly ascending tile counts in [1, max_tiles={self.max_tiles}) "
+                       f"(step_tokens {self.step_tokens}, {self.max_slots} slots, tiles of {self.tile}), got {c}")
 
   @property
   def max_tiles(self) -> int:
@@ -301,9 +311,12 @@ class RuntimeConfig:
 
   @property
   def tile_buckets(self) -> tuple[int, ...]:
-    """Tile counts of the mixed step's executables: powers of two up to max_tiles, and max_tiles."""
+    """Tile counts of the mixed step's executables: tile_counts (default powers of two below
+    max_tiles), and max_tiles."""
     if not self.step_tokens:
       return ()
+    if self.tile_counts:
+      return tuple(self.tile_counts) + (self.max_tiles,)
     out, n = [], 1
     while n < self.max_tiles:
       out.append(n)

@@ -332,6 +332,8 @@ def server_flags(ref: dict) -> dict:
            "--max-len": b["max_len"], "--dtype": rt["dtype"]}
   if rt.get("step_tokens"):
     flags.update({"--step-tokens": rt["step_tokens"], "--tile": rt["tile"]})
+    if rt.get("tile_counts"):
+      flags["--tile-counts"] = ",".join(map(str, rt["tile_counts"]))
   if rt.get("decode_buckets"):
     flags["--decode-buckets"] = ",".join(map(str, rt["decode_buckets"]))
   for key in ("prompt_attention", "attention"):

@@ -62,7 +62,7 @@ def test_sampled_decoding_keeps_the_sampling_steps_and_is_reproducible(smollm2_c
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "bad_dtype", "too_long", "empty_prompt",
                                   "no_prompt", "unreadable_file", "bad_jsonl", "bad_engine", "bad_tp", "skinny_on_cpu",
-                                  "bad_step_tokens"])
+                                  "bad_step_tokens", "bad_tile_counts"])
 def test_bad_input_is_one_clear_line(case, smollm2_ckpt, tmp_path, capsys):
   ck = ["--checkpoint", str(smollm2_ckpt)]
   argv = {
@@ -78,6 +78,7 @@ def test_bad_input_is_one_clear_line(case, smollm2_ckpt, tmp_path, capsys):
       "bad_tp": ck + ["--tp", "64", "--prompt", "hi"],
       "skinny_on_cpu": ck + ["--matmul", "skinny", "--prompt", "hi"],
       "bad_step_tokens": ck + ["--step-tokens", "fast", "--prompt", "hi"],
+      "bad_tile_counts": ck + ["--step-tokens", "throughput", "--tile-counts", "8,4", "--prompt", "hi"],
   }[case]
   (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
   code, out, err = run(argv + ["--max-new-tokens", "2"], capsys)
@@ -85,6 +86,8 @@ def test_bad_input_is_one_clear_line(case, smollm2_ckpt, tmp_path, capsys):
   lines = [ln for ln in err.strip().splitlines() if ln.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: "), err
   assert "Traceback" not in err
+  if case == "bad_tile_counts":
+    assert "tile_counts must be strictly ascending" in err, err
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):

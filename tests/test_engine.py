@@ -499,6 +499,26 @@ def test_mixed_step_sizes_are_checked():
       RuntimeConfig(max_slots=4, decode_buckets=bad)
   rt = RuntimeConfig(max_slots=8, decode_buckets=(2, 4))
   assert rt.decode_rows == (2, 4, 8) and [rt.rows_for(n) for n in (1, 2, 3, 5, 8)] == [2, 2, 4, 8, 8]
+  mixed = dict(max_slots=4, tile=8, step_tokens=4 + 8 * 20)  # max_tiles 20
+  assert RuntimeConfig(**mixed, tile_counts=(1, 3, 6, 12)).tile_buckets == (1, 3, 6, 12, 20)
+  for bad in ((20,), (3, 3), (6, 3), (0, 4)):
+    with pytest.raises(ValueError, match="tile_counts must be strictly ascending tile counts in \\[1, max_tiles=20\\)"):
+      RuntimeConfig(**mixed, tile_counts=bad)
+  with pytest.raises(ValueError, match="tile_counts need mixed steps"):
+    RuntimeConfig(max_slots=4, tile_counts=(2,))
+
+
+def test_tile_counts_pick_the_mixed_step_that_holds_a_step(model):
+  """RuntimeConfig.tile_counts: a 17-token prompt (3 tiles of 8) runs in the 3-tile step, not the
+  4-tile one of the powers of two (24 prompt positions, not 32), with the same tokens."""
+  rt = dataclasses.replace(RT, step_tokens=RT.max_slots + 4 * 8, tile=8, tile_counts=(3,))
+  assert rt.tile_buckets == (3, 4)
+  eng, sp, p = Engine(CFG, model, rt), SamplingParams(max_new_tokens=6, ignore_eos=True), prompts(40, (17,))
+  out = eng.generate(p, sp)
+  assert (eng.stats.prompt_tokens, eng.stats.prompt_positions, eng.compiles.mixed) == (17, 24, 1)
+  pow2 = Engine(CFG, model, dataclasses.replace(rt, tile_counts=()))
+  assert [o.output_ids for o in pow2.generate(p, sp)] == [o.output_ids for o in out]
+  assert pow2.stats.prompt_positions == 32
 
 
 def test_summary_reports_startup_split(model):

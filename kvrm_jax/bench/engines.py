@@ -58,6 +58,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_len: int | None = None) -
                  help="kvrm-mixed: tokens per engine step (decode tokens + prompt tiles): a number, or its slots + "
                  f"{STEP_BUDGETS['throughput']} (throughput, the default) or + {STEP_BUDGETS['latency']} (latency)")
   g.add_argument("--tile", type=int, default=64, help="kvrm-mixed: prompt tokens per query tile")
+  g.add_argument("--tile-counts", default=None,
+                 help="kvrm-mixed: comma list of a mixed step's tile counts below its largest (default: powers of two)")
   g.add_argument("--pipeline", action="store_true",
                  help="KV-RM engines: dispatch each decode step before reading the previous one's tokens")
   g.add_argument("--decode-buckets", default=None,
@@ -265,7 +267,8 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
     kw["max_prefill_seqs"] = args.max_prefill_seqs
   slots = budget.slots(kind)
   if kind == "kvrm-mixed":
-    kw.update(step_tokens=step_tokens(args.step_tokens, slots) or slots + STEP_BUDGETS["throughput"], tile=args.tile)
+    kw.update(step_tokens=step_tokens(args.step_tokens, slots) or slots + STEP_BUDGETS["throughput"], tile=args.tile,
+              tile_counts=parse_int_list(getattr(args, "tile_counts", None), "--tile-counts") or ())
   rows = parse_int_list(getattr(args, "decode_buckets", None), "--decode-buckets")
   if rows and kind != "static":
     kw["decode_buckets"] = rows

@@ -125,8 +125,9 @@ def meta_lines(obj: dict) -> str:
   ]
   for k, e in rts.items():
     rt = e["runtime"]
-    steps = (f"mixed steps of {rt['step_tokens']} tokens (prompt tiles of {rt['tile']})" if rt.get("step_tokens")
-             else f"prefill buckets {rt['prefill_buckets']} x {rt['max_prefill_seqs']} rows")
+    steps = (f"mixed steps of {rt['step_tokens']} tokens (prompt tiles of {rt['tile']}"
+             + (f"; tile counts {list(rt['tile_counts'])} and the largest" if rt.get("tile_counts") else "") + ")"
+             if rt.get("step_tokens") else f"prefill buckets {rt['prefill_buckets']} x {rt['max_prefill_seqs']} rows")
     if rt.get("decode_buckets"):
       steps += f", decode rows {list(rt['decode_buckets']) + [rt['max_slots']]}"
     lines.append(f"- {k}: attention `{e['attention']}`, {steps}, max_groups {rt['max_groups']}, max_moves {rt['max_moves']}, "

@@ -610,7 +610,7 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
   ref, out = tmp_path / "decode.json", tmp_path / "serve.json"
   work = ["--families", "mixed", "--num-requests", "12", "--max-len", "256"]
   assert bench_decode.main(["--model", "tiny", "--kv-budget-blocks", "96", "--engines", "kvrm-mixed", "--pipeline",
-                            "--decode-buckets", "4", "--quiet", "--out-json", str(ref)] + work) == 0
+                            "--decode-buckets", "4", "--tile-counts", "3", "--quiet", "--out-json", str(ref)] + work) == 0
   capfd.readouterr()
   assert bench_serve.main(["--launch", "--preset tiny --max-queue 64", "--in-process-json", str(ref),
                            "--out-json", str(out), "--quiet"] + work) == 0
@@ -621,7 +621,7 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
     assert compiled and compiled[1] == compiled[2], printed.err
   rt = json.loads(ref.read_text())["engines"]["kvrm-mixed"]["runtime"]
   for flag in (f"--max-slots {rt['max_slots']}", f"--num-blocks {rt['num_blocks']}", f"--step-tokens {rt['step_tokens']}",
-               "--decode-buckets 4", "--pipeline", "--max-len 256", "--dtype float32"):
+               "--decode-buckets 4", "--tile-counts 3", "--pipeline", "--max-len 256", "--dtype float32"):
     assert f" {flag}" in launch, (flag, launch)
   obj = json.loads(out.read_text())
   assert obj["in_process"]["engine"] == "kvrm-mixed" and obj["in_process"]["tokens_per_s"]["mixed"] > 0

@@ -52,9 +52,13 @@ def compile_all(engine, log=None, threads: int | None = None, background: bool =
     log(f"serving on these while {pending} more compile in the background")
     t0 = time.perf_counter()
 
-    def done():  # in a thread of its own: tells when the last one is in
+    def done():  # in a thread of its own: tells when the last one is in, or that one failed
       if engine.wait_compiled():
         log(f"the other {pending} executables compiled in the background in {time.perf_counter() - t0:.1f} s")
+      elif engine.warm_error is not None:
+        e, n = engine.warm_error, engine.compiles_pending
+        log(f"a background compile failed ({type(e).__name__}: {e}); the {n} step{'s' if n != 1 else ''} left "
+            f"run{'s' if n == 1 else ''} in the larger executables compiled before")
     threading.Thread(target=done, name="kvrm-compile-log", daemon=True).start()
 
 

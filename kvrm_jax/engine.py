@@ -467,8 +467,6 @@ class Engine:
       self._compile(specs, threads)
     except BaseException as e:  # noqa: BLE001  (steps keep to the executables compiled so far)
       self.warm_error = e
-      if self.on_compile is not None:
-        self.on_compile(f"rest of the steps failed ({type(e).__name__}: {e}); serving on the compiled ones", 0.0)
 
   def _compile(self, specs, threads: int) -> None:
     if threads <= 1:

@@ -738,21 +738,29 @@ def test_background_compiles_serve_in_larger_executables_until_ready(model, monk
 
 
 def test_a_failed_background_compile_leaves_the_engine_serving(model, monkeypatch):
-  """A step that fails to compile in the background is reported (warm_error, on_compile) and never
-  chosen: the engine serves on the executables it has."""
+  """A step that fails to compile in the background is reported (warm_error, and a log line of the
+  tools' warm-up) and never chosen: the engine serves on the executables it has."""
+  import threading
+  from kvrm_jax import compile_cache
   rt = dataclasses.replace(RT, step_tokens=RT.max_slots + 2 * 8, tile=8)
   eng = Engine(CFG, model, rt)
   real, told = eng._compile, []
+  done = threading.Event()
 
   def failing(specs, threads):
     if ("mixed", 1) in {k for k, _ in specs}:
       raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
     real(specs, threads)
   monkeypatch.setattr(eng, "_compile", failing)
-  eng.on_compile = lambda name, s: told.append(name)
-  eng.compile_all(background=True)
+
+  def log(line):
+    told.append(line)
+    if "background compile failed" in line:
+      done.set()
+  compile_cache.compile_all(eng, log, threads=1, background=True)
   assert not eng.wait_compiled(120) and eng.compiles_pending == 1
-  assert isinstance(eng.warm_error, RuntimeError) and "RESOURCE_EXHAUSTED" in told[-1]
+  assert isinstance(eng.warm_error, RuntimeError) and done.wait(60)
+  assert "RESOURCE_EXHAUSTED" in told[-1] and "the 1 step left runs in the larger executables" in told[-1], told
   sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
   ps = prompts(32, (3, 9))
   assert [o.output_ids for o in eng.generate(ps, sp)] == [o.output_ids for o in Engine(CFG, model, rt).generate(ps, sp)]

@@ -487,8 +487,8 @@ def render(obj: dict, md_path: str) -> None:
           f"- command: `{obj['command']}`"]
   if obj.get("launch"):
     la = obj["launch"]
-    body.append(f"- start-up of the launched server: healthy {bc.fmt(la['ready_s'])} s after its launch, first "
-                f"token streamed {bc.fmt(la['first_token_s'])} s after it")
+    body.append(f"- start-up of the launched server: healthy {bc.fmt(la['ready_s'])} s after its launch, its first "
+                f"token streamed {bc.fmt(la['first_token_s'])} s after the launch")
   if obj.get("in_process"):
     body.append(f"- in-process reference: `{obj['in_process']['file']}` ({obj['in_process']['device']}, engine "
                 f"{obj['in_process'].get('engine', 'kvrm')})")

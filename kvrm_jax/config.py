@@ -157,8 +157,8 @@ class RuntimeConfig:
     the decode step. Must be >= max_slots + tile (every step has room for one tile).
   tile: query tokens per tile of a mixed step; each tile belongs to one sequence's chunk.
   tile_counts: the mixed step's tile counts below max_tiles, ascending; () (the default): powers
-    of two. Denser counts pad fewer prompt positions (a step of 17 tiles runs in 24 rather than
-    32) for one more executable each.
+    of two. Denser counts pad fewer prompt positions (with 24 among them, a step of 17 tiles runs
+    in 24 rather than 32) for one more executable each.
   prompt_attention: how prompt chunks (prefill rows, mixed-step tiles) attend to their history:
     "gather" gathers each chunk's whole block table and runs one masked einsum (XLA); "kernel"
     runs the paged tile kernel of the attention backend (pallas_kernels.paged_tile_attention:

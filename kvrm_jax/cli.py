@@ -217,7 +217,7 @@ def step_kwargs(args, max_slots: int) -> dict:
   --decode-buckets / --matmul / --greedy-only / --sampler."""
   return {"step_tokens": step_tokens(args.step_tokens, max_slots), "tile": args.tile,
           "prompt_attention": args.prompt_attention,
-          "tile_counts": parse_int_list(getattr(args, "tile_counts", None), "--tile-counts") or (),
+          "tile_counts": parse_int_list(args.tile_counts, "--tile-counts") or (),
           "pipeline": args.pipeline, "decode_buckets": parse_int_list(args.decode_buckets, "--decode-buckets") or (),
           "matmul": args.matmul, "greedy_only": args.greedy_only, "sampler": args.sampler}
 

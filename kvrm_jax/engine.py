@@ -412,10 +412,10 @@ class Engine:
     return ("decode",) if rows == self.rt.max_slots else ("decode", rows)
 
   def _decode_spec(self, rows: int | None):
-    if rows is None or rows == self.rt.max_slots:
-      return ("decode",), (self.decode_step, self.dlayout, self.decode_args())
-    return ("decode", rows), (self._decode_step_for(rows), desc_lib.decode_layout(self.rt, rows),
-                              self.decode_args(rows=rows))
+    key = self._decode_key(rows or self.rt.max_slots)
+    if len(key) == 1:
+      return key, (self.decode_step, self.dlayout, self.decode_args())
+    return key, (self._decode_step_for(rows), desc_lib.decode_layout(self.rt, rows), self.decode_args(rows=rows))
 
   def compile_all(self, threads: int = 1, background: bool = False) -> tuple[int, float]:
     """Compile every executable the steps can use before the first request: the decode step(s) and

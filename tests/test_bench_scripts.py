@@ -518,9 +518,12 @@ def test_bench_step_refuses_sizes_no_row_could_run(args, message, capsys):
   assert f": error: {message}" in err and "Traceback" not in err, err
 
 
-def test_bench_gemm_rows_report_and_json(tmp_path, capsys):
+def test_bench_gemm_rows_report_and_json(tmp_path, capsys, monkeypatch):
   """scripts/bench_gemm.py on the tiny model's shapes: a row per (shape, M, variant) with its time and
-  its error against an f32 product; off a Hopper GPU the skinny kernel is left out with a note."""
+  its error against an f32 product; off a Hopper GPU the skinny kernel is left out with a note (on a
+  Hopper GPU too, told it has none)."""
+  from kvrm_jax.step import gemm
+  monkeypatch.setattr(gemm, "kernel_available", lambda: False)
   bench_gemm = load_script("bench_gemm")
   out = tmp_path / "g.json"
   assert bench_gemm.main(["--model", "tiny", "--shapes", "qkv", "down", "--rows", "1", "8", "--variants", "xla",

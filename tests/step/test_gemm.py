@@ -3,6 +3,9 @@ a Hopper GPU; here its jnp twin (same plan arithmetic) stands in for it, so thes
 routing: every projection and the LM head of a step with at most 256 rows go through the kernel,
 larger calls and float32 stay on XLA, and the results match XLA's."""
 
+import re
+
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -36,9 +39,14 @@ def test_unknown_matmul_is_a_clear_error():
     RuntimeConfig(matmul="cublas")
 
 
-def test_skinny_without_a_hopper_gpu_is_one_clear_error():
+def test_skinny_without_a_hopper_gpu_is_one_clear_error(monkeypatch):
+  """The error names the device the process runs on (told it is no Hopper GPU, so a GPU run checks
+  the message too)."""
+  monkeypatch.setattr(gemm, "kernel_available", lambda: False)
+  dev = jax.devices()[0]
+  where = "cpu" if dev.platform == "cpu" else f"{dev.platform} ({dev.device_kind})"
   with pytest.raises(ValueError, match=r"^matmul 'skinny' runs a Mosaic GPU kernel that needs a Hopper GPU .*"
-                     r"this process runs on cpu: use matmul 'xla'$"):
+                     rf"this process runs on {re.escape(where)}: use matmul 'xla'$"):
     Engine(TINY, Llama(TINY, rngs=nnx.Rngs(0)), RuntimeConfig(matmul="skinny"))
 
 

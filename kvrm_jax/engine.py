@@ -51,6 +51,10 @@ def _step_name(key: tuple) -> str:
   return f"mixed step ({key[1]} tile{'s' if key[1] != 1 else ''})"
 
 
+# Stored executables loaded at once by a warm-up (Engine._load_stored).
+LOAD_THREADS = 16
+
+
 class Engine:
   """KV-RM engine (`kind="kvrm"`) or the static-graph baseline (`kind="static"`)."""
 
@@ -352,7 +356,7 @@ class Engine:
       skey, exe = self._from_store(key, layout, host)
       if exe is None:
         exe = exe_store.compile_and_save(skey, self._lower(fn, layout, host))
-      exe = self._keep(key, exe, t0)
+      exe = self._keep(key, exe, time.perf_counter() - t0)
     return exe
 
   def _from_store(self, key: tuple, layout: desc_lib.Layout, host=()):
@@ -387,8 +391,7 @@ class Engine:
                                          (self.state, self.k_pool, self.v_pool))
     return fn.lower(state, k_pool, v_pool, ints, floats, *host)
 
-  def _keep(self, key: tuple, exe, t0: float):
-    dt = time.perf_counter() - t0
+  def _keep(self, key: tuple, exe, dt: float):
     self._executables[key] = exe
     self._pending.discard(key)  # after it is in place: a step may pick it from now on
     self.stats.compile_s += dt
@@ -469,25 +472,40 @@ class Engine:
       self.warm_error = e
 
   def _compile(self, specs, threads: int) -> None:
+    specs = self._load_stored(specs)  # the executable store's entries first: nothing to lower for them
     if threads <= 1:
       for key, spec in specs:
         self._executable(key, *spec)
     else:
-      todo = []
-      for key, spec in specs:  # the executable store's entries first: nothing to lower for them
-        t = time.perf_counter()
-        skey, exe = self._from_store(key, *spec[1:])
-        if exe is not None:
-          self._keep(key, exe, t)
-        else:
-          todo.append((key, skey, self._lower(*spec)))
+      todo = [(key, skey, self._lower(*spec)) for (key, spec), skey in
+              zip(specs, [self._store_key(key, *spec[1:]) for key, spec in specs])]
       with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         def compile_one(skey, low):
           t = time.perf_counter()
-          return exe_store.compile_and_save(skey, low), t
+          return exe_store.compile_and_save(skey, low), time.perf_counter() - t
         for (key, _, _), fut in zip(todo, [pool.submit(compile_one, skey, low) for _, skey, low in todo]):
-          exe, t = fut.result()
-          self._keep(key, exe, t)
+          self._keep(key, *fut.result())
+
+  def _load_stored(self, specs) -> list:
+    """Load the executable store's entries of `specs` at once (a load runs outside the interpreter
+    lock: on a GPU host each took 0.6-1.1 s, one after another most of a start from the cache); the
+    specs left to compile, in order."""
+    if not exe_store.active() or not specs:
+      return specs
+
+    def load(key, spec):
+      t = time.perf_counter()
+      exe = self._from_store(key, *spec[1:])[1]
+      return exe, time.perf_counter() - t
+    with concurrent.futures.ThreadPoolExecutor(min(len(specs), LOAD_THREADS)) as pool:
+      loaded = [f.result() for f in [pool.submit(load, key, spec) for key, spec in specs]]
+    left = []
+    for (key, spec), (exe, dt) in zip(specs, loaded):
+      if exe is None:
+        left.append((key, spec))
+      else:
+        self._keep(key, exe, dt)
+    return left
 
   def compiled_decode(self, rows: int | None = None):
     """The decode step's executable (over `rows` slots, default all) as `step()` runs it:

@@ -40,6 +40,7 @@ hits = 0  # steps this process loaded from the store
 jax_cache_hits = 0  # executables this process read back from jax's persistent cache (its own event)
 _warned = False
 _JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_lock = threading.Lock()
 _compiling = threading.local()  # per thread: did jax's cache supply the executable being compiled?
 
 
@@ -118,7 +119,8 @@ def load(k: str | None, devices):
     _warn(f"could not load the stored executable {path.name} ({type(e).__name__}: {e}); compiling it again")
     path.unlink(missing_ok=True)  # once: the compile below may not replace it (see compile_and_save)
     return None
-  hits += 1
+  with _lock:  # loads run in threads (Engine._load_stored)
+    hits += 1
   return exe
 
 

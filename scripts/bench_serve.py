@@ -385,7 +385,7 @@ def launched(flags: str, ref: dict | None, timeout: float, start: dict):
           break
       except httpx.HTTPError:
         pass
-      time.sleep(1.0)
+      time.sleep(0.1)
     yield url
   finally:
     if proc.poll() is None:

@@ -84,6 +84,7 @@ def warm_up(engine: Engine, log=None, background: bool = False) -> None:
   limit = min(engine.rt.max_seq_len, engine.cfg.max_position)
   vocab = engine.cfg.vocab_size
   compile_cache.compile_all(engine, log, background=background)  # then a prompt per bucket runs each once
+  t0 = time.perf_counter()
   for i, b in enumerate(engine.rt.prefill_buckets):
     n = min(b, limit - 2)
     if n < 1:
@@ -94,6 +95,8 @@ def warm_up(engine: Engine, log=None, background: bool = False) -> None:
     while engine.output(rid).finish_reason is None:
       engine.step()
     _forget(engine, rid)
+  if log is not None:
+    log(f"warm-up requests ran in {time.perf_counter() - t0:.1f} s")
 
 
 class Overloaded(Exception):
@@ -428,17 +431,17 @@ class EngineProcess(_Frontend):
 
   `build(args, log)` runs in the child (spawned, so the parent never touches the accelerator) and
   returns (engine, tokenizer, name, dtype), the engine ready to serve (warmed up if wanted).
-  Commands go down one pipe; each iteration's events and metrics report come back up it, read by a
-  thread of this process. Construction returns once the engine is ready (UserError if it failed).
+  `spawned`: a process `kvrm_jax.serve.spawn.spawn()` started earlier (the server starts it before
+  its own imports); default: one started here. Commands go down one pipe; each iteration's events
+  and metrics report come back up it, read by a thread of this process. Construction returns once
+  the engine is ready (UserError if it failed).
   """
 
-  def __init__(self, build, args, *, max_queue: int, metrics=None, log=None):
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    self._conn, child = ctx.Pipe()
-    self._proc = ctx.Process(target=_engine_main, args=(child, build, args), name="kvrm-engine", daemon=True)
-    self._proc.start()
-    child.close()
+  def __init__(self, build, args, *, max_queue: int, metrics=None, log=None, spawned=None):
+    from kvrm_jax.serve import spawn
+    spawned = spawned or spawn.spawn()
+    self._proc, self._conn = spawned.proc, spawned.conn
+    spawn.send_build(spawned, build, args)
     # Commands go out through a thread of their own: a burst of long prompts can fill the pipe while
     # the engine is inside a step, and the event loop must not wait for it.
     self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -516,9 +519,9 @@ class EngineProcess(_Frontend):
       self._end_all()
 
 
-def _engine_main(conn, build, args) -> None:
-  """The engine process: build and warm up, report ready, then serve commands until told to stop
-  or the server's end of the pipe closes."""
+def engine_main(conn, build, args) -> None:
+  """The engine process (after `kvrm_jax.serve.spawn`'s start): build and warm up, report ready,
+  then serve commands until told to stop or the server's end of the pipe closes."""
   import signal
   # The server process handles SIGINT/SIGTERM (drain, then "stop"); a terminal's Ctrl-C reaches the
   # whole process group, and the engine must outlive it until the drain is over.

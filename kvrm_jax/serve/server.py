@@ -16,15 +16,15 @@ import sys
 import threading
 import time
 
-import uvicorn
+from kvrm_jax.serve import spawn
 
-from kvrm_jax.serve.app import create_app
-from kvrm_jax.serve.engine_loop import (EngineLoop, EngineProcess, UserError, add_runtime_args, compile_cache,
-                                        load_model, load_preset, make_engine, preset_names, run_main, warm_up)
-from kvrm_jax.serve.metrics import Metrics
+# Only the standard library and kvrm_jax.serve.spawn at import: `main` starts the engine process
+# before importing jax, the engine and the HTTP stack (engine_loop, app, uvicorn), so both
+# processes import at once.
 
 
 def parse_args(argv=None):
+  from kvrm_jax.serve.engine_loop import add_runtime_args, compile_cache, preset_names
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
   p.add_argument("--port", type=int, default=8000)
@@ -55,10 +55,24 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-  return run_main(lambda a: serve(parse_args(a)), argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # The engine process starts now, its imports beside ours; it waits for the parsed flags.
+  early = None if {"-h", "--help", "--engine-thread"} & set(argv) else spawn.spawn()
+  try:
+    from kvrm_jax.serve.engine_loop import run_main
+    return run_main(lambda a: serve(parse_args(a), early), argv)
+  finally:
+    if early is not None and not early.sent:  # the server failed before handing it the flags
+      early.close()
 
 
-def serve(args) -> int:
+def serve(args, spawned=None) -> int:
+  """Run the server until SIGTERM / SIGINT. spawned: an engine process started before the flags
+  were parsed (`main`), else one is started here (or the engine runs in a thread: --engine-thread)."""
+  import uvicorn
+  from kvrm_jax.serve.app import create_app
+  from kvrm_jax.serve.engine_loop import EngineLoop, EngineProcess, UserError, compile_cache
+  from kvrm_jax.serve.metrics import Metrics
   if args.max_queue < 0:
     raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
   if args.shutdown_timeout < 0:
@@ -82,7 +96,7 @@ def serve(args) -> int:
     loop = EngineLoop(engine, max_queue=args.max_queue, metrics=metrics)
     kind = engine.kind
   else:
-    loop = EngineProcess(build_engine, args, max_queue=args.max_queue, metrics=metrics, log=log)
+    loop = EngineProcess(build_engine, args, max_queue=args.max_queue, metrics=metrics, log=log, spawned=spawned)
     tok, name, dtype, kind = loop.tokenizer, loop.name, loop.dtype, loop.kind
   app = create_app(loop, tok, name, metrics=metrics, shutdown_timeout=args.shutdown_timeout)
   # Our drain ends every stream before uvicorn closes connections; its own timeout is a backstop.
@@ -94,7 +108,7 @@ def serve(args) -> int:
     print(f"[serve] shutting down: {'every request finished' if clean else 'requests left were aborted'}",
           file=sys.stderr, flush=True)
 
-  server = _Server(config, drain)
+  server = _server_class(uvicorn)(config, drain)
   rt = loop.rt
   print(f"[serve] {name} ({dtype}, {kind}, {rt.max_slots} slots, {rt.num_blocks} blocks of {rt.block_size}, "
         f"context {loop.context_limit}, engine in {'a thread' if args.engine_thread else 'its own process'}) ready "
@@ -109,8 +123,13 @@ def serve(args) -> int:
 def build_engine(args, log) -> tuple:
   """(engine, tokenizer, served model name, dtype) from the flags, warmed up unless --no-warmup; runs
   where the engine runs (the engine process by default). log(line) reports the warm-up's progress."""
+  from kvrm_jax.serve.engine_loop import (UserError, compile_cache, load_model, load_preset, make_engine,
+                                          warm_up)
   compile_cache.from_args(args)
+  t0 = time.perf_counter()
   cfg, model, tok, mesh, dtype, path = load_preset(args) if args.preset else load_model(args)
+  log(f"{'random weights of ' + args.preset if args.preset else 'model ' + os.path.basename(os.path.normpath(str(path)))}"
+      f" ({dtype}) loaded in {time.perf_counter() - t0:.1f} s")
   max_len = args.max_len or min(cfg.max_position, 4096)
   if not 1 < max_len <= cfg.max_position:
     raise UserError(f"--max-len must be in [2, {cfg.max_position}] (the model context), got {max_len}")
@@ -130,35 +149,40 @@ def build_engine(args, log) -> tuple:
   return engine, tok, name, dtype
 
 
-class _Server(uvicorn.Server):
-  """uvicorn's server with our shutdown: on the first SIGTERM/SIGINT `drain` runs in a thread (new
-  requests get 503, in-flight ones finish or are aborted), then uvicorn shuts down; a second signal
-  exits at once. The process ends with status 0 (uvicorn would re-raise the signal after its own
-  graceful shutdown, ending the process with -15)."""
+def _server_class(uvicorn):
+  """uvicorn's Server with our shutdown (defined once uvicorn is imported)."""
 
-  def __init__(self, config, drain):
-    super().__init__(config)
-    self._drain, self._draining = drain, False
+  class _Server(uvicorn.Server):
+    """uvicorn's server with our shutdown: on the first SIGTERM/SIGINT `drain` runs in a thread (new
+    requests get 503, in-flight ones finish or are aborted), then uvicorn shuts down; a second signal
+    exits at once. The process ends with status 0 (uvicorn would re-raise the signal after its own
+    graceful shutdown, ending the process with -15)."""
 
-  @contextlib.contextmanager
-  def capture_signals(self):
-    old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-      yield
-    finally:
-      for sig, handler in old.items():
-        signal.signal(sig, handler)
+    def __init__(self, config, drain):
+      super().__init__(config)
+      self._drain, self._draining = drain, False
 
-  def handle_exit(self, sig, frame) -> None:
-    if self._draining:
-      super().handle_exit(sig, frame)
-      return
-    self._draining = True
+    @contextlib.contextmanager
+    def capture_signals(self):
+      old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+      try:
+        yield
+      finally:
+        for sig, handler in old.items():
+          signal.signal(sig, handler)
 
-    def run():
-      self._drain()
-      self.should_exit = True
-    threading.Thread(target=run, name="kvrm-drain", daemon=True).start()
+    def handle_exit(self, sig, frame) -> None:
+      if self._draining:
+        super().handle_exit(sig, frame)
+        return
+      self._draining = True
+
+      def run():
+        self._drain()
+        self.should_exit = True
+      threading.Thread(target=run, name="kvrm-drain", daemon=True).start()
+
+  return _Server
 
 
 if __name__ == "__main__":

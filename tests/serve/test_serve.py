@@ -227,6 +227,14 @@ def test_a_server_refuses_what_its_steps_cannot_sample(runtime, base, ok, bad, p
   assert engine.stats.decode_steps >= 5 and not any(getattr(engine.stats, f) for f in engine.stats.SERIES)
 
 
+def test_the_server_module_starts_its_engine_process_before_importing_jax():
+  """serve.py's engine process imports jax and the engine while the server imports its own: the
+  server module imports neither before `main` has spawned it."""
+  code = "import sys, kvrm_jax.serve.server; print(sorted(m for m in ('jax', 'uvicorn', 'fastapi') if m in sys.modules))"
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=child_env())
+  assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
   for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
                       (["--port", "70000"], "--port must be in"),

@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -254,10 +253,7 @@ def test_xla_options_reach_the_compiled_steps():
     RuntimeConfig(xla_options=("xla_gpu_enable_triton_gemm",))
   rt = dataclasses.replace(RT, xla_options=(("xla_gpu_enable_triton_gemm", False),))
   assert step_lib.compiler_options(rt)["xla_gpu_enable_triton_gemm"] is False
-  if jax.default_backend() == "cpu":
-    assert step_lib.compiler_options(RT, 4096) is None  # XLA's defaults whatever the rows
-  else:
-    assert step_lib.compiler_options(RT, 4096) == {"xla_gpu_enable_triton_gemm": False}
+  assert step_lib.compiler_options(RT, 4096) is None  # float32: XLA's defaults whatever the rows and backend
   bad = dataclasses.replace(RT, xla_options=(("xla_no_such_option", True),), prefill_buckets=(8,))
   eng = Engine(CFG, Llama(CFG, rngs=nnx.Rngs(0)), bad)
   eng.add_request([5, 6, 7], SamplingParams(max_new_tokens=2))
@@ -680,14 +676,17 @@ def test_window_sampler_steps_have_no_branch_and_refuse_a_wide_top_k(model, step
 
 
 def test_gpu_steps_of_many_rows_compile_with_cublas_gemms(monkeypatch):
-  """On GPU, steps with at least CUBLAS_MIN_ROWS rows turn XLA's Triton GEMMs off (measured faster
-  and quicker to compile there); fewer rows keep XLA's choice; the runtime's options win."""
+  """On GPU, bfloat16 steps with at least CUBLAS_MIN_ROWS rows turn XLA's Triton GEMMs off (measured
+  faster and quicker to compile there); fewer rows and float32 steps keep XLA's choice; the
+  runtime's options win."""
   from kvrm_jax.step import steps as step_lib
   monkeypatch.setattr(step_lib.jax, "default_backend", lambda: "gpu")
   n = step_lib.CUBLAS_MIN_ROWS
-  assert step_lib.compiler_options(RT, n - 1) is None
-  assert step_lib.compiler_options(RT, n) == {"xla_gpu_enable_triton_gemm": False}
-  back = dataclasses.replace(RT, xla_options=(("xla_gpu_enable_triton_gemm", True),))
+  bf16 = dataclasses.replace(RT, dtype="bfloat16")
+  assert step_lib.compiler_options(bf16, n - 1) is None
+  assert step_lib.compiler_options(bf16, n) == {"xla_gpu_enable_triton_gemm": False}
+  assert step_lib.compiler_options(RT, 4 * n) is None  # float32
+  back = dataclasses.replace(bf16, xla_options=(("xla_gpu_enable_triton_gemm", True),))
   assert step_lib.compiler_options(back, 4 * n) == {"xla_gpu_enable_triton_gemm": True}
 
 

@@ -15,7 +15,7 @@ compiled decode step loop runs and each step is timed (dispatch to tokens on the
 without --tp the engine has no mesh; the roofline of a row is one device's share of the bytes);
 --xla-options does the same for RuntimeConfig.xla_options ("" = the defaults; decode and --prompt-tokens rows), e.g.
   --xla-options "xla_gpu_enable_triton_gemm=true" "" compares XLA's Triton GEMMs with cuBLAS (the default
-  on GPU for steps of 32 rows or more; kvrm_jax/step/steps.py CUBLAS_MIN_ROWS).
+  on GPU for bfloat16 steps of 32 rows or more; kvrm_jax/step/steps.py CUBLAS_MIN_ROWS).
 --sampling greedy sampled runs each row with greedy decoding and with temperature 0.8, top-p 0.9,
 top-k 50 (the cost of sampling); greedy-only runs greedy rows on steps compiled without the branch
 between greedy and sampled rows (RuntimeConfig.greedy_only); greedy-branch-free and

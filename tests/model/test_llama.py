@@ -58,26 +58,35 @@ def test_prefill_logits_match_hf(ours, hf_model):
     assert rel < 1e-4, (text, rel)
 
 
-def test_engine_greedy_matches_hf_generate(ours, hf_model):
-  """8 varied prompts x 32 new tokens, decoded together (mixed lengths) by both engines, the KV-RM
-  engine with separate prefill calls and with mixed steps."""
-  cfg, model, tok = ours
+@pytest.fixture(scope="module")
+def hf_greedy(ours, hf_model):
+  """The 8 prompts' token ids and HF `generate`'s 32 greedy tokens for each."""
+  cfg, _, tok = ours
   ids = [tok.encode(p) for p in PROMPTS]
   expected = []
   for x in ids:
     with torch.no_grad():
       out = hf_model.generate(torch.tensor([x]), max_new_tokens=32, do_sample=False, eos_token_id=list(cfg.eos_ids),
                               pad_token_id=tok.pad_id)
-    gen = out[0, len(x):].tolist()
-    expected.append(gen)
-  rt = RuntimeConfig(block_size=16, num_blocks=64, max_slots=4, max_blocks_per_seq=4, prefill_buckets=(16, 32))
-  mixed = dataclasses.replace(rt, step_tokens=4 + 2 * 8, tile=8)  # prompts split over steps, in tiles of 8
-  for kind, r in (("kvrm", rt), ("kvrm", mixed), ("static", rt)):
-    eng = Engine(cfg, model, r, tokenizer=tok, kind=kind)
-    outs = eng.generate(ids, SamplingParams(max_new_tokens=32))
-    for o, e, p in zip(outs, expected, PROMPTS):
-      assert o.output_ids == e, (kind, r.step_tokens, p, tok.decode(o.output_ids), tok.decode(e))
-    assert (eng.stats.mixed_steps > 0) == (r is mixed)
+    expected.append(out[0, len(x):].tolist())
+  return ids, expected
+
+
+# One test per engine layout, so the runs (mostly compiles on a GPU) spread over the test workers.
+@pytest.mark.parametrize("kind,step_tokens", [("kvrm", 0), ("kvrm", 4 + 2 * 8), ("static", 0)],
+                         ids=["kvrm", "kvrm-mixed", "static"])
+def test_engine_greedy_matches_hf_generate(ours, hf_greedy, kind, step_tokens):
+  """8 varied prompts x 32 new tokens, decoded together (mixed lengths) by both engines, the KV-RM
+  engine with separate prefill calls and with mixed steps (prompts split over steps, in tiles of 8)."""
+  cfg, model, tok = ours
+  ids, expected = hf_greedy
+  r = RuntimeConfig(block_size=16, num_blocks=64, max_slots=4, max_blocks_per_seq=4, prefill_buckets=(16, 32),
+                    step_tokens=step_tokens, tile=8)
+  eng = Engine(cfg, model, r, tokenizer=tok, kind=kind)
+  outs = eng.generate(ids, SamplingParams(max_new_tokens=32))
+  for o, e, p in zip(outs, expected, PROMPTS):
+    assert o.output_ids == e, (kind, step_tokens, p, tok.decode(o.output_ids), tok.decode(e))
+  assert (eng.stats.mixed_steps > 0) == (step_tokens > 0)
 
 
 def test_hf_folder_import_with_llama3_rope(tmp_path):

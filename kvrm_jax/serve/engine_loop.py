@@ -541,7 +541,10 @@ def engine_main(conn, build, args) -> None:
                     "max_position": engine.cfg.max_position, "kind": engine.kind, "tokenizer": tok,
                     "name": name, "dtype": str(dtype), "snapshot": core.snapshot()}))
   except Exception as e:  # noqa: BLE001  (the server reports it in one line and exits)
-    send(("failed", str(e) if isinstance(e, (UserError, ValueError, OSError)) else f"{type(e).__name__}: {e}"))
+    try:
+      send(("failed", str(e) if isinstance(e, (UserError, ValueError, OSError)) else f"{type(e).__name__}: {e}"))
+    except OSError:  # the server is gone (killed during start-up): no one to tell, end quietly
+      pass
     return
   stop = False
   try:

@@ -235,6 +235,25 @@ def test_the_server_module_starts_its_engine_process_before_importing_jax():
   assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
 
 
+def test_an_engine_process_whose_server_died_during_start_up_ends_quietly():
+  """The server killed while its engine process builds: the process's next message finds the pipe
+  closed and it returns (no traceback, no process left compiling for no one)."""
+  import multiprocessing as mp
+  from kvrm_jax.serve.engine_loop import engine_main
+  ours, theirs = mp.Pipe()
+  theirs.close()
+
+  after = []
+
+  def build(args, log):
+    log("compiled the decode step in 1.0 s")  # the first message of a warm-up: the pipe is closed
+    after.append("build went on")
+  engine_main(ours, build, None)  # returns; the signal handlers it sets are the engine process's
+  assert not after
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
   for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
                       (["--port", "70000"], "--port must be in"),

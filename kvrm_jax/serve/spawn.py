@@ -9,7 +9,9 @@ sends ("build", build, args) down the pipe. This module imports nothing from kvr
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
+import threading
 
 
 class Spawned:
@@ -43,10 +45,21 @@ def send_build(spawned: Spawned, build, args) -> None:
   spawned.sent = True
 
 
+def _exit_with(parent) -> None:
+  """End this process at once when `parent` (the server) ends: killed or crashed, it can no longer
+  stop the engine, which would otherwise keep the accelerator (and compile for no one)."""
+  from multiprocessing.connection import wait
+  wait([parent.sentinel])
+  os._exit(0)
+
+
 def _main(conn) -> None:
   # The server handles SIGINT (a terminal's Ctrl-C reaches the whole process group) and tells the
   # engine to stop; SIGTERM still ends a process that is waiting for its build command.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = mp.parent_process()
+  if parent is not None:
+    threading.Thread(target=_exit_with, args=(parent,), name="kvrm-server-watch", daemon=True).start()
   from kvrm_jax.serve.engine_loop import engine_main  # the imports that overlap the server's
   try:
     msg = conn.recv()

@@ -254,6 +254,35 @@ def test_an_engine_process_whose_server_died_during_start_up_ends_quietly():
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def test_the_engine_process_ends_with_its_server():
+  """A server that dies without stopping its engine (killed, crashed) while the engine process is
+  busy, here building: the engine process ends too instead of holding the accelerator."""
+  script = "\n".join([
+      "import os, sys",
+      f"sys.path.insert(0, {os.path.dirname(__file__)!r})",
+      "import sleepy_build",
+      "from kvrm_jax.serve import spawn",
+      "sp = spawn.spawn()",
+      "spawn.send_build(sp, sleepy_build.build, None)",
+      "print(sp.proc.pid, sp.conn.recv()[0], flush=True)",  # ("log", "building"): the build is under way
+      "os._exit(0)"])  # no clean-up, as after a SIGKILL
+  r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=child_env())
+  assert r.returncode == 0, r.stderr
+  pid, what = r.stdout.split()
+  assert what == "log"
+
+  def running() -> bool:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+      return False
+  deadline = time.monotonic() + 60
+  while running() and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert not running(), f"engine process {pid} outlived its server"
+
+
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
   for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
                       (["--port", "70000"], "--port must be in"),

@@ -158,6 +158,8 @@ def save(k: str | None, exe) -> None:
 
 def _warn(msg: str) -> None:
   global _warned
-  if not _warned:
-    print(f"warning: executable store: {msg}", file=sys.stderr, flush=True)
+  with _lock:  # once per process, loads in threads included
+    if _warned:
+      return
     _warned = True
+  print(f"warning: executable store: {msg}", file=sys.stderr, flush=True)

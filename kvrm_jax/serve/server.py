@@ -128,8 +128,8 @@ def build_engine(args, log) -> tuple:
   compile_cache.from_args(args)
   t0 = time.perf_counter()
   cfg, model, tok, mesh, dtype, path = load_preset(args) if args.preset else load_model(args)
-  log(f"{'random weights of ' + args.preset if args.preset else 'model ' + os.path.basename(os.path.normpath(str(path)))}"
-      f" ({dtype}) loaded in {time.perf_counter() - t0:.1f} s")
+  what = f"random weights of {args.preset}" if args.preset else f"model {os.path.basename(os.path.normpath(str(path)))}"
+  log(f"{what} ({dtype}) loaded in {time.perf_counter() - t0:.1f} s")
   max_len = args.max_len or min(cfg.max_position, 4096)
   if not 1 < max_len <= cfg.max_position:
     raise UserError(f"--max-len must be in [2, {cfg.max_position}] (the model context), got {max_len}")

@@ -3,7 +3,8 @@
 A spawned process imports jax, the engine and the model code again (seconds on a CPU); the server
 starts it first thing (`kvrm_jax.serve.server.main`), so those imports run while the server
 imports its own and parses its flags. The process then waits for what to build: `EngineProcess`
-sends ("build", build, args) down the pipe. This module imports nothing from kvrm_jax or jax.
+sends ("build", build, args) down the pipe. The process ends when the server's process does,
+killed or crashed included. This module imports nothing from kvrm_jax or jax.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ class Spawned:
     self.sent = False  # the build command went down the pipe: EngineProcess owns the process
 
   def close(self) -> None:
-    """End a process that never got its build command (the server failed before sending it)."""
-    self.conn.close()  # the process reads EOF and returns
-    self.proc.join(10)
+    """End a process that never got its build command (the server failed before sending it): it has
+    only imported, nothing to clean up."""
+    self.conn.close()
+    self.proc.terminate()
+    self.proc.join(5)
     if self.proc.is_alive():
       self.proc.kill()
       self.proc.join(5)

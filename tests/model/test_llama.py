@@ -1,6 +1,5 @@
 """The model and checkpoints against HF transformers (the independent reference)."""
 
-import dataclasses
 import os
 
 import jax.numpy as jnp

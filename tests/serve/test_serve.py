@@ -250,10 +250,13 @@ def test_an_engine_process_whose_server_died_during_start_up_ends_quietly():
   def build(args, log):
     log("compiled the decode step in 1.0 s")  # the first message of a warm-up: the pipe is closed
     after.append("build went on")
-  engine_main(ours, build, None)  # returns; the signal handlers it sets are the engine process's
+  handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    engine_main(ours, build, None)  # returns
+  finally:  # the signal handlers it sets are the engine process's
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
   assert not after
-  signal.signal(signal.SIGINT, signal.default_int_handler)
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_the_engine_process_ends_with_its_server():

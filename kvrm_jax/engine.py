@@ -472,37 +472,37 @@ class Engine:
       self.warm_error = e
 
   def _compile(self, specs, threads: int) -> None:
-    specs = self._load_stored(specs)  # the executable store's entries first: nothing to lower for them
+    left = self._load_stored(specs)  # the executable store's entries first: nothing to lower for them
+
+    def compile_one(skey, lowered):
+      t = time.perf_counter()
+      return exe_store.compile_and_save(skey, lowered), time.perf_counter() - t
     if threads <= 1:
-      for key, spec in specs:
-        self._executable(key, *spec)
+      for key, spec, skey in left:
+        self._keep(key, *compile_one(skey, self._lower(*spec)))
     else:
-      todo = [(key, skey, self._lower(*spec)) for (key, spec), skey in
-              zip(specs, [self._store_key(key, *spec[1:]) for key, spec in specs])]
+      todo = [(key, skey, self._lower(*spec)) for key, spec, skey in left]
       with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        def compile_one(skey, low):
-          t = time.perf_counter()
-          return exe_store.compile_and_save(skey, low), time.perf_counter() - t
         for (key, _, _), fut in zip(todo, [pool.submit(compile_one, skey, low) for _, skey, low in todo]):
           self._keep(key, *fut.result())
 
   def _load_stored(self, specs) -> list:
     """Load the executable store's entries of `specs` at once (a load runs outside the interpreter
     lock: on a GPU host each took 0.6-1.1 s, one after another most of a start from the cache); the
-    specs left to compile, in order."""
+    specs left to compile, in order, as (key, spec, store key)."""
     if not exe_store.active() or not specs:
-      return specs
+      return [(key, spec, None) for key, spec in specs]
 
     def load(key, spec):
       t = time.perf_counter()
-      exe = self._from_store(key, *spec[1:])[1]
-      return exe, time.perf_counter() - t
+      skey, exe = self._from_store(key, *spec[1:])
+      return skey, exe, time.perf_counter() - t
     with concurrent.futures.ThreadPoolExecutor(min(len(specs), LOAD_THREADS)) as pool:
       loaded = [f.result() for f in [pool.submit(load, key, spec) for key, spec in specs]]
     left = []
-    for (key, spec), (exe, dt) in zip(specs, loaded):
+    for (key, spec), (skey, exe, dt) in zip(specs, loaded):
       if exe is None:
-        left.append((key, spec))
+        left.append((key, spec, skey))
       else:
         self._keep(key, exe, dt)
     return left

@@ -96,9 +96,11 @@ def check_max_wall(seconds: float | None) -> None:
 
 def resolve_trace(path: str) -> str:
   """A trace file path, or a short name looked up in $KVRM_TRACES: `conv` ->
-  $KVRM_TRACES/AzureLLMInferenceTrace_conv.csv."""
-  if os.path.isfile(path) or os.sep in path:
+  $KVRM_TRACES/AzureLLMInferenceTrace_conv.csv. A path with a folder in it must be a file."""
+  if os.path.isfile(path):
     return path
+  if os.sep in path or (os.altsep and os.altsep in path):
+    raise UserError(f"no trace file {path!r}")
   folder = os.environ.get(TRACES_ENV)
   for name in (path, f"AzureLLMInferenceTrace_{path}.csv"):
     if folder and os.path.isfile(os.path.join(folder, name)):

@@ -28,7 +28,10 @@ def test_short_trace_names_come_from_the_traces_folder(trace_files, monkeypatch)
   monkeypatch.delenv(workloads.TRACES_ENV)
   with pytest.raises(UserError, match=r"no trace 'test'.*KVRM_TRACES \(unset\)"):
     workloads.resolve_trace("test")
-  assert workloads.resolve_trace(os.path.join("some", "file.csv")) == os.path.join("some", "file.csv")
+  assert workloads.resolve_trace(str(csv_path)) == str(csv_path)
+  # A path with a folder is never looked up by name: a missing one is refused before any run starts.
+  with pytest.raises(UserError, match=r"^no trace file '.*file\.csv'$"):
+    workloads.resolve_trace(os.path.join(str(csv_path.parent), "file.csv"))
 
 
 @pytest.mark.parametrize("family", workloads.FAMILIES)

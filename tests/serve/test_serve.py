@@ -709,6 +709,7 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
     (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0"),
     (["--max-wall", "-1"], "--max-wall must be a positive number of seconds, got -1"),
     (["--trace", "no-such-trace"], "no trace 'no-such-trace'"),
+    (["--trace", "traces/missing.jsonl"], "no trace file 'traces/missing.jsonl'"),
 ])
 def test_bench_serve_checks_the_workload_before_launching(args, message, capsys):
   """A bad workload flag is one error line before the server is launched (a launch takes minutes

@@ -24,7 +24,7 @@ from kvrm_jax.cli import STEP_BUDGETS, UserError, parse_choices, parse_int_list,
 from kvrm_jax.config import SAMPLERS, ModelConfig, RuntimeConfig
 from kvrm_jax.engine import Engine
 from kvrm_jax.model import checkpoint as ckpt
-from kvrm_jax.model.llama import Llama
+from kvrm_jax.model.llama import Llama, random_model
 from kvrm_jax.step import sharding
 from kvrm_jax.step.attention import resolve_attention
 
@@ -158,7 +158,7 @@ def load_model(name: str, dtype: str):
       raise UserError(str(e)) from None
     return cfg, model, "bundled SmolLM2-135M-Instruct checkpoint"
   cfg = ModelConfig.from_name(name)
-  return cfg, Llama(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)), "random weights"
+  return cfg, random_model(cfg, jnp.dtype(dtype)), "random weights"
 
 
 def model_info(cfg, model, dtype: str, source: str) -> dict:

@@ -56,12 +56,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from kvrm_jax import bench as bc
 from kvrm_jax.config import PRESETS, ModelConfig, RuntimeConfig, parse_xla_options
 from kvrm_jax.engine import Engine
-from kvrm_jax.model.llama import Llama
+from kvrm_jax.model.llama import random_model
 from kvrm_jax.sched.request import SamplingParams
 from kvrm_jax.sched.summaries import SummaryConfig
 from kvrm_jax.step import gemm, sharding
@@ -420,7 +419,7 @@ def main(argv=None) -> int:
   for tp in args.tp:
     if tp is not None and tp > ndev:
       p.error(f"--tp {tp} needs {tp} devices; this machine has {ndev} ({jax.default_backend()})")
-  model = Llama(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
+  model = random_model(cfg, jnp.dtype(args.dtype))
   bw = copy_bandwidth()
   mm = bc.matmul_tflops(args.dtype) if args.prompt_tokens else None
   meta = {"matmul_tflops": mm, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),

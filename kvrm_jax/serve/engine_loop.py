@@ -23,12 +23,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kvrm_jax import compile_cache
 from kvrm_jax.config import PRESETS, ModelConfig, RuntimeConfig
 from kvrm_jax.model import checkpoint as ckpt
-from kvrm_jax.model.llama import Llama
+from kvrm_jax.model.llama import random_model
 from kvrm_jax.model.tokenizer import Tokenizer
 from kvrm_jax.step import sharding
 
@@ -62,7 +61,7 @@ def load_preset(args):
   if args.dtype not in (None, "bfloat16", "float32"):
     raise UserError(f"unknown --dtype {args.dtype!r} (bfloat16 | float32)")
   dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
-  model = Llama(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+  model = random_model(cfg, jnp.dtype(dtype))
   try:
     tok = load_tokenizer(cache_dir=args.cache_dir)
   except ckpt.CheckpointError as e:  # random weights need no tokenizer: token-id prompts only

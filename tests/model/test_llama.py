@@ -152,6 +152,29 @@ def test_fused_projections_match_separate(tp_kv):
     np.testing.assert_allclose(gu[..., 1], x @ cols(w["w_up"][0], tp), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_random_model_draws_the_eager_weights(dtype):
+  """random_model (one compiled draw, what the presets' servers and benchmarks use) gives the weights
+  of the eager constructor in the model's dtype: bit for bit in bfloat16; in float32 within one
+  rounding (XLA fuses the draw with its scale, and the fused code can round the last bit otherwise;
+  with an optimization barrier between them the values are equal). Another seed gives other weights."""
+  import jax
+  from flax import nnx
+  from kvrm_jax.model.llama import Llama, random_model
+  cfg = ModelConfig.from_name("tiny")
+  eager = nnx.to_pure_dict(nnx.state(Llama(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))))
+  drawn = nnx.to_pure_dict(nnx.state(random_model(cfg, jnp.dtype(dtype))))
+  assert jax.tree.structure(drawn) == jax.tree.structure(eager)
+  for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(eager)):
+    assert a.dtype == b.dtype == jnp.dtype(dtype)
+    if dtype == "bfloat16":
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    else:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2.5e-7, atol=0)
+  other = nnx.state(random_model(cfg, jnp.dtype(dtype), seed=1))
+  assert not np.array_equal(np.asarray(other["wqkv"][...], np.float32), np.asarray(eager["wqkv"], np.float32))
+
+
 @pytest.mark.parametrize("with_summaries", [False, True])
 def test_layer_loop_unroll_matches_scan(with_summaries):
   """RuntimeConfig.layer_loop="unroll" (static per-layer weight slices) gives the scan's logits (bit for

@@ -37,21 +37,34 @@ class Layout:
       off += math.prod(shape)
     return out
 
-  @property
+  @functools.cached_property
   def int_size(self) -> int:
     return sum(math.prod(s) for _, s in self.ints)
 
-  @property
+  @functools.cached_property
   def float_size(self) -> int:
     return sum(math.prod(s) for _, s in self.floats)
 
+  @functools.cached_property
+  def _views(self) -> tuple[tuple[bool, str, int, int, tuple[int, ...]], ...]:
+    # (a float field?, name, offset, end, shape) of every field in its buffer.
+    return tuple((fields is self.floats, n, off, off + math.prod(shape), shape)
+                 for fields in (self.ints, self.floats) for n, (off, shape) in self._offsets(fields).items())
+
   def new(self) -> dict[str, np.ndarray]:
-    """Zero-filled host arrays for every field (0 = null block / inactive / greedy)."""
-    d = {n: np.zeros(s, np.int32) for n, s in self.ints}
-    d.update({n: np.zeros(s, np.float32) for n, s in self.floats})
+    """Zero-filled host arrays for every field (0 = null block / inactive / greedy): views into the
+    two packed buffers, so filling them in place is packing them (`pack` copies nothing then)."""
+    d = _Packed(np.zeros((self.int_size,), np.int32), np.zeros((self.float_size,), np.float32), self)
+    bufs = (d.ints, d.floats)
+    for is_float, n, off, end, shape in self._views:
+      d[n] = bufs[is_float][off:end].reshape(shape)
     return d
 
   def pack(self, fields: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ints, floats) of `fields`: the buffers themselves for a dict from `new()` (its fields are
+    views into them), else the fields concatenated in layout order."""
+    if isinstance(fields, _Packed) and fields.layout is self:
+      return fields.ints, fields.floats
     ints = np.concatenate([np.asarray(fields[n], np.int32).reshape(-1) for n, _ in self.ints])
     floats = np.concatenate([np.asarray(fields[n], np.float32).reshape(-1) for n, _ in self.floats]) \
         if self.floats else np.zeros((0,), np.float32)
@@ -63,6 +76,14 @@ class Layout:
       for name, (off, shape) in self._offsets(fields).items():
         out[name] = buf[off:off + math.prod(shape)].reshape(shape)
     return out
+
+
+class _Packed(dict):
+  """Layout.new()'s fields: views into the two buffers `pack` returns (write them in place)."""
+
+  def __init__(self, ints: np.ndarray, floats: np.ndarray, layout: Layout):
+    super().__init__()
+    self.ints, self.floats, self.layout = ints, floats, layout
 
 
 @functools.cache  # layouts are immutable: built once per configuration, not per step

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -217,6 +218,30 @@ def test_block_tables_are_padded_to_whole_16_byte_rows(model, step_tokens):
   assert [o.output_ids for o in eng.generate(ps, [SamplingParams(max_new_tokens=n) for n in news])] == ref
   assert eng.sched.slots.bt.shape == (2, 8)
   assert eng.sched.allocator.num_free_blocks == eng.sched.allocator.num_total_blocks
+
+
+def test_descriptor_fields_are_views_of_the_packed_buffers():
+  """Layout.new()'s fields are written in place into the two buffers `pack` hands over (no copy);
+  the same values as separate arrays pack to the same buffers; on the device `unpack` reads each
+  field back."""
+  from kvrm_jax import descriptor
+  rt = RuntimeConfig(block_size=8, num_blocks=24, max_slots=3, max_blocks_per_seq=5, max_groups=2, step_tokens=3 + 16,
+                     tile=8)
+  for layout in (descriptor.decode_layout(rt), descriptor.mixed_layout(rt, 2)):
+    rng = np.random.default_rng(0)
+    d = layout.new()
+    for name, arr in d.items():
+      arr[...] = rng.integers(1, 100, arr.shape)
+    ints, floats = layout.pack(d)
+    assert ints.size == layout.int_size and floats.size == layout.float_size
+    again = layout.pack({n: np.array(a) for n, a in d.items()})  # plain arrays: concatenated
+    np.testing.assert_array_equal(again[0], ints)
+    np.testing.assert_array_equal(again[1], floats)
+    back = layout.unpack(jnp.asarray(ints), jnp.asarray(floats))
+    assert set(back) == set(d)
+    for name, arr in d.items():
+      np.testing.assert_array_equal(np.asarray(back[name]), arr)
+    assert not layout.new()["block_tables"].any()  # each new() is a fresh zero descriptor
 
 
 def test_abort_frees_everything(model):

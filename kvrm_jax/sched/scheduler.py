@@ -273,7 +273,8 @@ class Scheduler:
         break
     if preempted:
       run = np.flatnonzero(sl.running)
-    decode = [sl.reqs[i] for i in run]
+    reqs = sl.reqs
+    decode = [reqs[i] for i in run.tolist()]
     folds = summaries_lib.plan_folds(self, decode)
     # plan_compaction ends the pager's round (copies and moves of one step); call it every step.
     compaction = self.allocator.plan_compaction(self.rt.max_groups, max(0, self.rt.max_moves - len(moves)))

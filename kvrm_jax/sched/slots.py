@@ -32,6 +32,7 @@ class Slots:
     self.reqs: list[Request | None] = [None] * s
     self.order: list[Request] = []  # requests in slots, oldest admission first
     self.prefilling: list[Request] = []  # PREFILL requests, oldest admission first
+    self.own_summaries = 0  # requests in slots with summaries of their own (Request.summaries)
     self._free = list(range(s))  # heap: lowest free slot first
     # Sampling parameters of the slot's request (set at admission).
     self.temp = np.zeros((s,), np.float32)
@@ -66,6 +67,7 @@ class Slots:
     req.slot, req.status, req._slots = s, status, self
     self.reqs[s] = req
     self.order.append(req)
+    self.own_summaries += req.summaries is not None
     self.pos[s] = computed
     sp = req.sampling
     self.temp[s], self.topp[s], self.topk[s], self.seed[s] = sp.temperature, sp.top_p, sp.top_k, sp.seed
@@ -88,6 +90,7 @@ class Slots:
     if req.status is Status.PREFILL:
       self.prefilling.remove(req)
     self.order.remove(req)
+    self.own_summaries -= req.summaries is not None
     self._empty(s)
     req.slot = None
     return computed
@@ -140,19 +143,24 @@ class Slots:
     """
     s = req.slot
     p, l, k = runs[-1]
-    if grew:
+    n = len(runs)
+    self.cap[s] = (l + k) * self.rt.block_size
+    if grew:  # one block at the end: it extended the last run or began a new one
       self.bt[s, l + k - 1] = p + k - 1
+      if n <= self.rt.max_groups and self.nruns[s] in (n, n - 1):  # the rows before it stand
+        self.groups[s, n - 1] = p, l, k
+        self.nruns[s] = self.ngroups[s] = n
+        return
     else:
       self.bt[s] = 0
       for p, l, k in runs:
         self.bt[s, l:l + k] = np.arange(p, p + k)
-    self.cap[s] = (l + k) * self.rt.block_size
-    self.nruns[s] = len(runs)
+    self.nruns[s] = n
     g = self.groups[s]
-    if len(runs) <= self.rt.max_groups:
-      g[:len(runs)] = runs
-      g[len(runs):] = 0
-      self.ngroups[s] = len(runs)
+    if n <= self.rt.max_groups:
+      g[:n] = runs
+      g[n:] = 0
+      self.ngroups[s] = n
     else:
       g[:] = 0
       self.ngroups[s] = 0

@@ -63,6 +63,8 @@ def plan_folds(sched, decode) -> list[tuple[int, int, float, float]]:
   request and free them; returns the step's folds (src block, dst flat slot, w_old, w_new).
   `sched` is the Scheduler (kvrm_jax/sched/scheduler.py), whose slots and allocator this updates."""
   sl, alloc = sched.slots, sched.allocator
+  if sched.summaries is None and not sl.own_summaries:
+    return []  # no request folds anything: skip the walk over every decoding request
   bs = sched.rt.block_size
   budget = sched.rt.max_folds
   folds = []

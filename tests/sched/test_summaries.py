@@ -117,4 +117,5 @@ def test_per_request_policies_share_one_batch(model):
     eng.step()
   assert eng.requests[exact].output_ids == reference.greedy_generate(model, p, 40)
   assert eng.stats.folds > 0 and eng.compiles.decode == 1
+  assert eng.sched.slots.own_summaries == 0  # the count that lets a step skip the fold walk
 

@@ -151,6 +151,9 @@ def test_replay_trace_end_to_end_and_report_from_json(tmp_path, capsys, trace_fi
     ("decode", ["--tp", "3"]),
     ("decode", ["--model", "tiny", "--matmul", "skinny"]),
     ("decode", ["--compile-threads", "0"]),
+    ("decode", ["--max-len", "0"]),
+    ("decode", ["--kv-budget-gb", "-1"]),
+    ("decode", ["--kv-budget-blocks", "0"]),
     ("replay", []),
     ("replay", ["--trace", "/nonexistent/trace.csv"]),
 ])
@@ -159,6 +162,25 @@ def test_bad_input_is_one_clear_line(script, argv, tmp_path, capsys):
   assert mod.main(argv + ["--quiet"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ")
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("decode", ["--tile", "0"], "tile must be positive, got 0"),
+    ("decode", ["--tile-counts", "3,2"], "tile_counts must be strictly ascending"),
+    ("decode", ["--step-tokens", "-5"], "step_tokens must be 0"),
+    ("decode", ["--decode-buckets", "0"], "--decode-buckets must list positive integers"),
+    ("replay", ["--tile", "0"], "tile must be positive, got 0"),
+])
+def test_a_flag_of_the_last_engine_is_checked_before_the_first_runs(script, argv, message, capsys, trace_files):
+  """Flags only the mixed-step engine reads are refused before the static engine, listed first, has
+  compiled and run (minutes on a GPU): one error line, and no engine's warm-up in the output."""
+  mod = bench_decode if script == "decode" else replay_trace
+  work = ["--num-requests", "4"] if script == "decode" else ["--trace", str(trace_files[0])]
+  assert mod.main(["--model", "tiny", "--engines", "static,kvrm-mixed", "--quiet"] + work + argv) == 2
+  out, err = capsys.readouterr()
+  err = err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+  assert "warm-up" not in out and "[static" not in out, out
 
 
 def test_from_json_of_the_wrong_kind(tmp_path, capsys):

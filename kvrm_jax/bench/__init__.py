@@ -23,7 +23,8 @@ from kvrm_jax.bench.workloads import (  # noqa: F401
 from kvrm_jax.bench.engines import (  # noqa: F401
     MODELS, ENGINES, add_engine_args, add_budget_args, add_output_args, Setup, setup, parse_engines,
     parse_int_list, command_line, default_dtype, load_model, model_info, kv_block_bytes, prompt_flops,
-    matmul_tflops, Budget, plan_budget, runtime_for, build_engine, attention_of, engine_record, free_device_memory)
+    matmul_tflops, Budget, plan_budget, runtime_for, check_engines, build_engine, attention_of, engine_record,
+    free_device_memory)
 from kvrm_jax.bench.runner import (  # noqa: F401
     Mark, Runner, progress_bar)
 from kvrm_jax.bench.metrics import (  # noqa: F401

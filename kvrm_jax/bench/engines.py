@@ -236,14 +236,20 @@ def plan_budget(cfg, args, dtype: str) -> Budget:
   bs = args.block_size
   if bs <= 0 or bs & (bs - 1):
     raise UserError(f"--block-size must be a positive power of two, got {bs}")
-  max_len = args.max_len or (4096 if cfg.max_position >= 8192 and cfg.num_layers >= 32 else min(cfg.max_position, 512))
+  max_len = args.max_len
+  if max_len is None:
+    max_len = 4096 if cfg.max_position >= 8192 and cfg.num_layers >= 32 else min(cfg.max_position, 512)
   if not 0 < max_len <= cfg.max_position:
     raise UserError(f"--max-len must be in [1, {cfg.max_position}] (the model context), got {max_len}")
   mb = math.ceil(max_len / bs)
   block_bytes = kv_block_bytes(cfg, bs, dtype)
   if args.kv_budget_blocks is not None:
+    if args.kv_budget_blocks < 1:
+      raise UserError(f"--kv-budget-blocks must be a positive number of blocks, got {args.kv_budget_blocks}")
     budget = args.kv_budget_blocks
   elif args.kv_budget_gb is not None:
+    if not args.kv_budget_gb > 0:
+      raise UserError(f"--kv-budget-gb must be a positive number of GB, got {args.kv_budget_gb:g}")
     budget = int(args.kv_budget_gb * 1e9 // block_bytes)
   else:
     budget = 8 * mb
@@ -283,6 +289,14 @@ def runtime_for(kind: str, budget: Budget, args, dtype: str):
                          sampler=getattr(args, "sampler", "auto"), **kw)
   except ValueError as e:
     raise UserError(str(e)) from None
+
+
+def check_engines(kinds, budget: Budget, args, dtype: str) -> None:
+  """Every engine's RuntimeConfig from the flags, before the first engine is built: a flag only a
+  later engine reads (--tile, --step-tokens, --decode-buckets ...) is one error line, not an error
+  after the engines before it have compiled and run."""
+  for kind in kinds:
+    runtime_for(kind, budget, args, dtype)
 
 
 def build_engine(kind: str, cfg, model, budget: Budget, args, dtype: str):

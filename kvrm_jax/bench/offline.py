@@ -77,6 +77,7 @@ def _run(args, argv) -> int:
   env = bc.environment()
   su = bc.setup(args, "bench_decode")
   cfg, model, dtype, budget = su.cfg, su.model, su.dtype, su.budget
+  bc.check_engines(kinds, budget, args, dtype)
   workloads = {f: bc.make_workload(f, args.num_requests, budget.max_len, cfg.vocab_size,
                                    np.random.default_rng([args.seed, i])) for i, f in enumerate(families)}
   results = {f: {} for f in families}

@@ -173,6 +173,7 @@ def _run(args, argv) -> int:
   env = bc.environment()
   su = bc.setup(args, "replay_trace")
   cfg, model, dtype, budget = su.cfg, su.model, su.dtype, su.budget
+  bc.check_engines(kinds, budget, args, dtype)
   traces = [select(p, s, d, args, budget.max_len, cfg.vocab_size, args.seed + j)
             for j, (p, s, d) in enumerate(zip(args.trace, starts, durations))]
   names = [t["name"] for t in traces]

@@ -79,8 +79,10 @@ def serve(args, spawned=None) -> int:
     raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
   if not 0 < args.port < 65536:
     raise UserError(f"--port must be in [1, 65535], got {args.port}")
-  if args.block_size <= 0:
-    raise UserError(f"--block-size must be positive, got {args.block_size}")
+  for flag in ("block_size", "max_slots", "num_blocks"):  # sizes others derive from: 0 is not "the default"
+    v = getattr(args, flag)
+    if v is not None and v < 1:
+      raise UserError(f"--{flag.replace('_', '-')} must be positive, got {v}")
 
   if args.preset and args.checkpoint:
     raise UserError("give --checkpoint or --preset, not both")

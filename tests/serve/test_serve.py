@@ -291,6 +291,8 @@ def test_the_engine_process_ends_with_its_server():
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
   for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
                       (["--port", "70000"], "--port must be in"),
+                      (["--preset", "tiny", "--max-slots", "0"], "--max-slots must be positive, got 0"),
+                      (["--preset", "tiny", "--num-blocks", "0"], "--num-blocks must be positive, got 0"),
                       (["--checkpoint", str(tmp_path / "missing")], str(tmp_path / "missing")),
                       (["--preset", "tiny", "--checkpoint", str(tmp_path)], "not both")):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *flags], capture_output=True,

@@ -319,12 +319,16 @@ def run_prompt(cfg, model, batch, context, prompt_tokens, mode, prompt_attention
   return row
 
 
+def _num(v, digits: int) -> str:
+  """A table cell: "-" where a row has no such number (no roofline off a GPU, say)."""
+  return "-" if v is None or v != v else f"{v:.{digits}f}"
+
+
 def _print_prompt_rows(rows) -> None:
   print("\nSteps with prompt work (B decode rows + the last P tokens of an L-token prompt):\n")
   print("| mode | prompt attention | batch | context | prompt tokens | step ms (median) | memory ms | compute ms | "
         "step / roofline | prompt tok/s | first step s | compiles |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-  nan = float("nan")
   for r in rows:
     pa = r["prompt_attention"] + (f" ({r['xla_options']})" if r.get("xla_options") else "")
     head = f"| {r['mode']} | {pa} | {r['batch']} | {r['context']} | {r['prompt_tokens']} |"
@@ -332,8 +336,8 @@ def _print_prompt_rows(rows) -> None:
       print(f"{head} error: {r['error'][:200]} | | | | | | |")
       continue
     c = r["compiles"]
-    print(f"{head} {r['step_ms_median']:.3f} | {r.get('memory_ms', nan):.3f} | {r.get('compute_ms', nan):.3f} | "
-          f"{r.get('vs_roofline', nan):.2f} | {r['prompt_tokens_per_s']:,.0f} | {r['first_step_s']:.1f} | "
+    print(f"{head} {r['step_ms_median']:.3f} | {_num(r.get('memory_ms'), 3)} | {_num(r.get('compute_ms'), 3)} | "
+          f"{_num(r.get('vs_roofline'), 2)} | {r['prompt_tokens_per_s']:,.0f} | {r['first_step_s']:.1f} | "
           f"decode {c['decode']}, prefill {c['prefill']}, mixed {c['mixed']} |")
   for r in rows:
     if "profile" in r:
@@ -476,9 +480,9 @@ def main(argv=None) -> int:
               with open(args.out_json, "w") as f:
                 json.dump({"meta": meta, "rows": rows, "prompt_rows": prompt_rows}, f, indent=1)
   print(f"{meta['date']}, {meta['device']}, jax {meta['jax']}, {args.model} {args.dtype}, copy ceiling "
-        f"{bw and round(bw, 2)} TB/s, XLA_FLAGS={meta['xla_flags'] or '(unset)'}"
+        + (f"{bw:.2f} TB/s" if bw else "not measured (no CUDA device for torch)")
+        + f", XLA_FLAGS={meta['xla_flags'] or '(unset)'}"
         + (f", matmul {mm:.1f} TFLOP/s" if mm else "") + f"\n`{meta['command']}`\n")
-  nan = float("nan")
   print("| tp | layer loop | XLA options | GEMMs | batch | context | summaries | sampling | step ms (median) | "
         "host ms | roofline ms | step / roofline | back-to-back ms | dispatch ms | pipelined ms | KV bytes / seq | "
         "first step s | decode compiles |")
@@ -490,9 +494,9 @@ def main(argv=None) -> int:
     if "error" in r:
       print(f"{head} error: {r['error'][:200]} |" + " |" * 9)
       continue
-    print(f"{head} {r['step_ms_median'] or nan:.3f} | {r['host_ms_median'] or nan:.3f} | "
-          f"{r.get('roofline_ms', nan):.3f} | {r.get('vs_roofline', nan):.2f} | {r.get('back_to_back_ms', nan):.3f} | "
-          f"{r.get('dispatch_ms_median', nan):.3f} | {r.get('pipelined_ms_median', nan):.3f} | "
+    print(f"{head} {_num(r['step_ms_median'], 3)} | {_num(r['host_ms_median'], 3)} | "
+          f"{_num(r.get('roofline_ms'), 3)} | {_num(r.get('vs_roofline'), 2)} | {_num(r.get('back_to_back_ms'), 3)} | "
+          f"{_num(r.get('dispatch_ms_median'), 3)} | {_num(r.get('pipelined_ms_median'), 3)} | "
           f"{r['kv_bytes_per_seq'] / 2**20:.1f} MiB | "
           f"{r['first_step_s']:.1f} | {r['decode_compiles']} |")
   for r in rows:

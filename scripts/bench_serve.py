@@ -408,6 +408,7 @@ def check_workload(args) -> None:
   bc.check_max_wall(args.max_wall)
   if args.families or not args.trace:
     bc.parse_families(args.families or ",".join(bc.FAMILIES))
+  replay.check_window(args)
   replay.per_trace(args.start, len(args.trace), "--start", 0.0)
   replay.per_trace(args.duration, len(args.trace), "--duration", None)
   for path in args.trace:

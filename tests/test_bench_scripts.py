@@ -155,10 +155,16 @@ def test_replay_trace_end_to_end_and_report_from_json(tmp_path, capsys, trace_fi
     ("decode", ["--kv-budget-gb", "-1"]),
     ("decode", ["--kv-budget-blocks", "0"]),
     ("replay", []),
+    ("replay", ["--trace", "TRACE", "--start", "-1"]),
+    ("replay", ["--trace", "TRACE", "--duration", "0"]),
+    ("replay", ["--trace", "TRACE", "--max-prompt", "0"]),
+    ("replay", ["--trace", "TRACE", "--max-output", "0"]),
+    ("replay", ["--trace", "TRACE", "--max-requests", "0"]),
     ("replay", ["--trace", "/nonexistent/trace.csv"]),
 ])
-def test_bad_input_is_one_clear_line(script, argv, tmp_path, capsys):
+def test_bad_input_is_one_clear_line(script, argv, tmp_path, capsys, trace_files):
   mod = bench_decode if script == "decode" else replay_trace
+  argv = [str(trace_files[0]) if a == "TRACE" else a for a in argv]  # a real trace: the flag is what is wrong
   assert mod.main(argv + ["--quiet"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ")

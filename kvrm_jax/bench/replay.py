@@ -147,6 +147,21 @@ def burst_bins(counts) -> list[int]:
   return [int(i) for i in np.nonzero((c >= 2) & (c > hi))[0]]
 
 
+def check_window(args) -> None:
+  """The trace window and clipping flags (replay_trace.py, bench_serve.py), before anything runs:
+  a negative start or a length that is not positive is refused, and a zero clip is not "the default"."""
+  for v in args.start:
+    if not v >= 0:
+      raise bc.UserError(f"--start must be >= 0 seconds from the trace's first request, got {v:g}")
+  for v in args.duration:
+    if not v > 0:
+      raise bc.UserError(f"--duration must be a positive number of trace seconds, got {v:g}")
+  for flag in ("max_requests", "max_prompt", "max_output"):
+    v = getattr(args, flag)
+    if v is not None and v < 1:
+      raise bc.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+
+
 def per_trace(values: list, n: int, flag: str, default):
   if not values:
     return [default] * n
@@ -167,6 +182,7 @@ def _run(args, argv) -> int:
     raise bc.UserError("give --trace FILE (or --from-json FILE to regenerate a report)")
   if args.time_scale <= 0 or args.token_scale <= 0:
     raise bc.UserError("--time-scale and --token-scale must be positive")
+  check_window(args)
   starts = per_trace(args.start, len(args.trace), "--start", 0.0)
   durations = per_trace(args.duration, len(args.trace), "--duration", None)
   kinds = bc.parse_engines(args.engines)

@@ -712,6 +712,8 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
     (["--max-wall", "-1"], "--max-wall must be a positive number of seconds, got -1"),
     (["--trace", "no-such-trace"], "no trace 'no-such-trace'"),
     (["--trace", "traces/missing.jsonl"], "no trace file 'traces/missing.jsonl'"),
+    (["--trace", "conv", "--duration", "0"], "--duration must be a positive number of trace seconds, got 0"),
+    (["--trace", "conv", "--max-prompt", "0"], "--max-prompt must be >= 1, got 0"),
 ])
 def test_bench_serve_checks_the_workload_before_launching(args, message, capsys):
   """A bad workload flag is one error line before the server is launched (a launch takes minutes

@@ -234,6 +234,7 @@ def test_descriptor_fields_are_views_of_the_packed_buffers():
       arr[...] = rng.integers(1, 100, arr.shape)
     ints, floats = layout.pack(d)
     assert ints.size == layout.int_size and floats.size == layout.float_size
+    assert all(np.shares_memory(a, ints) or np.shares_memory(a, floats) for a in d.values())  # no copy made
     again = layout.pack({n: np.array(a) for n, a in d.items()})  # plain arrays: concatenated
     np.testing.assert_array_equal(again[0], ints)
     np.testing.assert_array_equal(again[1], floats)

@@ -401,8 +401,6 @@ def check_workload(args) -> None:
   """The workload flags, before a server is launched or asked anything (a launch can take minutes)."""
   if args.num_requests < 1 or args.hash_block_size < 1:
     raise bc.UserError("--num-requests and --hash-block-size must be >= 1")
-  if args.time_scale <= 0 or args.token_scale <= 0:
-    raise bc.UserError("--time-scale and --token-scale must be positive")
   if not args.timeout > 0:
     raise bc.UserError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
   bc.check_max_wall(args.max_wall)

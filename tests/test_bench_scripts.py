@@ -155,6 +155,7 @@ def test_replay_trace_end_to_end_and_report_from_json(tmp_path, capsys, trace_fi
     ("decode", ["--kv-budget-gb", "-1"]),
     ("decode", ["--kv-budget-blocks", "0"]),
     ("replay", []),
+    ("replay", ["--trace", "TRACE", "--time-scale", "0"]),
     ("replay", ["--trace", "TRACE", "--start", "-1"]),
     ("replay", ["--trace", "TRACE", "--duration", "0"]),
     ("replay", ["--trace", "TRACE", "--max-prompt", "0"]),

@@ -148,8 +148,11 @@ def burst_bins(counts) -> list[int]:
 
 
 def check_window(args) -> None:
-  """The trace window and clipping flags (replay_trace.py, bench_serve.py), before anything runs:
-  a negative start or a length that is not positive is refused, and a zero clip is not "the default"."""
+  """The replay's scales, trace window and clipping flags (replay_trace.py, bench_serve.py), before
+  anything runs: a negative start or a length that is not positive is refused, and a zero clip is
+  not "the default"."""
+  if args.time_scale <= 0 or args.token_scale <= 0:
+    raise bc.UserError("--time-scale and --token-scale must be positive")
   for v in args.start:
     if not v >= 0:
       raise bc.UserError(f"--start must be >= 0 seconds from the trace's first request, got {v:g}")
@@ -180,8 +183,6 @@ def _run(args, argv) -> int:
   bc.compile_cache.from_args(args)
   if not args.trace:
     raise bc.UserError("give --trace FILE (or --from-json FILE to regenerate a report)")
-  if args.time_scale <= 0 or args.token_scale <= 0:
-    raise bc.UserError("--time-scale and --token-scale must be positive")
   check_window(args)
   starts = per_trace(args.start, len(args.trace), "--start", 0.0)
   durations = per_trace(args.duration, len(args.trace), "--duration", None)

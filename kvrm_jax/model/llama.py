@@ -258,9 +258,9 @@ def merge(graphdef, state) -> Llama:
   return nnx.merge(graphdef, state)
 
 
-def abstract_model(cfg: ModelConfig, dtype, seed: int = 0) -> Llama:
+def abstract_model(cfg: ModelConfig, dtype) -> Llama:
   """Shape-only model (no weights allocated) for restoring checkpoints."""
-  return nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
+  return nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def random_model(cfg: ModelConfig, dtype=jnp.float32, seed: int = 0) -> Llama:
@@ -268,7 +268,7 @@ def random_model(cfg: ModelConfig, dtype=jnp.float32, seed: int = 0) -> Llama:
   persistent-cache entry) instead of eager ops per weight, and no float32 copy of a weight on the
   device beside its `dtype` one (XLA fuses the draw, the scale and the cast). The same weights in
   bfloat16; in float32 within one rounding of the eager ones (the fused scale)."""
-  graphdef, _ = nnx.split(abstract_model(cfg, jnp.dtype(dtype), seed))
+  graphdef, _ = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))  # the structure: no seed in it
   state = jax.jit(lambda: nnx.state(Llama(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))))()
   return nnx.merge(graphdef, state)
 

@@ -71,6 +71,7 @@ def serve(args, spawned=None) -> int:
   were parsed (`main`), else one is started here (or the engine runs in a thread: --engine-thread)."""
   import uvicorn
   from kvrm_jax.serve.app import create_app
+  from kvrm_jax.cli import check_runtime_args
   from kvrm_jax.serve.engine_loop import EngineLoop, EngineProcess, UserError, compile_cache
   from kvrm_jax.serve.metrics import Metrics
   if args.max_queue < 0:
@@ -79,10 +80,7 @@ def serve(args, spawned=None) -> int:
     raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
   if not 0 < args.port < 65536:
     raise UserError(f"--port must be in [1, 65535], got {args.port}")
-  for flag in ("block_size", "max_slots", "num_blocks"):  # sizes others derive from: 0 is not "the default"
-    v = getattr(args, flag)
-    if v is not None and v < 1:
-      raise UserError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+  check_runtime_args(args)  # --engine, --dtype and the sizes: 0 is not "the default"
 
   if args.preset and args.checkpoint:
     raise UserError("give --checkpoint or --preset, not both")

@@ -291,8 +291,8 @@ def test_the_engine_process_ends_with_its_server():
 def test_serve_cli_bad_flags_end_with_one_error_line(tmp_path):
   for flags, text in ((["--max-queue", "-1"], "--max-queue must be >= 0"),
                       (["--port", "70000"], "--port must be in"),
-                      (["--preset", "tiny", "--max-slots", "0"], "--max-slots must be positive, got 0"),
-                      (["--preset", "tiny", "--num-blocks", "0"], "--num-blocks must be positive, got 0"),
+                      (["--preset", "tiny", "--max-slots", "0"], "--max-slots must be >= 1, got 0"),
+                      (["--preset", "tiny", "--num-blocks", "0"], "--num-blocks must be >= 1, got 0"),
                       (["--checkpoint", str(tmp_path / "missing")], str(tmp_path / "missing")),
                       (["--preset", "tiny", "--checkpoint", str(tmp_path)], "not both")):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serve.py"), *flags], capture_output=True,
@@ -714,6 +714,7 @@ def test_bench_serve_launches_the_in_process_engine(tmp_path, capfd):
     (["--trace", "traces/missing.jsonl"], "no trace file 'traces/missing.jsonl'"),
     (["--trace", "conv", "--duration", "0"], "--duration must be a positive number of trace seconds, got 0"),
     (["--trace", "conv", "--max-prompt", "0"], "--max-prompt must be >= 1, got 0"),
+    (["--trace", "conv", "--token-scale", "0"], "--time-scale and --token-scale must be positive"),
 ])
 def test_bench_serve_checks_the_workload_before_launching(args, message, capsys):
   """A bad workload flag is one error line before the server is launched (a launch takes minutes
